@@ -1,0 +1,115 @@
+"""The ``slimsearch`` command: parsing and messages only; the work happens in the package.
+
+Exit codes: 0 done, 1 a command failed, 2 bad input (nothing was started), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from slimsearch.errors import ArtifactError, ConfigError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from slimsearch.experiment import load_experiment, parse_duration
+    from slimsearch.search import prepare, run_search
+
+    config = load_experiment(args.experiment)
+    trials = args.trials if args.trials is not None else config.search.trials
+    if trials < 1:
+        raise ConfigError(f"--trials {trials}: give a number of trials >= 1")
+    timeout = args.timeout if args.timeout is not None else config.search.timeout
+    timeout_s = parse_duration(timeout, field_name="--timeout") if timeout else None
+    storage = args.storage if args.storage is not None else config.search.storage
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / config.name
+    prepared = prepare(config, run_dir=run_dir, storage_url=storage)
+    result = run_search(prepared, Path(args.experiment), trials=trials, timeout_s=timeout_s)
+    if result.interrupted:
+        print(f"continue with: slimsearch run {args.experiment} --run-dir {run_dir}")
+        return 130
+    print(f"report.html: {result.report.resolve()}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from slimsearch.report import write_report
+
+    report = write_report(Path(args.run_dir))
+    print(f"report.html: {report.resolve()}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from slimsearch.export import export_trial
+
+    bundle = export_trial(Path(args.run_dir), args.trial, Path(args.out))
+    print(f"exported trial {args.trial} to {bundle}; load it with "
+          f"slimsearch.load_model({str(bundle)!r})")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from slimsearch.tasks import list_tasks
+
+    print("built-in tasks:")
+    for name, doc in list_tasks().items():
+        print(f"  {name:<12} {doc}")
+    folder = Path(args.experiments)
+    files = sorted(folder.glob("*.toml")) if folder.is_dir() else []
+    print(f"experiments in {folder}/:" if files else f"no experiment files in {folder}/")
+    for path in files:
+        print(f"  {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimsearch",
+        description="Search student architecture, per-layer sparsity and bit width for a "
+                    "PyTorch model; every objective measured on the real model file.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run (or continue) a search and write its report")
+    run.add_argument("experiment", help="experiment TOML file, e.g. experiments/digits_mlp.toml")
+    run.add_argument("--trials", type=int, help="total trial budget (default: search.trials)")
+    run.add_argument("--timeout", help="no new trial starts after this long, e.g. 30m or 8h")
+    run.add_argument("--run-dir", help="run folder (default: runs/<experiment name>)")
+    run.add_argument("--storage", help="Optuna storage URL (default: a journal file in the "
+                                       "run folder)")
+    run.set_defaults(handler=_cmd_run)
+
+    report = commands.add_parser("report", help="(re)write report.html and pareto.json")
+    report.add_argument("run_dir")
+    report.set_defaults(handler=_cmd_report)
+
+    export = commands.add_parser("export", help="copy a trial's model into a deployable bundle")
+    export.add_argument("run_dir")
+    export.add_argument("--trial", type=int, required=True, help="trial number (see the report)")
+    export.add_argument("--out", required=True, help="bundle folder to create")
+    export.set_defaults(handler=_cmd_export)
+
+    listing = commands.add_parser("list", help="built-in tasks and shipped experiments")
+    listing.add_argument("--experiments", default="experiments", help=argparse.SUPPRESS)
+    listing.set_defaults(handler=_cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"slimsearch: error: {exc}", file=sys.stderr)
+        return 2
+    except ArtifactError as exc:
+        print(f"slimsearch: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("slimsearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

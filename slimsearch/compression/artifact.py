@@ -1,0 +1,219 @@
+"""The deployable model file, and ``load_model`` that rebuilds a model from it alone.
+
+The file is a safetensors archive (no pickled code). Its metadata holds, as JSON, the model
+factory (``"module:function"``, which must carry ``@slimsearch.model_factory``), its keyword
+arguments, the shape of every Linear/Conv2d/BatchNorm layer after pruning, and how each
+tensor is encoded:
+
+- ``float32``: as is;
+- ``quant``: ``bits``-bit codes bit-packed (``<name>.codes``) + float32 scales per output
+  channel (``<name>.scale``);
+- either of them ``sparse``: a bitmap of the non-zeros (``<name>.bitmap``) and only the
+  non-zero values or codes, chosen whenever that is smaller than the dense form.
+
+The size objective is the byte length of this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from slimsearch.atomic import write_with
+from slimsearch.compression.packing import (
+    pack_bits,
+    pack_mask,
+    packed_nbytes,
+    unpack_bits,
+    unpack_mask,
+)
+from slimsearch.compression.quantization import QuantizedWeight, dequantize
+from slimsearch.errors import ArtifactError
+from slimsearch.tasks import resolve_factory
+
+FORMAT = "slimsearch.artifact"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class CompressedModel:
+    """A compressed model in memory: float weights equal to what the file will hold, plus the
+    integer codes of quantized layers and a record of what each stage did."""
+
+    model: nn.Module
+    factory: str
+    kwargs: dict[str, Any]
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _module_spec(module: nn.Module) -> dict[str, Any] | None:
+    if isinstance(module, nn.Linear):
+        return {"type": "Linear", "in_features": module.in_features,
+                "out_features": module.out_features, "bias": module.bias is not None}
+    if isinstance(module, nn.Conv2d):
+        return {"type": "Conv2d", "in_channels": module.in_channels,
+                "out_channels": module.out_channels, "kernel_size": list(module.kernel_size),
+                "stride": list(module.stride), "padding": module.padding
+                if isinstance(module.padding, str) else list(module.padding),
+                "dilation": list(module.dilation), "groups": module.groups,
+                "bias": module.bias is not None, "padding_mode": module.padding_mode}
+    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+        return {"type": type(module).__name__, "num_features": module.num_features,
+                "eps": module.eps, "momentum": module.momentum, "affine": module.affine,
+                "track_running_stats": module.track_running_stats}
+    return None
+
+
+def _module_from_spec(spec: dict[str, Any]) -> nn.Module:
+    kind = spec["type"]
+    args = {k: v for k, v in spec.items() if k != "type"}
+    if kind == "Linear":
+        return nn.Linear(**args)
+    if kind == "Conv2d":
+        for key in ("kernel_size", "stride", "dilation"):
+            args[key] = tuple(args[key])
+        if isinstance(args["padding"], list):
+            args["padding"] = tuple(args["padding"])
+        return nn.Conv2d(**args)
+    if kind in ("BatchNorm1d", "BatchNorm2d"):
+        return getattr(nn, kind)(**args)
+    raise ArtifactError(f"unknown layer type {kind!r} in the model file")
+
+
+def _encode(name: str, value: torch.Tensor, quant: QuantizedWeight | None,
+            tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Add the smallest encoding of one tensor to ``tensors``; return its metadata entry."""
+    count = value.numel()
+    entry: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype).split(".")[-1]}
+    if quant is None and not value.is_floating_point():
+        tensors[name] = value.contiguous()
+        entry["encoding"] = "raw"
+        return entry
+    flat = (quant.codes if quant is not None else value).reshape(-1)
+    nonzero = (flat != 0).numpy()
+    nnz = int(nonzero.sum())
+    bits = quant.bits if quant is not None else 32
+    sparse = packed_nbytes(count, 1) + packed_nbytes(nnz, bits) < packed_nbytes(count, bits)
+    kept = flat[torch.from_numpy(nonzero)] if sparse else flat
+    if sparse:
+        tensors[f"{name}.bitmap"] = torch.from_numpy(pack_mask(nonzero))
+    if quant is None:
+        tensors[f"{name}.values"] = kept.float().contiguous()
+        entry["encoding"] = "float32"
+    else:
+        unsigned = (kept.to(torch.int64) + quant.qmax).numpy()
+        tensors[f"{name}.codes"] = torch.from_numpy(pack_bits(unsigned, bits))
+        tensors[f"{name}.scale"] = quant.scale.float().contiguous()
+        entry.update(encoding="quant", bits=bits)
+    entry["sparse"] = bool(sparse)
+    entry["nnz"] = nnz
+    return entry
+
+
+def _decode(name: str, entry: dict[str, Any], reader: Any) -> torch.Tensor:
+    shape = entry["shape"]
+    if entry["encoding"] == "raw":
+        return reader.get_tensor(name)
+    count = int(np.prod(shape)) if shape else 1
+    nonzero = unpack_mask(reader.get_tensor(f"{name}.bitmap").numpy(), count) \
+        if entry["sparse"] else None
+    stored = entry["nnz"] if entry["sparse"] else count
+    if entry["encoding"] == "float32":
+        values = reader.get_tensor(f"{name}.values")
+    else:
+        qmax = (1 << (entry["bits"] - 1)) - 1
+        values = torch.from_numpy(
+            unpack_bits(reader.get_tensor(f"{name}.codes").numpy(), entry["bits"], stored) - qmax)
+    dense = values
+    if nonzero is not None:
+        dense = torch.zeros(count, dtype=values.dtype)
+        dense[torch.from_numpy(nonzero)] = values
+    dense = dense.reshape(shape)
+    if entry["encoding"] == "quant":
+        return dequantize(QuantizedWeight(dense.to(torch.int16), reader.get_tensor(f"{name}.scale"),
+                                          entry["bits"]))
+    return dense
+
+
+def save_artifact(compressed: CompressedModel, path: str | Path) -> Path:
+    """Write the deployable file for ``compressed`` atomically; return its path."""
+    model = compressed.model
+    specs = {name: spec for name, m in model.named_modules() if (spec := _module_spec(m))}
+    quant_by_param = {f"{layer}.weight": q for layer, q in compressed.quantized.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    entries = {}
+    for name, value in model.state_dict().items():
+        entries[name] = _encode(name, value.detach().cpu(), quant_by_param.get(name), tensors)
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "factory": compressed.factory,
+              "kwargs": compressed.kwargs, "modules": specs, "tensors": entries}
+    metadata = {"slimsearch": json.dumps(header, separators=(",", ":"))}
+    return write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a model file (factory, shapes, encodings) without loading tensors."""
+    path = resolve_model_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            meta = reader.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ArtifactError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if "slimsearch" not in meta:
+        raise ArtifactError(f"{path} is a safetensors file but not a slimsearch model")
+    header = json.loads(meta["slimsearch"])
+    if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: unsupported model format {header.get('format')!r} "
+                            f"v{header.get('version')!r}; this slimsearch reads {FORMAT} "
+                            f"v{FORMAT_VERSION}")
+    return header
+
+
+def resolve_model_file(path: str | Path) -> Path:
+    """Accept a model file, a trial folder or an export bundle; return the model file.
+
+    In a bundle (a folder with ``manifest.json``) the model file must match its sha256."""
+    path = Path(path)
+    if path.is_dir():
+        manifest = path / "manifest.json"
+        path = path / MODEL_FILE
+        if manifest.is_file() and path.is_file():
+            expected = json.loads(manifest.read_text())["files"].get(MODEL_FILE)
+            actual = hashlib.sha256(path.read_bytes()).hexdigest()
+            if expected != actual:
+                raise ArtifactError(f"{path} does not match the sha256 in {manifest}; the bundle "
+                                    "was modified or corrupted")
+    if not path.is_file():
+        raise ArtifactError(f"no model file at {path}")
+    return path
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild the executable model (eval mode, CPU) from a slimsearch model file or bundle.
+
+    Nothing pickled is read: the factory named in the file is imported (and must carry
+    ``@slimsearch.model_factory``), layers are resized to the stored shapes, and weights are
+    decoded (bit-unpacked and dequantized) from the file.
+    """
+    path = resolve_model_file(path)
+    header = read_header(path)
+    factory = resolve_factory(header["factory"])
+    model = factory(**header["kwargs"])
+    for name, spec in header["modules"].items():
+        if _module_spec(model.get_submodule(name)) != spec:
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), leaf, _module_from_spec(spec))
+    with safe_open(str(path), framework="pt") as reader:
+        state = {name: _decode(name, entry, reader) for name, entry in header["tensors"].items()}
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -1,0 +1,91 @@
+"""The ordered compression pipeline for one recipe.
+
+    student -> distill -> prune (structured, then unstructured) -> fine-tune -> quantize (QAT)
+
+Every stage works on the real model: structured pruning leaves smaller layers, unstructured
+pruning leaves real zeros, quantization leaves weights that are exactly ``codes * scale``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimsearch.compression.artifact import CompressedModel
+from slimsearch.compression.pruning import apply_masks, magnitude_masks, prune_structured
+from slimsearch.compression.quantization import (
+    attach_fake_quant,
+    detach_fake_quant,
+    quantize_layers_,
+)
+from slimsearch.compression.student import build_student, is_teacher_shaped
+from slimsearch.experiment import TrainConfig
+from slimsearch.spaces import COMPRESSIBLE, Recipe
+from slimsearch.tasks import Task, factory_path
+from slimsearch.training import fit
+
+
+def _layers(model: nn.Module, recipe: Recipe) -> dict[str, nn.Module]:
+    found = {n: m for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
+    unknown = sorted(set(recipe.layers) - set(found))
+    if unknown:
+        raise ValueError(f"recipe names layers {unknown} that the student does not have; "
+                         f"its layers: {sorted(found)}")
+    return found
+
+
+def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: Recipe, *,
+          train: TrainConfig, seed: int, device: torch.device) -> CompressedModel:
+    """Run every stage of ``recipe`` and return the compressed model (CPU, eval mode)."""
+    record: dict[str, Any] = {"stages": {}}
+    clock = time.perf_counter()
+
+    def stage(name: str, **info: Any) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        record["stages"][name] = {"seconds": round(now - clock, 3), **info}
+        clock = now
+
+    def tune(model: nn.Module, epochs: int, after_step: Any = None) -> float:
+        return fit(model, task.train, epochs=epochs, lr=train.lr, batch_size=train.batch_size,
+                   weight_decay=train.weight_decay, seed=seed, device=device,
+                   teacher_logits=teacher_logits, temperature=train.temperature,
+                   alpha=train.alpha, after_step=after_step)
+
+    model = build_student(task, teacher, recipe, seed=seed)
+    layers = _layers(model, recipe)
+    stage("student", parameters=sum(p.numel() for p in model.parameters()))
+
+    if not is_teacher_shaped(task, recipe) and train.distill_epochs > 0:
+        stage("distill", epochs=train.distill_epochs, loss=tune(model, train.distill_epochs))
+
+    structured = {n: r.sparsity for n, r in recipe.layers.items()
+                  if r.sparsity > 0 and r.pruning == "structured"}
+    unstructured = {n: r.sparsity for n, r in recipe.layers.items()
+                    if r.sparsity > 0 and r.pruning == "unstructured"}
+    model.cpu().eval()
+    channels = prune_structured(model, structured, task.example_inputs(1))
+    masks = magnitude_masks(layers, unstructured)
+    if structured or unstructured:
+        info: dict[str, Any] = {"structured": channels, "unstructured": {
+            n: round(1.0 - float(m.float().mean()), 4) for n, m in masks.items()}}
+        if train.finetune_epochs > 0:
+            info["loss"] = tune(model, train.finetune_epochs, lambda: apply_masks(layers, masks))
+        stage("prune", epochs=train.finetune_epochs, **info)
+
+    bits = {n: r.bits for n, r in recipe.layers.items()}
+    if any(b < 8 for b in bits.values()) and train.qat_epochs > 0:
+        attach_fake_quant(layers, bits)
+        try:
+            loss = tune(model, train.qat_epochs, lambda: apply_masks(layers, masks))
+        finally:
+            detach_fake_quant(layers)
+        stage("qat", epochs=train.qat_epochs, loss=loss)
+    model.cpu().eval()
+    quantized = quantize_layers_(layers, bits)
+    stage("quantize", bits={n: b for n, b in bits.items() if b < 32})
+    return CompressedModel(model=model, factory=factory_path(task.make_model),
+                           kwargs=dict(recipe.student), quantized=quantized, record=record)

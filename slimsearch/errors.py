@@ -1,0 +1,34 @@
+"""The project's exception types.
+
+``ConfigError`` is for input the user can fix (a TOML key, a task name, a storage URL): the CLI
+prints its message and exits with code 2 before any training starts. ``TrialError`` marks a
+trial that failed for a reason worth recording (NaN loss, a recipe the model cannot take); the
+search records it and goes on.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class SlimsearchError(Exception):
+    """Base class of every error slimsearch raises on purpose."""
+
+
+class ConfigError(SlimsearchError, ValueError):
+    """Bad user input: the message names the field, the value and the fix."""
+
+
+class TrialError(SlimsearchError):
+    """A trial could not be built or measured; recorded as FAIL, the search continues."""
+
+
+class ArtifactError(SlimsearchError):
+    """A model file or bundle that is missing, corrupt or not a slimsearch artifact."""
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """Return ``" Did you mean 'x'?"`` for the closest choice, or ``""`` when none is close."""
+    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""

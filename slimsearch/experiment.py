@@ -1,0 +1,276 @@
+"""The experiment file: a TOML document parsed into frozen dataclasses.
+
+Every key is checked before anything runs: an unknown key gets the closest valid one suggested,
+a value of the wrong type or outside its range names the field, the value and what is allowed.
+Things that need the task to check (student knob names, for instance) are checked by the search
+space as soon as the task is built, still before any training.
+
+    name = "digits_mlp"
+    task = "digits-mlp"          # a built-in name, or "my_package.my_module:make_task"
+    seed = 0
+
+    [search]   trials, sampler, timeout, storage
+    [space]    bits, sparsity, pruning, student_init, [space.student] knob = [choices]
+    [train]    teacher_epochs, distill_epochs, finetune_epochs, qat_epochs, batch_size, lr, ...
+    [target]   device, batch_size, threads
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimsearch.errors import ConfigError, did_you_mean
+
+#: Weight bit widths a layer may be stored with; 32 means plain float32.
+ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
+PRUNING_METHODS = ("structured", "unstructured")
+STUDENT_INITS = ("slice", "scratch")
+SAMPLERS = ("tpe", "random")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How long and how the search runs."""
+
+    trials: int = 20
+    sampler: str = "tpe"
+    #: Wall-clock budget such as "90s", "30m", "8h"; no new trial starts after it.
+    timeout: str | None = None
+    #: An Optuna storage URL; None = a journal file inside the run folder.
+    storage: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.trials >= 1, "search.trials", self.trials, "an integer >= 1")
+        _require(self.sampler in SAMPLERS, "search.sampler", self.sampler, f"one of {SAMPLERS}")
+        if self.timeout is not None:
+            parse_duration(self.timeout, field_name="search.timeout")
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """The choices each trial draws from; per-layer choices apply to every compressible layer."""
+
+    bits: tuple[int, ...] = (2, 4, 8, 32)
+    sparsity: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    pruning: tuple[str, ...] = PRUNING_METHODS
+    student_init: tuple[str, ...] = STUDENT_INITS
+    #: Student-architecture knob -> choices; empty = the task's own defaults.
+    student: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("bits", "sparsity", "pruning", "student_init"):
+            _require(len(getattr(self, name)) >= 1, f"space.{name}", [], "a non-empty list of choices")
+        for b in self.bits:
+            _require(b in ALLOWED_BITS, "space.bits", b, f"bit widths from {ALLOWED_BITS}")
+        for s in self.sparsity:
+            _require(0.0 <= s <= 0.95, "space.sparsity", s, "fractions from 0.0 to 0.95")
+        for p in self.pruning:
+            _require(p in PRUNING_METHODS, "space.pruning", p, f"values from {PRUNING_METHODS}")
+        for i in self.student_init:
+            _require(i in STUDENT_INITS, "space.student_init", i, f"values from {STUDENT_INITS}")
+        for knob, choices in self.student.items():
+            _require(
+                isinstance(choices, tuple) and len(choices) >= 1,
+                f"space.student.{knob}",
+                choices,
+                "a non-empty list of choices",
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Epoch counts and optimiser settings for the teacher and for every trial."""
+
+    teacher_epochs: int = 40
+    #: Distillation epochs for a student that differs from the teacher.
+    distill_epochs: int = 10
+    #: Fine-tune epochs after pruning (skipped when nothing was pruned).
+    finetune_epochs: int = 3
+    #: Quantization-aware epochs with a straight-through estimator when any layer has < 8 bits.
+    qat_epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    #: Distillation softmax temperature and the weight of the distillation term (0-1).
+    temperature: float = 4.0
+    alpha: float = 0.7
+
+    def __post_init__(self) -> None:
+        for name in ("teacher_epochs", "distill_epochs", "finetune_epochs", "qat_epochs"):
+            _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an integer >= 0")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.lr > 0, "train.lr", self.lr, "a positive learning rate")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _require(self.temperature > 0, "train.temperature", self.temperature, "a number > 0")
+        _require(0 <= self.alpha <= 1, "train.alpha", self.alpha, "a fraction from 0 to 1")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Where the deployed model runs: latency is measured here, the way it will be deployed."""
+
+    device: str = "auto"
+    #: Batch size of the latency measurement (samples per call).
+    batch_size: int = 1
+    #: torch intra-op threads while timing on CPU.
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        _require(
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+            "target.device",
+            self.device,
+            "'auto', 'cpu', 'cuda' or 'cuda:N'",
+        )
+        _require(self.batch_size >= 1, "target.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.threads >= 1, "target.threads", self.threads, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment file, fully validated."""
+
+    name: str
+    task: str
+    seed: int = 0
+    description: str = ""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    #: Folder of the experiment file; plug-in task modules are imported from here too.
+    base_dir: Path = field(default=Path("."), compare=False)
+
+    def __post_init__(self) -> None:
+        _require(
+            re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
+            "name",
+            self.name,
+            "letters, digits, '_', '-' and '.' (it names the run folder)",
+        )
+        _require(bool(self.task), "task", self.task, "a built-in task name or 'module:function'")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every setting (the run folder stores it to detect changes)."""
+        data = dataclasses.asdict(self)
+        data.pop("base_dir")
+        return data
+
+    def with_overrides(self, **changes: Any) -> ExperimentConfig:
+        """A copy with top-level fields replaced (``search=...``); validation runs again."""
+        return dataclasses.replace(self, **changes)
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment TOML file; raise ``ConfigError`` on any bad key or value."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {str(path)!r} does not exist. List the shipped ones "
+                          "with: slimsearch list")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    raw.setdefault("name", path.stem)
+    return parse_experiment(raw, base_dir=path.resolve().parent, source=str(path))
+
+
+def parse_experiment(raw: dict[str, Any], *, base_dir: Path, source: str) -> ExperimentConfig:
+    """Build an ``ExperimentConfig`` from an already-parsed TOML table."""
+    sections = {"search": SearchConfig, "space": SpaceConfig, "train": TrainConfig,
+                "target": TargetConfig}
+    try:
+        top = _build(ExperimentConfig, raw, prefix="", nested=sections, skip={"base_dir"})
+        return dataclasses.replace(top, base_dir=base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def parse_duration(text: str, *, field_name: str = "timeout") -> float:
+    """Parse "45s", "30m", "8h", "1h30m" or a plain number of seconds into seconds."""
+    text = str(text).strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ConfigError(f"{field_name}: {text!r} is not a duration; write e.g. '90s', '30m', "
+                          "'8h' or '1h30m'")
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    seconds = sum(float(n) * unit[u] for n, u in parts)
+    if seconds <= 0:
+        raise ConfigError(f"{field_name}: {text!r} must be longer than zero")
+    return seconds
+
+
+def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name} = {value!r} is not allowed; expected {allowed}")
+
+
+def _build(cls: type, table: Any, *, prefix: str, nested: dict[str, type] | None = None,
+           skip: set[str] | None = None) -> Any:
+    """Instantiate dataclass ``cls`` from ``table``, checking unknown keys and types."""
+    where = prefix.rstrip(".") or "the experiment"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in (skip or set())]
+    for key in table:
+        if key not in names:
+            raise ConfigError(f"unknown key {prefix}{key!r} in {where}."
+                              f"{did_you_mean(key, names)} Valid keys: {', '.join(names)}")
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name not in table:
+            continue
+        if nested and name in nested:
+            kwargs[name] = _build(nested[name], table[name], prefix=f"{name}.")
+        else:
+            kwargs[name] = _coerce(table[name], hints[name], f"{prefix}{name}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name in names and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required key {prefix}{missing[0]!r} in {where}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, field_name: str) -> Any:
+    """Check ``value`` against a type hint; lists become tuples so configs stay frozen."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, field_name)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{field_name} = {value!r} should be a list, e.g. [1, 2]")
+        item = typing.get_args(hint)[0]
+        return tuple(value if item is Any else [_coerce(v, item, field_name) for v in value])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{field_name} = {value!r} should be a table")
+        return {k: _coerce(v, typing.get_args(hint)[1], f"{field_name}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Path:
+        return Path(value)
+    if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"{field_name} = {value!r} has the wrong type; expected {hint.__name__}")

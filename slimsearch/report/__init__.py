@@ -1,0 +1,27 @@
+"""The report: Pareto data from the study, drawn by plotly into one offline HTML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimsearch.atomic import write_json, write_text
+from slimsearch.report.data import (
+    ReportData,
+    TrialPoint,
+    load_report_data,
+    load_study,
+    pareto_document,
+)
+from slimsearch.report.html import render_html
+
+__all__ = ["ReportData", "TrialPoint", "load_report_data", "load_study", "pareto_document",
+           "render_html", "write_report"]
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """(Re)write ``pareto.json`` and ``report.html`` in ``run_dir``; return the report's path.
+
+    Safe to call while a search is running: both files are replaced atomically."""
+    data = load_report_data(run_dir)
+    write_json(data.run_dir / "pareto.json", pareto_document(data))
+    return write_text(data.run_dir / "report.html", render_html(data))

@@ -1,0 +1,162 @@
+"""Draw ``ReportData`` as one self-contained HTML page (plotly.js embedded: works offline)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import shlex
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from slimsearch.report.data import ReportData, TrialPoint
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { margin-bottom: 0.2em; } .muted { color: #666; } .note { background: #fff8e1;
+padding: 0.6em 1em; border-left: 4px solid #f0b400; }
+table { border-collapse: collapse; width: 100%; font-size: 0.9em; }
+th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; }
+th { cursor: pointer; background: #f4f4f4; } td.l, th.l { text-align: left; }
+code { font-size: 0.85em; } .grid { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }
+"""
+
+_SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click',
+() => { const body = th.closest('table').tBodies[0]; const rows = Array.from(body.rows);
+const asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
+rows.sort((a, b) => { const x = a.cells[col].dataset.v ?? a.cells[col].innerText;
+const y = b.cells[col].dataset.v ?? b.cells[col].innerText; const nx = parseFloat(x),
+ny = parseFloat(y); const c = isNaN(nx) || isNaN(ny) ? x.localeCompare(y) : nx - ny;
+return asc ? c : -c; }); rows.forEach(r => body.appendChild(r)); }));
+"""
+
+_AXES = {
+    "val_accuracy": "validation accuracy (fraction)",
+    "size_bytes": "model file size (bytes, log scale)",
+    "latency_ms": "latency per call (ms, median)",
+}
+
+
+def _hover(t: TrialPoint) -> str:
+    m = t.metrics or {}
+    tag = f" ({t.baseline})" if t.baseline else ""
+    return (f"trial {t.number}{tag}<br>val acc {m.get('val_accuracy', 0):.4f}<br>"
+            f"{m.get('size_bytes', 0):,} bytes<br>{m.get('latency_ms', 0):.4f} ms<br>"
+            f"{html.escape(t.summary)}")
+
+
+def _scatter(data: ReportData, x: str, y: str) -> go.Figure:
+    fig = go.Figure()
+    groups = [("dominated", [t for t in data.completed if not t.pareto], "#bbbbbb", "circle"),
+              ("Pareto front", [t for t in data.completed if t.pareto], "#1f77b4", "circle")]
+    for label, points, color, symbol in groups:
+        points = sorted(points, key=lambda t: t.metrics[x])
+        fig.add_trace(go.Scatter(
+            x=[t.metrics[x] for t in points], y=[t.metrics[y] for t in points],
+            mode="markers", name=label, marker={"color": color, "size": 9, "symbol": symbol},
+            text=[_hover(t) for t in points], hoverinfo="text"))
+    baselines = [t for t in data.completed if t.baseline]
+    if baselines:
+        fig.add_trace(go.Scatter(
+            x=[t.metrics[x] for t in baselines], y=[t.metrics[y] for t in baselines],
+            mode="markers+text", name="baselines", text=[t.baseline for t in baselines],
+            textposition="top center", hoverinfo="skip",
+            marker={"color": "rgba(0,0,0,0)", "size": 15, "line": {"color": "#d62728", "width": 2}}))
+    if data.teacher:
+        fig.add_trace(go.Scatter(
+            x=[data.teacher[x]], y=[data.teacher[y]], mode="markers", name="teacher (as trained)",
+            marker={"symbol": "star", "size": 16, "color": "#ff7f0e"}, hoverinfo="text",
+            text=[f"teacher<br>val acc {data.teacher['val_accuracy']:.4f}<br>"
+                  f"{data.teacher['size_bytes']:,} bytes<br>{data.teacher['latency_ms']:.4f} ms"]))
+    fig.update_layout(title=f"{y} vs {x}", height=420, margin={"l": 60, "r": 20, "t": 50, "b": 50},
+                      xaxis_title=_AXES[x], yaxis_title=_AXES[y], legend={"orientation": "h"})
+    for axis, name in (("xaxis", x), ("yaxis", y)):
+        if name == "size_bytes":
+            fig.update_layout({axis: {"type": "log", "title": _AXES[name]}})
+    return fig
+
+
+def _pareto_table(data: ReportData) -> str:
+    teacher_size = data.teacher.get("size_bytes")
+    teacher_latency = data.teacher.get("latency_ms")
+    run_dir = shlex.quote(str(data.run_dir))
+    rows = []
+    for t in data.pareto:
+        m = t.metrics
+        ratio = teacher_size / m["size_bytes"] if teacher_size else float("nan")
+        speedup = teacher_latency / m["latency_ms"] if teacher_latency else float("nan")
+        spread = m["latency_cv"] * m["latency_ms"]
+        command = f"slimsearch export {run_dir} --trial {t.number} --out exported/trial-{t.number}"
+        rows.append(
+            f"<tr><td>{t.number}{' (' + t.baseline + ')' if t.baseline else ''}</td>"
+            f"<td>{m['val_accuracy']:.4f}</td><td>{m['test_accuracy']:.4f}</td>"
+            f"<td data-v='{m['size_bytes']}'>{m['size_bytes']:,}</td><td>{ratio:.1f}x</td>"
+            f"<td data-v='{m['latency_ms']}'>{m['latency_ms']:.4f} &plusmn; {spread:.4f}</td>"
+            f"<td>{speedup:.2f}x</td><td class='l'>{html.escape(t.summary)}</td>"
+            f"<td class='l'><code>{html.escape(command)}</code></td></tr>")
+    head = ("<tr><th>trial</th><th>val acc</th><th>test acc</th><th>size (bytes)</th>"
+            "<th>smaller</th><th>latency ms (median &plusmn; std)</th><th>speedup</th>"
+            "<th class='l'>recipe</th><th class='l'>export</th></tr>")
+    return (f"<table class='sortable'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _failures(data: ReportData) -> str:
+    failed = [t for t in data.trials if t.state == "FAIL"]
+    if not failed:
+        return ""
+    items = "".join(f"<li>trial {t.number}: {html.escape(t.error or 'no error recorded')}</li>"
+                    for t in failed)
+    return f"<h2>Failed trials ({len(failed)})</h2><ul>{items}</ul>"
+
+
+def _summary(data: ReportData) -> str:
+    exp = data.settings["experiment"]
+    target = exp["target"]
+    t = data.teacher
+    teacher = (f"val acc {t['val_accuracy']:.4f}, test acc {t['test_accuracy']:.4f}, "
+               f"{t['size_bytes']:,} bytes, {t['latency_ms']:.4f} ms" if t else "not measured yet")
+    spent = sum(p.seconds or 0 for p in data.trials)
+    return (
+        f"<ul><li>task <b>{html.escape(exp['task'])}</b>, seed {exp['seed']}</li>"
+        f"<li>target: device {html.escape(data.settings.get('device', target['device']))}, "
+        f"batch {target['batch_size']}, {target['threads']} CPU thread(s), runtime torch eager "
+        f"(weights dequantized to float32 at load)</li>"
+        f"<li>teacher: {teacher}</li>"
+        f"<li>trials: {data.count('COMPLETE')} complete, {data.count('FAIL')} failed, "
+        f"{data.count('PRUNED')} pruned, {data.count('RUNNING')} running; "
+        f"{spent / 60:.1f} min of trial time</li>"
+        f"<li>Pareto-optimal trials: {len(data.pareto)}</li></ul>")
+
+
+def render_html(data: ReportData) -> str:
+    """The whole report page as a string."""
+    figures = ""
+    if data.completed:
+        pairs = [("size_bytes", "val_accuracy"), ("latency_ms", "val_accuracy"),
+                 ("size_bytes", "latency_ms")]
+        figures = "<div class='grid'>" + "".join(
+            f"<div>{_scatter(data, x, y).to_html(full_html=False, include_plotlyjs=False)}</div>"
+            for x, y in pairs) + "</div>"
+    created = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>slimsearch: {html.escape(data.name)}</title>
+<style>{_STYLE}</style><script>{get_plotlyjs()}</script></head><body>
+<h1>slimsearch report: {html.escape(data.name)}</h1>
+<p class="muted">run folder {html.escape(str(data.run_dir))}; written {created}; regenerate with
+<code>slimsearch report {html.escape(shlex.quote(str(data.run_dir)))}</code></p>
+<h2>Summary</h2>{_summary(data)}
+<p class="note">The search selected on the <b>validation</b> split. Test accuracy is measured
+on a held-out split for information only; differences smaller than one test sample
+(1/{len_test(data)}) are noise. Size is the byte length of the model file; latency is measured on
+the model rebuilt from that file.</p>
+<h2>Pareto front</h2>{figures or "<p>No trial has completed yet.</p>"}
+<h2>Pareto-optimal trials</h2><p class="muted">Click a column to sort.</p>{_pareto_table(data)}
+{_failures(data)}
+<script>{_SORT_JS}</script></body></html>
+"""
+
+
+def len_test(data: ReportData) -> str:
+    """Number of test samples, as recorded with the teacher's metrics (``?`` if unknown)."""
+    return str(data.teacher.get("test_samples", "?"))

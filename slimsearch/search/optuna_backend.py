@@ -1,0 +1,174 @@
+"""The local backend: an Optuna multi-objective study driven with ask/tell in this process.
+
+Everything is validated before anything is written: the task and its plug-in import, the
+space against the task, the device, the storage URL, and (for an existing run folder) that
+the experiment did not change. Then the teacher is trained or loaded, measured like every
+trial, the two baselines are enqueued, and trials run until the budget or the deadline.
+A failing trial is recorded FAIL with its error; the search goes on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from slimsearch.atomic import write_json, write_text
+from slimsearch.compression import MODEL_FILE
+from slimsearch.devices import resolve_device
+from slimsearch.experiment import ExperimentConfig
+from slimsearch.search.objective import OBJECTIVES, TrialRunner, environment
+from slimsearch.search.run_folder import RunFolder
+from slimsearch.search.storage import check_storage_url, open_storage
+from slimsearch.search.teacher import prepare_teacher
+from slimsearch.spaces import SearchSpace
+from slimsearch.tasks import Task, make_task
+
+FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one invocation of the search did."""
+
+    run_dir: Path
+    report: Path
+    pareto_json: Path
+    completed: int
+    failed: int
+    interrupted: bool
+
+
+def make_sampler(config: ExperimentConfig, *, offset: int) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded by the experiment seed plus the trials already run, so
+    a continued run does not replay the first run's random start."""
+    seed = config.seed + offset
+    if config.search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # group=True: the space is conditional (layers depend on depth, pruning on sparsity > 0).
+    return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed,
+                                      n_startup_trials=min(10, max(2, config.search.trials // 3)))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated experiment, ready to run; nothing has been written yet."""
+
+    config: ExperimentConfig
+    task: Task
+    space: SearchSpace
+    folder: RunFolder
+    storage_url: str | None
+
+
+def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None) -> Prepared:
+    """Check everything that can be wrong with the input; raise ``ConfigError`` on the first."""
+    task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
+    space = SearchSpace(task, config.space)
+    resolve_device(config.target.device)
+    if storage_url is not None:
+        check_storage_url(storage_url)
+    folder = RunFolder(run_dir)
+    if folder.exists():
+        folder.check_same_experiment(config.to_dict(), storage_url)
+    return Prepared(config, task, space, folder, storage_url)
+
+
+def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
+               timeout_s: float | None, say: Callable[[str], None] = print) -> RunResult:
+    """Run (or continue) the search until ``trials`` trials exist or ``timeout_s`` passes."""
+    from slimsearch.report import write_report  # the report reads what this writes
+
+    config, task, space, folder = prepared.config, prepared.task, prepared.space, prepared.folder
+    deadline = time.monotonic() + timeout_s if timeout_s else math.inf
+    device = resolve_device(config.target.device)
+    if not folder.exists():
+        folder.create(experiment_file, {
+            "experiment": config.to_dict(), "storage": prepared.storage_url,
+            "study_name": config.name, "space_fingerprint": space.fingerprint(),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "device": str(device), "environment": environment()})
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(folder.root, prepared.storage_url)
+    study = optuna.create_study(storage=storage, study_name=config.name, load_if_exists=True,
+                                directions=[d for _, d in OBJECTIVES])
+    study.set_metric_names([n for n, _ in OBJECTIVES])
+    done_before = len(study.get_trials(deepcopy=False, states=FINISHED))
+    study.sampler = make_sampler(config, offset=done_before)
+
+    say(f"run folder: {folder.root}")
+    teacher = prepare_teacher(task, config.train, seed=config.seed, cache_dir=folder.teacher,
+                              device=device)
+    runner = TrialRunner(config=config, task=task, teacher=teacher, device=device)
+    teacher_metrics = runner.measure(folder.teacher / MODEL_FILE)
+    write_json(folder.teacher / "metrics.json", teacher_metrics)
+    say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
+        f"{_describe(teacher_metrics)}")
+
+    if not study.trials:
+        for name, recipe in zip(("teacher", "uniform-int8"), space.baselines(), strict=False):
+            study.enqueue_trial(space.params_of(recipe), user_attrs={"baseline": name})
+
+    completed = failed = 0
+    interrupted = False
+    try:
+        while done_before + completed + failed < trials and time.monotonic() < deadline:
+            ok = _one_trial(study, space, runner, folder, config, teacher_metrics,
+                            position=f"{done_before + completed + failed + 1}/{trials}", say=say)
+            completed += ok
+            failed += not ok
+        if time.monotonic() >= deadline:
+            say("time budget reached: no new trial starts")
+    except KeyboardInterrupt:
+        interrupted = True
+        say("interrupted: the running trial is recorded FAIL; finished trials are kept")
+    finally:
+        report = write_report(folder.root)
+    say(f"{completed} trials completed, {failed} failed in this session; "
+        f"report: {report.resolve()}")
+    return RunResult(folder.root, report, folder.pareto_json, completed, failed, interrupted)
+
+
+def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, folder: RunFolder,
+               config: ExperimentConfig, teacher_metrics: dict, *, position: str,
+               say: Callable[[str], None]) -> bool:
+    trial = study.ask()
+    trial_dir = folder.trial(trial.number)
+    seed = config.seed + trial.number
+    trial.set_user_attr("seed", seed)
+    start = time.perf_counter()
+    try:
+        recipe = space.suggest(trial)
+        trial.set_user_attr("recipe", recipe.to_dict())
+        metrics = runner(recipe, trial_dir, seed=seed)
+        trial.set_user_attr("metrics", metrics)
+        study.tell(trial, [metrics[name] for name, _ in OBJECTIVES])
+    except (Exception, KeyboardInterrupt) as exc:
+        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        trial.set_user_attr("error", message)
+        write_text(trial_dir / "error.txt", traceback.format_exc())
+        study.tell(trial, state=TrialState.FAIL)
+        say(f"[{position}] trial {trial.number} FAILED after {time.perf_counter() - start:.1f} s: "
+            f"{message}")
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return False
+    front = study.best_trials
+    best = max(t.values[0] for t in front)
+    ratio = teacher_metrics["size_bytes"] / metrics["size_bytes"]
+    say(f"[{position}] trial {trial.number} done in {time.perf_counter() - start:.1f} s: "
+        f"{_describe(metrics)} ({ratio:.1f}x smaller) | Pareto front {len(front)}, "
+        f"best val_accuracy {best:.4f}")
+    return True
+
+
+def _describe(metrics: dict) -> str:
+    return (f"val_accuracy {metrics['val_accuracy']:.4f}, {metrics['size_bytes'] / 1e3:.1f} kB, "
+            f"{metrics['latency_ms']:.4f} ms (cv {metrics['latency_cv']:.2f})")

@@ -1,0 +1,96 @@
+"""The run folder: one per search, holding everything the report and export read.
+
+    runs/<name>/
+      experiment.toml   the experiment as given       run.json       settings, versions
+      study.journal     the Optuna study (default)    teacher/       model file, logits, metrics
+      trials/00012/     recipe, metrics, model file   pareto.json, report.html
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimsearch.atomic import read_json, write_json
+from slimsearch.errors import ConfigError
+
+#: Settings that may differ when a run continues (budgets), everything else must match.
+MAY_CHANGE = {("search", "trials"), ("search", "timeout")}
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths inside one run folder."""
+
+    root: Path
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "teacher"
+
+    @property
+    def pareto_json(self) -> Path:
+        return self.root / "pareto.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    def trial(self, number: int) -> Path:
+        return self.root / "trials" / f"{number:05d}"
+
+    def exists(self) -> bool:
+        return self.run_json.is_file()
+
+    def settings(self) -> dict[str, Any]:
+        """The contents of ``run.json``; a ``ConfigError`` when this is not a run folder."""
+        if not self.exists():
+            raise ConfigError(f"{self.root} is not a slimsearch run folder (no run.json). Start "
+                              "one with: slimsearch run EXPERIMENT.toml")
+        return read_json(self.run_json)
+
+    def check_same_experiment(self, experiment: dict[str, Any], storage: str | None) -> None:
+        """Refuse to continue a run whose experiment changed, naming what changed."""
+        old = self.settings()
+        changed = [f"{section}.{key}" if key else section
+                   for section, key in _diff(old["experiment"], experiment)
+                   if (section, key) not in MAY_CHANGE]
+        if old.get("storage") != storage:
+            changed.append(f"storage ({old.get('storage')!r} -> {storage!r})")
+        if changed:
+            raise ConfigError(f"{self.root} holds a run of a different experiment (changed: "
+                              f"{', '.join(changed)}). Start a new run with --run-dir "
+                              f"{self.root}-2, or restore the experiment to continue this one")
+
+    def create(self, experiment_file: Path, settings: dict[str, Any]) -> None:
+        """Write the experiment copy and ``run.json`` (atomically) for a new run."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(experiment_file, self.root / "experiment.toml")
+        write_json(self.run_json, settings)
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str]]:
+    changes = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += [(section, k) for k in sorted(set(a) | set(b))
+                        if _norm(a.get(k)) != _norm(b.get(k))]
+        elif _norm(a) != _norm(b):
+            changes.append((section, ""))
+    return changes
+
+
+def _norm(value: Any) -> Any:
+    """Tuples and lists compare equal (run.json stores lists)."""
+    if isinstance(value, list | tuple):
+        return [_norm(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _norm(v) for k, v in value.items()}
+    return value

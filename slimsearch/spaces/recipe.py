@@ -1,0 +1,89 @@
+"""A Recipe: everything needed to build one compressed model, as plain validated data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from slimsearch.experiment import ALLOWED_BITS, PRUNING_METHODS, STUDENT_INITS
+
+RECIPE_TYPE = "slimsearch.Recipe"
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerRecipe:
+    """How one Linear/Conv layer is compressed.
+
+    ``sparsity`` is the fraction (0-0.95) of output channels removed (``structured``) or of
+    weights zeroed by magnitude (``unstructured``); ``bits`` is the stored weight width
+    (2-8 = per-channel symmetric integers, 32 = float32).
+    """
+
+    sparsity: float = 0.0
+    pruning: str = "unstructured"
+    bits: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity <= 0.95:
+            raise ValueError(f"sparsity = {self.sparsity!r}: expected a fraction from 0.0 to 0.95")
+        if self.pruning not in PRUNING_METHODS:
+            raise ValueError(f"pruning = {self.pruning!r}: expected one of {PRUNING_METHODS}")
+        if self.bits not in ALLOWED_BITS:
+            raise ValueError(f"bits = {self.bits!r}: expected one of {ALLOWED_BITS}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Student knobs, how the student starts, and one ``LayerRecipe`` per compressible layer.
+
+    ``student_init = "slice"`` starts from the teacher's weights (a leading slice where the
+    student is narrower); ``"scratch"`` starts from a fresh initialisation. Layers missing
+    from ``layers`` are left uncompressed.
+    """
+
+    student: dict[str, Any] = field(default_factory=dict)
+    student_init: str = "slice"
+    layers: dict[str, LayerRecipe] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.student_init not in STUDENT_INITS:
+            raise ValueError(f"student_init = {self.student_init!r}: expected one of {STUDENT_INITS}")
+        for name, layer in self.layers.items():
+            if not isinstance(layer, LayerRecipe):
+                raise ValueError(f"layers[{name!r}] = {layer!r}: expected a LayerRecipe")
+
+    def layer(self, name: str) -> LayerRecipe:
+        """The recipe of layer ``name``; uncompressed when the recipe does not mention it."""
+        return self.layers.get(name, LayerRecipe())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict tagged with the recipe type and version."""
+        return {"type": RECIPE_TYPE, "version": RECIPE_VERSION, "student": dict(self.student),
+                "student_init": self.student_init,
+                "layers": {name: asdict(layer) for name, layer in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Inverse of ``to_dict``; rejects other types and unknown versions."""
+        if data.get("type") != RECIPE_TYPE or data.get("version") != RECIPE_VERSION:
+            raise ValueError(f"not a {RECIPE_TYPE} v{RECIPE_VERSION}: type={data.get('type')!r}, "
+                             f"version={data.get('version')!r}")
+        return cls(student=dict(data["student"]), student_init=data["student_init"],
+                   layers={k: LayerRecipe(**v) for k, v in data["layers"].items()})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        return cls.from_dict(json.loads(text))
+
+    def summary(self) -> str:
+        """One line for progress output and report hovers, e.g. ``width=0.5 | bits 4,8,8 | ...``."""
+        knobs = " ".join(f"{k}={v}" for k, v in self.student.items())
+        bits = ",".join(str(v.bits) for v in self.layers.values())
+        sparsity = ",".join(
+            "0" if v.sparsity == 0 else f"{v.pruning[0]}{v.sparsity:g}" for v in self.layers.values())
+        return f"{knobs} init={self.student_init} | bits {bits} | sparsity {sparsity}"

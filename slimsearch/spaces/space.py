@@ -1,0 +1,150 @@
+"""The search space: student knobs, then per-layer sparsity, pruning method and bit width.
+
+``SearchSpace`` knows no search engine: ``suggest`` takes anything with Optuna's
+``suggest_categorical(name, choices)`` method, so Optuna and Ray Tune share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from slimsearch.errors import ConfigError, did_you_mean
+from slimsearch.experiment import SpaceConfig
+from slimsearch.spaces.recipe import LayerRecipe, Recipe
+from slimsearch.tasks import Task
+
+COMPRESSIBLE = (nn.Linear, nn.Conv2d)
+
+
+class Suggester(Protocol):
+    """The one method of an Optuna trial the space uses."""
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A compressible layer: its qualified name, type and whether its outputs may be removed."""
+
+    name: str
+    kind: str
+    structured_ok: bool
+
+
+def compressible_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
+    """Linear and Conv2d layers in execution order; the one producing the model's output
+    (the classifier head) may only be pruned unstructured, since its outputs are the classes."""
+    order: list[str] = []
+    outputs: dict[str, Any] = {}  # the tensors themselves: ids of freed tensors get reused
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, COMPRESSIBLE):
+            def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+                order.append(name)
+                outputs[name] = out
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            final = model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    kinds = dict(model.named_modules())
+    seen = list(dict.fromkeys(order))
+    return [LayerInfo(n, type(kinds[n]).__name__, structured_ok=outputs[n] is not final)
+            for n in seen]
+
+
+class SearchSpace:
+    """Choices for one task, validated against it; ``suggest`` turns a trial into a Recipe."""
+
+    def __init__(self, task: Task, config: SpaceConfig) -> None:
+        self.task = task
+        self.config = config
+        knobs = dict(task.student_choices)
+        for knob, choices in config.student.items():
+            if knob not in task.teacher_kwargs:
+                raise ConfigError(
+                    f"space.student.{knob}: task {task.name!r} has no student knob {knob!r}."
+                    f"{did_you_mean(knob, task.teacher_kwargs)} Its knobs: "
+                    f"{', '.join(task.teacher_kwargs)}")
+            knobs[knob] = tuple(choices)
+        self.student_choices: dict[str, tuple[Any, ...]] = knobs
+        self._layers: dict[str, list[LayerInfo]] = {}
+        for values in self._knob_grid_corners():
+            self.layers_for(values)  # a knob value the factory rejects fails here, before training
+
+    def _knob_grid_corners(self) -> list[dict[str, Any]]:
+        smallest = {k: v[0] for k, v in self.student_choices.items()}
+        largest = {k: v[-1] for k, v in self.student_choices.items()}
+        return [dict(self.task.teacher_kwargs, **smallest), dict(self.task.teacher_kwargs, **largest)]
+
+    def layers_for(self, student: dict[str, Any]) -> list[LayerInfo]:
+        """The compressible layers of the student built with knob values ``student``."""
+        key = json.dumps(student, sort_keys=True)
+        if key not in self._layers:
+            try:
+                model = self.task.make_model(**student)
+                self._layers[key] = compressible_layers(model.eval(), self.task.example_inputs(1))
+            except Exception as exc:
+                raise ConfigError(f"space.student = {student}: the task's model factory failed "
+                                  f"with these knob values: {type(exc).__name__}: {exc}") from exc
+            if not self._layers[key]:
+                raise ConfigError(f"task {self.task.name!r}: the model has no Linear or Conv2d "
+                                  "layer to compress")
+        return self._layers[key]
+
+    def suggest(self, trial: Suggester) -> Recipe:
+        """Draw a Recipe: knobs first, then each layer of that student (a conditional space)."""
+        student = dict(self.task.teacher_kwargs)
+        for knob, choices in self.student_choices.items():
+            student[knob] = trial.suggest_categorical(f"student.{knob}", choices)
+        is_teacher_shape = student == dict(self.task.teacher_kwargs)
+        init = trial.suggest_categorical("student.init", self.config.student_init) \
+            if not is_teacher_shape or len(self.config.student_init) == 1 else "slice"
+        layers = {}
+        for info in self.layers_for(student):
+            sparsity = trial.suggest_categorical(f"{info.name}.sparsity", self.config.sparsity)
+            methods = [m for m in self.config.pruning if m == "unstructured" or info.structured_ok]
+            method = "unstructured"
+            if sparsity > 0 and methods:
+                method = trial.suggest_categorical(f"{info.name}.pruning", tuple(methods))
+            bits = trial.suggest_categorical(f"{info.name}.bits", self.config.bits)
+            layers[info.name] = LayerRecipe(sparsity=float(sparsity), pruning=method, bits=int(bits))
+        return Recipe(student=student, student_init=init, layers=layers)
+
+    def baselines(self) -> list[Recipe]:
+        """The teacher as-is, and the teacher with every layer at 8 bits (if 8 is allowed)."""
+        layers = self.layers_for(dict(self.task.teacher_kwargs))
+        teacher = Recipe(student=dict(self.task.teacher_kwargs), student_init="slice",
+                         layers={i.name: LayerRecipe() for i in layers})
+        found = [teacher]
+        if 8 in self.config.bits:
+            found.append(Recipe(student=dict(self.task.teacher_kwargs), student_init="slice",
+                                layers={i.name: LayerRecipe(bits=8) for i in layers}))
+        return found
+
+    def params_of(self, recipe: Recipe) -> dict[str, Any]:
+        """The Optuna parameters that make ``suggest`` return ``recipe`` (for enqueueing)."""
+        params: dict[str, Any] = {f"student.{k}": recipe.student[k] for k in self.student_choices}
+        if recipe.student != dict(self.task.teacher_kwargs) or len(self.config.student_init) == 1:
+            params["student.init"] = recipe.student_init
+        for name, layer in recipe.layers.items():
+            params[f"{name}.sparsity"] = layer.sparsity
+            if layer.sparsity > 0:
+                params[f"{name}.pruning"] = layer.pruning
+            params[f"{name}.bits"] = layer.bits
+        return params
+
+    def fingerprint(self) -> str:
+        """A short hash of the choices; a run refuses to continue with a different space."""
+        data = {"task": self.task.name, "student": self.student_choices,
+                "config": {k: getattr(self.config, k)
+                           for k in ("bits", "sparsity", "pruning", "student_init")}}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,21 @@
+"""Tasks: a model factory (whose keyword arguments are the student knobs), data and a teacher."""
+
+from slimsearch.tasks._base import (
+    Split,
+    Task,
+    factory_path,
+    model_factory,
+    resolve_factory,
+)
+from slimsearch.tasks._registry import list_tasks, make_task, register_task
+
+__all__ = [
+    "Split",
+    "Task",
+    "factory_path",
+    "list_tasks",
+    "make_task",
+    "model_factory",
+    "register_task",
+    "resolve_factory",
+]

@@ -1,0 +1,113 @@
+"""What a task is: a model factory whose keyword arguments are the student knobs, data, a teacher."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimsearch.errors import ArtifactError, ConfigError
+
+_FACTORY_MARK = "__slimsearch_model_factory__"
+
+
+def model_factory(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Declare ``fn`` a model factory that ``load_model`` may call to rebuild an artifact.
+
+    ``load_model`` imports the factory named in a model file; it refuses any callable that does
+    not carry this mark, so a crafted file cannot make it call an arbitrary function.
+    The factory must live at module level and take keyword arguments only (the student knobs).
+    """
+    setattr(fn, _FACTORY_MARK, True)
+    return fn
+
+
+def factory_path(fn: Callable[..., nn.Module]) -> str:
+    """The ``"module:qualname"`` that ``resolve_factory`` imports back."""
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def resolve_factory(path: str) -> Callable[..., nn.Module]:
+    """Import a factory from ``"module:qualname"``; it must carry the ``model_factory`` mark."""
+    module_name, _, qualname = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ArtifactError(f"cannot import the model factory {path!r}: {exc}. The module that "
+                            "defines the model must be importable where the model is loaded.") from exc
+    if not getattr(obj, _FACTORY_MARK, False):
+        raise ArtifactError(f"{path!r} is not decorated with @slimsearch.model_factory; refusing to "
+                            "call it to rebuild a model")
+    return obj
+
+
+@dataclass(frozen=True)
+class Split:
+    """Inputs ``x`` (float32, N x ...) and integer class labels ``y`` (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y) or len(self.x) == 0:
+            raise ConfigError(f"a data split needs as many labels as inputs and at least one "
+                              f"sample; got {len(self.x)} inputs and {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A model factory, its data and (optionally) a trained teacher.
+
+    ``make_model(**knobs)`` builds the architecture; ``teacher_kwargs`` are the knob values of
+    the teacher and ``student_choices`` the default choices the search explores per knob.
+    When ``teacher`` is None slimsearch trains one on ``train`` (once per run, cached).
+    The validation split is what the search selects on; ``test`` is only reported.
+    """
+
+    name: str
+    make_model: Callable[..., nn.Module]
+    teacher_kwargs: Mapping[str, Any]
+    student_choices: Mapping[str, tuple[Any, ...]]
+    train: Split
+    val: Split
+    test: Split
+    teacher: nn.Module | None = None
+    description: str = ""
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not getattr(self.make_model, _FACTORY_MARK, False):
+            raise ConfigError(f"task {self.name!r}: make_model {factory_path(self.make_model)!r} "
+                              "must be decorated with @slimsearch.model_factory so that exported "
+                              "models can be rebuilt")
+        if "<locals>" in self.make_model.__qualname__ or "<lambda>" in self.make_model.__qualname__:
+            raise ConfigError(f"task {self.name!r}: make_model must be defined at module level "
+                              f"(got {factory_path(self.make_model)!r})")
+        unknown = set(self.student_choices) - set(self.teacher_kwargs)
+        if unknown:
+            raise ConfigError(f"task {self.name!r}: student_choices names knobs {sorted(unknown)} "
+                              f"that teacher_kwargs does not set ({sorted(self.teacher_kwargs)})")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input sample, without the batch dimension."""
+        return tuple(self.train.x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.train.y.max(), self.val.y.max(), self.test.y.max())) + 1
+
+    def example_inputs(self, batch_size: int = 1) -> torch.Tensor:
+        """The first ``batch_size`` training inputs (real data, for tracing and timing)."""
+        x = self.train.x
+        reps = -(-batch_size // len(x))
+        return x.repeat(reps, *([1] * (x.dim() - 1)))[:batch_size].clone()

@@ -1,0 +1,70 @@
+"""Built-in tasks by name, and plug-in tasks by ``"module:function"``."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from slimsearch.errors import ConfigError, did_you_mean
+from slimsearch.tasks._base import Task
+from slimsearch.tasks.digits import make_digits_cnn_task, make_digits_mlp_task
+
+TaskMaker = Callable[[int], Task]
+
+_TASKS: dict[str, TaskMaker] = {}
+
+
+def register_task(name: str, maker: TaskMaker) -> None:
+    """Make ``maker(seed) -> Task`` available as ``task = "<name>"`` in experiments."""
+    if name in _TASKS:
+        raise ValueError(f"task {name!r} is already registered")
+    _TASKS[name] = maker
+
+
+def list_tasks() -> dict[str, str]:
+    """Registered task names and a one-line description of each."""
+    return {name: (inspect.getdoc(maker) or "").splitlines()[0] for name, maker in _TASKS.items()}
+
+
+def make_task(spec: str, *, seed: int, base_dir: Path | None = None) -> Task:
+    """Build the task an experiment names: a registered name or ``"module:function"``.
+
+    A plug-in function is called as ``function(seed=seed)`` and must return a ``Task``; its
+    module is imported from ``base_dir`` (the experiment file's folder) or the Python path.
+    """
+    if ":" not in spec:
+        if spec not in _TASKS:
+            raise ConfigError(f"task = {spec!r} is not a built-in task.{did_you_mean(spec, _TASKS)} "
+                              f"Built-in tasks: {', '.join(sorted(_TASKS))}; or name your own as "
+                              "'my_package.my_module:make_task'")
+        return _TASKS[spec](seed)
+    maker = _import_plugin(spec, base_dir)
+    task = maker(seed=seed)
+    if not isinstance(task, Task):
+        raise ConfigError(f"task = {spec!r} returned {type(task).__name__}, not slimsearch.Task")
+    return task
+
+
+def _import_plugin(spec: str, base_dir: Path | None) -> Callable[..., Task]:
+    module_name, _, attr = spec.partition(":")
+    if base_dir is not None and str(base_dir) not in sys.path:
+        # Plug-in modules beside the experiment file import without a package install.
+        sys.path.insert(0, str(base_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"task = {spec!r}: cannot import module {module_name!r} ({exc}). Put it "
+                          "beside the experiment file or install its package") from exc
+    maker = getattr(module, attr, None)
+    if not callable(maker):
+        names = [n for n in dir(module) if not n.startswith("_")]
+        raise ConfigError(f"task = {spec!r}: module {module_name!r} has no function {attr!r}."
+                          f"{did_you_mean(attr, names)}")
+    return maker
+
+
+register_task("digits-mlp", make_digits_mlp_task)
+register_task("digits-cnn", make_digits_cnn_task)
