@@ -69,8 +69,9 @@ def _scatter(data: ReportData, x: str, y: str) -> go.Figure:
             marker={"symbol": "star", "size": 16, "color": "#ff7f0e"}, hoverinfo="text",
             text=[f"teacher<br>val acc {data.teacher['val_accuracy']:.4f}<br>"
                   f"{data.teacher['size_bytes']:,} bytes<br>{data.teacher['latency_ms']:.4f} ms"]))
-    fig.update_layout(title=f"{y} vs {x}", height=420, margin={"l": 60, "r": 20, "t": 50, "b": 50},
-                      xaxis_title=_AXES[x], yaxis_title=_AXES[y], legend={"orientation": "h"})
+    fig.update_layout(title=f"{y} vs {x}", height=460, margin={"l": 60, "r": 20, "t": 50, "b": 110},
+                      xaxis_title=_AXES[x], yaxis_title=_AXES[y],
+                      legend={"orientation": "h", "y": -0.3})
     for axis, name in (("xaxis", x), ("yaxis", y)):
         if name == "size_bytes":
             fig.update_layout({axis: {"type": "log", "title": _AXES[name]}})

@@ -13,6 +13,7 @@ import datetime as dt
 import math
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,10 @@ def make_sampler(config: ExperimentConfig, *, offset: int) -> optuna.samplers.Ba
     if config.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # group=True: the space is conditional (layers depend on depth, pruning on sparsity > 0).
-    return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed,
-                                      n_startup_trials=min(10, max(2, config.search.trials // 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed,
+                                          n_startup_trials=min(10, max(2, config.search.trials // 3)))
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,9 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     storage = open_storage(folder.root, prepared.storage_url)
     study = optuna.create_study(storage=storage, study_name=config.name, load_if_exists=True,
                                 directions=[d for _, d in OBJECTIVES])
-    study.set_metric_names([n for n, _ in OBJECTIVES])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([n for n, _ in OBJECTIVES])
     done_before = len(study.get_trials(deepcopy=False, states=FINISHED))
     study.sampler = make_sampler(config, offset=done_before)
 

@@ -57,7 +57,9 @@ def compressible_layers(model: nn.Module, example_input: torch.Tensor) -> list[L
             h.remove()
     kinds = dict(model.named_modules())
     seen = list(dict.fromkeys(order))
-    return [LayerInfo(n, type(kinds[n]).__name__, structured_ok=outputs[n] is not final)
+    # The last layer run is the head even when forward post-processes its output.
+    return [LayerInfo(n, type(kinds[n]).__name__,
+                      structured_ok=outputs[n] is not final and n != seen[-1])
             for n in seen]
 
 
@@ -111,13 +113,22 @@ class SearchSpace:
         layers = {}
         for info in self.layers_for(student):
             sparsity = trial.suggest_categorical(f"{info.name}.sparsity", self.config.sparsity)
-            methods = [m for m in self.config.pruning if m == "unstructured" or info.structured_ok]
-            method = "unstructured"
-            if sparsity > 0 and methods:
-                method = trial.suggest_categorical(f"{info.name}.pruning", tuple(methods))
+            method = self._fixed_method(info)
+            if sparsity > 0 and method is None:
+                # Always the full choice list: Optuna rejects a parameter whose choices change.
+                method = trial.suggest_categorical(f"{info.name}.pruning", self.config.pruning)
             bits = trial.suggest_categorical(f"{info.name}.bits", self.config.bits)
-            layers[info.name] = LayerRecipe(sparsity=float(sparsity), pruning=method, bits=int(bits))
+            layers[info.name] = LayerRecipe(sparsity=float(sparsity), pruning=method or "unstructured",
+                                            bits=int(bits))
         return Recipe(student=student, student_init=init, layers=layers)
+
+    def _fixed_method(self, info: LayerInfo) -> str | None:
+        """The pruning method when there is no choice to make for this layer, else None."""
+        if not info.structured_ok:
+            return "unstructured"
+        if len(self.config.pruning) == 1:
+            return self.config.pruning[0]
+        return None
 
     def baselines(self) -> list[Recipe]:
         """The teacher as-is, and the teacher with every layer at 8 bits (if 8 is allowed)."""
@@ -135,9 +146,10 @@ class SearchSpace:
         params: dict[str, Any] = {f"student.{k}": recipe.student[k] for k in self.student_choices}
         if recipe.student != dict(self.task.teacher_kwargs) or len(self.config.student_init) == 1:
             params["student.init"] = recipe.student_init
+        infos = {i.name: i for i in self.layers_for(recipe.student)}
         for name, layer in recipe.layers.items():
             params[f"{name}.sparsity"] = layer.sparsity
-            if layer.sparsity > 0:
+            if layer.sparsity > 0 and self._fixed_method(infos[name]) is None:
                 params[f"{name}.pruning"] = layer.pruning
             params[f"{name}.bits"] = layer.bits
         return params

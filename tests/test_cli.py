@@ -1,0 +1,220 @@
+"""End-to-end: `slimsearch run`, `report`, `export`, `list`, and bad input, on tiny budgets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from slimsearch.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """\
+name = "tiny"
+task = "{task}"
+seed = 0
+
+[search]
+trials = {trials}
+
+[space]
+bits = [4, 8, 32]
+sparsity = [0.0, 0.5]
+
+[train]
+teacher_epochs = 8
+distill_epochs = 2
+finetune_epochs = 1
+qat_epochs = 1
+
+[target]
+device = "cpu"
+"""
+
+
+def write_experiment(folder: Path, *, task: str = "digits-mlp", trials: int = 5,
+                     extra: str = "") -> Path:
+    path = folder / "tiny.toml"
+    path.write_text(TINY.format(task=task, trials=trials) + extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny search shared by the tests that only read its outputs."""
+    folder = tmp_path_factory.mktemp("run")
+    experiment = write_experiment(folder)
+    assert main(["run", str(experiment), "--run-dir", str(folder / "run")]) == 0
+    return folder / "run"
+
+
+@pytest.mark.slow
+def test_run_writes_report_pareto_and_trial_folders(finished_run: Path) -> None:
+    pareto = json.loads((finished_run / "pareto.json").read_text())
+    assert {"val_accuracy", "test_accuracy", "size_bytes", "latency_ms"} <= set(pareto["teacher"])
+    assert pareto["trials"], "a finished search has at least one Pareto-optimal trial"
+    for entry in pareto["trials"]:
+        trial_dir = finished_run / "trials" / f"{entry['number']:05d}"
+        model_file = trial_dir / "model.safetensors"
+        # size is the real file length, not an estimate
+        assert entry["metrics"]["size_bytes"] == model_file.stat().st_size
+        assert json.loads((trial_dir / "recipe.json").read_text())["type"] == "slimsearch.Recipe"
+        assert json.loads((trial_dir / "environment.json").read_text())["seed"] >= 0
+    html = (finished_run / "report.html").read_text()
+    assert "Plotly.newPlot" in html and "<script src=" not in html  # drawn, and works offline
+    assert "slimsearch export" in html
+    # the baselines were enqueued: trial 0 is the teacher itself
+    trial0 = json.loads((finished_run / "trials" / "00000" / "metrics.json").read_text())
+    assert trial0["size_bytes"] == pareto["teacher"]["size_bytes"]
+    assert trial0["val_accuracy"] == pareto["teacher"]["val_accuracy"]
+
+
+@pytest.mark.slow
+def test_report_command_rewrites_the_report(finished_run: Path, capsys: pytest.CaptureFixture) -> None:
+    (finished_run / "report.html").unlink()
+    assert main(["report", str(finished_run)]) == 0
+    assert (finished_run / "report.html").is_file()
+    assert "report.html" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_export_and_load_model_in_a_fresh_process(finished_run: Path, tmp_path: Path) -> None:
+    pareto = json.loads((finished_run / "pareto.json").read_text())
+    entry = min(pareto["trials"], key=lambda t: t["metrics"]["size_bytes"])
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(finished_run), "--trial", str(entry["number"]), "--out", str(bundle)]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert set(manifest["files"]) >= {"model.safetensors", "recipe.json", "metrics.json"}
+    script = textwrap.dedent(f"""
+        import slimsearch
+        from slimsearch.tasks import make_task
+        from slimsearch.training import accuracy
+        import torch
+        model = slimsearch.load_model({str(bundle)!r})
+        task = make_task("digits-mlp", seed=0)
+        print(repr(accuracy(model, task.test, device=torch.device("cpu"))))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip()) == entry["metrics"]["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_export_refuses_unknown_trial_and_existing_folder(finished_run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    assert main(["export", str(finished_run), "--trial", "999", "--out", str(tmp_path / "x")]) == 2
+    assert "--trial 999" in capsys.readouterr().err
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "file").write_text("mine")
+    assert main(["export", str(finished_run), "--trial", "0", "--out", str(taken)]) == 2
+    assert (taken / "file").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_rerun_continues_to_the_budget_and_refuses_a_changed_experiment(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    experiment = write_experiment(tmp_path, trials=2)
+    run_dir = tmp_path / "run"
+    assert main(["run", str(experiment), "--run-dir", str(run_dir)]) == 0
+    assert main(["run", str(experiment), "--run-dir", str(run_dir), "--trials", "3"]) == 0
+    numbers = sorted(p.name for p in (run_dir / "trials").iterdir())
+    assert numbers == ["00000", "00001", "00002"]
+    capsys.readouterr()
+    changed = write_experiment(tmp_path, trials=3)
+    changed.write_text(changed.read_text().replace("sparsity = [0.0, 0.5]", "sparsity = [0.0, 0.25]"))
+    assert main(["run", str(changed), "--run-dir", str(run_dir)]) == 2
+    assert "space.sparsity" in capsys.readouterr().err
+
+
+def test_list_shows_tasks_and_experiments(capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "digits-mlp" in out and "digits-cnn" in out and "experiments/digits_mlp.toml" in out
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (("[search]", "[search]\ntrails = 3"), "did you mean 'trials'"),
+    (("bits = [4, 8, 32]", "bits = [4, 16]"), "space.bits"),
+    (('task = "digits-mlp"', 'task = "digits-mpl"'), "did you mean 'digits-mlp'"),
+    (('task = "digits-mlp"', 'task = "no_such_module:make_task"'), "cannot import module"),
+    (("[target]", "[target]\nbatch_size = 'one'"), "target.batch_size"),
+])
+def test_bad_input_exits_2_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                      edit: tuple[str, str], expected: str) -> None:
+    experiment = write_experiment(tmp_path)
+    experiment.write_text(experiment.read_text().replace(*edit))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(experiment), "--run-dir", str(run_dir)]) == 2
+    assert expected.lower() in capsys.readouterr().err.lower()
+    assert not run_dir.exists()
+
+
+def test_unreachable_storage_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    experiment = write_experiment(tmp_path)
+    run_dir = tmp_path / "run"
+    url = f"sqlite:///{tmp_path}/no/such/folder/db.sqlite3"
+    assert main(["run", str(experiment), "--run-dir", str(run_dir), "--storage", url]) == 2
+    assert "storage" in capsys.readouterr().err
+    assert not run_dir.exists()
+    assert main(["run", str(experiment), "--run-dir", str(run_dir),
+                 "--storage", "postgresql://nobody@127.0.0.1:1/none"]) == 2
+    assert not run_dir.exists()
+
+
+FLAKY_TASK = '''
+import torch
+from torch import nn
+import slimsearch
+from slimsearch.tasks.digits import make_digits_mlp_task
+
+
+class Net(nn.Module):
+    def __init__(self, width, explode):
+        super().__init__()
+        self.fc = nn.Linear(64, int(32 * width))
+        self.head = nn.Linear(int(32 * width), 10)
+        self.explode = explode
+
+    def forward(self, x):
+        out = self.head(torch.relu(self.fc(x)))
+        return out * float("nan") if self.explode else out
+
+
+@slimsearch.model_factory
+def net(*, width=1.0, explode=False):
+    return Net(width, explode)
+
+
+def make_task(seed):
+    base = make_digits_mlp_task(seed)
+    return slimsearch.Task(name="flaky", make_model=net,
+                           teacher_kwargs={"width": 1.0, "explode": False},
+                           student_choices={"width": (0.5, 1.0), "explode": (False, True)},
+                           train=base.train, val=base.val, test=base.test)
+'''
+
+
+@pytest.mark.slow
+def test_plugin_task_and_a_failing_trial_does_not_stop_the_search(tmp_path: Path) -> None:
+    (tmp_path / "flaky_task.py").write_text(FLAKY_TASK)
+    experiment = write_experiment(tmp_path, task="flaky_task:make_task", trials=8)
+    experiment.write_text(experiment.read_text().replace("[search]", '[search]\nsampler = "random"'))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(experiment), "--run-dir", str(run_dir)]) == 0
+    from slimsearch.report import load_report_data
+
+    data = load_report_data(run_dir)
+    states = [t.state for t in data.trials]
+    assert len(states) == 8
+    failed = [t for t in data.trials if t.state == "FAIL"]
+    assert failed, "the random sampler should draw explode=True at least once in 8 trials"
+    assert all("NaN" in t.error or "nan" in t.error for t in failed)
+    assert all((run_dir / "trials" / f"{t.number:05d}" / "error.txt").is_file() for t in failed)
+    assert "COMPLETE" in states
+    assert "Failed trials" in (run_dir / "report.html").read_text()
