@@ -224,7 +224,7 @@ def _build(cls: type, table: Any, *, prefix: str, nested: dict[str, type] | None
     names = [f.name for f in dataclasses.fields(cls) if f.name not in (skip or set())]
     for key in table:
         if key not in names:
-            raise ConfigError(f"unknown key {prefix}{key!r} in {where}."
+            raise ConfigError(f"unknown key '{prefix}{key}' in {where}."
                               f"{did_you_mean(key, names)} Valid keys: {', '.join(names)}")
     kwargs: dict[str, Any] = {}
     for name in names:

@@ -188,7 +188,10 @@ def resolve_model_file(path: str | Path) -> Path:
         manifest = path / "manifest.json"
         path = path / MODEL_FILE
         if manifest.is_file() and path.is_file():
-            expected = json.loads(manifest.read_text())["files"].get(MODEL_FILE)
+            try:
+                expected = json.loads(manifest.read_text())["files"][MODEL_FILE]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ArtifactError(f"{manifest} is not a valid bundle manifest ({exc!r})") from exc
             actual = hashlib.sha256(path.read_bytes()).hexdigest()
             if expected != actual:
                 raise ArtifactError(f"{path} does not match the sha256 in {manifest}; the bundle "
@@ -209,6 +212,9 @@ def load_model(path: str | Path) -> nn.Module:
     header = read_header(path)
     factory = resolve_factory(header["factory"])
     model = factory(**header["kwargs"])
+    if not isinstance(model, nn.Module):
+        raise ArtifactError(f"the factory {header['factory']!r} returned {type(model).__name__}, "
+                            "not a torch.nn.Module")
     for name, spec in header["modules"].items():
         if _module_spec(model.get_submodule(name)) != spec:
             parent_name, _, leaf = name.rpartition(".")

@@ -107,20 +107,29 @@ class SearchSpace:
         student = dict(self.task.teacher_kwargs)
         for knob, choices in self.student_choices.items():
             student[knob] = trial.suggest_categorical(f"student.{knob}", choices)
-        is_teacher_shape = student == dict(self.task.teacher_kwargs)
-        init = trial.suggest_categorical("student.init", self.config.student_init) \
-            if not is_teacher_shape or len(self.config.student_init) == 1 else "slice"
+        init = self._student_init(student) or trial.suggest_categorical(
+            "student.init", self.config.student_init)
         layers = {}
         for info in self.layers_for(student):
             sparsity = trial.suggest_categorical(f"{info.name}.sparsity", self.config.sparsity)
-            method = self._fixed_method(info)
-            if sparsity > 0 and method is None:
+            method = "unstructured"  # the label of an unpruned layer; it prunes nothing
+            if sparsity > 0:
                 # Always the full choice list: Optuna rejects a parameter whose choices change.
-                method = trial.suggest_categorical(f"{info.name}.pruning", self.config.pruning)
+                method = self._fixed_method(info) or trial.suggest_categorical(
+                    f"{info.name}.pruning", self.config.pruning)
             bits = trial.suggest_categorical(f"{info.name}.bits", self.config.bits)
-            layers[info.name] = LayerRecipe(sparsity=float(sparsity), pruning=method or "unstructured",
-                                            bits=int(bits))
+            layers[info.name] = LayerRecipe(sparsity=float(sparsity), pruning=method, bits=int(bits))
         return Recipe(student=student, student_init=init, layers=layers)
+
+    def _student_init(self, student: dict[str, Any]) -> str | None:
+        """The init when there is no choice to make, else None. A teacher-shaped student
+        starts from the teacher whenever "slice" is allowed: from scratch it would only be
+        a worse copy of the teacher."""
+        if len(self.config.student_init) == 1:
+            return self.config.student_init[0]
+        if student == dict(self.task.teacher_kwargs):
+            return "slice"
+        return None
 
     def _fixed_method(self, info: LayerInfo) -> str | None:
         """The pruning method when there is no choice to make for this layer, else None."""
@@ -131,20 +140,38 @@ class SearchSpace:
         return None
 
     def baselines(self) -> list[Recipe]:
-        """The teacher as-is, and the teacher with every layer at 8 bits (if 8 is allowed)."""
-        layers = self.layers_for(dict(self.task.teacher_kwargs))
-        teacher = Recipe(student=dict(self.task.teacher_kwargs), student_init="slice",
-                         layers={i.name: LayerRecipe() for i in layers})
-        found = [teacher]
-        if 8 in self.config.bits:
-            found.append(Recipe(student=dict(self.task.teacher_kwargs), student_init="slice",
-                                layers={i.name: LayerRecipe(bits=8) for i in layers}))
-        return found
+        """The teacher as-is and the teacher with every layer at 8 bits: those of the two that
+        this space can express (a space without 32 bits cannot enqueue the teacher)."""
+        teacher = dict(self.task.teacher_kwargs)
+        names = [i.name for i in self.layers_for(teacher)]
+        candidates = [Recipe(student=teacher, layers={n: LayerRecipe(bits=b) for n in names})
+                      for b in (32, 8)]
+        return [r for r in candidates if self.contains(r)]
+
+    def contains(self, recipe: Recipe) -> bool:
+        """True when ``suggest`` can return ``recipe`` (every value is one of the choices)."""
+        if any(recipe.student.get(k) not in v for k, v in self.student_choices.items()):
+            return False
+        if self._student_init(recipe.student) not in (recipe.student_init, None):
+            return False
+        if self._student_init(recipe.student) is None and recipe.student_init not in \
+                self.config.student_init:
+            return False
+        infos = {i.name: i for i in self.layers_for(recipe.student)}
+        if set(recipe.layers) != set(infos):
+            return False
+        for name, layer in recipe.layers.items():
+            fixed = self._fixed_method(infos[name])
+            if layer.sparsity not in self.config.sparsity or layer.bits not in self.config.bits:
+                return False
+            if layer.sparsity > 0 and layer.pruning not in ((fixed,) if fixed else self.config.pruning):
+                return False
+        return True
 
     def params_of(self, recipe: Recipe) -> dict[str, Any]:
         """The Optuna parameters that make ``suggest`` return ``recipe`` (for enqueueing)."""
         params: dict[str, Any] = {f"student.{k}": recipe.student[k] for k in self.student_choices}
-        if recipe.student != dict(self.task.teacher_kwargs) or len(self.config.student_init) == 1:
+        if self._student_init(recipe.student) is None:
             params["student.init"] = recipe.student_init
         infos = {i.name: i for i in self.layers_for(recipe.student)}
         for name, layer in recipe.layers.items():

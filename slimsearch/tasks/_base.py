@@ -41,7 +41,8 @@ def resolve_factory(path: str) -> Callable[..., nn.Module]:
     except (ImportError, AttributeError) as exc:
         raise ArtifactError(f"cannot import the model factory {path!r}: {exc}. The module that "
                             "defines the model must be importable where the model is loaded.") from exc
-    if not getattr(obj, _FACTORY_MARK, False):
+    # `is True`, not truthiness: objects that invent attributes on request must not pass.
+    if not callable(obj) or getattr(obj, _FACTORY_MARK, None) is not True:
         raise ArtifactError(f"{path!r} is not decorated with @slimsearch.model_factory; refusing to "
                             "call it to rebuild a model")
     return obj
@@ -85,7 +86,7 @@ class Task:
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not getattr(self.make_model, _FACTORY_MARK, False):
+        if getattr(self.make_model, _FACTORY_MARK, None) is not True:
             raise ConfigError(f"task {self.name!r}: make_model {factory_path(self.make_model)!r} "
                               "must be decorated with @slimsearch.model_factory so that exported "
                               "models can be rebuilt")

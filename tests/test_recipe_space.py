@@ -1,0 +1,187 @@
+"""Recipes as validated plain data, and the search space that turns Optuna trials into them."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from slimsearch.errors import ConfigError
+from slimsearch.experiment import SpaceConfig
+from slimsearch.spaces import LayerRecipe, Recipe, SearchSpace
+from slimsearch.tasks import Task
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+MLP_LAYERS = ["hidden.0", "hidden.1", "head"]
+
+
+def sample_recipe() -> Recipe:
+    return Recipe(student={"width": 0.5, "depth": 2}, student_init="scratch",
+                  layers={"hidden.0": LayerRecipe(sparsity=0.5, pruning="structured", bits=4),
+                          "hidden.1": LayerRecipe(sparsity=0.25, pruning="unstructured", bits=8),
+                          "head": LayerRecipe(bits=32)})
+
+
+def test_recipe_json_round_trip() -> None:
+    recipe = sample_recipe()
+    text = recipe.to_json()
+    data = json.loads(text)
+    assert data["type"] == "slimsearch.Recipe" and data["version"] == 1
+    assert data["layers"]["hidden.0"] == {"sparsity": 0.5, "pruning": "structured", "bits": 4}
+    again = Recipe.from_json(text)
+    assert again == recipe
+    assert isinstance(again.layers["hidden.0"], LayerRecipe)
+    assert again != Recipe.from_json(text.replace('"bits": 4', '"bits": 2'))
+
+
+def test_recipe_layer_defaults_to_uncompressed() -> None:
+    assert sample_recipe().layer("not-there") == LayerRecipe(sparsity=0.0, pruning="unstructured", bits=32)
+
+
+@pytest.mark.parametrize("bits", [1, 16, 0, 64])
+def test_layer_recipe_rejects_bit_widths_outside_the_allowed_set(bits: int) -> None:
+    with pytest.raises(ValueError, match="bits"):
+        LayerRecipe(bits=bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8, 32])
+def test_layer_recipe_accepts_allowed_bit_widths(bits: int) -> None:
+    assert LayerRecipe(bits=bits).bits == bits
+
+
+@pytest.mark.parametrize("sparsity", [0.99, 1.0, -0.1])
+def test_layer_recipe_rejects_sparsity_out_of_range(sparsity: float) -> None:
+    with pytest.raises(ValueError, match="sparsity"):
+        LayerRecipe(sparsity=sparsity)
+
+
+def test_layer_recipe_and_recipe_reject_unknown_names() -> None:
+    with pytest.raises(ValueError, match="pruning"):
+        LayerRecipe(sparsity=0.5, pruning="random")
+    with pytest.raises(ValueError, match="student_init"):
+        Recipe(student_init="warm")
+    with pytest.raises(ValueError, match="LayerRecipe"):
+        Recipe(layers={"head": {"bits": 8}})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("change", [{"type": "other.Recipe"}, {"version": 2}, {"type": None}])
+def test_from_dict_rejects_other_types_and_versions(change: dict) -> None:
+    data = {**sample_recipe().to_dict(), **change}
+    with pytest.raises(ValueError, match="slimsearch.Recipe"):
+        Recipe.from_dict(data)
+
+
+def test_head_may_only_be_pruned_unstructured(digits_mlp_task: Task) -> None:
+    space = SearchSpace(digits_mlp_task, SpaceConfig())
+    infos = space.layers_for(dict(digits_mlp_task.teacher_kwargs))
+    assert [i.name for i in infos] == MLP_LAYERS
+    assert {i.name: i.structured_ok for i in infos} == {"hidden.0": True, "hidden.1": True, "head": False}
+    assert {i.kind for i in infos} == {"Linear"}
+    shallow = space.layers_for({"width": 0.5, "depth": 1})
+    assert [(i.name, i.structured_ok) for i in shallow] == [("hidden.0", True), ("head", False)]
+
+
+def _check_valid(recipe: Recipe, space: SearchSpace) -> None:
+    config, task = space.config, space.task
+    for knob, choices in space.student_choices.items():
+        assert recipe.student[knob] in choices
+    assert recipe.student_init in config.student_init
+    if recipe.student == dict(task.teacher_kwargs):
+        assert recipe.student_init == "slice"
+    infos = space.layers_for(recipe.student)
+    assert list(recipe.layers) == [i.name for i in infos]
+    for info in infos:
+        layer = recipe.layers[info.name]
+        assert layer.bits in config.bits and layer.sparsity in config.sparsity
+        assert layer.pruning in config.pruning or layer.pruning == "unstructured"
+        if not info.structured_ok:
+            assert layer.pruning == "unstructured"
+
+
+def test_suggest_gives_valid_recipes_that_params_of_reproduces(digits_mlp_task: Task) -> None:
+    space = SearchSpace(digits_mlp_task, SpaceConfig())
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    recipes = []
+    for _ in range(40):
+        trial = study.ask()
+        recipe = space.suggest(trial)
+        _check_valid(recipe, space)
+        assert trial.params == space.params_of(recipe)
+        recipes.append(recipe)
+    assert len({r.to_json() for r in recipes}) > 30  # the space is really explored
+    assert {r.student["depth"] for r in recipes} == {1, 2}
+    for recipe in recipes[:10]:  # enqueue the parameters into a fresh study: the same recipe again
+        fresh = optuna.create_study()
+        fresh.enqueue_trial(space.params_of(recipe))
+        assert space.suggest(fresh.ask()) == recipe
+
+
+@pytest.mark.parametrize("config", [SpaceConfig(), SpaceConfig(bits=(4, 8, 32), sparsity=(0.0, 0.5),
+                                                               student_init=("slice",))],
+                         ids=["default", "narrow"])
+def test_baselines_round_trip_through_params_of(digits_mlp_task: Task, config: SpaceConfig) -> None:
+    space = SearchSpace(digits_mlp_task, config)
+    baselines = space.baselines()
+    assert [set(r.layers) for r in baselines] == [set(MLP_LAYERS)] * 2
+    assert {layer.bits for layer in baselines[0].layers.values()} == {32}
+    assert {layer.bits for layer in baselines[1].layers.values()} == {8}
+    for recipe in baselines:
+        assert recipe.student == dict(digits_mlp_task.teacher_kwargs)
+        study = optuna.create_study()
+        study.enqueue_trial(space.params_of(recipe))
+        assert space.suggest(study.ask()) == recipe
+
+
+def test_no_int8_baseline_without_8_bits(digits_mlp_task: Task) -> None:
+    assert len(SearchSpace(digits_mlp_task, SpaceConfig(bits=(4, 32))).baselines()) == 1
+
+
+@pytest.mark.parametrize(("config", "expected_bits"), [
+    (SpaceConfig(), [32, 8]),
+    (SpaceConfig(bits=(4, 8)), [8]),
+    (SpaceConfig(sparsity=(0.25, 0.5)), []),
+    (SpaceConfig(student_init=("scratch",)), []),
+    (SpaceConfig(student={"width": (0.25, 0.5)}), []),
+], ids=["default", "no-32-bits", "no-zero-sparsity", "scratch-only", "teacher-width-not-offered"])
+def test_baselines_are_only_those_the_space_can_express(digits_mlp_task: Task, config: SpaceConfig,
+                                                        expected_bits: list[int]) -> None:
+    space = SearchSpace(digits_mlp_task, config)
+    baselines = space.baselines()
+    assert [next(iter(r.layers.values())).bits for r in baselines] == expected_bits
+    for recipe in baselines:
+        study = optuna.create_study()
+        study.enqueue_trial(space.params_of(recipe))
+        assert space.suggest(study.ask()) == recipe
+
+
+def test_suggested_recipes_are_contained_in_their_space(digits_mlp_task: Task) -> None:
+    space = SearchSpace(digits_mlp_task, SpaceConfig(pruning=("structured",)))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        recipe = space.suggest(study.ask())
+        assert space.contains(recipe)
+        unpruned = [layer for layer in recipe.layers.values() if layer.sparsity == 0]
+        assert all(layer.pruning == "unstructured" for layer in unpruned)
+    assert not SearchSpace(digits_mlp_task, SpaceConfig(bits=(4, 8))).contains(space.baselines()[0])
+
+
+def test_unknown_student_knob_suggests_the_closest(digits_mlp_task: Task) -> None:
+    with pytest.raises(ConfigError, match="space.student.widht") as info:
+        SearchSpace(digits_mlp_task, SpaceConfig(student={"widht": (0.5,)}))
+    assert "did you mean 'width'" in str(info.value).lower()
+
+
+def test_student_knob_the_factory_rejects_fails_before_training(digits_mlp_task: Task) -> None:
+    with pytest.raises(ConfigError, match="space.student"):
+        SearchSpace(digits_mlp_task, SpaceConfig(student={"depth": ("two",)}))
+
+
+def test_student_knob_choices_override_the_task_defaults(digits_mlp_task: Task) -> None:
+    space = SearchSpace(digits_mlp_task, SpaceConfig(student={"width": (0.25, 0.5)}))
+    assert space.student_choices == {"width": (0.25, 0.5), "depth": (1, 2)}
+    other = SearchSpace(digits_mlp_task, SpaceConfig(student={"width": (0.25,)}))
+    assert space.fingerprint() != other.fingerprint()
+    assert space.fingerprint() == SearchSpace(digits_mlp_task, SpaceConfig(student={"width": (0.25, 0.5)})
+                                              ).fingerprint()
