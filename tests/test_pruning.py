@@ -96,7 +96,7 @@ def test_structured_pruning_keeps_at_least_one_channel_and_skips_zero_fractions(
     record = prune_structured(model, {"fc1": 0.95, "fc2": 0.01}, TinyMLP.example_inputs())
     assert model.fc1.out_features == 1 and model.fc2.in_features == 1
     assert record["fc1"]["channels_after"] == 1
-    assert model.fc2.out_features == 12 and "skipped" in record["fc2"]
+    assert model.fc2.out_features == 12 and "no channel" in record["fc2"]["note"]
     assert model(TinyMLP.example_inputs(2)).shape == (2, 3)
     assert prune_structured(model, {}, TinyMLP.example_inputs()) == {}
 
@@ -195,3 +195,21 @@ def test_apply_masks_holds_the_latent_weight_during_qat() -> None:
     finally:
         detach_fake_quant(layers)
     assert bool((model.fc1.weight.detach()[~masks["fc1"]] == 0).all())
+
+
+def test_coupled_layers_do_not_compound_and_round_to_a_multiple() -> None:
+    """digits-resnet: the stem and every block's second conv share channels through residual
+    adds; asking 50% of each must leave that group at half, not 1/2^n, and counts kept are
+    multiples of round_to."""
+    from slimsearch.tasks.digits_resnet import digits_resnet
+
+    torch.manual_seed(0)
+    model = digits_resnet().eval()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    record = prune_structured(model, dict.fromkeys(convs, 0.5), torch.randn(1, 1, 32, 32), round_to=8)
+    assert model.stem.out_channels == 8
+    assert model.blocks[0].conv2.out_channels == model.blocks[1].conv2.out_channels == 8
+    assert model.blocks[5].conv2.out_channels == 32
+    assert all(m.out_channels % 8 == 0 for m in convs.values())
+    assert "coupled" in record["blocks.0.conv2"]["note"]
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)

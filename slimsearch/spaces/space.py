@@ -152,10 +152,8 @@ class SearchSpace:
         """True when ``suggest`` can return ``recipe`` (every value is one of the choices)."""
         if any(recipe.student.get(k) not in v for k, v in self.student_choices.items()):
             return False
-        if self._student_init(recipe.student) not in (recipe.student_init, None):
-            return False
-        if self._student_init(recipe.student) is None and recipe.student_init not in \
-                self.config.student_init:
+        fixed_init = self._student_init(recipe.student)
+        if recipe.student_init not in ((fixed_init,) if fixed_init else self.config.student_init):
             return False
         infos = {i.name: i for i in self.layers_for(recipe.student)}
         if set(recipe.layers) != set(infos):

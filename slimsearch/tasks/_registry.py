@@ -11,6 +11,7 @@ from pathlib import Path
 from slimsearch.errors import ConfigError, did_you_mean
 from slimsearch.tasks._base import Task
 from slimsearch.tasks.digits import make_digits_cnn_task, make_digits_mlp_task
+from slimsearch.tasks.digits_resnet import make_digits_resnet_task
 
 TaskMaker = Callable[[int], Task]
 
@@ -68,3 +69,4 @@ def _import_plugin(spec: str, base_dir: Path | None) -> Callable[..., Task]:
 
 register_task("digits-mlp", make_digits_mlp_task)
 register_task("digits-cnn", make_digits_cnn_task)
+register_task("digits-resnet", make_digits_resnet_task)
