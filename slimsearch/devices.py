@@ -30,6 +30,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def device_identity(device: torch.device) -> str:
+    """A name for the physical device: ``cpu``, or ``cuda-<uuid>`` so that ``cuda``, ``cuda:0``
+    and a remapped ``CUDA_VISIBLE_DEVICES`` index of the same GPU all agree."""
+    if device.type != "cuda":
+        return "cpu"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return f"cuda-{uuid}" if uuid is not None else f"cuda-{index}"
+
+
 @contextlib.contextmanager
 def exclusive(device: torch.device, *, lock_dir: str | Path | None = None) -> Iterator[None]:
     """Hold a machine-wide lock for ``device`` so no two measurements time on it at once.
@@ -39,7 +49,7 @@ def exclusive(device: torch.device, *, lock_dir: str | Path | None = None) -> It
     """
     folder = Path(lock_dir or os.environ.get("SLIMSEARCH_LOCK_DIR", tempfile.gettempdir()))
     folder.mkdir(parents=True, exist_ok=True)
-    tag = re.sub(r"[^a-z0-9]", "_", str(device) if device.type == "cuda" else "cpu")
+    tag = re.sub(r"[^A-Za-z0-9]", "_", device_identity(device))
     with open(folder / f"slimsearch-latency-{tag}.lock", "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

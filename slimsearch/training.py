@@ -7,8 +7,9 @@ memory, so there is no DataLoader. With ``teacher_logits`` the loss is knowledge
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,20 @@ def predict_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device,
 
 
 def accuracy(model: nn.Module, data: Split, *, device: torch.device) -> float:
-    """Top-1 accuracy on ``data`` as a fraction 0-1."""
-    predictions = predict_logits(model, data.x, device=device).argmax(dim=1)
+    """Top-1 accuracy on ``data`` as a fraction 0-1.
+
+    On CUDA, TF32 is switched off while evaluating: with it, the same model file can classify
+    a borderline sample differently from one process (or GPU) to the next."""
+    with _full_fp32():
+        predictions = predict_logits(model, data.x, device=device).argmax(dim=1)
     return float((predictions == data.y).float().mean())
+
+
+@contextlib.contextmanager
+def _full_fp32() -> Iterator[None]:
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -124,6 +124,10 @@ def test_rerun_continues_to_the_budget_and_refuses_a_changed_experiment(
     assert main(["run", str(experiment), "--run-dir", str(run_dir), "--trials", "3"]) == 0
     numbers = sorted(p.name for p in (run_dir / "trials").iterdir())
     assert numbers == ["00000", "00001", "00002"]
+    teacher = json.loads((run_dir / "teacher" / "metrics.json").read_text())
+    assert main(["run", str(experiment), "--run-dir", str(run_dir), "--trials", "3"]) == 0
+    # the teacher is measured once per run, so every trial is compared with the same figure
+    assert json.loads((run_dir / "teacher" / "metrics.json").read_text()) == teacher
     capsys.readouterr()
     changed = write_experiment(tmp_path, trials=3)
     changed.write_text(changed.read_text().replace("sparsity = [0.0, 0.5]", "sparsity = [0.0, 0.25]"))
@@ -218,3 +222,30 @@ def test_plugin_task_and_a_failing_trial_does_not_stop_the_search(tmp_path: Path
     assert all((run_dir / "trials" / f"{t.number:05d}" / "error.txt").is_file() for t in failed)
     assert "COMPLETE" in states
     assert "Failed trials" in (run_dir / "report.html").read_text()
+
+
+def test_a_shared_storage_refuses_a_second_run_folder_with_the_same_study(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    experiment = write_experiment(tmp_path, trials=1)
+    url = f"sqlite:///{tmp_path}/db.sqlite3"
+    assert main(["run", str(experiment), "--run-dir", str(tmp_path / "a"), "--storage", url]) == 0
+    capsys.readouterr()
+    assert main(["run", str(experiment), "--run-dir", str(tmp_path / "b"), "--storage", url]) == 2
+    assert "already holds a study named 'tiny'" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("def make_task():\n    return None\n", "make_task(seed: int)"),
+    ("def make_task(seed):\n    return 42\n", "returned int"),
+    ("import no_such_dependency_4711\n", "cannot import"),
+    ("def make_task(seed)\n", "SyntaxError"),
+])
+def test_a_broken_plugin_task_exits_2_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                      source: str, expected: str) -> None:
+    module = f"broken_{abs(hash(source)) % 10**8}"
+    (tmp_path / f"{module}.py").write_text(source)
+    experiment = write_experiment(tmp_path, task=f"{module}:make_task")
+    assert main(["run", str(experiment), "--run-dir", str(tmp_path / "run")]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

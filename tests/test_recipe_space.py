@@ -123,7 +123,7 @@ def test_suggest_gives_valid_recipes_that_params_of_reproduces(digits_mlp_task: 
                          ids=["default", "narrow"])
 def test_baselines_round_trip_through_params_of(digits_mlp_task: Task, config: SpaceConfig) -> None:
     space = SearchSpace(digits_mlp_task, config)
-    baselines = space.baselines()
+    baselines = list(space.baselines().values())
     assert [set(r.layers) for r in baselines] == [set(MLP_LAYERS)] * 2
     assert {layer.bits for layer in baselines[0].layers.values()} == {32}
     assert {layer.bits for layer in baselines[1].layers.values()} == {8}
@@ -135,7 +135,7 @@ def test_baselines_round_trip_through_params_of(digits_mlp_task: Task, config: S
 
 
 def test_no_int8_baseline_without_8_bits(digits_mlp_task: Task) -> None:
-    assert len(SearchSpace(digits_mlp_task, SpaceConfig(bits=(4, 32))).baselines()) == 1
+    assert list(SearchSpace(digits_mlp_task, SpaceConfig(bits=(4, 32))).baselines()) == ["teacher"]
 
 
 @pytest.mark.parametrize(("config", "expected_bits"), [
@@ -149,8 +149,9 @@ def test_baselines_are_only_those_the_space_can_express(digits_mlp_task: Task, c
                                                         expected_bits: list[int]) -> None:
     space = SearchSpace(digits_mlp_task, config)
     baselines = space.baselines()
-    assert [next(iter(r.layers.values())).bits for r in baselines] == expected_bits
-    for recipe in baselines:
+    assert [next(iter(r.layers.values())).bits for r in baselines.values()] == expected_bits
+    assert list(baselines) == [{32: "teacher", 8: "uniform-int8"}[b] for b in expected_bits]
+    for recipe in baselines.values():
         study = optuna.create_study()
         study.enqueue_trial(space.params_of(recipe))
         assert space.suggest(study.ask()) == recipe
@@ -164,7 +165,7 @@ def test_suggested_recipes_are_contained_in_their_space(digits_mlp_task: Task) -
         assert space.contains(recipe)
         unpruned = [layer for layer in recipe.layers.values() if layer.sparsity == 0]
         assert all(layer.pruning == "unstructured" for layer in unpruned)
-    assert not SearchSpace(digits_mlp_task, SpaceConfig(bits=(4, 8))).contains(space.baselines()[0])
+    assert not SearchSpace(digits_mlp_task, SpaceConfig(bits=(4, 8))).contains(space.baselines()["teacher"])
 
 
 def test_unknown_student_knob_suggests_the_closest(digits_mlp_task: Task) -> None:
@@ -185,3 +186,9 @@ def test_student_knob_choices_override_the_task_defaults(digits_mlp_task: Task) 
     assert space.fingerprint() != other.fingerprint()
     assert space.fingerprint() == SearchSpace(digits_mlp_task, SpaceConfig(student={"width": (0.25, 0.5)})
                                               ).fingerprint()
+
+
+def test_every_student_choice_is_built_up_front(digits_mlp_task: Task) -> None:
+    """A bad value in the middle of a choice list fails before training, not in trial 37."""
+    with pytest.raises(ConfigError, match="space.student"):
+        SearchSpace(digits_mlp_task, SpaceConfig(student={"depth": (1, "two", 2)}))

@@ -91,7 +91,6 @@ def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) ->
     """Multiply each masked layer's weight by its mask (after an optimiser step)."""
     for name, mask in masks.items():
         layer = layers[name]
-        if parametrize.is_parametrized(layer, "weight"):  # during QAT: mask the latent weight
-            layer.parametrizations.weight.original.mul_(mask)
-        else:
-            layer.weight.mul_(mask)
+        weight = (layer.parametrizations.weight.original  # during QAT: mask the latent weight
+                  if parametrize.is_parametrized(layer, "weight") else layer.weight)
+        weight.mul_(mask.to(weight.device))  # masks are made on the CPU; training may be on CUDA

@@ -104,6 +104,9 @@ def _measure_cuda(model: nn.Module, x: torch.Tensor, *, device: torch.device, wa
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(samples)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(samples)]
         for start, end in zip(starts, ends, strict=True):
+            # An idle queue before each call: the sample then includes the CPU launch overhead
+            # that dominates small batches, as a deployed call would.
+            torch.cuda.synchronize(device)
             start.record()
             model(x)
             end.record()

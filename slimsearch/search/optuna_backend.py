@@ -21,9 +21,10 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from slimsearch.atomic import write_json, write_text
+from slimsearch.atomic import read_json, write_json, write_text
 from slimsearch.compression import MODEL_FILE
-from slimsearch.devices import resolve_device
+from slimsearch.devices import device_identity, resolve_device
+from slimsearch.errors import ConfigError
 from slimsearch.experiment import ExperimentConfig
 from slimsearch.search.objective import OBJECTIVES, TrialRunner, environment
 from slimsearch.search.run_folder import RunFolder
@@ -75,12 +76,19 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
     """Check everything that can be wrong with the input; raise ``ConfigError`` on the first."""
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
     space = SearchSpace(task, config.space)
-    resolve_device(config.target.device)
+    device = resolve_device(config.target.device)
+    folder = RunFolder(run_dir)
     if storage_url is not None:
         check_storage_url(storage_url)
-    folder = RunFolder(run_dir)
+        if not folder.exists() and config.name in optuna.get_all_study_names(open_storage(
+                folder.root, storage_url)):
+            raise ConfigError(
+                f"storage {storage_url!r} already holds a study named {config.name!r} that belongs "
+                f"to another run folder; continue that run with its --run-dir, or give this "
+                "experiment another name")
     if folder.exists():
-        folder.check_same_experiment(config.to_dict(), storage_url)
+        folder.check_same_experiment(config.to_dict(), storage_url,
+                                     fingerprint=space.fingerprint(), device=device_identity(device))
     return Prepared(config, task, space, folder, storage_url)
 
 
@@ -97,7 +105,7 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             "experiment": config.to_dict(), "storage": prepared.storage_url,
             "study_name": config.name, "space_fingerprint": space.fingerprint(),
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "device": str(device), "environment": environment()})
+            "device": device_identity(device), "environment": environment()})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(folder.root, prepared.storage_url)
     study = optuna.create_study(storage=storage, study_name=config.name, load_if_exists=True,
@@ -105,25 +113,28 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([n for n, _ in OBJECTIVES])
-    done_before = len(study.get_trials(deepcopy=False, states=FINISHED))
+    done_before = _counted(study)
     study.sampler = make_sampler(config, offset=done_before)
-
     say(f"run folder: {folder.root}")
-    teacher = prepare_teacher(task, config.train, seed=config.seed, cache_dir=folder.teacher,
-                              device=device)
-    runner = TrialRunner(config=config, task=task, teacher=teacher, device=device)
-    teacher_metrics = runner.measure(folder.teacher / MODEL_FILE)
-    write_json(folder.teacher / "metrics.json", teacher_metrics)
-    say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
-        f"{_describe(teacher_metrics)}")
-
-    if not study.trials:
-        for name, recipe in zip(("teacher", "uniform-int8"), space.baselines(), strict=False):
-            study.enqueue_trial(space.params_of(recipe), user_attrs={"baseline": name})
 
     completed = failed = 0
     interrupted = False
     try:
+        teacher = prepare_teacher(task, config.train, seed=config.seed, cache_dir=folder.teacher,
+                                  device=device)
+        runner = TrialRunner(config=config, task=task, teacher=teacher, device=device)
+        metrics_file = folder.teacher / "metrics.json"
+        # Measured once per run: trials are compared with one teacher measurement, not with
+        # whichever session ran last.
+        if teacher.trained_here or not metrics_file.exists():
+            write_json(metrics_file, runner.measure(folder.teacher / MODEL_FILE))
+        teacher_metrics = read_json(metrics_file)
+        say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
+            f"{_describe(teacher_metrics)}")
+        if not study.trials:
+            for name, recipe in space.baselines().items():
+                study.enqueue_trial(space.params_of(recipe), user_attrs={"baseline": name})
+
         while done_before + completed + failed < trials and time.monotonic() < deadline:
             ok = _one_trial(study, space, runner, folder, config, teacher_metrics,
                             position=f"{done_before + completed + failed + 1}/{trials}", say=say)
@@ -133,7 +144,8 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             say("time budget reached: no new trial starts")
     except KeyboardInterrupt:
         interrupted = True
-        say("interrupted: the running trial is recorded FAIL; finished trials are kept")
+        say("interrupted: a running trial is recorded FAIL (not counted in the budget); "
+            "finished trials are kept")
     finally:
         report = write_report(folder.root)
     say(f"{completed} trials completed, {failed} failed in this session; "
@@ -158,6 +170,8 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
     except (Exception, KeyboardInterrupt) as exc:
         message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         trial.set_user_attr("error", message)
+        if isinstance(exc, KeyboardInterrupt):
+            trial.set_user_attr("interrupted", True)
         write_text(trial_dir / "error.txt", traceback.format_exc())
         study.tell(trial, state=TrialState.FAIL)
         say(f"[{position}] trial {trial.number} FAILED after {time.perf_counter() - start:.1f} s: "
@@ -172,6 +186,12 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
         f"{_describe(metrics)} ({ratio:.1f}x smaller) | Pareto front {len(front)}, "
         f"best val_accuracy {best:.4f}")
     return True
+
+
+def _counted(study: optuna.Study) -> int:
+    """Finished trials that count toward the budget (an interrupted trial does not)."""
+    return sum(not t.user_attrs.get("interrupted")
+               for t in study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def _describe(metrics: dict) -> str:

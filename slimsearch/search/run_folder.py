@@ -55,14 +55,20 @@ class RunFolder:
                               "one with: slimsearch run EXPERIMENT.toml")
         return read_json(self.run_json)
 
-    def check_same_experiment(self, experiment: dict[str, Any], storage: str | None) -> None:
-        """Refuse to continue a run whose experiment changed, naming what changed."""
+    def check_same_experiment(self, experiment: dict[str, Any], storage: str | None, *,
+                              fingerprint: str, device: str) -> None:
+        """Refuse to continue a run whose experiment, search space or measuring device changed,
+        naming what changed: their trials would not be comparable."""
         old = self.settings()
         changed = [f"{section}.{key}" if key else section
                    for section, key in _diff(old["experiment"], experiment)
                    if (section, key) not in MAY_CHANGE]
         if old.get("storage") != storage:
             changed.append(f"storage ({old.get('storage')!r} -> {storage!r})")
+        if old.get("space_fingerprint") != fingerprint and not changed:
+            changed.append("the task's search space (its layers or default student choices)")
+        if old.get("device") != device:
+            changed.append(f"the measuring device ({old.get('device')} -> {device})")
         if changed:
             raise ConfigError(f"{self.root} holds a run of a different experiment (changed: "
                               f"{', '.join(changed)}). Start a new run with --run-dir "

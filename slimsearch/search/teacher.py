@@ -6,6 +6,7 @@ targets every trial reuses), keyed by everything that changes them.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +32,24 @@ class Teacher:
     trained_here: bool
 
 
+def _digest(tensors: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def prepare_teacher(task: Task, train: TrainConfig, *, seed: int, cache_dir: Path,
                     device: torch.device) -> Teacher:
     """Load the cached teacher from ``cache_dir`` or train (or take the task's) and cache it."""
-    key = {"task": task.name, "seed": seed, "user_teacher": task.teacher is not None,
-           "teacher_kwargs": dict(task.teacher_kwargs), "epochs": train.teacher_epochs,
-           "lr": train.lr, "batch_size": train.batch_size, "weight_decay": train.weight_decay,
-           "n_train": len(task.train), "torch": torch.__version__.split("+")[0]}
+    # Everything the cached weights and logits depend on; the data itself by hash, since a
+    # plug-in could change its split and misalign the cached logits with the samples.
+    key = {"task": task.name, "seed": seed, "teacher_kwargs": dict(task.teacher_kwargs),
+           "epochs": train.teacher_epochs, "lr": train.lr, "batch_size": train.batch_size,
+           "weight_decay": train.weight_decay, "train_data": _digest([task.train.x, task.train.y]),
+           "user_teacher": _digest(list(task.teacher.state_dict().values()))
+           if task.teacher is not None else None,
+           "torch": torch.__version__.split("+")[0]}
     meta_path = cache_dir / "meta.json"
     if meta_path.exists() and read_json(meta_path).get("key") == key:
         model = load_model(cache_dir / MODEL_FILE)
@@ -52,8 +64,8 @@ def prepare_teacher(task: Task, train: TrainConfig, *, seed: int, cache_dir: Pat
         model = task.make_model(**task.teacher_kwargs)
         fit(model, task.train, epochs=train.teacher_epochs, lr=train.lr,
             batch_size=train.batch_size, weight_decay=train.weight_decay, seed=seed, device=device)
-    model = model.cpu().eval()
     logits = predict_logits(model, task.train.x, device=device)
+    model = model.cpu().eval()
 
     # Write into a temp folder and swap it in, so an interrupted run never leaves a torn cache.
     tmp = cache_dir.with_name(cache_dir.name + ".tmp")

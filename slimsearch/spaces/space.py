@@ -79,13 +79,11 @@ class SearchSpace:
             knobs[knob] = tuple(choices)
         self.student_choices: dict[str, tuple[Any, ...]] = knobs
         self._layers: dict[str, list[LayerInfo]] = {}
-        for values in self._knob_grid_corners():
-            self.layers_for(values)  # a knob value the factory rejects fails here, before training
-
-    def _knob_grid_corners(self) -> list[dict[str, Any]]:
-        smallest = {k: v[0] for k, v in self.student_choices.items()}
-        largest = {k: v[-1] for k, v in self.student_choices.items()}
-        return [dict(self.task.teacher_kwargs, **smallest), dict(self.task.teacher_kwargs, **largest)]
+        # Build every choice of every knob once (the others at the teacher's values), so a
+        # value the factory rejects fails here, before any training.
+        for knob, choices in self.student_choices.items():
+            for value in choices:
+                self.layers_for(dict(self.task.teacher_kwargs, **{knob: value}))
 
     def layers_for(self, student: dict[str, Any]) -> list[LayerInfo]:
         """The compressible layers of the student built with knob values ``student``."""
@@ -139,14 +137,14 @@ class SearchSpace:
             return self.config.pruning[0]
         return None
 
-    def baselines(self) -> list[Recipe]:
-        """The teacher as-is and the teacher with every layer at 8 bits: those of the two that
-        this space can express (a space without 32 bits cannot enqueue the teacher)."""
+    def baselines(self) -> dict[str, Recipe]:
+        """``teacher`` (as-is) and ``uniform-int8`` (every layer at 8 bits): those of the two
+        that this space can express (a space without 32 bits cannot enqueue the teacher)."""
         teacher = dict(self.task.teacher_kwargs)
         names = [i.name for i in self.layers_for(teacher)]
-        candidates = [Recipe(student=teacher, layers={n: LayerRecipe(bits=b) for n in names})
-                      for b in (32, 8)]
-        return [r for r in candidates if self.contains(r)]
+        candidates = {label: Recipe(student=teacher, layers={n: LayerRecipe(bits=b) for n in names})
+                      for label, b in (("teacher", 32), ("uniform-int8", 8))}
+        return {label: r for label, r in candidates.items() if self.contains(r)}
 
     def contains(self, recipe: Recipe) -> bool:
         """True when ``suggest`` can return ``recipe`` (every value is one of the choices)."""

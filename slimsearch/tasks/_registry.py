@@ -43,7 +43,14 @@ def make_task(spec: str, *, seed: int, base_dir: Path | None = None) -> Task:
                               "'my_package.my_module:make_task'")
         return _TASKS[spec](seed)
     maker = _import_plugin(spec, base_dir)
-    task = maker(seed=seed)
+    try:
+        task = maker(seed=seed)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"task = {spec!r}: calling it as {spec.partition(':')[2]}(seed={seed}) "
+                          f"failed with {type(exc).__name__}: {exc}. A plug-in task is a function "
+                          "make_task(seed: int) -> slimsearch.Task") from exc
     if not isinstance(task, Task):
         raise ConfigError(f"task = {spec!r} returned {type(task).__name__}, not slimsearch.Task")
     return task
@@ -51,6 +58,9 @@ def make_task(spec: str, *, seed: int, base_dir: Path | None = None) -> Task:
 
 def _import_plugin(spec: str, base_dir: Path | None) -> Callable[..., Task]:
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"task = {spec!r}: write a plug-in task as 'module:function', e.g. "
+                          "'my_tasks:make_task'")
     if base_dir is not None and str(base_dir) not in sys.path:
         # Plug-in modules beside the experiment file import without a package install.
         sys.path.insert(0, str(base_dir))
@@ -59,6 +69,9 @@ def _import_plugin(spec: str, base_dir: Path | None) -> Callable[..., Task]:
     except ImportError as exc:
         raise ConfigError(f"task = {spec!r}: cannot import module {module_name!r} ({exc}). Put it "
                           "beside the experiment file or install its package") from exc
+    except Exception as exc:  # a SyntaxError or NameError in the user's module
+        raise ConfigError(f"task = {spec!r}: importing module {module_name!r} failed with "
+                          f"{type(exc).__name__}: {exc}") from exc
     maker = getattr(module, attr, None)
     if not callable(maker):
         names = [n for n in dir(module) if not n.startswith("_")]
