@@ -30,6 +30,7 @@ from slimsearch.errors import ConfigError, did_you_mean
 
 #: Weight bit widths a layer may be stored with; 32 means plain float32.
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
+ACTIVATION_BITS = (8, 32)
 PRUNING_METHODS = ("structured", "unstructured")
 STUDENT_INITS = ("slice", "scratch")
 SAMPLERS = ("tpe", "random")
@@ -61,11 +62,15 @@ class SpaceConfig:
     sparsity: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
     pruning: tuple[str, ...] = PRUNING_METHODS
     student_init: tuple[str, ...] = STUDENT_INITS
+    #: Activation bit widths: 8 = static int8 execution where it is measured faster.
+    activations: tuple[int, ...] = (32,)
+    #: Structured pruning keeps a multiple of this many channels (fast kernels like 8).
+    channel_multiple: int = 1
     #: Student-architecture knob -> choices; empty = the task's own defaults.
     student: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("bits", "sparsity", "pruning", "student_init"):
+        for name in ("bits", "sparsity", "pruning", "student_init", "activations"):
             _require(len(getattr(self, name)) >= 1, f"space.{name}", [], "a non-empty list of choices")
         for b in self.bits:
             _require(b in ALLOWED_BITS, "space.bits", b, f"bit widths from {ALLOWED_BITS}")
@@ -75,6 +80,10 @@ class SpaceConfig:
             _require(p in PRUNING_METHODS, "space.pruning", p, f"values from {PRUNING_METHODS}")
         for i in self.student_init:
             _require(i in STUDENT_INITS, "space.student_init", i, f"values from {STUDENT_INITS}")
+        for a in self.activations:
+            _require(a in ACTIVATION_BITS, "space.activations", a, f"values from {ACTIVATION_BITS}")
+        _require(self.channel_multiple >= 1, "space.channel_multiple", self.channel_multiple,
+                 "an integer >= 1")
         for knob, choices in self.student.items():
             _require(
                 isinstance(choices, tuple) and len(choices) >= 1,

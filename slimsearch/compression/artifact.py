@@ -55,6 +55,8 @@ class CompressedModel:
     kwargs: dict[str, Any]
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    #: How the model executes (``runtimes.ExecutionPlan.to_dict()``); None = float as stored.
+    execution: dict[str, Any] | None = None
 
 
 def _module_spec(module: nn.Module) -> dict[str, Any] | None:
@@ -156,7 +158,8 @@ def save_artifact(compressed: CompressedModel, path: str | Path) -> Path:
     for name, value in model.state_dict().items():
         entries[name] = _encode(name, value.detach().cpu(), quant_by_param.get(name), tensors)
     header = {"format": FORMAT, "version": FORMAT_VERSION, "factory": compressed.factory,
-              "kwargs": compressed.kwargs, "modules": specs, "tensors": entries}
+              "kwargs": compressed.kwargs, "modules": specs, "tensors": entries,
+              "execution": compressed.execution}
     metadata = {"slimsearch": json.dumps(header, separators=(",", ":"))}
     return write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -205,8 +208,9 @@ def load_model(path: str | Path) -> nn.Module:
     """Rebuild the executable model (eval mode, CPU) from a slimsearch model file or bundle.
 
     Nothing pickled is read: the factory named in the file is imported (and must carry
-    ``@slimsearch.model_factory``), layers are resized to the stored shapes, and weights are
-    decoded (bit-unpacked and dequantized) from the file.
+    ``@slimsearch.model_factory``), layers are resized to the stored shapes, weights are
+    decoded (bit-unpacked and dequantized) from the file, and the layers the file says run
+    int8 are put on PyTorch's int8 kernels (``runtimes.int8``), exactly as when measured.
     """
     path = resolve_model_file(path)
     header = read_header(path)
@@ -222,4 +226,9 @@ def load_model(path: str | Path) -> nn.Module:
     with safe_open(str(path), framework="pt") as reader:
         state = {name: _decode(name, entry, reader) for name, entry in header["tensors"].items()}
     model.load_state_dict(state, strict=True)
-    return model.eval()
+    model.eval()
+    if header.get("execution"):
+        from slimsearch.runtimes import ExecutionPlan, build_executable
+
+        model = build_executable(model, ExecutionPlan.from_dict(header["execution"]))
+    return model

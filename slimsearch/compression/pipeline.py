@@ -38,8 +38,10 @@ def _layers(model: nn.Module, recipe: Recipe) -> dict[str, nn.Module]:
 
 
 def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: Recipe, *,
-          train: TrainConfig, seed: int, device: torch.device) -> CompressedModel:
-    """Run every stage of ``recipe`` and return the compressed model (CPU, eval mode)."""
+          train: TrainConfig, seed: int, device: torch.device, round_to: int = 1) -> CompressedModel:
+    """Run every stage of ``recipe`` and return the compressed model (CPU, eval mode).
+
+    ``round_to``: structured pruning keeps a multiple of this many channels per layer."""
     record: dict[str, Any] = {"stages": {}}
     clock = time.perf_counter()
 
@@ -67,7 +69,8 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
     unstructured = {n: r.sparsity for n, r in recipe.layers.items()
                     if r.sparsity > 0 and r.pruning == "unstructured"}
     model.cpu().eval()
-    channels = prune_structured(model, structured, task.example_inputs(1))
+    channels = prune_structured(model, structured, task.example_inputs(1),
+                                round_to=round_to)
     masks = magnitude_masks(layers, unstructured)
     if structured or unstructured:
         info: dict[str, Any] = {"structured": channels, "unstructured": {

@@ -19,9 +19,10 @@ import torch
 
 import slimsearch
 from slimsearch.atomic import write_json, write_text
-from slimsearch.compression import MODEL_FILE, build, load_model, save_artifact
+from slimsearch.compression import MODEL_FILE, CompressedModel, build, load_model, save_artifact
 from slimsearch.evaluators import EvalContext, evaluate
 from slimsearch.experiment import ExperimentConfig
+from slimsearch.runtimes import plan_execution
 from slimsearch.search.teacher import Teacher
 from slimsearch.spaces import Recipe
 from slimsearch.tasks import Task
@@ -54,6 +55,18 @@ class TrialRunner:
                               target=self.config.target, device=self.device)
         return evaluate(context)
 
+    def plan_execution(self, compressed: CompressedModel, recipe: Recipe) -> dict[str, Any] | None:
+        """Which layers run on int8 kernels: measured per layer at the target batch (CPU only;
+        CUDA int8 kernels are not wired in yet, so CUDA targets execute float)."""
+        if self.device.type != "cpu":
+            return None
+        plan = plan_execution(compressed.model, {n: r.bits for n, r in recipe.layers.items()},
+                              batch=self.task.example_inputs(self.config.target.batch_size),
+                              calibration=self.task.train.x[:512],
+                              activation_bits=recipe.activation_bits,
+                              threads=self.config.target.threads)
+        return plan.to_dict() if plan else None
+
     def __call__(self, recipe: Recipe, trial_dir: Path, *, seed: int) -> dict[str, Any]:
         """Build ``recipe``, write its model file into ``trial_dir`` and return its metrics."""
         trial_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +74,10 @@ class TrialRunner:
         write_json(trial_dir / "environment.json", {"seed": seed, **environment()})
         start = time.perf_counter()
         compressed = build(self.task, self.teacher.model, self.teacher.train_logits, recipe,
-                           train=self.config.train, seed=seed, device=self.device)
+                           train=self.config.train, seed=seed, device=self.device,
+                           round_to=self.config.space.channel_multiple)
+        compressed.execution = self.plan_execution(compressed, recipe)
+        compressed.record["execution"] = compressed.execution or "float (no int8 candidate)"
         built = time.perf_counter()
         model_file = save_artifact(compressed, trial_dir / MODEL_FILE)
         metrics = self.measure(model_file)

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from slimsearch.experiment import ALLOWED_BITS, PRUNING_METHODS, STUDENT_INITS
+from slimsearch.experiment import ACTIVATION_BITS, ALLOWED_BITS, PRUNING_METHODS, STUDENT_INITS
 
 RECIPE_TYPE = "slimsearch.Recipe"
 RECIPE_VERSION = 1
@@ -46,8 +46,13 @@ class Recipe:
     student: dict[str, Any] = field(default_factory=dict)
     student_init: str = "slice"
     layers: dict[str, LayerRecipe] = field(default_factory=dict)
+    #: 8 = int8 activations (static int8 kernels, calibrated); 32 = float activations.
+    activation_bits: int = 32
 
     def __post_init__(self) -> None:
+        if self.activation_bits not in ACTIVATION_BITS:
+            raise ValueError(f"activation_bits = {self.activation_bits!r}: expected one of "
+                             f"{ACTIVATION_BITS}")
         if self.student_init not in STUDENT_INITS:
             raise ValueError(f"student_init = {self.student_init!r}: expected one of {STUDENT_INITS}")
         for name, layer in self.layers.items():
@@ -61,7 +66,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict tagged with the recipe type and version."""
         return {"type": RECIPE_TYPE, "version": RECIPE_VERSION, "student": dict(self.student),
-                "student_init": self.student_init,
+                "student_init": self.student_init, "activation_bits": self.activation_bits,
                 "layers": {name: asdict(layer) for name, layer in self.layers.items()}}
 
     @classmethod
@@ -71,6 +76,7 @@ class Recipe:
             raise ValueError(f"not a {RECIPE_TYPE} v{RECIPE_VERSION}: type={data.get('type')!r}, "
                              f"version={data.get('version')!r}")
         return cls(student=dict(data["student"]), student_init=data["student_init"],
+                   activation_bits=data.get("activation_bits", 32),
                    layers={k: LayerRecipe(**v) for k, v in data["layers"].items()})
 
     def to_json(self) -> str:
@@ -86,4 +92,5 @@ class Recipe:
         bits = ",".join(str(v.bits) for v in self.layers.values())
         sparsity = ",".join(
             "0" if v.sparsity == 0 else f"{v.pruning[0]}{v.sparsity:g}" for v in self.layers.values())
-        return f"{knobs} init={self.student_init} | bits {bits} | sparsity {sparsity}"
+        acts = " | int8 activations" if self.activation_bits == 8 else ""
+        return f"{knobs} init={self.student_init} | bits {bits} | sparsity {sparsity}{acts}"

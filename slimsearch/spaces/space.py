@@ -117,7 +117,10 @@ class SearchSpace:
                     f"{info.name}.pruning", self.config.pruning)
             bits = trial.suggest_categorical(f"{info.name}.bits", self.config.bits)
             layers[info.name] = LayerRecipe(sparsity=float(sparsity), pruning=method, bits=int(bits))
-        return Recipe(student=student, student_init=init, layers=layers)
+        activations = self.config.activations[0] if len(self.config.activations) == 1 else \
+            trial.suggest_categorical("activation_bits", self.config.activations)
+        return Recipe(student=student, student_init=init, layers=layers,
+                      activation_bits=int(activations))
 
     def _student_init(self, student: dict[str, Any]) -> str | None:
         """The init when there is no choice to make, else None. A teacher-shaped student
@@ -142,13 +145,17 @@ class SearchSpace:
         that this space can express (a space without 32 bits cannot enqueue the teacher)."""
         teacher = dict(self.task.teacher_kwargs)
         names = [i.name for i in self.layers_for(teacher)]
-        candidates = {label: Recipe(student=teacher, layers={n: LayerRecipe(bits=b) for n in names})
-                      for label, b in (("teacher", 32), ("uniform-int8", 8))}
+        candidates = {label: Recipe(student=teacher, layers={n: LayerRecipe(bits=b) for n in names},
+                                    activation_bits=acts)
+                      for label, b, acts in (("teacher", 32, 32),
+                                             ("uniform-int8", 8, min(self.config.activations)))}
         return {label: r for label, r in candidates.items() if self.contains(r)}
 
     def contains(self, recipe: Recipe) -> bool:
         """True when ``suggest`` can return ``recipe`` (every value is one of the choices)."""
         if any(recipe.student.get(k) not in v for k, v in self.student_choices.items()):
+            return False
+        if recipe.activation_bits not in self.config.activations:
             return False
         fixed_init = self._student_init(recipe.student)
         if recipe.student_init not in ((fixed_init,) if fixed_init else self.config.student_init):
@@ -169,6 +176,8 @@ class SearchSpace:
         params: dict[str, Any] = {f"student.{k}": recipe.student[k] for k in self.student_choices}
         if self._student_init(recipe.student) is None:
             params["student.init"] = recipe.student_init
+        if len(self.config.activations) > 1:
+            params["activation_bits"] = recipe.activation_bits
         infos = {i.name: i for i in self.layers_for(recipe.student)}
         for name, layer in recipe.layers.items():
             params[f"{name}.sparsity"] = layer.sparsity
@@ -181,5 +190,6 @@ class SearchSpace:
         """A short hash of the choices; a run refuses to continue with a different space."""
         data = {"task": self.task.name, "student": self.student_choices,
                 "config": {k: getattr(self.config, k)
-                           for k in ("bits", "sparsity", "pruning", "student_init")}}
+                           for k in ("bits", "sparsity", "pruning", "student_init", "activations",
+                                     "channel_multiple")}}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,230 @@
+"""Real int8 execution on CPU with PyTorch's quantized kernels, chosen layer by layer.
+
+The model file stores every weight at its recipe's bit width. What *runs* is decided when the
+trial materializes its model, and recorded in the file, so ``load_model`` rebuilds exactly
+what was measured:
+
+- ``static``: activations are int8 too, with ranges calibrated on training data and stored in
+  the file; Conv2d and Linear run PyTorch's static int8 kernels (FX graph mode, so residual
+  adds, BatchNorm folding and flatten are handled by PyTorch, not by us);
+- ``dynamic``: float activations, int8 weights; Linear layers run the dynamic int8 kernel.
+
+A layer runs int8 only when it was measured faster than its float form at the target batch
+size (int8 kernels lose to float at batch 1 on small CPUs and win at batch 256), and the whole
+model only when it is faster than all-float. Layers with weights of fewer than 8 bits run on
+the int8 kernel too: their values sit on a coarser grid, requantized to int8 at load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimsearch.errors import ArtifactError
+
+KERNEL_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+def engine() -> str | None:
+    """The quantized engine this torch build has for x86/ARM CPUs, or None."""
+    for name in ("x86", "fbgemm", "qnnpack"):
+        if name in torch.backends.quantized.supported_engines:
+            return name
+    return None
+
+
+@dataclass
+class ExecutionPlan:
+    """Which layers run int8, how, and the calibrated activation ranges (static mode)."""
+
+    mode: str
+    layers: dict[str, str]
+    input_shape: list[int]
+    engine: str
+    ranges: dict[str, list[float]] = field(default_factory=dict)
+    #: Per layer and for the whole model: measured float and int8 milliseconds, and why.
+    decisions: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def int8_layers(self) -> list[str]:
+        return [n for n, how in self.layers.items() if how == "int8"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExecutionPlan:
+        return cls(**data)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.ao.quantization warns that it is deprecated in favour of torchao's pt2e flow;
+    it remains the CPU int8 path that works on every torch >= 2.4, so the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _static_qconfig() -> Any:
+    from torch.ao.quantization import QConfig
+    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+
+    # Symmetric weights on [-127, 127], the grid the model file's codes use.
+    return QConfig(activation=MinMaxObserver.with_args(dtype=torch.quint8),
+                   weight=PerChannelMinMaxObserver.with_args(
+                       dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                       quant_min=-127, quant_max=127))
+
+
+def _prepare_static(model: nn.Module, layers: list[str], input_shape: list[int]) -> nn.Module:
+    from torch.ao.quantization import QConfigMapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    mapping = QConfigMapping()
+    for name in layers:
+        mapping.set_module_name(name, _static_qconfig())
+    example = (torch.zeros(1, *input_shape),)
+    return prepare_fx(copy.deepcopy(model).eval(), mapping, example_inputs=example)
+
+
+def _observers(prepared: nn.Module) -> dict[str, nn.Module]:
+    """The activation observers FX inserted (per-tensor: a scalar range each)."""
+    return {n: m for n, m in prepared.named_modules()
+            if "activation_post_process" in n and getattr(m, "min_val", None) is not None
+            and m.min_val.dim() == 0}
+
+
+def build_executable(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
+    """The model as it runs: ``model`` with the plan's int8 layers on int8 kernels."""
+    layers = plan.int8_layers
+    if not layers:
+        return model
+    torch.backends.quantized.engine = plan.engine
+    with _quiet():
+        if plan.mode == "dynamic":
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+            return quantize_dynamic(copy.deepcopy(model).eval(),
+                                    {name: per_channel_dynamic_qconfig for name in layers},
+                                    dtype=torch.qint8)
+        from torch.ao.quantization.quantize_fx import convert_fx
+
+        prepared = _prepare_static(model, layers, plan.input_shape)
+        observers = _observers(prepared)
+        if set(observers) != set(plan.ranges):
+            raise ArtifactError("the model's int8 graph does not match the calibration stored in "
+                                f"the file ({len(observers)} observers, {len(plan.ranges)} stored); "
+                                "was the model code changed since the file was written?")
+        for name, observer in observers.items():
+            low, high = plan.ranges[name]
+            observer.min_val = torch.tensor(low)
+            observer.max_val = torch.tensor(high)
+        return convert_fx(prepared).eval()
+
+
+def _calibrate(model: nn.Module, layers: list[str], input_shape: list[int],
+               data: torch.Tensor) -> dict[str, list[float]]:
+    with _quiet():
+        prepared = _prepare_static(model, layers, input_shape)
+        with torch.no_grad():
+            for start in range(0, len(data), 256):
+                prepared(data[start:start + 256])
+        return {n: [float(o.min_val), float(o.max_val)] for n, o in _observers(prepared).items()}
+
+
+def _time(fn: Any, x: torch.Tensor, *, samples: int = 15, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn(x)``: a quick decision, not a reported objective."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(x)
+        times = []
+        for _ in range(samples):
+            start = time.perf_counter()
+            fn(x)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+_LAYER_CACHE: dict[tuple, tuple[float, float]] = {}
+
+
+def _layer_times(name: str, layer: nn.Module, x: torch.Tensor, mode: str) -> tuple[float, float]:
+    """(float ms, int8 ms) of one layer alone on input ``x``, int8 including the quantize and
+    dequantize at its borders (so the choice errs towards float). Cached by shape."""
+    key = (type(layer).__name__, tuple(layer.weight.shape), getattr(layer, "stride", None),
+           getattr(layer, "padding", None), getattr(layer, "groups", None), tuple(x.shape), mode,
+           torch.backends.quantized.engine, torch.get_num_threads())
+    if key not in _LAYER_CACHE:
+        single = nn.Sequential(copy.deepcopy(layer)).eval()
+        plan = ExecutionPlan(mode=mode, layers={"0": "int8"}, input_shape=list(x.shape[1:]),
+                             engine=torch.backends.quantized.engine)
+        if mode == "static":
+            plan.ranges = _calibrate(single, ["0"], plan.input_shape, x)
+        quantized = build_executable(single, plan)
+        _LAYER_CACHE[key] = (_time(single, x), _time(quantized, x))
+    return _LAYER_CACHE[key]
+
+
+def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch.Tensor,
+                   calibration: torch.Tensor, activation_bits: int, threads: int) -> ExecutionPlan | None:
+    """Decide, by measurement at the target batch ``batch``, which layers run int8.
+
+    Candidates are Conv2d/Linear layers whose weights have <= 8 bits (with float activations
+    only Linear has a kernel). Returns None when there is no candidate or no int8 engine.
+    """
+    name_of_engine = engine()
+    if name_of_engine is None:
+        return None
+    torch.backends.quantized.engine = name_of_engine
+    mode = "static" if activation_bits == 8 else "dynamic"
+    kinds = (nn.Conv2d, nn.Linear) if mode == "static" else (nn.Linear,)
+    modules = dict(model.named_modules())
+    candidates = [n for n, b in layer_bits.items() if b <= 8 and isinstance(modules.get(n), kinds)]
+    if not candidates:
+        return None
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep_input(name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple, _output: Any) -> None:  # None: output unchanged
+            inputs.setdefault(name, args[0].detach())
+        return hook
+
+    hooks = [modules[n].register_forward_hook(keep_input(n)) for n in candidates]
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            model.eval()(batch)
+        for h in hooks:
+            h.remove()
+        plan = ExecutionPlan(mode=mode, layers={}, input_shape=list(batch.shape[1:]),
+                             engine=name_of_engine)
+        for name in candidates:
+            float_ms, int8_ms = _layer_times(name, modules[name], inputs[name], mode)
+            plan.layers[name] = "int8" if int8_ms < float_ms else "float"
+            plan.decisions[name] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
+        if plan.int8_layers:
+            if mode == "static":
+                plan.ranges = _calibrate(model, plan.int8_layers, plan.input_shape, calibration)
+            float_ms = _time(model, batch)
+            int8_ms = _time(build_executable(model, plan), batch)
+            plan.decisions["model"] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
+            if int8_ms >= float_ms:  # never slower by accident, as a whole either
+                plan.layers = dict.fromkeys(plan.layers, "float")
+                plan.ranges = {}
+                plan.decisions["model"]["note"] = "int8 model not faster: everything runs float"
+        return plan
+    finally:
+        for h in hooks:
+            h.remove()
+        torch.set_num_threads(previous_threads)

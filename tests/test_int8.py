@@ -1,0 +1,103 @@
+"""Real int8 execution: the plan stored in the model file rebuilds the same int8 model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from slimsearch.compression import CompressedModel, load_model, save_artifact
+from slimsearch.compression.quantization import quantize_layers_
+from slimsearch.runtimes import ExecutionPlan, build_executable, engine, plan_execution
+from slimsearch.runtimes.int8 import _calibrate
+from slimsearch.tasks import factory_path
+from slimsearch.tasks.digits import digits_cnn, digits_mlp
+from slimsearch.tasks.digits_resnet import digits_resnet
+
+pytestmark = pytest.mark.skipif(engine() is None, reason="this torch build has no int8 CPU engine")
+
+
+def _compressed(factory, kwargs: dict, bits: int) -> CompressedModel:
+    torch.manual_seed(0)
+    model = factory(**kwargs).eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    quantized = quantize_layers_(layers, dict.fromkeys(layers, bits))
+    return CompressedModel(model, factory_path(factory), kwargs, quantized=quantized)
+
+
+def _forced_plan(model: nn.Module, mode: str, shape: list[int], data: torch.Tensor) -> ExecutionPlan:
+    kinds = (nn.Conv2d, nn.Linear) if mode == "static" else (nn.Linear,)
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    plan = ExecutionPlan(mode=mode, layers=dict.fromkeys(names, "int8"), input_shape=shape,
+                         engine=engine())
+    if mode == "static":
+        plan.ranges = _calibrate(model, names, shape, data)
+    return plan
+
+
+@pytest.mark.parametrize(("factory", "kwargs", "shape", "mode"), [
+    (digits_cnn, {"width": 0.5}, [1, 32, 32], "static"),
+    (digits_resnet, {"width": 0.5, "depth": 1}, [1, 32, 32], "static"),
+    (digits_mlp, {"width": 0.5}, [64], "dynamic"),
+])
+def test_int8_model_file_reloads_to_the_same_int8_model(tmp_path: Path, factory, kwargs: dict,
+                                                        shape: list[int], mode: str) -> None:
+    compressed = _compressed(factory, kwargs, bits=4)
+    data = torch.randn(64, *shape)
+    plan = _forced_plan(compressed.model, mode, shape, data)
+    compressed.execution = plan.to_dict()
+    path = save_artifact(compressed, tmp_path / "model.safetensors")
+    loaded = load_model(path)
+    # really on int8 kernels: quantized modules replaced the float ones
+    kinds = {type(m).__module__ for m in loaded.modules()}
+    assert any("quantized" in k for k in kinds), kinds
+    expected = build_executable(compressed.model, plan)(data)
+    assert torch.equal(loaded(data), expected)
+    # close to the float model it came from (int8 activations cost a little precision)
+    reference = compressed.model(data)
+    assert (expected - reference).abs().max() < 0.1 * reference.abs().max() + 0.05
+    torch.save(data, tmp_path / "x.pt")
+    torch.save(expected, tmp_path / "y.pt")
+    script = textwrap.dedent(f"""
+        import torch, slimsearch
+        model = slimsearch.load_model({str(path)!r})
+        x, y = torch.load({str(tmp_path / 'x.pt')!r}), torch.load({str(tmp_path / 'y.pt')!r})
+        print(torch.equal(model(x), y))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_plan_measures_every_candidate_and_never_picks_an_unmeasured_layer() -> None:
+    compressed = _compressed(digits_cnn, {"width": 0.5}, bits=8)
+    bits = {n: 8 for n, m in compressed.model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    bits["fc2"] = 32  # a float layer is never a candidate
+    batch = torch.randn(8, 1, 32, 32)
+    plan = plan_execution(compressed.model, bits, batch=batch, calibration=batch, activation_bits=8,
+                          threads=1)
+    assert set(plan.layers) == {n for n, b in bits.items() if b <= 8}
+    assert all({"float_ms", "int8_ms"} <= set(plan.decisions[n]) for n in plan.layers)
+    for name, how in plan.layers.items():
+        faster = plan.decisions[name]["int8_ms"] < plan.decisions[name]["float_ms"]
+        assert how == ("int8" if faster and "note" not in plan.decisions.get("model", {}) else "float")
+
+
+def test_float_activations_only_put_linear_layers_on_int8() -> None:
+    compressed = _compressed(digits_cnn, {"width": 0.5}, bits=8)
+    bits = {n: 8 for n, m in compressed.model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    batch = torch.randn(4, 1, 32, 32)
+    plan = plan_execution(compressed.model, bits, batch=batch, calibration=batch, activation_bits=32,
+                          threads=1)
+    assert set(plan.layers) == {"fc1", "fc2"} and plan.mode == "dynamic"
+
+
+def test_no_candidate_means_no_plan() -> None:
+    model = digits_mlp(width=0.25).eval()
+    assert plan_execution(model, {"hidden.0": 32, "hidden.1": 32, "head": 32},
+                          batch=torch.randn(1, 64), calibration=torch.randn(8, 64),
+                          activation_bits=8, threads=1) is None
