@@ -31,7 +31,10 @@ from slimsearch.errors import ConfigError, did_you_mean
 #: Weight bit widths a layer may be stored with; 32 means plain float32.
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 ACTIVATION_BITS = (8, 32)
-PRUNING_METHODS = ("structured", "unstructured")
+#: "2:4" keeps the 2 largest of every 4 consecutive weights (half the weights, always).
+PRUNING_METHODS = ("structured", "unstructured", "2:4")
+#: How structured pruning ranks channels (see compression.pruning.IMPORTANCE).
+IMPORTANCE_CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 STUDENT_INITS = ("slice", "scratch")
 SAMPLERS = ("tpe", "random")
 
@@ -60,7 +63,9 @@ class SpaceConfig:
 
     bits: tuple[int, ...] = (2, 4, 8, 32)
     sparsity: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
-    pruning: tuple[str, ...] = PRUNING_METHODS
+    pruning: tuple[str, ...] = ("structured", "unstructured")
+    #: Channel-importance criteria for structured pruning (one per recipe).
+    importance: tuple[str, ...] = ("l2",)
     student_init: tuple[str, ...] = STUDENT_INITS
     #: Activation bit widths: 8 = static int8 execution where it is measured faster.
     activations: tuple[int, ...] = (32,)
@@ -70,7 +75,7 @@ class SpaceConfig:
     student: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("bits", "sparsity", "pruning", "student_init", "activations"):
+        for name in ("bits", "sparsity", "pruning", "importance", "student_init", "activations"):
             _require(len(getattr(self, name)) >= 1, f"space.{name}", [], "a non-empty list of choices")
         for b in self.bits:
             _require(b in ALLOWED_BITS, "space.bits", b, f"bit widths from {ALLOWED_BITS}")
@@ -80,6 +85,9 @@ class SpaceConfig:
             _require(p in PRUNING_METHODS, "space.pruning", p, f"values from {PRUNING_METHODS}")
         for i in self.student_init:
             _require(i in STUDENT_INITS, "space.student_init", i, f"values from {STUDENT_INITS}")
+        for c in self.importance:
+            _require(c in IMPORTANCE_CRITERIA, "space.importance", c,
+                     f"values from {IMPORTANCE_CRITERIA}")
         for a in self.activations:
             _require(a in ACTIVATION_BITS, "space.activations", a, f"values from {ACTIVATION_BITS}")
         _require(self.channel_multiple >= 1, "space.channel_multiple", self.channel_multiple,

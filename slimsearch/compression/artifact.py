@@ -9,7 +9,10 @@ tensor is encoded:
 - ``quant``: ``bits``-bit codes bit-packed (``<name>.codes``) + float32 scales per output
   channel (``<name>.scale``);
 - either of them ``sparse``: a bitmap of the non-zeros (``<name>.bitmap``) and only the
-  non-zero values or codes, chosen whenever that is smaller than the dense form.
+  non-zero values or codes, chosen whenever that is smaller than the dense form;
+- packed codes and bitmaps ``deflate``-compressed (zlib) where that is smaller still.
+
+``STORAGE_LAYOUTS`` names these layouts; by default each tensor takes the smallest.
 
 The size objective is the byte length of this file.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,9 +97,29 @@ def _module_from_spec(spec: dict[str, Any]) -> nn.Module:
     raise ArtifactError(f"unknown layer type {kind!r} in the model file")
 
 
+#: How a weight may be laid out in the file; ``save_artifact(layout=None)`` picks the smallest.
+STORAGE_LAYOUTS = ("dense", "bitmap", "dense+deflate", "bitmap+deflate")
+
+
+def _deflated(data: np.ndarray, allowed: bool | None) -> tuple[np.ndarray, bool]:
+    """zlib-compress packed bytes when that is smaller (``allowed=None``) or when forced."""
+    if allowed is False:
+        return data, False
+    packed = np.frombuffer(zlib.compress(data.tobytes(), 9), dtype=np.uint8)
+    if allowed or len(packed) < len(data):
+        return packed, True
+    return data, False
+
+
+def _inflated(data: torch.Tensor, deflated: bool) -> np.ndarray:
+    raw = data.numpy()
+    return np.frombuffer(zlib.decompress(raw.tobytes()), dtype=np.uint8) if deflated else raw
+
+
 def _encode(name: str, value: torch.Tensor, quant: QuantizedWeight | None,
-            tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Add the smallest encoding of one tensor to ``tensors``; return its metadata entry."""
+            tensors: dict[str, torch.Tensor], layout: str | None = None) -> dict[str, Any]:
+    """Add the smallest encoding of one tensor (or the forced ``layout``) to ``tensors``;
+    return its metadata entry."""
     count = value.numel()
     entry: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype).split(".")[-1]}
     if quant is None and not value.is_floating_point():
@@ -107,17 +131,25 @@ def _encode(name: str, value: torch.Tensor, quant: QuantizedWeight | None,
     nnz = int(nonzero.sum())
     bits = quant.bits if quant is not None else 32
     sparse = packed_nbytes(count, 1) + packed_nbytes(nnz, bits) < packed_nbytes(count, bits)
+    deflate: bool | None = None
+    if layout is not None:
+        sparse, deflate = layout.startswith("bitmap"), layout.endswith("+deflate")
     kept = flat[torch.from_numpy(nonzero)] if sparse else flat
+    entry["deflate"] = []
     if sparse:
-        tensors[f"{name}.bitmap"] = torch.from_numpy(pack_mask(nonzero))
+        bitmap, squeezed = _deflated(pack_mask(nonzero), deflate)
+        tensors[f"{name}.bitmap"] = torch.from_numpy(bitmap.copy())
+        entry["deflate"] += ["bitmap"] if squeezed else []
     if quant is None:
         tensors[f"{name}.values"] = kept.float().contiguous()
         entry["encoding"] = "float32"
     else:
         unsigned = (kept.to(torch.int64) + quant.qmax).numpy()
-        tensors[f"{name}.codes"] = torch.from_numpy(pack_bits(unsigned, bits))
+        codes, squeezed = _deflated(pack_bits(unsigned, bits), deflate)
+        tensors[f"{name}.codes"] = torch.from_numpy(codes.copy())
         tensors[f"{name}.scale"] = quant.scale.float().contiguous()
         entry.update(encoding="quant", bits=bits)
+        entry["deflate"] += ["codes"] if squeezed else []
     entry["sparse"] = bool(sparse)
     entry["nnz"] = nnz
     return entry
@@ -128,15 +160,16 @@ def _decode(name: str, entry: dict[str, Any], reader: Any) -> torch.Tensor:
     if entry["encoding"] == "raw":
         return reader.get_tensor(name)
     count = int(np.prod(shape)) if shape else 1
-    nonzero = unpack_mask(reader.get_tensor(f"{name}.bitmap").numpy(), count) \
-        if entry["sparse"] else None
+    deflated = entry.get("deflate", [])
+    nonzero = unpack_mask(_inflated(reader.get_tensor(f"{name}.bitmap"), "bitmap" in deflated),
+                          count) if entry["sparse"] else None
     stored = entry["nnz"] if entry["sparse"] else count
     if entry["encoding"] == "float32":
         values = reader.get_tensor(f"{name}.values")
     else:
         qmax = (1 << (entry["bits"] - 1)) - 1
-        values = torch.from_numpy(
-            unpack_bits(reader.get_tensor(f"{name}.codes").numpy(), entry["bits"], stored) - qmax)
+        codes = _inflated(reader.get_tensor(f"{name}.codes"), "codes" in deflated)
+        values = torch.from_numpy(unpack_bits(codes, entry["bits"], stored) - qmax)
     dense = values
     if nonzero is not None:
         dense = torch.zeros(count, dtype=values.dtype)
@@ -148,15 +181,23 @@ def _decode(name: str, entry: dict[str, Any], reader: Any) -> torch.Tensor:
     return dense
 
 
-def save_artifact(compressed: CompressedModel, path: str | Path) -> Path:
-    """Write the deployable file for ``compressed`` atomically; return its path."""
+def save_artifact(compressed: CompressedModel, path: str | Path, *,
+                  layout: str | None = None) -> Path:
+    """Write the deployable file for ``compressed`` atomically; return its path.
+
+    ``layout`` forces one of ``STORAGE_LAYOUTS`` on every compressed weight (for tests and
+    benchmarks); by default each weight takes whichever is smallest."""
+    if layout is not None and layout not in STORAGE_LAYOUTS:
+        raise ValueError(f"layout = {layout!r}: expected one of {STORAGE_LAYOUTS}")
     model = compressed.model
     specs = {name: spec for name, m in model.named_modules() if (spec := _module_spec(m))}
     quant_by_param = {f"{layer}.weight": q for layer, q in compressed.quantized.items()}
     tensors: dict[str, torch.Tensor] = {}
     entries = {}
     for name, value in model.state_dict().items():
-        entries[name] = _encode(name, value.detach().cpu(), quant_by_param.get(name), tensors)
+        quant = quant_by_param.get(name)
+        forced = layout if (quant is not None or name.endswith("weight")) else None
+        entries[name] = _encode(name, value.detach().cpu(), quant, tensors, forced)
     header = {"format": FORMAT, "version": FORMAT_VERSION, "factory": compressed.factory,
               "kwargs": compressed.kwargs, "modules": specs, "tensors": entries,
               "execution": compressed.execution}

@@ -1,20 +1,36 @@
-"""Pruning that shrinks layers for real, and magnitude pruning with the zeros folded in.
+"""Pruning that shrinks layers for real, and sparsity with the zeros folded in.
 
 Structured pruning removes whole output channels (neurons) and, through Torch-Pruning's
 dependency graph, the matching inputs of every layer that consumes them (including BatchNorm,
 residual adds and flatten), so the pruned model has smaller weight matrices, not masks.
+Channels are ranked by one of ``IMPORTANCE``'s criteria, summed over the coupled group.
+
+Unstructured methods (``SPARSITY_PATTERNS``) zero individual weights: ``unstructured`` by
+magnitude per layer, ``2:4`` the two smallest of every four consecutive input weights (the
+pattern GPUs' semi-structured sparse kernels execute). Their zeros shrink the model file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
 from slimsearch.errors import TrialError
+
+#: Channel-importance criteria by name; each makes a Torch-Pruning importance object.
+IMPORTANCE: dict[str, Callable[[], Any]] = {
+    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(),
+    # First-order Taylor |w * dL/dw|: needs gradients, computed on a batch of training data.
+    "taylor": lambda: tp.importance.GroupTaylorImportance(),
+}
 
 
 def _channels(layer: nn.Module) -> int:
@@ -22,7 +38,9 @@ def _channels(layer: nn.Module) -> int:
 
 
 def prune_structured(model: nn.Module, fractions: dict[str, float], example_input: torch.Tensor,
-                     *, round_to: int = 1) -> dict[str, dict[str, Any]]:
+                     *, round_to: int = 1, importance: str = "l2",
+                     gradient_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     ) -> dict[str, dict[str, Any]]:
     """Remove ``fractions[name]`` of the output channels of each named layer, lowest L2 norm
     of the coupled group first. Returns per layer what happened (channels before/after, or
     why nothing was removed). At least ``round_to`` channels always remain.
@@ -30,18 +48,24 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
     Fractions are of each layer's channel count before any pruning, and the count kept is
     rounded to a multiple of ``round_to``. Layers tied together (by a residual add, say) share
     their channels: the group ends at the smallest count any of its layers asks for, never at
-    the product of their fractions.
+    the product of their fractions. ``importance`` names a criterion of ``IMPORTANCE``;
+    ``taylor`` needs ``gradient_batch`` (inputs, labels). ``bn_scale`` falls back to ``l2``
+    for a group without BatchNorm (recorded).
     """
     if not fractions:
         return {}
     if round_to < 1:
         raise ValueError(f"round_to = {round_to}: expected an integer >= 1")
+    if importance not in IMPORTANCE:
+        raise ValueError(f"importance = {importance!r}: expected one of {sorted(IMPORTANCE)}")
+    if importance == "taylor" and gradient_batch is None:
+        raise ValueError("importance = 'taylor' needs a gradient_batch of (inputs, labels)")
     modules = dict(model.named_modules())
     original = {name: _channels(modules[name]) for name in fractions}
     # (no torch.no_grad here: the dependency graph is traced through autograd)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
                                                   verbose=False)
-    importance = tp.importance.GroupMagnitudeImportance(p=2)
+    scorer, fallback = IMPORTANCE[importance](), IMPORTANCE["l2"]()
     record: dict[str, dict[str, Any]] = {}
     for name, fraction in fractions.items():
         layer = modules[name]
@@ -56,7 +80,13 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
             continue
         prune_fn = (tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d)
                     else tp.prune_linear_out_channels)
-        scores = importance(graph.get_pruning_group(layer, prune_fn, idxs=list(range(current))))
+        if importance == "taylor":
+            _gradients(model, *gradient_batch)  # fresh: earlier pruning changed the shapes
+        whole = graph.get_pruning_group(layer, prune_fn, idxs=list(range(current)))
+        scores = scorer(whole)
+        if scores is None:
+            scores = fallback(whole)
+            entry["importance"] = f"{importance} not applicable to this group: used l2"
         idxs = torch.argsort(scores)[:remove].tolist()
         group = graph.get_pruning_group(layer, prune_fn, idxs=idxs)
         if not graph.check_pruning_group(group):
@@ -65,6 +95,14 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
         group.prune()
         entry["channels_after"] = _channels(layer)
     return record
+
+
+def _gradients(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    was_training = model.training
+    model.eval()
+    F.cross_entropy(model(inputs), labels).backward()
+    model.train(was_training)
 
 
 @torch.no_grad()
@@ -84,6 +122,34 @@ def magnitude_masks(layers: dict[str, nn.Module], fractions: dict[str, float]) -
         masks[name] = mask.reshape(weight.shape)
         weight.mul_(masks[name])
     return masks
+
+
+@torch.no_grad()
+def nm_masks(layers: dict[str, nn.Module], names: list[str], *, n: int = 2,
+             m: int = 4) -> dict[str, torch.Tensor]:
+    """Keep the ``n`` largest of every ``m`` consecutive input weights of each output row.
+
+    The input size (``in_features``, or ``in_channels * kh * kw``) must be a multiple of ``m``."""
+    masks = {}
+    for name in names:
+        weight = layers[name].weight
+        rows = weight.reshape(weight.shape[0], -1)
+        if rows.shape[1] % m:
+            raise TrialError(f"layer {name!r}: {n}:{m} sparsity needs an input size that is a "
+                             f"multiple of {m}, but it has {rows.shape[1]} inputs per output")
+        groups = rows.abs().reshape(rows.shape[0], -1, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(2, groups.topk(n, dim=2).indices, True)
+        masks[name] = keep.reshape(weight.shape)
+        weight.mul_(masks[name])
+    return masks
+
+
+#: Weight-level sparsity methods by the name a recipe uses; each returns keep-masks.
+SPARSITY_PATTERNS: dict[str, Callable[[dict[str, nn.Module], dict[str, float]], dict[str, torch.Tensor]]] = {
+    "unstructured": magnitude_masks,
+    "2:4": lambda layers, fractions: nm_masks(layers, list(fractions), n=2, m=4),
+}
 
 
 @torch.no_grad()

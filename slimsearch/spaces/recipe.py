@@ -6,7 +6,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from slimsearch.experiment import ACTIVATION_BITS, ALLOWED_BITS, PRUNING_METHODS, STUDENT_INITS
+from slimsearch.experiment import (
+    ACTIVATION_BITS,
+    ALLOWED_BITS,
+    IMPORTANCE_CRITERIA,
+    PRUNING_METHODS,
+    STUDENT_INITS,
+)
 
 RECIPE_TYPE = "slimsearch.Recipe"
 RECIPE_VERSION = 1
@@ -32,6 +38,9 @@ class LayerRecipe:
             raise ValueError(f"pruning = {self.pruning!r}: expected one of {PRUNING_METHODS}")
         if self.bits not in ALLOWED_BITS:
             raise ValueError(f"bits = {self.bits!r}: expected one of {ALLOWED_BITS}")
+        if self.pruning == "2:4" and self.sparsity not in (0.0, 0.5):
+            raise ValueError(f"sparsity = {self.sparsity!r} with pruning = '2:4': that pattern "
+                             "removes exactly half the weights, so sparsity must be 0.5 (or 0)")
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,13 @@ class Recipe:
     layers: dict[str, LayerRecipe] = field(default_factory=dict)
     #: 8 = int8 activations (static int8 kernels, calibrated); 32 = float activations.
     activation_bits: int = 32
+    #: How structured pruning ranks channels: one of IMPORTANCE_CRITERIA.
+    importance: str = "l2"
 
     def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCE_CRITERIA:
+            raise ValueError(f"importance = {self.importance!r}: expected one of "
+                             f"{IMPORTANCE_CRITERIA}")
         if self.activation_bits not in ACTIVATION_BITS:
             raise ValueError(f"activation_bits = {self.activation_bits!r}: expected one of "
                              f"{ACTIVATION_BITS}")
@@ -67,6 +81,7 @@ class Recipe:
         """JSON-ready dict tagged with the recipe type and version."""
         return {"type": RECIPE_TYPE, "version": RECIPE_VERSION, "student": dict(self.student),
                 "student_init": self.student_init, "activation_bits": self.activation_bits,
+                "importance": self.importance,
                 "layers": {name: asdict(layer) for name, layer in self.layers.items()}}
 
     @classmethod
@@ -77,6 +92,7 @@ class Recipe:
                              f"version={data.get('version')!r}")
         return cls(student=dict(data["student"]), student_init=data["student_init"],
                    activation_bits=data.get("activation_bits", 32),
+                   importance=data.get("importance", "l2"),
                    layers={k: LayerRecipe(**v) for k, v in data["layers"].items()})
 
     def to_json(self) -> str:
@@ -91,6 +107,7 @@ class Recipe:
         knobs = " ".join(f"{k}={v}" for k, v in self.student.items())
         bits = ",".join(str(v.bits) for v in self.layers.values())
         sparsity = ",".join(
-            "0" if v.sparsity == 0 else f"{v.pruning[0]}{v.sparsity:g}" for v in self.layers.values())
+            "0" if v.sparsity == 0 else "2:4" if v.pruning == "2:4" else f"{v.pruning[0]}{v.sparsity:g}"
+            for v in self.layers.values())
         acts = " | int8 activations" if self.activation_bits == 8 else ""
         return f"{knobs} init={self.student_init} | bits {bits} | sparsity {sparsity}{acts}"

@@ -115,12 +115,16 @@ class SearchSpace:
                 # Always the full choice list: Optuna rejects a parameter whose choices change.
                 method = self._fixed_method(info) or trial.suggest_categorical(
                     f"{info.name}.pruning", self.config.pruning)
+                if method == "2:4":
+                    sparsity = 0.5  # the pattern fixes the amount
             bits = trial.suggest_categorical(f"{info.name}.bits", self.config.bits)
             layers[info.name] = LayerRecipe(sparsity=float(sparsity), pruning=method, bits=int(bits))
         activations = self.config.activations[0] if len(self.config.activations) == 1 else \
             trial.suggest_categorical("activation_bits", self.config.activations)
+        importance = self.config.importance[0] if len(self.config.importance) == 1 else \
+            trial.suggest_categorical("importance", self.config.importance)
         return Recipe(student=student, student_init=init, layers=layers,
-                      activation_bits=int(activations))
+                      activation_bits=int(activations), importance=importance)
 
     def _student_init(self, student: dict[str, Any]) -> str | None:
         """The init when there is no choice to make, else None. A teacher-shaped student
@@ -132,12 +136,20 @@ class SearchSpace:
             return "slice"
         return None
 
+    def _methods(self, info: LayerInfo) -> tuple[str, ...]:
+        """Pruning methods this layer may use (its outputs are classes: no structured)."""
+        return tuple(m for m in self.config.pruning if m != "structured" or info.structured_ok) \
+            or ("unstructured",)
+
     def _fixed_method(self, info: LayerInfo) -> str | None:
-        """The pruning method when there is no choice to make for this layer, else None."""
-        if not info.structured_ok:
-            return "unstructured"
-        if len(self.config.pruning) == 1:
-            return self.config.pruning[0]
+        """The pruning method when there is no choice to make for this layer, else None.
+        A layer that cannot take every configured method has its method fixed: Optuna needs
+        one choice list per parameter name."""
+        methods = self._methods(info)
+        if len(methods) == 1:
+            return methods[0]
+        if methods != self.config.pruning:
+            return "unstructured" if "unstructured" in methods else methods[0]
         return None
 
     def baselines(self) -> dict[str, Recipe]:
@@ -157,6 +169,8 @@ class SearchSpace:
             return False
         if recipe.activation_bits not in self.config.activations:
             return False
+        if recipe.importance not in self.config.importance:
+            return False
         fixed_init = self._student_init(recipe.student)
         if recipe.student_init not in ((fixed_init,) if fixed_init else self.config.student_init):
             return False
@@ -165,7 +179,12 @@ class SearchSpace:
             return False
         for name, layer in recipe.layers.items():
             fixed = self._fixed_method(infos[name])
-            if layer.sparsity not in self.config.sparsity or layer.bits not in self.config.bits:
+            if layer.bits not in self.config.bits:
+                return False
+            if layer.pruning == "2:4" and layer.sparsity > 0:
+                if not any(s > 0 for s in self.config.sparsity):
+                    return False
+            elif layer.sparsity not in self.config.sparsity:
                 return False
             if layer.sparsity > 0 and layer.pruning not in ((fixed,) if fixed else self.config.pruning):
                 return False
@@ -178,9 +197,13 @@ class SearchSpace:
             params["student.init"] = recipe.student_init
         if len(self.config.activations) > 1:
             params["activation_bits"] = recipe.activation_bits
+        if len(self.config.importance) > 1:
+            params["importance"] = recipe.importance
         infos = {i.name: i for i in self.layers_for(recipe.student)}
         for name, layer in recipe.layers.items():
             params[f"{name}.sparsity"] = layer.sparsity
+            if layer.pruning == "2:4" and layer.sparsity > 0:  # any positive choice leads there
+                params[f"{name}.sparsity"] = min(s for s in self.config.sparsity if s > 0)
             if layer.sparsity > 0 and self._fixed_method(infos[name]) is None:
                 params[f"{name}.pruning"] = layer.pruning
             params[f"{name}.bits"] = layer.bits
@@ -190,6 +213,6 @@ class SearchSpace:
         """A short hash of the choices; a run refuses to continue with a different space."""
         data = {"task": self.task.name, "student": self.student_choices,
                 "config": {k: getattr(self.config, k)
-                           for k in ("bits", "sparsity", "pruning", "student_init", "activations",
-                                     "channel_multiple")}}
+                           for k in ("bits", "sparsity", "pruning", "importance", "student_init",
+                                     "activations", "channel_multiple")}}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
