@@ -31,6 +31,7 @@ from slimsearch.errors import ConfigError, did_you_mean
 #: Weight bit widths a layer may be stored with; 32 means plain float32.
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 ACTIVATION_BITS = (8, 32)
+DISTILLATION_KEYS = ("temperature", "alpha", "epochs")
 #: "2:4" keeps the 2 largest of every 4 consecutive weights (half the weights, always).
 PRUNING_METHODS = ("structured", "unstructured", "2:4")
 #: How structured pruning ranks channels (see compression.pruning.IMPORTANCE).
@@ -73,6 +74,9 @@ class SpaceConfig:
     channel_multiple: int = 1
     #: Student-architecture knob -> choices; empty = the task's own defaults.
     student: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    #: Searchable distillation settings: temperature, alpha, epochs -> choices; a setting left
+    #: out takes its value from [train].
+    distillation: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("bits", "sparsity", "pruning", "importance", "student_init", "activations"):
@@ -92,6 +96,11 @@ class SpaceConfig:
             _require(a in ACTIVATION_BITS, "space.activations", a, f"values from {ACTIVATION_BITS}")
         _require(self.channel_multiple >= 1, "space.channel_multiple", self.channel_multiple,
                  "an integer >= 1")
+        for key, choices in self.distillation.items():
+            _require(key in DISTILLATION_KEYS, f"space.distillation.{key}", choices,
+                     f"a key from {DISTILLATION_KEYS}{did_you_mean(key, DISTILLATION_KEYS)}")
+            _require(len(choices) >= 1 and all(c >= 0 for c in choices),
+                     f"space.distillation.{key}", choices, "a non-empty list of numbers >= 0")
         for knob, choices in self.student.items():
             _require(
                 isinstance(choices, tuple) and len(choices) >= 1,

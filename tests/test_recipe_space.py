@@ -192,3 +192,26 @@ def test_every_student_choice_is_built_up_front(digits_mlp_task: Task) -> None:
     """A bad value in the middle of a choice list fails before training, not in trial 37."""
     with pytest.raises(ConfigError, match="space.student"):
         SearchSpace(digits_mlp_task, SpaceConfig(student={"depth": (1, "two", 2)}))
+
+
+def test_distillation_settings_are_searchable_and_round_trip(digits_mlp_task: Task) -> None:
+    config = SpaceConfig(distillation={"temperature": (2.0, 4.0, 8.0), "epochs": (5.0,)})
+    space = SearchSpace(digits_mlp_task, config)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        recipe = space.suggest(study.ask())
+        assert set(recipe.distillation) == {"temperature", "epochs"}
+        assert recipe.distillation["epochs"] == 5.0
+        seen.add(recipe.distillation["temperature"])
+        assert Recipe.from_json(recipe.to_json()) == recipe
+        replay = optuna.create_study()
+        replay.enqueue_trial(space.params_of(recipe))
+        assert space.suggest(replay.ask()) == recipe
+    assert len(seen) > 1
+
+
+def test_unknown_distillation_key_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="space.distillation.temprature") as info:
+        SpaceConfig(distillation={"temprature": (2.0,)})
+    assert "did you mean 'temperature'" in str(info.value).lower()

@@ -51,18 +51,23 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
         record["stages"][name] = {"seconds": round(now - clock, 3), **info}
         clock = now
 
+    temperature = float(recipe.distillation.get("temperature", train.temperature))
+    alpha = float(recipe.distillation.get("alpha", train.alpha))
+    distill_epochs = int(recipe.distillation.get("epochs", train.distill_epochs))
+
     def tune(model: nn.Module, epochs: int, after_step: Any = None) -> float:
         return fit(model, task.train, epochs=epochs, lr=train.lr, batch_size=train.batch_size,
                    weight_decay=train.weight_decay, seed=seed, device=device,
-                   teacher_logits=teacher_logits, temperature=train.temperature,
-                   alpha=train.alpha, after_step=after_step)
+                   teacher_logits=teacher_logits, temperature=temperature, alpha=alpha,
+                   after_step=after_step)
 
     model = build_student(task, teacher, recipe, seed=seed)
     layers = _layers(model, recipe)
     stage("student", parameters=sum(p.numel() for p in model.parameters()))
 
-    if not is_teacher_shaped(task, recipe) and train.distill_epochs > 0:
-        stage("distill", epochs=train.distill_epochs, loss=tune(model, train.distill_epochs))
+    if not is_teacher_shaped(task, recipe) and distill_epochs > 0:
+        stage("distill", epochs=distill_epochs, temperature=temperature, alpha=alpha,
+              loss=tune(model, distill_epochs))
 
     structured = {n: r.sparsity for n, r in recipe.layers.items()
                   if r.sparsity > 0 and r.pruning == "structured"}

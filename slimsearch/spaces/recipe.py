@@ -9,6 +9,7 @@ from typing import Any
 from slimsearch.experiment import (
     ACTIVATION_BITS,
     ALLOWED_BITS,
+    DISTILLATION_KEYS,
     IMPORTANCE_CRITERIA,
     PRUNING_METHODS,
     STUDENT_INITS,
@@ -59,8 +60,14 @@ class Recipe:
     activation_bits: int = 32
     #: How structured pruning ranks channels: one of IMPORTANCE_CRITERIA.
     importance: str = "l2"
+    #: Distillation settings chosen by the search (temperature, alpha, epochs); the rest
+    #: come from the experiment's [train] table.
+    distillation: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        unknown = set(self.distillation) - set(DISTILLATION_KEYS)
+        if unknown:
+            raise ValueError(f"distillation keys {sorted(unknown)}: expected some of {DISTILLATION_KEYS}")
         if self.importance not in IMPORTANCE_CRITERIA:
             raise ValueError(f"importance = {self.importance!r}: expected one of "
                              f"{IMPORTANCE_CRITERIA}")
@@ -81,7 +88,7 @@ class Recipe:
         """JSON-ready dict tagged with the recipe type and version."""
         return {"type": RECIPE_TYPE, "version": RECIPE_VERSION, "student": dict(self.student),
                 "student_init": self.student_init, "activation_bits": self.activation_bits,
-                "importance": self.importance,
+                "importance": self.importance, "distillation": dict(self.distillation),
                 "layers": {name: asdict(layer) for name, layer in self.layers.items()}}
 
     @classmethod
@@ -93,6 +100,7 @@ class Recipe:
         return cls(student=dict(data["student"]), student_init=data["student_init"],
                    activation_bits=data.get("activation_bits", 32),
                    importance=data.get("importance", "l2"),
+                   distillation=dict(data.get("distillation", {})),
                    layers={k: LayerRecipe(**v) for k, v in data["layers"].items()})
 
     def to_json(self) -> str:

@@ -123,8 +123,12 @@ class SearchSpace:
             trial.suggest_categorical("activation_bits", self.config.activations)
         importance = self.config.importance[0] if len(self.config.importance) == 1 else \
             trial.suggest_categorical("importance", self.config.importance)
+        distillation = {key: choices[0] if len(choices) == 1 else
+                        trial.suggest_categorical(f"distillation.{key}", choices)
+                        for key, choices in self.config.distillation.items()}
         return Recipe(student=student, student_init=init, layers=layers,
-                      activation_bits=int(activations), importance=importance)
+                      activation_bits=int(activations), importance=importance,
+                      distillation=distillation)
 
     def _student_init(self, student: dict[str, Any]) -> str | None:
         """The init when there is no choice to make, else None. A teacher-shaped student
@@ -157,8 +161,9 @@ class SearchSpace:
         that this space can express (a space without 32 bits cannot enqueue the teacher)."""
         teacher = dict(self.task.teacher_kwargs)
         names = [i.name for i in self.layers_for(teacher)]
+        distillation = {k: c[0] for k, c in self.config.distillation.items()}
         candidates = {label: Recipe(student=teacher, layers={n: LayerRecipe(bits=b) for n in names},
-                                    activation_bits=acts)
+                                    activation_bits=acts, distillation=distillation)
                       for label, b, acts in (("teacher", 32, 32),
                                              ("uniform-int8", 8, min(self.config.activations)))}
         return {label: r for label, r in candidates.items() if self.contains(r)}
@@ -170,6 +175,9 @@ class SearchSpace:
         if recipe.activation_bits not in self.config.activations:
             return False
         if recipe.importance not in self.config.importance:
+            return False
+        if set(recipe.distillation) != set(self.config.distillation) or any(
+                recipe.distillation[k] not in c for k, c in self.config.distillation.items()):
             return False
         fixed_init = self._student_init(recipe.student)
         if recipe.student_init not in ((fixed_init,) if fixed_init else self.config.student_init):
@@ -199,6 +207,8 @@ class SearchSpace:
             params["activation_bits"] = recipe.activation_bits
         if len(self.config.importance) > 1:
             params["importance"] = recipe.importance
+        params.update({f"distillation.{key}": recipe.distillation[key]
+                       for key, choices in self.config.distillation.items() if len(choices) > 1})
         infos = {i.name: i for i in self.layers_for(recipe.student)}
         for name, layer in recipe.layers.items():
             params[f"{name}.sparsity"] = layer.sparsity
@@ -214,5 +224,5 @@ class SearchSpace:
         data = {"task": self.task.name, "student": self.student_choices,
                 "config": {k: getattr(self.config, k)
                            for k in ("bits", "sparsity", "pruning", "importance", "student_init",
-                                     "activations", "channel_multiple")}}
+                                     "activations", "channel_multiple", "distillation")}}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
