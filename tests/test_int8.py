@@ -82,9 +82,18 @@ def test_plan_measures_every_candidate_and_never_picks_an_unmeasured_layer() -> 
                           threads=1)
     assert set(plan.layers) == {n for n, b in bits.items() if b <= 8}
     assert all({"float_ms", "int8_ms"} <= set(plan.decisions[n]) for n in plan.layers)
-    for name, how in plan.layers.items():
-        faster = plan.decisions[name]["int8_ms"] < plan.decisions[name]["float_ms"]
-        assert how == ("int8" if faster and "note" not in plan.decisions.get("model", {}) else "float")
+    model_level = plan.decisions["model"]
+    chosen = model_level["chosen"]
+    # the option that runs is the fastest one measured for the whole model
+    assert model_level[f"{chosen} ms"] == min(v for k, v in model_level.items() if k.endswith(" ms"))
+    if chosen == "float":
+        assert plan.int8_layers == [] and plan.ranges == {}
+    elif chosen == "all int8":
+        assert set(plan.int8_layers) == set(plan.layers) and plan.ranges
+    else:
+        for name, how in plan.layers.items():
+            faster = plan.decisions[name]["int8_ms"] < plan.decisions[name]["float_ms"]
+            assert how == ("int8" if faster else "float")
 
 
 def test_float_activations_only_put_linear_layers_on_int8() -> None:

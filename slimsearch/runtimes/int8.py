@@ -213,16 +213,28 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
             float_ms, int8_ms = _layer_times(name, modules[name], inputs[name], mode)
             plan.layers[name] = "int8" if int8_ms < float_ms else "float"
             plan.decisions[name] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
-        if plan.int8_layers:
+        # Per-layer timings include a quantize/dequantize at each layer's borders, which a
+        # chain of int8 layers does not pay; so the whole model is timed as well, float vs
+        # the per-layer choice vs every candidate on int8, and the fastest runs.
+        options = {"per layer": plan.layers, "all int8": dict.fromkeys(candidates, "int8")}
+        timings = {"float": _time(model, batch)}
+        built: dict[str, ExecutionPlan] = {}
+        for label, layers in options.items():
+            if "int8" not in layers.values() or any(layers == b.layers for b in built.values()):
+                continue
+            option = ExecutionPlan(mode=mode, layers=dict(layers), input_shape=plan.input_shape,
+                                   engine=name_of_engine, decisions=plan.decisions)
             if mode == "static":
-                plan.ranges = _calibrate(model, plan.int8_layers, plan.input_shape, calibration)
-            float_ms = _time(model, batch)
-            int8_ms = _time(build_executable(model, plan), batch)
-            plan.decisions["model"] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
-            if int8_ms >= float_ms:  # never slower by accident, as a whole either
-                plan.layers = dict.fromkeys(plan.layers, "float")
-                plan.ranges = {}
-                plan.decisions["model"]["note"] = "int8 model not faster: everything runs float"
+                option.ranges = _calibrate(model, option.int8_layers, plan.input_shape, calibration)
+            timings[label] = _time(build_executable(model, option), batch)
+            built[label] = option
+        best = min(timings, key=timings.get)
+        plan.decisions["model"] = {**{f"{k} ms": round(v, 4) for k, v in timings.items()},
+                                   "chosen": best}
+        if best == "float":  # never slower by accident, as a whole either
+            plan.layers, plan.ranges = dict.fromkeys(candidates, "float"), {}
+        else:
+            plan.layers, plan.ranges = built[best].layers, built[best].ranges
         return plan
     finally:
         for h in hooks:
