@@ -142,18 +142,25 @@ def _calibrate(model: nn.Module, layers: list[str], input_shape: list[int],
         return {n: [float(o.min_val), float(o.max_val)] for n, o in _observers(prepared).items()}
 
 
-def _time(fn: Any, x: torch.Tensor, *, samples: int = 15, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn(x)``: a quick decision, not a reported objective."""
+def _time(fn: Any, x: torch.Tensor, *, min_samples: int = 15, min_seconds: float = 0.05,
+          max_samples: int = 200) -> float:
+    """Median milliseconds of ``fn(x)``: a quick decision, not a reported objective. Samples
+    at least ``min_samples`` calls and ``min_seconds``, so fast calls get enough samples."""
     with torch.inference_mode():
-        for _ in range(warmup):
+        for _ in range(3):
             fn(x)
-        times = []
-        for _ in range(samples):
+        times: list[float] = []
+        began = time.perf_counter()
+        while len(times) < max_samples and (len(times) < min_samples
+                                            or time.perf_counter() - began < min_seconds):
             start = time.perf_counter()
             fn(x)
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
+
+#: int8 must beat float by this fraction to run: a tie in a quick timing is not a win.
+MARGIN = 0.05
 
 _LAYER_CACHE: dict[tuple, tuple[float, float]] = {}
 
@@ -211,7 +218,7 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
                              engine=name_of_engine)
         for name in candidates:
             float_ms, int8_ms = _layer_times(name, modules[name], inputs[name], mode)
-            plan.layers[name] = "int8" if int8_ms < float_ms else "float"
+            plan.layers[name] = "int8" if int8_ms < (1 - MARGIN) * float_ms else "float"
             plan.decisions[name] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
         # Per-layer timings include a quantize/dequantize at each layer's borders, which a
         # chain of int8 layers does not pay; so the whole model is timed as well, float vs
@@ -229,6 +236,8 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
             timings[label] = _time(build_executable(model, option), batch)
             built[label] = option
         best = min(timings, key=timings.get)
+        if timings[best] >= (1 - MARGIN) * timings["float"]:
+            best = "float"
         plan.decisions["model"] = {**{f"{k} ms": round(v, 4) for k, v in timings.items()},
                                    "chosen": best}
         if best == "float":  # never slower by accident, as a whole either
