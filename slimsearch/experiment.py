@@ -32,8 +32,9 @@ from slimsearch.errors import ConfigError, did_you_mean
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 ACTIVATION_BITS = (8, 32)
 DISTILLATION_KEYS = ("temperature", "alpha", "epochs")
-#: "2:4" keeps the 2 largest of every 4 consecutive weights (half the weights, always).
-PRUNING_METHODS = ("structured", "unstructured", "2:4")
+#: "global": one magnitude threshold across all layers that chose it; "2:4" keeps the 2
+#: largest of every 4 consecutive weights (half the weights, always).
+PRUNING_METHODS = ("structured", "unstructured", "global", "2:4")
 #: How structured pruning ranks channels (see compression.pruning.IMPORTANCE).
 IMPORTANCE_CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 STUDENT_INITS = ("slice", "scratch")

@@ -76,11 +76,14 @@ def test_sparsity_pattern_zeroes_what_it_promises(pattern: str, model_name: str)
     masks = SPARSITY_PATTERNS[pattern](layers, dict.fromkeys(layers, 0.5))
     for name, mask in masks.items():
         weight = layers[name].weight
-        assert torch.equal(weight == 0, ~mask) or bool((weight[~mask] == 0).all())
-        assert abs(1 - mask.float().mean().item() - 0.5) < 0.02
+        assert bool((weight[~mask] == 0).all())
+        if pattern != "global":  # global spreads the total unevenly, on purpose
+            assert abs(1 - mask.float().mean().item() - 0.5) < 0.02
         if pattern == "2:4":
             groups = mask.reshape(mask.shape[0], -1, 4).sum(dim=2)
             assert bool((groups == 2).all())
+    zeroed = sum(int((~m).sum()) for m in masks.values())
+    assert abs(zeroed / sum(m.numel() for m in masks.values()) - 0.5) < 0.02
     assert model(torch.randn(2, *shape)).shape == (2, 10)
 
 

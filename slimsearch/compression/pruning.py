@@ -6,8 +6,9 @@ residual adds and flatten), so the pruned model has smaller weight matrices, not
 Channels are ranked by one of ``IMPORTANCE``'s criteria, summed over the coupled group.
 
 Unstructured methods (``SPARSITY_PATTERNS``) zero individual weights: ``unstructured`` by
-magnitude per layer, ``2:4`` the two smallest of every four consecutive input weights (the
-pattern GPUs' semi-structured sparse kernels execute). Their zeros shrink the model file.
+magnitude per layer, ``global`` by one magnitude threshold across every layer that chose it,
+``2:4`` the two smallest of every four consecutive input weights (the pattern GPUs'
+semi-structured sparse kernels execute). Their zeros shrink the model file.
 """
 
 from __future__ import annotations
@@ -145,9 +146,32 @@ def nm_masks(layers: dict[str, nn.Module], names: list[str], *, n: int = 2,
     return masks
 
 
+@torch.no_grad()
+def global_magnitude_masks(layers: dict[str, nn.Module],
+                           fractions: dict[str, float]) -> dict[str, torch.Tensor]:
+    """One magnitude threshold over all the named layers together: they lose as many weights
+    in total as their fractions ask for, taken wherever the weights are smallest (so a layer
+    with many small weights gives more than one whose weights matter)."""
+    names = list(fractions)
+    if not names:
+        return {}
+    sizes = [layers[n].weight.numel() for n in names]
+    drop = int(round(sum(size * fractions[n] for n, size in zip(names, sizes, strict=True))))
+    magnitudes = torch.cat([layers[n].weight.abs().reshape(-1) for n in names])
+    keep = torch.ones(len(magnitudes), dtype=torch.bool, device=magnitudes.device)
+    keep[torch.argsort(magnitudes)[:drop]] = False
+    masks = {}
+    for name, part in zip(names, torch.split(keep, sizes), strict=True):
+        weight = layers[name].weight
+        masks[name] = part.reshape(weight.shape)
+        weight.mul_(masks[name])
+    return masks
+
+
 #: Weight-level sparsity methods by the name a recipe uses; each returns keep-masks.
 SPARSITY_PATTERNS: dict[str, Callable[[dict[str, nn.Module], dict[str, float]], dict[str, torch.Tensor]]] = {
     "unstructured": magnitude_masks,
+    "global": global_magnitude_masks,
     "2:4": lambda layers, fractions: nm_masks(layers, list(fractions), n=2, m=4),
 }
 
