@@ -208,8 +208,8 @@ def test_coupled_layers_do_not_compound_and_round_to_a_multiple() -> None:
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     record = prune_structured(model, dict.fromkeys(convs, 0.5), torch.randn(1, 1, 32, 32), round_to=8)
     assert model.stem.out_channels == 8
-    assert model.blocks[0].conv2.out_channels == model.blocks[1].conv2.out_channels == 8
-    assert model.blocks[5].conv2.out_channels == 32
+    assert model.stages[0][0].conv2.out_channels == model.stages[0][1].conv2.out_channels == 8
+    assert model.stages[2][1].conv2.out_channels == 32
     assert all(m.out_channels % 8 == 0 for m in convs.values())
-    assert "coupled" in record["blocks.0.conv2"]["note"]
+    assert "coupled" in record["stages.0.0.conv2"]["note"]
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)

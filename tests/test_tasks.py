@@ -109,3 +109,23 @@ def test_example_inputs_repeat_real_training_data(digits_mlp_task: Task) -> None
     x = digits_mlp_task.example_inputs(2000)
     assert x.shape == (2000, 64)
     assert torch.equal(x[:1078], digits_mlp_task.train.x) and torch.equal(x[1078:], x[:922])
+
+
+def test_built_in_image_tasks_search_width_and_depth_per_stage() -> None:
+    from slimsearch.compression.student import copy_leading_slices
+    from slimsearch.tasks import make_task
+    from slimsearch.tasks.digits_resnet import digits_resnet
+
+    assert set(make_task("digits-cnn", seed=0).student_choices) == {"width1", "width2", "width3",
+                                                                    "fc_width"}
+    resnet = make_task("digits-resnet", seed=0)
+    assert set(resnet.student_choices) == {"width1", "width2", "width3", "depth1", "depth2", "depth3"}
+    torch.manual_seed(0)
+    teacher = digits_resnet()
+    student = digits_resnet(depth1=1, width3=0.5)
+    assert [len(s) for s in student.stages] == [1, 2, 2]
+    assert student.stages[2][0].conv1.out_channels == 32
+    copy_leading_slices(student, teacher)
+    # stage 2's first block starts from the teacher's stage 2 first block, not a shifted one
+    assert torch.equal(student.stages[1][0].conv1.weight, teacher.stages[1][0].conv1.weight)
+    assert torch.equal(student.stages[2][0].conv1.weight, teacher.stages[2][0].conv1.weight[:32])

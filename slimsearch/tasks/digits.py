@@ -46,11 +46,13 @@ def digits_mlp(*, width: float = 1.0, depth: int = 2, hidden: int = 256) -> nn.M
 
 
 class DigitsCNN(nn.Module):
-    """Three conv(3x3)+ReLU+maxpool stages on 1x32x32 inputs, then fc -> ReLU -> fc."""
+    """Three conv(3x3)+ReLU+maxpool stages on 1x32x32 inputs, then fc -> ReLU -> fc.
+    ``widths`` scales each stage's channels (16, 32, 64) on its own."""
 
-    def __init__(self, *, width: float, fc_width: float, num_classes: int = 10) -> None:
+    def __init__(self, *, widths: tuple[float, float, float], fc_width: float,
+                 num_classes: int = 10) -> None:
         super().__init__()
-        c1, c2, c3 = (_scaled(c, width) for c in (16, 32, 64))
+        c1, c2, c3 = (_scaled(c, w) for c, w in zip((16, 32, 64), widths, strict=True))
         self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
         self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
@@ -65,9 +67,11 @@ class DigitsCNN(nn.Module):
 
 
 @model_factory
-def digits_cnn(*, width: float = 1.0, fc_width: float = 1.0) -> nn.Module:
-    """3-stage CNN 16-32-64 + fc 1024-128-10 at width 1; ``width`` scales the conv channels."""
-    return DigitsCNN(width=width, fc_width=fc_width)
+def digits_cnn(*, width: float = 1.0, width1: float = 1.0, width2: float = 1.0,
+               width3: float = 1.0, fc_width: float = 1.0) -> nn.Module:
+    """3-stage CNN 16-32-64 + fc 1024-128-10 at width 1. ``width`` scales every conv stage,
+    ``width1..3`` one stage each (they multiply), ``fc_width`` the hidden fc layer."""
+    return DigitsCNN(widths=(width * width1, width * width2, width * width3), fc_width=fc_width)
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[Split, Split, Split]:
@@ -119,8 +123,10 @@ def make_digits_cnn_task(seed: int = 0) -> Task:
     """Digits placed at random on a noisy 32x32 canvas, with a 3-stage CNN teacher."""
     x, y = make_digits_32x32(seed)
     train, val, test = _split(x, y, seed)
+    stage = (0.25, 0.5, 0.75, 1.0)
     return Task(name="digits-cnn", make_model=digits_cnn,
-                teacher_kwargs={"width": 1.0, "fc_width": 1.0},
-                student_choices={"width": (0.25, 0.5, 0.75, 1.0), "fc_width": (0.5, 1.0)},
+                teacher_kwargs={"width1": 1.0, "width2": 1.0, "width3": 1.0, "fc_width": 1.0},
+                student_choices={"width1": stage, "width2": stage, "width3": stage,
+                                 "fc_width": (0.5, 1.0)},
                 train=train, val=val, test=test,
                 description="digits rescaled 20-28 px on a noisy 32x32 canvas; CNN 16-32-64 + fc")
