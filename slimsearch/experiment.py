@@ -31,6 +31,7 @@ from slimsearch.errors import ConfigError, did_you_mean
 #: Weight bit widths a layer may be stored with; 32 means plain float32.
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 ACTIVATION_BITS = (8, 32)
+WEIGHT_SCHEMES = ("symmetric", "asymmetric")
 DISTILLATION_KEYS = ("temperature", "alpha", "epochs")
 #: "global": one magnitude threshold across all layers that chose it; "2:4" keeps the 2
 #: largest of every 4 consecutive weights (half the weights, always).
@@ -69,6 +70,8 @@ class SpaceConfig:
     #: Channel-importance criteria for structured pruning (one per recipe).
     importance: tuple[str, ...] = ("l2",)
     student_init: tuple[str, ...] = STUDENT_INITS
+    #: Per-channel weight quantization: symmetric (zero at code 0) or asymmetric (zero point).
+    weight_scheme: tuple[str, ...] = ("symmetric",)
     #: Activation bit widths: 8 = static int8 execution where it is measured faster.
     activations: tuple[int, ...] = (32,)
     #: Structured pruning keeps a multiple of this many channels (fast kernels like 8).
@@ -80,7 +83,8 @@ class SpaceConfig:
     distillation: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("bits", "sparsity", "pruning", "importance", "student_init", "activations"):
+        for name in ("bits", "sparsity", "pruning", "importance", "student_init", "activations",
+                     "weight_scheme"):
             _require(len(getattr(self, name)) >= 1, f"space.{name}", [], "a non-empty list of choices")
         for b in self.bits:
             _require(b in ALLOWED_BITS, "space.bits", b, f"bit widths from {ALLOWED_BITS}")
@@ -90,6 +94,8 @@ class SpaceConfig:
             _require(p in PRUNING_METHODS, "space.pruning", p, f"values from {PRUNING_METHODS}")
         for i in self.student_init:
             _require(i in STUDENT_INITS, "space.student_init", i, f"values from {STUDENT_INITS}")
+        for w in self.weight_scheme:
+            _require(w in WEIGHT_SCHEMES, "space.weight_scheme", w, f"values from {WEIGHT_SCHEMES}")
         for c in self.importance:
             _require(c in IMPORTANCE_CRITERIA, "space.importance", c,
                      f"values from {IMPORTANCE_CRITERIA}")

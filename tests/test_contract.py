@@ -87,12 +87,16 @@ def test_sparsity_pattern_zeroes_what_it_promises(pattern: str, model_name: str)
     assert model(torch.randn(2, *shape)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 @pytest.mark.parametrize("bits", [b for b in ALLOWED_BITS if b < 32])
-def test_quantization_error_is_within_the_bound_of_its_bit_width(bits: int) -> None:
+def test_quantization_error_is_within_the_bound_of_its_bit_width(bits: int, symmetric: bool) -> None:
     torch.manual_seed(bits)
-    weight = torch.randn(24, 40, dtype=torch.float64)
-    q = quantize_per_channel(weight, bits)
-    assert int(q.codes.abs().max()) <= q.qmax
+    weight = torch.randn(24, 40, dtype=torch.float64) + (0.0 if symmetric else 0.7)
+    weight[0, :5] = 0.0  # exact zeros (pruned weights) must stay exact
+    q = quantize_per_channel(weight, bits, symmetric=symmetric)
+    unsigned = q.codes.to(torch.int64) + q.offsets()[:, None]
+    assert int(unsigned.min()) >= 0 and int(unsigned.max()) < 1 << bits
+    assert bool((dequantize(q)[0, :5] == 0).all())
     error = (dequantize(q).double() - weight).abs()
     # half a quantization step per channel (plus float32 rounding of the scale)
     bound = q.scale.double()[:, None] / 2 * (1 + 1e-5) + 1e-7
@@ -109,7 +113,7 @@ def test_storage_layout_round_trips_exactly_and_the_default_is_smallest(tmp_path
     layers = _layers(model)
     SPARSITY_PATTERNS["unstructured"](layers, dict.fromkeys(layers, 0.6))
     bits = {n: b for n, b in zip(layers, [2, 4, 8, 32] * 8, strict=False)}
-    quantized = quantize_layers_(layers, bits)
+    quantized = quantize_layers_(layers, bits, symmetric=model_name != "cnn")  # cnn: asymmetric
     compressed = CompressedModel(model, factory_path(factory), kwargs, quantized=quantized)
     path = save_artifact(compressed, tmp_path / "model.safetensors", layout=layout)
     x = torch.randn(4, *shape)

@@ -144,11 +144,15 @@ def _encode(name: str, value: torch.Tensor, quant: QuantizedWeight | None,
         tensors[f"{name}.values"] = kept.float().contiguous()
         entry["encoding"] = "float32"
     else:
-        unsigned = (kept.to(torch.int64) + quant.qmax).numpy()
+        offsets = quant.offsets().repeat_interleave(count // quant.codes.shape[0])
+        kept_offsets = offsets[torch.from_numpy(nonzero)] if sparse else offsets
+        unsigned = (kept.to(torch.int64) + kept_offsets).numpy()
         codes, squeezed = _deflated(pack_bits(unsigned, bits), deflate)
         tensors[f"{name}.codes"] = torch.from_numpy(codes.copy())
         tensors[f"{name}.scale"] = quant.scale.float().contiguous()
-        entry.update(encoding="quant", bits=bits)
+        entry.update(encoding="quant", bits=bits, asymmetric=quant.zero_point is not None)
+        if quant.zero_point is not None:
+            tensors[f"{name}.zero_point"] = quant.zero_point.to(torch.uint8).contiguous()
         entry["deflate"] += ["codes"] if squeezed else []
     entry["sparse"] = bool(sparse)
     entry["nnz"] = nnz
@@ -157,6 +161,7 @@ def _encode(name: str, value: torch.Tensor, quant: QuantizedWeight | None,
 
 def _decode(name: str, entry: dict[str, Any], reader: Any) -> torch.Tensor:
     shape = entry["shape"]
+    zero_point = None
     if entry["encoding"] == "raw":
         return reader.get_tensor(name)
     count = int(np.prod(shape)) if shape else 1
@@ -167,9 +172,16 @@ def _decode(name: str, entry: dict[str, Any], reader: Any) -> torch.Tensor:
     if entry["encoding"] == "float32":
         values = reader.get_tensor(f"{name}.values")
     else:
-        qmax = (1 << (entry["bits"] - 1)) - 1
+        channels = shape[0]
+        zero_point = reader.get_tensor(f"{name}.zero_point").to(torch.int64) \
+            if entry.get("asymmetric") else None
+        offsets = (zero_point if zero_point is not None else torch.full(
+            (channels,), (1 << (entry["bits"] - 1)) - 1, dtype=torch.int64))
+        offsets = offsets.repeat_interleave(count // channels)
+        if nonzero is not None:
+            offsets = offsets[torch.from_numpy(nonzero)]
         codes = _inflated(reader.get_tensor(f"{name}.codes"), "codes" in deflated)
-        values = torch.from_numpy(unpack_bits(codes, entry["bits"], stored) - qmax)
+        values = torch.from_numpy(unpack_bits(codes, entry["bits"], stored)) - offsets
     dense = values
     if nonzero is not None:
         dense = torch.zeros(count, dtype=values.dtype)
@@ -177,7 +189,7 @@ def _decode(name: str, entry: dict[str, Any], reader: Any) -> torch.Tensor:
     dense = dense.reshape(shape)
     if entry["encoding"] == "quant":
         return dequantize(QuantizedWeight(dense.to(torch.int16), reader.get_tensor(f"{name}.scale"),
-                                          entry["bits"]))
+                                          entry["bits"], zero_point))
     return dense
 
 

@@ -90,15 +90,16 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
         stage("prune", epochs=train.finetune_epochs, **info)
 
     bits = {n: r.bits for n, r in recipe.layers.items()}
+    symmetric = recipe.weight_scheme == "symmetric"
     if any(b < 8 for b in bits.values()) and train.qat_epochs > 0:
-        attach_fake_quant(layers, bits)
+        attach_fake_quant(layers, bits, symmetric=symmetric)
         try:
             loss = tune(model, train.qat_epochs, lambda: apply_masks(layers, masks))
         finally:
             detach_fake_quant(layers)
         stage("qat", epochs=train.qat_epochs, loss=loss)
     model.cpu().eval()
-    quantized = quantize_layers_(layers, bits)
+    quantized = quantize_layers_(layers, bits, symmetric=symmetric)
     stage("quantize", bits={n: b for n, b in bits.items() if b < 32})
     return CompressedModel(model=model, factory=factory_path(task.make_model),
                            kwargs=dict(recipe.student), quantized=quantized, record=record)

@@ -13,6 +13,7 @@ from slimsearch.experiment import (
     IMPORTANCE_CRITERIA,
     PRUNING_METHODS,
     STUDENT_INITS,
+    WEIGHT_SCHEMES,
 )
 
 RECIPE_TYPE = "slimsearch.Recipe"
@@ -60,6 +61,8 @@ class Recipe:
     activation_bits: int = 32
     #: How structured pruning ranks channels: one of IMPORTANCE_CRITERIA.
     importance: str = "l2"
+    #: Per-channel weight quantization scheme for every quantized layer: WEIGHT_SCHEMES.
+    weight_scheme: str = "symmetric"
     #: Distillation settings chosen by the search (temperature, alpha, epochs); the rest
     #: come from the experiment's [train] table.
     distillation: dict[str, float] = field(default_factory=dict)
@@ -68,6 +71,8 @@ class Recipe:
         unknown = set(self.distillation) - set(DISTILLATION_KEYS)
         if unknown:
             raise ValueError(f"distillation keys {sorted(unknown)}: expected some of {DISTILLATION_KEYS}")
+        if self.weight_scheme not in WEIGHT_SCHEMES:
+            raise ValueError(f"weight_scheme = {self.weight_scheme!r}: expected one of {WEIGHT_SCHEMES}")
         if self.importance not in IMPORTANCE_CRITERIA:
             raise ValueError(f"importance = {self.importance!r}: expected one of "
                              f"{IMPORTANCE_CRITERIA}")
@@ -89,6 +94,7 @@ class Recipe:
         return {"type": RECIPE_TYPE, "version": RECIPE_VERSION, "student": dict(self.student),
                 "student_init": self.student_init, "activation_bits": self.activation_bits,
                 "importance": self.importance, "distillation": dict(self.distillation),
+                "weight_scheme": self.weight_scheme,
                 "layers": {name: asdict(layer) for name, layer in self.layers.items()}}
 
     @classmethod
@@ -100,6 +106,7 @@ class Recipe:
         return cls(student=dict(data["student"]), student_init=data["student_init"],
                    activation_bits=data.get("activation_bits", 32),
                    importance=data.get("importance", "l2"),
+                   weight_scheme=data.get("weight_scheme", "symmetric"),
                    distillation=dict(data.get("distillation", {})),
                    layers={k: LayerRecipe(**v) for k, v in data["layers"].items()})
 
@@ -118,4 +125,5 @@ class Recipe:
             "0" if v.sparsity == 0 else "2:4" if v.pruning == "2:4" else f"{v.pruning[0]}{v.sparsity:g}"
             for v in self.layers.values())
         acts = " | int8 activations" if self.activation_bits == 8 else ""
+        acts += " | asymmetric" if self.weight_scheme == "asymmetric" else ""
         return f"{knobs} init={self.student_init} | bits {bits} | sparsity {sparsity}{acts}"

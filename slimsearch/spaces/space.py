@@ -123,12 +123,14 @@ class SearchSpace:
             trial.suggest_categorical("activation_bits", self.config.activations)
         importance = self.config.importance[0] if len(self.config.importance) == 1 else \
             trial.suggest_categorical("importance", self.config.importance)
+        scheme = self.config.weight_scheme[0] if len(self.config.weight_scheme) == 1 else \
+            trial.suggest_categorical("weight_scheme", self.config.weight_scheme)
         distillation = {key: choices[0] if len(choices) == 1 else
                         trial.suggest_categorical(f"distillation.{key}", choices)
                         for key, choices in self.config.distillation.items()}
         return Recipe(student=student, student_init=init, layers=layers,
                       activation_bits=int(activations), importance=importance,
-                      distillation=distillation)
+                      distillation=distillation, weight_scheme=scheme)
 
     def _student_init(self, student: dict[str, Any]) -> str | None:
         """The init when there is no choice to make, else None. A teacher-shaped student
@@ -163,7 +165,8 @@ class SearchSpace:
         names = [i.name for i in self.layers_for(teacher)]
         distillation = {k: c[0] for k, c in self.config.distillation.items()}
         candidates = {label: Recipe(student=teacher, layers={n: LayerRecipe(bits=b) for n in names},
-                                    activation_bits=acts, distillation=distillation)
+                                    activation_bits=acts, distillation=distillation,
+                                    weight_scheme=self.config.weight_scheme[0])
                       for label, b, acts in (("teacher", 32, 32),
                                              ("uniform-int8", 8, min(self.config.activations)))}
         return {label: r for label, r in candidates.items() if self.contains(r)}
@@ -175,6 +178,8 @@ class SearchSpace:
         if recipe.activation_bits not in self.config.activations:
             return False
         if recipe.importance not in self.config.importance:
+            return False
+        if recipe.weight_scheme not in self.config.weight_scheme:
             return False
         if set(recipe.distillation) != set(self.config.distillation) or any(
                 recipe.distillation[k] not in c for k, c in self.config.distillation.items()):
@@ -207,6 +212,8 @@ class SearchSpace:
             params["activation_bits"] = recipe.activation_bits
         if len(self.config.importance) > 1:
             params["importance"] = recipe.importance
+        if len(self.config.weight_scheme) > 1:
+            params["weight_scheme"] = recipe.weight_scheme
         params.update({f"distillation.{key}": recipe.distillation[key]
                        for key, choices in self.config.distillation.items() if len(choices) > 1})
         infos = {i.name: i for i in self.layers_for(recipe.student)}
@@ -224,5 +231,6 @@ class SearchSpace:
         data = {"task": self.task.name, "student": self.student_choices,
                 "config": {k: getattr(self.config, k)
                            for k in ("bits", "sparsity", "pruning", "importance", "student_init",
-                                     "activations", "channel_multiple", "distillation")}}
+                                     "activations", "channel_multiple", "distillation",
+                                     "weight_scheme")}}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
