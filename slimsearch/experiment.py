@@ -32,7 +32,7 @@ from slimsearch.errors import ConfigError, did_you_mean
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 ACTIVATION_BITS = (8, 32)
 WEIGHT_SCHEMES = ("symmetric", "asymmetric")
-DISTILLATION_KEYS = ("temperature", "alpha", "epochs")
+DISTILLATION_KEYS = ("temperature", "alpha", "epochs", "hint_weight")
 #: "global": one magnitude threshold across all layers that chose it; "2:4" keeps the 2
 #: largest of every 4 consecutive weights (half the weights, always).
 PRUNING_METHODS = ("structured", "unstructured", "global", "2:4")
@@ -134,8 +134,11 @@ class TrainConfig:
     #: Distillation softmax temperature and the weight of the distillation term (0-1).
     temperature: float = 4.0
     alpha: float = 0.7
+    #: Weight of the feature (hint) loss on the head's input; 0 = logits only.
+    hint_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        _require(self.hint_weight >= 0, "train.hint_weight", self.hint_weight, "a number >= 0")
         for name in ("teacher_epochs", "distill_epochs", "finetune_epochs", "qat_epochs"):
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an integer >= 0")
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")

@@ -31,17 +31,23 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits
 def fit(model: nn.Module, data: Split, *, epochs: int, lr: float, batch_size: int, seed: int,
         device: torch.device, weight_decay: float = 0.0, teacher_logits: torch.Tensor | None = None,
         temperature: float = 4.0, alpha: float = 0.7,
-        after_step: Callable[[], None] | None = None) -> float:
+        after_step: Callable[[], None] | None = None, hint: nn.Module | None = None) -> float:
     """Train ``model`` in place for ``epochs`` epochs; return the last epoch's mean loss.
 
     ``after_step`` runs after every optimiser step (pruning uses it to keep zeros at zero).
+    ``hint`` (a ``compression.distill.FeatureHint``) adds its feature loss and trains its
+    projection along with the model.
     Raises ``TrialError`` when the loss stops being finite, so the search records why.
     """
     if epochs == 0:
         return float("nan")
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    parameters = list(model.parameters())
+    if hint is not None:
+        hint.to(device)
+        parameters += list(hint.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
     x, y = data.x.to(device), data.y.to(device)
     soft = teacher_logits.to(device) if teacher_logits is not None else None
     mean_loss = float("nan")
@@ -56,6 +62,8 @@ def fit(model: nn.Module, data: Split, *, epochs: int, lr: float, batch_size: in
             else:
                 loss = distillation_loss(logits, y[idx], soft[idx], temperature=temperature,
                                          alpha=alpha)
+            if hint is not None:
+                loss = loss + hint.loss(idx)
             if not torch.isfinite(loss):
                 raise TrialError(f"training loss became {loss.item()} at epoch {epoch + 1}/{epochs}")
             optimizer.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from slimsearch.compression.artifact import CompressedModel
+from slimsearch.compression.distill import FeatureHint
 from slimsearch.compression.pruning import SPARSITY_PATTERNS, apply_masks, prune_structured
 from slimsearch.compression.quantization import (
     attach_fake_quant,
@@ -23,7 +24,7 @@ from slimsearch.compression.quantization import (
 )
 from slimsearch.compression.student import build_student, is_teacher_shaped
 from slimsearch.experiment import TrainConfig
-from slimsearch.spaces import COMPRESSIBLE, Recipe
+from slimsearch.spaces import COMPRESSIBLE, Recipe, compressible_layers
 from slimsearch.tasks import Task, factory_path
 from slimsearch.training import fit
 
@@ -38,10 +39,13 @@ def _layers(model: nn.Module, recipe: Recipe) -> dict[str, nn.Module]:
 
 
 def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: Recipe, *,
-          train: TrainConfig, seed: int, device: torch.device, round_to: int = 1) -> CompressedModel:
+          train: TrainConfig, seed: int, device: torch.device, round_to: int = 1,
+          teacher_features: torch.Tensor | None = None) -> CompressedModel:
     """Run every stage of ``recipe`` and return the compressed model (CPU, eval mode).
 
-    ``round_to``: structured pruning keeps a multiple of this many channels per layer."""
+    ``round_to``: structured pruning keeps a multiple of this many channels per layer.
+    ``teacher_features``: the teacher's head inputs on the train split, for the hint loss
+    (used when the hint weight is > 0)."""
     record: dict[str, Any] = {"stages": {}}
     clock = time.perf_counter()
 
@@ -54,20 +58,33 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
     temperature = float(recipe.distillation.get("temperature", train.temperature))
     alpha = float(recipe.distillation.get("alpha", train.alpha))
     distill_epochs = int(recipe.distillation.get("epochs", train.distill_epochs))
+    hint_weight = float(recipe.distillation.get("hint_weight", train.hint_weight))
+    if hint_weight > 0 and teacher_features is None:
+        raise ValueError("a hint weight > 0 needs the teacher's features (teacher_features)")
 
-    def tune(model: nn.Module, epochs: int, after_step: Any = None) -> float:
+    def tune(model: nn.Module, epochs: int, after_step: Any = None,
+             hint: FeatureHint | None = None) -> float:
         return fit(model, task.train, epochs=epochs, lr=train.lr, batch_size=train.batch_size,
                    weight_decay=train.weight_decay, seed=seed, device=device,
                    teacher_logits=teacher_logits, temperature=temperature, alpha=alpha,
-                   after_step=after_step)
+                   after_step=after_step, hint=hint)
 
     model = build_student(task, teacher, recipe, seed=seed)
     layers = _layers(model, recipe)
     stage("student", parameters=sum(p.numel() for p in model.parameters()))
 
     if not is_teacher_shaped(task, recipe) and distill_epochs > 0:
+        hint = None
+        if hint_weight > 0:
+            head = compressible_layers(model.eval(), task.example_inputs(1))[-1].name
+            hint = FeatureHint(model, head, teacher_features, hint_weight)
+        try:
+            loss = tune(model, distill_epochs, hint=hint)
+        finally:
+            if hint is not None:
+                hint.detach()
         stage("distill", epochs=distill_epochs, temperature=temperature, alpha=alpha,
-              loss=tune(model, distill_epochs))
+              hint_weight=hint_weight, loss=loss)
 
     structured = {n: r.sparsity for n, r in recipe.layers.items()
                   if r.sparsity > 0 and r.pruning == "structured"}

@@ -75,7 +75,8 @@ class TrialRunner:
         start = time.perf_counter()
         compressed = build(self.task, self.teacher.model, self.teacher.train_logits, recipe,
                            train=self.config.train, seed=seed, device=self.device,
-                           round_to=self.config.space.channel_multiple)
+                           round_to=self.config.space.channel_multiple,
+                           teacher_features=self.teacher.train_features)
         compressed.execution = self.plan_execution(compressed, recipe)
         compressed.record["execution"] = compressed.execution or "float (no int8 candidate)"
         built = time.perf_counter()

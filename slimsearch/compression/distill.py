@@ -1,0 +1,59 @@
+"""Feature (hint) distillation: the student's features entering its classifier head are pulled
+towards the teacher's, through a learned linear projection (their widths differ).
+
+The logit term lives in ``training.distillation_loss``; this adds the optional hint term of
+FitNets (Romero et al.), on the one place every classifier has: the head's input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, head: str, x: torch.Tensor, *, device: torch.device,
+                batch_size: int = 512) -> torch.Tensor:
+    """The (flattened) inputs of layer ``head`` for every sample of ``x``, on the CPU."""
+    captured: list[torch.Tensor] = []
+    hook = model.get_submodule(head).register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].flatten(1).float().cpu()))
+    try:
+        model.to(device).eval()
+        for start in range(0, len(x), batch_size):
+            model(x[start:start + batch_size].to(device))
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
+class FeatureHint(nn.Module):
+    """While attached, remembers the student's head input each forward; ``loss(idx)`` is
+    ``weight * MSE(projection(features), teacher_features[idx])``. Its projection is trained
+    along with the student and thrown away afterwards."""
+
+    def __init__(self, student: nn.Module, head: str, teacher_features: torch.Tensor,
+                 weight: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.teacher_features = teacher_features
+        layer = student.get_submodule(head)
+        width = layer.in_features if isinstance(layer, nn.Linear) else None
+        if width is None:
+            raise ValueError(f"hint distillation needs a Linear head; {head!r} is "
+                             f"{type(layer).__name__}")
+        self.projection = nn.Linear(width, teacher_features.shape[1], bias=False)
+        self._features: torch.Tensor | None = None
+        self._hook = layer.register_forward_pre_hook(self._remember)
+
+    def _remember(self, _module: nn.Module, args: tuple) -> None:
+        self._features = args[0].flatten(1)
+
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        target = self.teacher_features[idx.cpu()].to(self._features.device)
+        return self.weight * F.mse_loss(self.projection(self._features), target)
+
+    def detach(self) -> None:
+        """Remove the hook from the student."""
+        self._hook.remove()
