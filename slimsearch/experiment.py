@@ -106,8 +106,13 @@ class SpaceConfig:
         for key, choices in self.distillation.items():
             _require(key in DISTILLATION_KEYS, f"space.distillation.{key}", choices,
                      f"a key from {DISTILLATION_KEYS}{did_you_mean(key, DISTILLATION_KEYS)}")
-            _require(len(choices) >= 1 and all(c >= 0 for c in choices),
-                     f"space.distillation.{key}", choices, "a non-empty list of numbers >= 0")
+            limits = {"temperature": (lambda c: c > 0, "temperatures > 0"),
+                      "alpha": (lambda c: 0 <= c <= 1, "fractions from 0 to 1"),
+                      "epochs": (lambda c: c >= 0 and float(c).is_integer(), "whole numbers >= 0"),
+                      "hint_weight": (lambda c: c >= 0, "weights >= 0")}.get(key)
+            if limits is not None:
+                _require(len(choices) >= 1 and all(limits[0](c) for c in choices),
+                         f"space.distillation.{key}", list(choices), f"a non-empty list of {limits[1]}")
         for knob, choices in self.student.items():
             _require(
                 isinstance(choices, tuple) and len(choices) >= 1,

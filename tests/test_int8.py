@@ -112,3 +112,20 @@ def test_no_candidate_means_no_plan() -> None:
     assert plan_execution(model, {"hidden.0": 32, "hidden.1": 32, "head": 32},
                           batch=torch.randn(1, 64), calibration=torch.randn(8, 64),
                           activation_bits=8, threads=1) is None
+
+
+def test_int8_kernels_run_exactly_the_stored_8_bit_weights() -> None:
+    compressed = _compressed(digits_mlp, {"width": 0.5}, bits=8)
+    plan = _forced_plan(compressed.model, "dynamic", [64], torch.randn(8, 64))
+    executable = build_executable(compressed.model, plan)
+    for name, q in compressed.quantized.items():
+        weight = executable.get_submodule(name).weight()
+        assert torch.equal(weight.int_repr().to(torch.int16), q.codes)
+
+
+def test_asymmetric_weights_are_not_int8_candidates() -> None:
+    compressed = _compressed(digits_cnn, {"width": 0.5}, bits=8)
+    bits = {n: 8 for n, m in compressed.model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    assert plan_execution(compressed.model, bits, batch=torch.randn(2, 1, 32, 32),
+                          calibration=torch.randn(2, 1, 32, 32), activation_bits=8, threads=1,
+                          symmetric=False) is None

@@ -215,3 +215,26 @@ def test_unknown_distillation_key_names_the_field() -> None:
     with pytest.raises(ConfigError, match="space.distillation.temprature") as info:
         SpaceConfig(distillation={"temprature": (2.0,)})
     assert "did you mean 'temperature'" in str(info.value).lower()
+
+
+def test_two_four_is_only_offered_where_the_inputs_come_in_fours() -> None:
+    from slimsearch.tasks import make_task
+
+    task = make_task("digits-cnn", seed=0)
+    space = SearchSpace(task, SpaceConfig(pruning=("structured", "unstructured", "2:4"),
+                                          sparsity=(0.5,)))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    methods = {name: set() for name in ("conv1", "conv2", "fc1")}
+    for _ in range(30):
+        recipe = space.suggest(study.ask())
+        assert space.contains(recipe)
+        for name in methods:
+            methods[name].add(recipe.layers[name].pruning)
+    assert "2:4" not in methods["conv1"]  # 1 input channel x 3x3 = 9 inputs per output
+    assert "2:4" in methods["conv2"] and "2:4" in methods["fc1"]
+
+
+def test_distillation_choices_respect_the_train_limits() -> None:
+    for bad in ({"temperature": (0.0, 4.0)}, {"alpha": (1.5,)}, {"epochs": (2.5,)}):
+        with pytest.raises(ConfigError, match="space.distillation"):
+            SpaceConfig(distillation=bad)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimsearch.errors import TrialError
+
 
 @torch.no_grad()
 def head_inputs(model: nn.Module, head: str, x: torch.Tensor, *, device: torch.device,
@@ -41,8 +43,8 @@ class FeatureHint(nn.Module):
         layer = student.get_submodule(head)
         width = layer.in_features if isinstance(layer, nn.Linear) else None
         if width is None:
-            raise ValueError(f"hint distillation needs a Linear head; {head!r} is "
-                             f"{type(layer).__name__}")
+            raise TrialError(f"hint distillation needs a Linear classifier head; layer {head!r} is "
+                             f"{type(layer).__name__}: set hint_weight to 0 for this model")
         self.projection = nn.Linear(width, teacher_features.shape[1], bias=False)
         self._features: torch.Tensor | None = None
         self._hook = layer.register_forward_pre_hook(self._remember)

@@ -75,15 +75,30 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _weight_observer() -> Any:
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
+
+    # Symmetric weights on [-127, 127]: the grid the model file's symmetric codes use.
+    return PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                              quant_min=-127, quant_max=127)
+
+
 def _static_qconfig() -> Any:
     from torch.ao.quantization import QConfig
-    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+    from torch.ao.quantization.observer import MinMaxObserver
 
-    # Symmetric weights on [-127, 127], the grid the model file's codes use.
-    return QConfig(activation=MinMaxObserver.with_args(dtype=torch.quint8),
-                   weight=PerChannelMinMaxObserver.with_args(
-                       dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                       quant_min=-127, quant_max=127))
+    # reduce_range: 7-bit activations, so x86 CPUs without VNNI cannot overflow the int16
+    # accumulations of the int8 kernels (PyTorch's own x86 default does the same).
+    return QConfig(activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=True),
+                   weight=_weight_observer())
+
+
+def _dynamic_qconfig() -> Any:
+    from torch.ao.quantization import QConfig
+    from torch.ao.quantization.observer import PlaceholderObserver
+
+    return QConfig(activation=PlaceholderObserver.with_args(dtype=torch.quint8, is_dynamic=True),
+                   weight=_weight_observer())
 
 
 def _prepare_static(model: nn.Module, layers: list[str], input_shape: list[int]) -> nn.Module:
@@ -109,13 +124,22 @@ def build_executable(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
     layers = plan.int8_layers
     if not layers:
         return model
+    if plan.engine not in torch.backends.quantized.supported_engines:
+        fallback = engine()
+        if fallback is None:
+            warnings.warn(f"the model file asks for the {plan.engine!r} int8 engine, which this "
+                          "torch build lacks: running every layer float", stacklevel=2)
+            return model
+        warnings.warn(f"int8 engine {plan.engine!r} is not available here: using {fallback!r}; "
+                      "latency will differ from the measured one", stacklevel=2)
+        plan = ExecutionPlan(**{**plan.to_dict(), "engine": fallback})
     torch.backends.quantized.engine = plan.engine
     with _quiet():
         if plan.mode == "dynamic":
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+            from torch.ao.quantization import quantize_dynamic
 
             return quantize_dynamic(copy.deepcopy(model).eval(),
-                                    {name: per_channel_dynamic_qconfig for name in layers},
+                                    {name: _dynamic_qconfig() for name in layers},
                                     dtype=torch.qint8)
         from torch.ao.quantization.quantize_fx import convert_fx
 
@@ -169,7 +193,8 @@ def _layer_times(name: str, layer: nn.Module, x: torch.Tensor, mode: str) -> tup
     """(float ms, int8 ms) of one layer alone on input ``x``, int8 including the quantize and
     dequantize at its borders (so the choice errs towards float). Cached by shape."""
     key = (type(layer).__name__, tuple(layer.weight.shape), getattr(layer, "stride", None),
-           getattr(layer, "padding", None), getattr(layer, "groups", None), tuple(x.shape), mode,
+           getattr(layer, "padding", None), getattr(layer, "dilation", None),
+           getattr(layer, "groups", None), layer.bias is not None, tuple(x.shape), mode,
            torch.backends.quantized.engine, torch.get_num_threads())
     if key not in _LAYER_CACHE:
         single = nn.Sequential(copy.deepcopy(layer)).eval()
@@ -183,14 +208,17 @@ def _layer_times(name: str, layer: nn.Module, x: torch.Tensor, mode: str) -> tup
 
 
 def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch.Tensor,
-                   calibration: torch.Tensor, activation_bits: int, threads: int) -> ExecutionPlan | None:
+                   calibration: torch.Tensor, activation_bits: int, threads: int,
+                   symmetric: bool = True) -> ExecutionPlan | None:
     """Decide, by measurement at the target batch ``batch``, which layers run int8.
 
     Candidates are Conv2d/Linear layers whose weights have <= 8 bits (with float activations
-    only Linear has a kernel). Returns None when there is no candidate or no int8 engine.
+    only Linear has a kernel). Asymmetric weights are not candidates: the int8 kernels take
+    symmetric weights, and requantizing would run other weights than the file stores.
+    Returns None when there is no candidate or no int8 engine.
     """
     name_of_engine = engine()
-    if name_of_engine is None:
+    if name_of_engine is None or not symmetric:
         return None
     torch.backends.quantized.engine = name_of_engine
     mode = "static" if activation_bits == 8 else "dynamic"

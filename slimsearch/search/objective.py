@@ -64,7 +64,8 @@ class TrialRunner:
                               batch=self.task.example_inputs(self.config.target.batch_size),
                               calibration=self.task.train.x[:512],
                               activation_bits=recipe.activation_bits,
-                              threads=self.config.target.threads)
+                              threads=self.config.target.threads,
+                              symmetric=recipe.weight_scheme == "symmetric")
         return plan.to_dict() if plan else None
 
     def __call__(self, recipe: Recipe, trial_dir: Path, *, seed: int) -> dict[str, Any]:

@@ -35,6 +35,8 @@ class LayerInfo:
     name: str
     kind: str
     structured_ok: bool
+    #: Inputs per output (in_features, or in_channels / groups * kernel area).
+    fan_in: int = 0
 
 
 def compressible_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
@@ -59,7 +61,8 @@ def compressible_layers(model: nn.Module, example_input: torch.Tensor) -> list[L
     seen = list(dict.fromkeys(order))
     # The last layer run is the head even when forward post-processes its output.
     return [LayerInfo(n, type(kinds[n]).__name__,
-                      structured_ok=outputs[n] is not final and n != seen[-1])
+                      structured_ok=outputs[n] is not final and n != seen[-1],
+                      fan_in=kinds[n].weight[0].numel())
             for n in seen]
 
 
@@ -143,9 +146,11 @@ class SearchSpace:
         return None
 
     def _methods(self, info: LayerInfo) -> tuple[str, ...]:
-        """Pruning methods this layer may use (its outputs are classes: no structured)."""
-        return tuple(m for m in self.config.pruning if m != "structured" or info.structured_ok) \
-            or ("unstructured",)
+        """Pruning methods this layer may use: no structured pruning of the class outputs, no
+        2:4 where the inputs per output are not a multiple of 4 (a 1-channel 3x3 conv has 9)."""
+        return tuple(m for m in self.config.pruning
+                     if (m != "structured" or info.structured_ok)
+                     and (m != "2:4" or info.fan_in % 4 == 0)) or ("unstructured",)
 
     def _fixed_method(self, info: LayerInfo) -> str | None:
         """The pruning method when there is no choice to make for this layer, else None.
@@ -195,7 +200,7 @@ class SearchSpace:
             if layer.bits not in self.config.bits:
                 return False
             if layer.pruning == "2:4" and layer.sparsity > 0:
-                if not any(s > 0 for s in self.config.sparsity):
+                if layer.sparsity != 0.5 or not any(s > 0 for s in self.config.sparsity):
                     return False
             elif layer.sparsity not in self.config.sparsity:
                 return False
