@@ -55,7 +55,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     print("built-in tasks:")
     for name, doc in list_tasks().items():
-        print(f"  {name:<12} {doc}")
+        print(f"  {name:<14} {doc}")
     folder = Path(args.experiments)
     files = sorted(folder.glob("*.toml")) if folder.is_dir() else []
     print(f"experiments in {folder}/:" if files else f"no experiment files in {folder}/")
