@@ -63,11 +63,14 @@ def test_run_writes_report_pareto_and_trial_folders(finished_run: Path) -> None:
         model_file = trial_dir / "model.safetensors"
         # size is the real file length, not an estimate
         assert entry["metrics"]["size_bytes"] == model_file.stat().st_size
+        # what runs is recorded: never more int8 layers than the recipe quantized to <= 8 bits
+        low_bit = sum(layer["bits"] <= 8 for layer in entry["recipe"]["layers"].values())
+        assert 0 <= entry["metrics"]["int8_layers"] <= low_bit
         assert json.loads((trial_dir / "recipe.json").read_text())["type"] == "slimsearch.Recipe"
         assert json.loads((trial_dir / "environment.json").read_text())["seed"] >= 0
     html = (finished_run / "report.html").read_text()
     assert "Plotly.newPlot" in html and "<script src=" not in html  # drawn, and works offline
-    assert "slimsearch export" in html
+    assert "slimsearch export" in html and "int8 layers" in html
     # the baselines were enqueued: trial 0 is the teacher itself
     trial0 = json.loads((finished_run / "trials" / "00000" / "metrics.json").read_text())
     assert trial0["size_bytes"] == pareto["teacher"]["size_bytes"]

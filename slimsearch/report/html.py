@@ -94,10 +94,12 @@ def _pareto_table(data: ReportData) -> str:
             f"<td>{m['val_accuracy']:.4f}</td><td>{m['test_accuracy']:.4f}</td>"
             f"<td data-v='{m['size_bytes']}'>{m['size_bytes']:,}</td><td>{ratio:.1f}x</td>"
             f"<td data-v='{m['latency_ms']}'>{m['latency_ms']:.4f} &plusmn; {spread:.4f}</td>"
-            f"<td>{speedup:.2f}x</td><td class='l'>{html.escape(t.summary)}</td>"
+            f"<td>{speedup:.2f}x</td><td>{m.get('int8_layers', 0)}/{len(t.recipe['layers'])}</td>"
+            f"<td class='l'>{html.escape(t.summary)}</td>"
             f"<td class='l'><code>{html.escape(command)}</code></td></tr>")
     head = ("<tr><th>trial</th><th>val acc</th><th>test acc</th><th>size (bytes)</th>"
             "<th>smaller</th><th>latency ms (median &plusmn; std)</th><th>speedup</th>"
+            "<th>int8 layers</th>"
             "<th class='l'>recipe</th><th class='l'>export</th></tr>")
     return (f"<table class='sortable'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>")
 
@@ -121,8 +123,9 @@ def _summary(data: ReportData) -> str:
     return (
         f"<ul><li>task <b>{html.escape(exp['task'])}</b>, seed {exp['seed']}</li>"
         f"<li>target: device {html.escape(data.settings.get('device', target['device']))}, "
-        f"batch {target['batch_size']}, {target['threads']} CPU thread(s), runtime torch eager "
-        f"(weights dequantized to float32 at load)</li>"
+        f"batch {target['batch_size']}, {target['threads']} CPU thread(s); PyTorch eager, with "
+        f"layers on int8 kernels only where they were measured faster at this batch (column "
+        f"'int8 layers')</li>"
         f"<li>teacher: {teacher}</li>"
         f"<li>trials: {data.count('COMPLETE')} complete, {data.count('FAIL')} failed, "
         f"{data.count('PRUNED')} pruned, {data.count('RUNNING')} running; "

@@ -83,6 +83,8 @@ class TrialRunner:
         built = time.perf_counter()
         model_file = save_artifact(compressed, trial_dir / MODEL_FILE)
         metrics = self.measure(model_file)
+        plan = compressed.execution or {}
+        metrics["int8_layers"] = sum(how == "int8" for how in plan.get("layers", {}).values())
         metrics["build_seconds"] = round(built - start, 3)
         metrics["measure_seconds"] = round(time.perf_counter() - built, 3)
         write_json(trial_dir / "build.json", compressed.record)
