@@ -116,8 +116,8 @@ class SearchSpace:
             method = "unstructured"  # the label of an unpruned layer; it prunes nothing
             if sparsity > 0:
                 # Always the full choice list: Optuna rejects a parameter whose choices change.
-                method = self._fixed_method(info) or trial.suggest_categorical(
-                    f"{info.name}.pruning", self.config.pruning)
+                choice = self._pruning_choice(info)
+                method = choice[1][0] if choice[0] is None else trial.suggest_categorical(*choice)
                 if method == "2:4":
                     sparsity = 0.5  # the pattern fixes the amount
             bits = trial.suggest_categorical(f"{info.name}.bits", self.config.bits)
@@ -152,16 +152,16 @@ class SearchSpace:
                      if (m != "structured" or info.structured_ok)
                      and (m != "2:4" or info.fan_in % 4 == 0)) or ("unstructured",)
 
-    def _fixed_method(self, info: LayerInfo) -> str | None:
-        """The pruning method when there is no choice to make for this layer, else None.
-        A layer that cannot take every configured method has its method fixed: Optuna needs
-        one choice list per parameter name."""
+    def _pruning_choice(self, info: LayerInfo) -> tuple[str | None, tuple[str, ...]]:
+        """(Optuna parameter name, methods) for this layer; the name is None when there is
+        only one method. Optuna wants one choice list per parameter name, so a layer that can
+        take only some of the configured methods gets a name that says which."""
         methods = self._methods(info)
         if len(methods) == 1:
-            return methods[0]
-        if methods != self.config.pruning:
-            return "unstructured" if "unstructured" in methods else methods[0]
-        return None
+            return None, methods
+        if methods == self.config.pruning:
+            return f"{info.name}.pruning", methods
+        return f"{info.name}.pruning[{','.join(methods)}]", methods
 
     def baselines(self) -> dict[str, Recipe]:
         """``teacher`` (as-is) and ``uniform-int8`` (every layer at 8 bits): those of the two
@@ -196,7 +196,6 @@ class SearchSpace:
         if set(recipe.layers) != set(infos):
             return False
         for name, layer in recipe.layers.items():
-            fixed = self._fixed_method(infos[name])
             if layer.bits not in self.config.bits:
                 return False
             if layer.pruning == "2:4" and layer.sparsity > 0:
@@ -204,7 +203,7 @@ class SearchSpace:
                     return False
             elif layer.sparsity not in self.config.sparsity:
                 return False
-            if layer.sparsity > 0 and layer.pruning not in ((fixed,) if fixed else self.config.pruning):
+            if layer.sparsity > 0 and layer.pruning not in self._methods(infos[name]):
                 return False
         return True
 
@@ -226,8 +225,9 @@ class SearchSpace:
             params[f"{name}.sparsity"] = layer.sparsity
             if layer.pruning == "2:4" and layer.sparsity > 0:  # any positive choice leads there
                 params[f"{name}.sparsity"] = min(s for s in self.config.sparsity if s > 0)
-            if layer.sparsity > 0 and self._fixed_method(infos[name]) is None:
-                params[f"{name}.pruning"] = layer.pruning
+            parameter = self._pruning_choice(infos[name])[0]
+            if layer.sparsity > 0 and parameter is not None:
+                params[parameter] = layer.pruning
             params[f"{name}.bits"] = layer.bits
         return params
 
