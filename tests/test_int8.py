@@ -129,3 +129,28 @@ def test_asymmetric_weights_are_not_int8_candidates() -> None:
     assert plan_execution(compressed.model, bits, batch=torch.randn(2, 1, 32, 32),
                           calibration=torch.randn(2, 1, 32, 32), activation_bits=8, threads=1,
                           symmetric=False) is None
+
+
+class DataDependent(nn.Module):
+    """forward branches on the data: torch.fx cannot trace it, so static int8 is impossible."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 256)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.fc(x))
+        if hidden.sum() > 0:
+            hidden = hidden * 2
+        return self.head(hidden)
+
+
+def test_untraceable_model_falls_back_to_dynamic_int8_and_says_why() -> None:
+    torch.manual_seed(0)
+    model = DataDependent().eval()
+    plan = plan_execution(model, {"fc": 8, "head": 8}, batch=torch.randn(64, 64),
+                          calibration=torch.randn(64, 64), activation_bits=8, threads=1)
+    assert plan.mode == "dynamic" and "not traceable" in plan.decisions["static"]
+    executable = build_executable(model, plan)
+    assert executable(torch.randn(3, 64)).shape == (3, 10)

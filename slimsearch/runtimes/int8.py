@@ -156,6 +156,16 @@ def build_executable(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
         return convert_fx(prepared).eval()
 
 
+def _fx_trace_error(model: nn.Module, input_shape: list[int]) -> str | None:
+    """None when torch.fx can trace ``model`` (static int8 needs its graph), else the reason."""
+    try:
+        with _quiet():
+            _prepare_static(model, [], input_shape)
+    except Exception as exc:  # torch.fx raises TraceError, TypeError, ... on dynamic code
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
 def _calibrate(model: nn.Module, layers: list[str], input_shape: list[int],
                data: torch.Tensor) -> dict[str, list[float]]:
     with _quiet():
@@ -222,6 +232,11 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
         return None
     torch.backends.quantized.engine = name_of_engine
     mode = "static" if activation_bits == 8 else "dynamic"
+    untraceable = None
+    if mode == "static":
+        untraceable = _fx_trace_error(model, list(batch.shape[1:]))
+        if untraceable is not None:  # e.g. data-dependent control flow in forward
+            mode = "dynamic"
     kinds = (nn.Conv2d, nn.Linear) if mode == "static" else (nn.Linear,)
     modules = dict(model.named_modules())
     candidates = [n for n, b in layer_bits.items() if b <= 8 and isinstance(modules.get(n), kinds)]
@@ -272,6 +287,8 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
             plan.layers, plan.ranges = dict.fromkeys(candidates, "float"), {}
         else:
             plan.layers, plan.ranges = built[best].layers, built[best].ranges
+        if untraceable is not None:
+            plan.decisions["static"] = f"not traceable by torch.fx, dynamic int8 instead: {untraceable}"
         return plan
     finally:
         for h in hooks:
