@@ -3,6 +3,7 @@ magnitude pruning zeroes the smallest weights and the masks hold them at zero.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -213,3 +214,21 @@ def test_coupled_layers_do_not_compound_and_round_to_a_multiple() -> None:
     assert all(m.out_channels % 8 == 0 for m in convs.values())
     assert "coupled" in record["stages.0.0.conv2"]["note"]
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_a_graph_that_cannot_be_traced_fails_the_trial_with_the_reason() -> None:
+    from slimsearch.errors import TrialError
+
+    class NoGrad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.fc(x).detach())  # cuts the autograd graph Torch-Pruning follows
+
+    model = NoGrad()
+    with pytest.raises(TrialError, match="'fc'"):
+        prune_structured(model, {"fc": 0.5}, torch.randn(1, 8))
+    assert model.fc.out_features == 8  # nothing half-pruned

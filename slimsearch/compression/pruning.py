@@ -64,8 +64,13 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
     modules = dict(model.named_modules())
     original = {name: _channels(modules[name]) for name in fractions}
     # (no torch.no_grad here: the dependency graph is traced through autograd)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
-                                                  verbose=False)
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
+                                                      verbose=False)
+    except Exception as exc:  # Torch-Pruning traces autograd; exotic ops raise many types
+        raise TrialError(f"structured pruning of {sorted(fractions)} needs the model's dependency "
+                         f"graph, which Torch-Pruning could not trace: {type(exc).__name__}: {exc}. "
+                         "Use unstructured pruning for this model") from exc
     scorer, fallback = IMPORTANCE[importance](), IMPORTANCE["l2"]()
     record: dict[str, dict[str, Any]] = {}
     for name, fraction in fractions.items():
@@ -83,7 +88,11 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
                     else tp.prune_linear_out_channels)
         if importance == "taylor":
             _gradients(model, *gradient_batch)  # fresh: earlier pruning changed the shapes
-        whole = graph.get_pruning_group(layer, prune_fn, idxs=list(range(current)))
+        try:
+            whole = graph.get_pruning_group(layer, prune_fn, idxs=list(range(current)))
+        except ValueError as exc:  # the layer is outside the traced graph (e.g. a .detach())
+            raise TrialError(f"layer {name!r} cannot be pruned structurally: Torch-Pruning did not "
+                             f"find it in the traced graph ({exc})") from exc
         scores = scorer(whole)
         if scores is None:
             scores = fallback(whole)
