@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import statistics
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,8 +28,7 @@ import torch
 from torch import nn
 
 from slimsearch.errors import ArtifactError
-
-KERNEL_LAYERS = (nn.Conv2d, nn.Linear)
+from slimsearch.evaluators.latency import measure_latency
 
 
 def engine() -> str | None:
@@ -176,21 +173,11 @@ def _calibrate(model: nn.Module, layers: list[str], input_shape: list[int],
         return {n: [float(o.min_val), float(o.max_val)] for n, o in _observers(prepared).items()}
 
 
-def _time(fn: Any, x: torch.Tensor, *, min_samples: int = 15, min_seconds: float = 0.05,
-          max_samples: int = 200) -> float:
-    """Median milliseconds of ``fn(x)``: a quick decision, not a reported objective. Samples
-    at least ``min_samples`` calls and ``min_seconds``, so fast calls get enough samples."""
-    with torch.inference_mode():
-        for _ in range(3):
-            fn(x)
-        times: list[float] = []
-        began = time.perf_counter()
-        while len(times) < max_samples and (len(times) < min_samples
-                                            or time.perf_counter() - began < min_seconds):
-            start = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _time(fn: nn.Module, x: torch.Tensor, threads: int) -> float:
+    """Median milliseconds per call of ``fn(x)`` on CPU: the project's latency protocol with
+    few samples (a decision, not a reported objective), under the same CPU lock."""
+    return measure_latency(fn, x, device=torch.device("cpu"), threads=threads, warmup=3,
+                           samples=15).median_ms
 
 
 #: int8 must beat float by this fraction to run: a tie in a quick timing is not a win.
@@ -199,13 +186,13 @@ MARGIN = 0.05
 _LAYER_CACHE: dict[tuple, tuple[float, float]] = {}
 
 
-def _layer_times(name: str, layer: nn.Module, x: torch.Tensor, mode: str) -> tuple[float, float]:
+def _layer_times(layer: nn.Module, x: torch.Tensor, mode: str, threads: int) -> tuple[float, float]:
     """(float ms, int8 ms) of one layer alone on input ``x``, int8 including the quantize and
     dequantize at its borders (so the choice errs towards float). Cached by shape."""
     key = (type(layer).__name__, tuple(layer.weight.shape), getattr(layer, "stride", None),
            getattr(layer, "padding", None), getattr(layer, "dilation", None),
            getattr(layer, "groups", None), layer.bias is not None, tuple(x.shape), mode,
-           torch.backends.quantized.engine, torch.get_num_threads())
+           torch.backends.quantized.engine, threads)
     if key not in _LAYER_CACHE:
         single = nn.Sequential(copy.deepcopy(layer)).eval()
         plan = ExecutionPlan(mode=mode, layers={"0": "int8"}, input_shape=list(x.shape[1:]),
@@ -213,7 +200,7 @@ def _layer_times(name: str, layer: nn.Module, x: torch.Tensor, mode: str) -> tup
         if mode == "static":
             plan.ranges = _calibrate(single, ["0"], plan.input_shape, x)
         quantized = build_executable(single, plan)
-        _LAYER_CACHE[key] = (_time(single, x), _time(quantized, x))
+        _LAYER_CACHE[key] = (_time(single, x, threads), _time(quantized, x, threads))
     return _LAYER_CACHE[key]
 
 
@@ -250,47 +237,43 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
         return hook
 
     hooks = [modules[n].register_forward_hook(keep_input(n)) for n in candidates]
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
         with torch.no_grad():
             model.eval()(batch)
-        for h in hooks:
-            h.remove()
-        plan = ExecutionPlan(mode=mode, layers={}, input_shape=list(batch.shape[1:]),
-                             engine=name_of_engine)
-        for name in candidates:
-            float_ms, int8_ms = _layer_times(name, modules[name], inputs[name], mode)
-            plan.layers[name] = "int8" if int8_ms < (1 - MARGIN) * float_ms else "float"
-            plan.decisions[name] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
-        # Per-layer timings include a quantize/dequantize at each layer's borders, which a
-        # chain of int8 layers does not pay; so the whole model is timed as well, float vs
-        # the per-layer choice vs every candidate on int8, and the fastest runs.
-        options = {"per layer": plan.layers, "all int8": dict.fromkeys(candidates, "int8")}
-        timings = {"float": _time(model, batch)}
-        built: dict[str, ExecutionPlan] = {}
-        for label, layers in options.items():
-            if "int8" not in layers.values() or any(layers == b.layers for b in built.values()):
-                continue
-            option = ExecutionPlan(mode=mode, layers=dict(layers), input_shape=plan.input_shape,
-                                   engine=name_of_engine, decisions=plan.decisions)
-            if mode == "static":
-                option.ranges = _calibrate(model, option.int8_layers, plan.input_shape, calibration)
-            timings[label] = _time(build_executable(model, option), batch)
-            built[label] = option
-        best = min(timings, key=timings.get)
-        if timings[best] >= (1 - MARGIN) * timings["float"]:
-            best = "float"
-        plan.decisions["model"] = {**{f"{k} ms": round(v, 4) for k, v in timings.items()},
-                                   "chosen": best}
-        if best == "float":  # never slower by accident, as a whole either
-            plan.layers, plan.ranges = dict.fromkeys(candidates, "float"), {}
-        else:
-            plan.layers, plan.ranges = built[best].layers, built[best].ranges
-        if untraceable is not None:
-            plan.decisions["static"] = f"not traceable by torch.fx, dynamic int8 instead: {untraceable}"
-        return plan
     finally:
         for h in hooks:
             h.remove()
-        torch.set_num_threads(previous_threads)
+    plan = ExecutionPlan(mode=mode, layers={}, input_shape=list(batch.shape[1:]),
+                         engine=name_of_engine)
+    for name in candidates:
+        float_ms, int8_ms = _layer_times(modules[name], inputs[name], mode, threads)
+        plan.layers[name] = "int8" if int8_ms < (1 - MARGIN) * float_ms else "float"
+        plan.decisions[name] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
+    # Per-layer timings include a quantize/dequantize at each layer's borders, which a
+    # chain of int8 layers does not pay; so the whole model is timed as well, float vs
+    # the per-layer choice vs every candidate on int8, and the fastest runs.
+    options = {"per layer": plan.layers, "all int8": dict.fromkeys(candidates, "int8")}
+    timings = {"float": _time(model, batch, threads)}
+    built: dict[str, ExecutionPlan] = {}
+    for label, layers in options.items():
+        if "int8" not in layers.values() or any(layers == b.layers for b in built.values()):
+            continue
+        option = ExecutionPlan(mode=mode, layers=dict(layers), input_shape=plan.input_shape,
+                               engine=name_of_engine, decisions=plan.decisions)
+        if mode == "static":
+            option.ranges = _calibrate(model, option.int8_layers, plan.input_shape, calibration)
+        timings[label] = _time(build_executable(model, option), batch, threads)
+        built[label] = option
+    best = min(timings, key=timings.get)
+    if timings[best] >= (1 - MARGIN) * timings["float"]:
+        best = "float"
+    plan.decisions["model"] = {**{f"{k} ms": round(v, 4) for k, v in timings.items()},
+                               "chosen": best}
+    if best == "float":  # never slower by accident, as a whole either
+        plan.layers, plan.ranges = dict.fromkeys(candidates, "float"), {}
+    else:
+        plan.layers, plan.ranges = built[best].layers, built[best].ranges
+    if untraceable is not None:
+        plan.decisions["static"] = f"not traceable by torch.fx, dynamic int8 instead: {untraceable}"
+    return plan
+
