@@ -25,6 +25,13 @@ MODELS = {
 }
 
 
+def _seeded(model_name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A fresh, seeded instance of ``MODELS[model_name]`` in eval mode, and its input shape."""
+    factory, kwargs, shape = MODELS[model_name]
+    torch.manual_seed(0)
+    return factory(**kwargs).eval(), shape
+
+
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
 
@@ -37,9 +44,7 @@ def test_registries_match_the_names_experiments_accept() -> None:
 @pytest.mark.parametrize("criterion", sorted(IMPORTANCE))
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_structured_criterion_shrinks_every_architecture(criterion: str, model_name: str) -> None:
-    factory, kwargs, shape = MODELS[model_name]
-    torch.manual_seed(0)
-    model = factory(**kwargs).eval()
+    model, shape = _seeded(model_name)
     x = torch.randn(16, *shape)
     before = sum(p.numel() for p in model.parameters())
     prunable = [n for n in _layers(model) if n not in ("head", "fc2")]
@@ -69,9 +74,7 @@ def test_pruning_exactly_zero_channels_leaves_the_output_unchanged(criterion: st
 @pytest.mark.parametrize("pattern", sorted(SPARSITY_PATTERNS))
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_sparsity_pattern_zeroes_what_it_promises(pattern: str, model_name: str) -> None:
-    factory, kwargs, shape = MODELS[model_name]
-    torch.manual_seed(0)
-    model = factory(**kwargs).eval()
+    model, shape = _seeded(model_name)
     layers = {n: m for n, m in _layers(model).items() if m.weight[0].numel() % 4 == 0}
     masks = SPARSITY_PATTERNS[pattern](layers, dict.fromkeys(layers, 0.5))
     for name, mask in masks.items():
@@ -107,13 +110,12 @@ def test_quantization_error_is_within_the_bound_of_its_bit_width(bits: int, symm
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_storage_layout_round_trips_exactly_and_the_default_is_smallest(tmp_path: Path, layout: str,
                                                                  model_name: str) -> None:
-    factory, kwargs, shape = MODELS[model_name]
-    torch.manual_seed(0)
-    model = factory(**kwargs).eval()
+    model, shape = _seeded(model_name)
     layers = _layers(model)
     SPARSITY_PATTERNS["unstructured"](layers, dict.fromkeys(layers, 0.6))
     bits = {n: b for n, b in zip(layers, [2, 4, 8, 32] * 8, strict=False)}
     quantized = quantize_layers_(layers, bits, symmetric=model_name != "cnn")  # cnn: asymmetric
+    factory, kwargs, _ = MODELS[model_name]
     compressed = CompressedModel(model, factory_path(factory), kwargs, quantized=quantized)
     path = save_artifact(compressed, tmp_path / "model.safetensors", layout=layout)
     x = torch.randn(4, *shape)
