@@ -1,4 +1,4 @@
-"""Which device a name means, and an exclusive lock per device for timing on it."""
+"""Which device a name means, and the locks that keep latency measurements undisturbed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -40,19 +42,87 @@ def device_identity(device: torch.device) -> str:
     return f"cuda-{uuid}" if uuid is not None else f"cuda-{index}"
 
 
-@contextlib.contextmanager
-def exclusive(device: torch.device, *, lock_dir: str | Path | None = None) -> Iterator[None]:
-    """Hold a machine-wide lock for ``device`` so no two measurements time on it at once.
-
-    One lock file per device (all CPU cores count as one device): a run's other workers,
-    and other runs on this machine, wait here instead of skewing each other's latency.
-    """
+def _lock_file(device: torch.device, lock_dir: str | Path | None, kind: str) -> Path:
     folder = Path(lock_dir or os.environ.get("SLIMSEARCH_LOCK_DIR", tempfile.gettempdir()))
     folder.mkdir(parents=True, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]", "_", device_identity(device))
-    with open(folder / f"slimsearch-latency-{tag}.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    return folder / f"slimsearch-{kind}-{tag}.lock"
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, mode)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class _Held:
+    handle: IO[str]
+    mode: str  # "shared" (computing) or "exclusive" (timing)
+
+
+#: The device locks this process holds, by lock file. flock locks belong to an open file, so
+#: a second open of the same file would wait on this process's own lock: nested calls reuse
+#: (and convert) the one handle instead.
+_held: dict[Path, _Held] = {}
+
+
+@contextlib.contextmanager
+def computing(device: torch.device, *, lock_dir: str | Path | None = None) -> Iterator[None]:
+    """Mark work (training, evaluation) that loads ``device``: any number of processes may
+    compute at once, but never while a latency measurement on the device runs (``exclusive``).
+
+    A process waiting to measure goes first: new work queues behind it at a turnstile, so a
+    stream of computations cannot starve a measurement.
+    """
+    path = _lock_file(device, lock_dir, "device")
+    if path in _held:  # already computing or timing in this process
+        yield
+        return
+    with open(path, "a+") as handle:
+        with _flock(_lock_file(device, lock_dir, "turnstile"), fcntl.LOCK_EX):
+            pass
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        _held[path] = _Held(handle, "shared")
+        try:
+            yield
+        finally:
+            del _held[path]
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def exclusive(device: torch.device, *, lock_dir: str | Path | None = None) -> Iterator[None]:
+    """Hold ``device`` alone while timing on it: no other measurement and no other local
+    trial's computation runs on it meanwhile (both skew latency: two trials on 2 cores biased
+    it 2x while the spread still looked tight).
+
+    One lock per device (all CPU cores count as one device; a GPU by its uuid), shared by every
+    run on this machine. Called inside ``computing`` of this process, it turns that lock into
+    the exclusive one for the measurement and back into a shared one after.
+    """
+    path = _lock_file(device, lock_dir, "device")
+    outer = _held.get(path)
+    if outer is not None and outer.mode == "exclusive":
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        handle = outer.handle if outer else stack.enter_context(open(path, "a+"))
+        if outer:  # let others' waiting measurements and computations see we stopped computing
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        with _flock(_lock_file(device, lock_dir, "turnstile"), fcntl.LOCK_EX):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        _held[path] = _Held(handle, "exclusive")
+        try:
+            yield
+        finally:
+            if outer:
+                fcntl.flock(handle, fcntl.LOCK_SH)  # back to computing (waits if a measurement slipped in)
+                _held[path] = outer
+            else:
+                del _held[path]
+                fcntl.flock(handle, fcntl.LOCK_UN)

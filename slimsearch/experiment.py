@@ -12,7 +12,7 @@ space as soon as the task is built, still before any training.
     [search]   trials, sampler, timeout, storage
     [space]    bits, sparsity, pruning, student_init, [space.student] knob = [choices]
     [train]    teacher_epochs, distill_epochs, finetune_epochs, qat_epochs, batch_size, lr, ...
-    [target]   device, batch_size, threads
+    [target]   device, batch_sizes, dtype, runtime, threads, cuda_graphs, max_cv, max_repeats
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ PRUNING_METHODS = ("structured", "unstructured", "global", "2:4")
 IMPORTANCE_CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 STUDENT_INITS = ("slice", "scratch")
 SAMPLERS = ("tpe", "random")
+RUNTIMES = ("torch", "torchscript", "onnxruntime")
+DTYPES = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -155,13 +157,26 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TargetConfig:
-    """Where the deployed model runs: latency is measured here, the way it will be deployed."""
+    """Where and how the deployed model runs: latency is measured here, the way it will run."""
 
     device: str = "auto"
-    #: Batch size of the latency measurement (samples per call).
-    batch_size: int = 1
-    #: torch intra-op threads while timing on CPU.
+    #: Batch sizes (samples per call) to time; the first is the latency objective, the others
+    #: are reported beside it.
+    batch_sizes: tuple[int, ...] = (1,)
+    #: Precision the model executes in: fp32, or fp16/bf16 (weights and activations cast).
+    dtype: str = "fp32"
+    #: torch (eager), torchscript (traced and frozen) or onnxruntime (CPU): what is sized,
+    #: timed and exported is this runtime's own file.
+    runtime: str = "torch"
+    #: torch intra-op threads (or onnxruntime intra-op threads) while timing on CPU.
     threads: int = 1
+    #: Replay the model as a captured CUDA graph (torch runtime on CUDA; saves the launch
+    #: overhead that dominates small models). Ignored on CPU.
+    cuda_graphs: bool = False
+    #: A latency measurement whose coefficient of variation (std/mean, a fraction) is above
+    #: this is repeated, up to ``max_repeats`` times; the steadiest one is kept.
+    max_cv: float = 0.1
+    max_repeats: int = 2
 
     def __post_init__(self) -> None:
         _require(
@@ -170,8 +185,26 @@ class TargetConfig:
             self.device,
             "'auto', 'cpu', 'cuda' or 'cuda:N'",
         )
-        _require(self.batch_size >= 1, "target.batch_size", self.batch_size, "an integer >= 1")
+        _require(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes)
+                 and len(set(self.batch_sizes)) == len(self.batch_sizes),
+                 "target.batch_sizes", list(self.batch_sizes),
+                 "a list of distinct integers >= 1, the objective's first, e.g. [1, 256]")
+        _require(self.dtype in DTYPES, "target.dtype", self.dtype, f"one of {DTYPES}")
+        _require(self.runtime in RUNTIMES, "target.runtime", self.runtime, f"one of {RUNTIMES}")
         _require(self.threads >= 1, "target.threads", self.threads, "an integer >= 1")
+        _require(0 < self.max_cv, "target.max_cv", self.max_cv, "a fraction > 0, e.g. 0.1")
+        _require(self.max_repeats >= 0, "target.max_repeats", self.max_repeats, "an integer >= 0")
+        if self.runtime == "onnxruntime":
+            _require(self.dtype == "fp32", "target.dtype", self.dtype,
+                     "'fp32' with runtime = 'onnxruntime' (its CPU provider runs float32)")
+            _require(not self.device.startswith("cuda"), "target.device", self.device,
+                     "'cpu' or 'auto' with runtime = 'onnxruntime' (slimsearch runs its CPU "
+                     "provider); use runtime = 'torch' or 'torchscript' on CUDA")
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size of the latency objective."""
+        return self.batch_sizes[0]
 
 
 @dataclass(frozen=True)

@@ -94,13 +94,13 @@ def accuracy(model: nn.Module, data: Split, *, device: torch.device) -> float:
 
     On CUDA, TF32 is switched off while evaluating: with it, the same model file can classify
     a borderline sample differently from one process (or GPU) to the next."""
-    with _full_fp32():
+    with full_fp32():
         predictions = predict_logits(model, data.x, device=device).argmax(dim=1)
     return float((predictions == data.y).float().mean())
 
 
 @contextlib.contextmanager
-def _full_fp32() -> Iterator[None]:
+def full_fp32() -> Iterator[None]:
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:

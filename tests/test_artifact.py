@@ -27,6 +27,7 @@ from slimsearch.compression.quantization import quantize_layers_
 from slimsearch.errors import ArtifactError
 from slimsearch.evaluators import EvalContext, SizeEvaluator, evaluate
 from slimsearch.experiment import TargetConfig
+from slimsearch.runtimes.torch_runtimes import TorchRuntime
 from slimsearch.tasks import Task, factory_path, model_factory
 from slimsearch.tasks.digits import digits_cnn, digits_mlp
 
@@ -147,8 +148,11 @@ def test_pruned_shapes_are_rebuilt(tmp_path: Path) -> None:
 def test_file_size_is_what_the_size_metric_reports(tmp_path: Path, digits_mlp_task: Task) -> None:
     compressed = mixed_mlp()
     path = save_artifact(compressed, tmp_path / MODEL_FILE)
-    context = EvalContext(task=digits_mlp_task, artifact=path, model=load_model(path),
-                          target=TargetConfig(device="cpu"), device=torch.device("cpu"))
+    target, cpu = TargetConfig(device="cpu"), torch.device("cpu")
+    executable = TorchRuntime().materialize(path, target=target, device=cpu, out_dir=tmp_path,
+                                            example=digits_mlp_task.example_inputs(1))
+    context = EvalContext(task=digits_mlp_task, executable=executable, model=load_model(path),
+                          target=target, device=cpu)
     metrics = evaluate(context, [SizeEvaluator()])
     assert metrics["size_bytes"] == os.path.getsize(path)
     assert metrics["parameters"] == sum(p.numel() for p in compressed.model.parameters())

@@ -150,7 +150,7 @@ def test_list_shows_tasks_and_experiments(capsys: pytest.CaptureFixture, monkeyp
     (("bits = [4, 8, 32]", "bits = [4, 16]"), "space.bits"),
     (('task = "digits-mlp"', 'task = "digits-mpl"'), "did you mean 'digits-mlp'"),
     (('task = "digits-mlp"', 'task = "no_such_module:make_task"'), "cannot import module"),
-    (("[target]", "[target]\nbatch_size = 'one'"), "target.batch_size"),
+    (("[target]", "[target]\nbatch_sizes = 'one'"), "target.batch_sizes"),
 ])
 def test_bad_input_exits_2_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                       edit: tuple[str, str], expected: str) -> None:

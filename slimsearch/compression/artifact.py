@@ -257,13 +257,15 @@ def resolve_model_file(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path) -> nn.Module:
+def load_model(path: str | Path, *, int8: bool = True) -> nn.Module:
     """Rebuild the executable model (eval mode, CPU) from a slimsearch model file or bundle.
 
     Nothing pickled is read: the factory named in the file is imported (and must carry
     ``@slimsearch.model_factory``), layers are resized to the stored shapes, weights are
     decoded (bit-unpacked and dequantized) from the file, and the layers the file says run
     int8 are put on PyTorch's int8 kernels (``runtimes.int8``), exactly as when measured.
+    ``int8=False`` keeps every layer float (dequantized weights), for runtimes such as ONNX
+    Runtime that take a float model.
     """
     path = resolve_model_file(path)
     header = read_header(path)
@@ -280,7 +282,7 @@ def load_model(path: str | Path) -> nn.Module:
         state = {name: _decode(name, entry, reader) for name, entry in header["tensors"].items()}
     model.load_state_dict(state, strict=True)
     model.eval()
-    if header.get("execution"):
+    if int8 and header.get("execution"):
         from slimsearch.runtimes import ExecutionPlan, build_executable
 
         model = build_executable(model, ExecutionPlan.from_dict(header["execution"]))

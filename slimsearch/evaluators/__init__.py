@@ -1,4 +1,4 @@
-"""Evaluators: accuracy, size and latency, each measured on the model rebuilt from its file."""
+"""Evaluators: accuracy, size and latency, each measured on the executable form of the model."""
 
 from slimsearch.evaluators._base import (
     DEFAULT_EVALUATORS,
@@ -10,6 +10,7 @@ from slimsearch.evaluators._base import (
     evaluate,
 )
 from slimsearch.evaluators.latency import Latency, measure_latency
+from slimsearch.evaluators.latency_cache import LatencyCache
 
 __all__ = [
     "DEFAULT_EVALUATORS",
@@ -17,6 +18,7 @@ __all__ = [
     "EvalContext",
     "Evaluator",
     "Latency",
+    "LatencyCache",
     "LatencyEvaluator",
     "SizeEvaluator",
     "evaluate",

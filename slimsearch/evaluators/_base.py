@@ -1,4 +1,4 @@
-"""Evaluators: each measures the executable model rebuilt from the artifact file.
+"""Evaluators: each measures the executable form of a model, as its runtime runs it.
 
 An evaluator is any object with a ``name`` and ``__call__(context) -> dict[str, metric]``.
 ``evaluate`` runs a sequence of them and merges their metrics; a name clash is a bug.
@@ -9,28 +9,38 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
 from slimsearch.evaluators.latency import measure_latency
+from slimsearch.evaluators.latency_cache import LatencyCache
 from slimsearch.experiment import TargetConfig
 from slimsearch.tasks import Task
-from slimsearch.training import accuracy
+from slimsearch.training import full_fp32
+
+if TYPE_CHECKING:  # runtimes import the latency protocol from this package
+    from slimsearch.runtimes import Executable
 
 Metric = float | int | str
 
 
 @dataclass(frozen=True)
 class EvalContext:
-    """What every evaluator may look at: the task, the model file and the model rebuilt from it."""
+    """What every evaluator may look at: the task, the executable form of the model (with the
+    artifact file its runtime ships), and the float model it was made from."""
 
     task: Task
-    artifact: Path
+    executable: Executable
     model: nn.Module
     target: TargetConfig
     device: torch.device
+    latency_cache: LatencyCache | None = None
+
+    @property
+    def artifact(self) -> Path:
+        return self.executable.artifact
 
 
 class Evaluator(Protocol):
@@ -53,7 +63,9 @@ class AccuracyEvaluator:
 
     def __call__(self, context: EvalContext) -> dict[str, Metric]:
         data = getattr(context.task, self.split)
-        return {self.name: accuracy(context.model, data, device=context.device),
+        with full_fp32():  # TF32 would let one file classify a borderline sample two ways
+            predictions = context.executable.logits(data.x).argmax(dim=1)
+        return {self.name: float((predictions == data.y).float().mean()),
                 f"{self.split}_samples": len(data)}
 
 
@@ -69,18 +81,37 @@ class SizeEvaluator:
 
 @dataclass(frozen=True)
 class LatencyEvaluator:
-    """``latency_ms`` (median per call) and its spread, at the target's batch size."""
+    """``latency_ms`` (median per call), its spread, p90, samples and peak memory at the
+    target's first batch size; the same as ``latency_b<N>_*`` for its other batch sizes.
+    An executed form already measured in this run is taken from the cache
+    (``latency_cached``)."""
 
     name: str = "latency_ms"
     warmup: int = 100
     samples: int = 500
 
     def __call__(self, context: EvalContext) -> dict[str, Metric]:
-        inputs = context.task.example_inputs(context.target.batch_size)
-        result = measure_latency(context.model, inputs, device=context.device,
-                                 threads=context.target.threads, warmup=self.warmup,
-                                 samples=self.samples)
-        return result.as_metrics()
+        target, executable = context.target, context.executable
+        metrics: dict[str, Metric] = {}
+        for position, batch in enumerate(target.batch_sizes):
+            suffix = "" if position == 0 else f"_b{batch}"
+            key = executable.signature(batch)
+            cache = context.latency_cache
+            result = cache.get(key) if cache is not None else None
+            cached = result is not None
+            if result is None:
+                inputs = executable.native(context.task.example_inputs(batch))
+                result = measure_latency(executable.run, inputs, device=context.device,
+                                         threads=target.threads, warmup=self.warmup,
+                                         samples=self.samples, max_cv=target.max_cv,
+                                         max_repeats=target.max_repeats,
+                                         cuda_graph=target.cuda_graphs)
+                if cache is not None:
+                    cache.put(key, result)
+            metrics.update(result.as_metrics(suffix))
+            metrics[f"latency{suffix}_cached"] = cached
+            metrics[f"latency{suffix}_signature"] = key
+        return metrics
 
 
 DEFAULT_EVALUATORS: tuple[Evaluator, ...] = (

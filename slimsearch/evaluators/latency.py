@@ -1,9 +1,15 @@
 """Latency of the executable model, measured the way it will be deployed.
 
-CPU: torch threads fixed (default 1), >= 100 warm-up calls, then >= 500 timed samples, each of
-a few calls so that a sample is long enough for the clock; the median per call is the result.
-CUDA: the same, timed with CUDA events after synchronising. Either way the device is held
-exclusively (``devices.exclusive``) so no two measurements overlap, and the spread is kept.
+CPU: threads fixed (default 1), >= 100 warm-up calls, then >= 500 timed samples, each of a
+few calls so that a sample is long enough for the clock; the median per call is the result.
+CUDA: CUDA events around each call on an idle queue; warm-up continues until the median of
+successive rounds stops moving; optionally the call is replayed as a captured CUDA graph; the
+peak memory the device allocated is recorded.
+
+Either way the device is held exclusively (``devices.exclusive``): no other measurement and no
+local trial's training runs on it meanwhile. A measurement whose coefficient of variation is
+above ``max_cv`` is repeated (up to ``max_repeats`` times) and the steadiest one is kept; it
+says how many it took and whether it ever got below the threshold.
 """
 
 from __future__ import annotations
@@ -11,16 +17,22 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
-from torch import nn
 
 from slimsearch.devices import exclusive
 
 #: A CPU sample lasts at least this long (seconds), so timer resolution does not matter.
 MIN_SAMPLE_S = 200e-6
 MAX_CALLS_PER_SAMPLE = 16
+#: CUDA warm-up runs in rounds of this many calls until two successive round medians agree
+#: within STABLE_FRACTION (and at least ``warmup`` calls ran), at most MAX_WARMUP_ROUNDS rounds.
+WARMUP_ROUND = 20
+STABLE_FRACTION = 0.02
+MAX_WARMUP_ROUNDS = 50
 
 
 @dataclass(frozen=True)
@@ -37,12 +49,26 @@ class Latency:
     device: str
     batch_size: int
     threads: int
+    #: How many measurements it took to get the spread below the threshold (1 = the first).
+    attempts: int = 1
+    #: True when even the steadiest attempt stayed above the CV threshold.
+    unstable: bool = False
+    cuda_graph: bool = False
+    #: Most bytes the device had allocated during the measurement (CUDA only; None on CPU,
+    #: where no per-model figure exists).
+    peak_memory_bytes: int | None = None
 
-    def as_metrics(self) -> dict[str, float | int | str]:
-        """Flat metric names for a trial: ``latency_ms`` is the objective, the rest extras."""
+    def as_metrics(self, suffix: str = "") -> dict[str, Any]:
+        """Flat metric names for a trial: ``latency_ms`` is the objective, the rest extras.
+        ``suffix`` (e.g. ``"_b256"``) names the figures of an extra batch size."""
         data = asdict(self)
-        return {"latency_ms": data.pop("median_ms"), "latency_p90_ms": data.pop("p90_ms"),
-                **{f"latency_{k}": v for k, v in data.items()}}
+        return {f"latency{suffix}_ms": data.pop("median_ms"),
+                f"latency{suffix}_p90_ms": data.pop("p90_ms"),
+                **{f"latency{suffix}_{k}": v for k, v in data.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Latency:
+        return cls(**data)
 
 
 def _summarise(per_call_ms: list[float], *, calls: int, warmup: int, device: torch.device,
@@ -57,26 +83,44 @@ def _summarise(per_call_ms: list[float], *, calls: int, warmup: int, device: tor
 
 
 @torch.inference_mode()
-def measure_latency(model: nn.Module, inputs: torch.Tensor, *, device: torch.device,
-                    threads: int = 1, warmup: int = 100, samples: int = 500) -> Latency:
-    """Median per-call latency (ms) of ``model(inputs)`` on ``device``; ``inputs`` is one batch."""
-    model = model.to(device).eval()
-    x = inputs.to(device)
-    batch = int(x.shape[0])
+def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.device,
+                    threads: int = 1, warmup: int = 100, samples: int = 500,
+                    max_cv: float = math.inf, max_repeats: int = 0,
+                    cuda_graph: bool = False) -> Latency:
+    """Median per-call latency (ms) of ``model(inputs)`` on ``device``; ``inputs`` is one batch
+    in the form the model takes (a tensor already on ``device``, or e.g. a numpy array for
+    onnxruntime). ``model`` may be an ``nn.Module`` or any callable."""
+    if isinstance(model, torch.nn.Module):
+        model = model.to(device).eval()
+    if isinstance(inputs, torch.Tensor):
+        inputs = inputs.to(device)
+    batch = int(len(inputs))
     previous_threads = torch.get_num_threads()
     with exclusive(device):
         try:
             if device.type == "cuda":
-                return _measure_cuda(model, x, device=device, warmup=warmup, samples=samples,
-                                     batch=batch)
-            torch.set_num_threads(threads)
-            return _measure_cpu(model, x, warmup=warmup, samples=samples, batch=batch,
-                                threads=threads)
+                once = lambda: _measure_cuda(model, inputs, device=device, warmup=warmup,  # noqa: E731
+                                             samples=samples, batch=batch, graph=cuda_graph)
+            else:
+                torch.set_num_threads(threads)
+                once = lambda: _measure_cpu(model, inputs, warmup=warmup, samples=samples,  # noqa: E731
+                                            batch=batch, threads=threads)
+            return _steadiest(once, max_cv=max_cv, max_repeats=max_repeats)
         finally:
             torch.set_num_threads(previous_threads)
 
 
-def _measure_cpu(model: nn.Module, x: torch.Tensor, *, warmup: int, samples: int, batch: int,
+def _steadiest(once: Callable[[], Latency], *, max_cv: float, max_repeats: int) -> Latency:
+    """Measure until the CV is at most ``max_cv`` (or ``max_repeats`` repeats ran); keep the
+    attempt with the smallest CV, since a disturbed measurement is wider, not narrower."""
+    attempts = [once()]
+    while attempts[-1].cv > max_cv and len(attempts) <= max_repeats:
+        attempts.append(once())
+    best = min(attempts, key=lambda a: a.cv)
+    return replace(best, attempts=len(attempts), unstable=best.cv > max_cv)
+
+
+def _measure_cpu(model: Callable[[Any], Any], x: Any, *, warmup: int, samples: int, batch: int,
                  threads: int) -> Latency:
     for _ in range(warmup):
         model(x)
@@ -95,22 +139,55 @@ def _measure_cpu(model: nn.Module, x: torch.Tensor, *, warmup: int, samples: int
                       batch_size=batch, threads=threads)
 
 
-def _measure_cuda(model: nn.Module, x: torch.Tensor, *, device: torch.device, warmup: int,
-                  samples: int, batch: int) -> Latency:
+def _capture(model: Callable[[Any], Any], x: torch.Tensor) -> Callable[[Any], Any] | None:
+    """``model(x)`` captured as a CUDA graph (replayed on the same static input), or None
+    when the model cannot be captured (host synchronisation, dynamic shapes, ...)."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # PyTorch's recipe: warm up on a side stream first
+            for _ in range(3):
+                model(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(x)
+    except Exception:  # noqa: BLE001 - any capture failure means: time it eagerly
+        return None
+    return lambda _x: graph.replay()
+
+
+def _measure_cuda(model: Callable[[Any], Any], x: Any, *, device: torch.device, warmup: int,
+                  samples: int, batch: int, graph: bool) -> Latency:
     with torch.cuda.device(device):
-        for _ in range(warmup):
-            model(x)
         torch.cuda.synchronize(device)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(samples)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(samples)]
-        for start, end in zip(starts, ends, strict=True):
-            # An idle queue before each call: the sample then includes the CPU launch overhead
-            # that dominates small batches, as a deployed call would.
+        torch.cuda.reset_peak_memory_stats(device)
+        call = _capture(model, x) if graph else None
+        captured = call is not None
+        call = call or model
+
+        def timed(n: int) -> list[float]:
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            for start, end in zip(starts, ends, strict=True):
+                # An idle queue before each call: the sample then includes the CPU launch
+                # overhead that dominates small batches, as a deployed call would.
+                torch.cuda.synchronize(device)
+                start.record()
+                call(x)
+                end.record()
             torch.cuda.synchronize(device)
-            start.record()
-            model(x)
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
-    return _summarise(times, calls=1, warmup=warmup, device=device, batch_size=batch,
-                      threads=torch.get_num_threads())
+            return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+
+        # Warm up until the median settles (clocks ramp up, autotuners and allocators settle).
+        warm, previous = 0, math.inf
+        for _ in range(MAX_WARMUP_ROUNDS):
+            median = statistics.median(timed(WARMUP_ROUND))
+            warm += WARMUP_ROUND
+            if warm >= warmup and abs(median - previous) <= STABLE_FRACTION * previous:
+                break
+            previous = median
+        result = _summarise(timed(samples), calls=1, warmup=warm, device=device,
+                            batch_size=batch, threads=torch.get_num_threads())
+        peak = int(torch.cuda.max_memory_allocated(device))
+    return replace(result, cuda_graph=captured, peak_memory_bytes=peak)

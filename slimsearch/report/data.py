@@ -61,6 +61,18 @@ class ReportData:
     def count(self, state: str) -> int:
         return sum(t.state == state for t in self.trials)
 
+    @property
+    def latency_cache(self) -> tuple[int, int]:
+        """(latency figures reused from the cache, all latency figures) over completed trials:
+        an executed form measured once in the run is not measured again."""
+        flags = [v for t in self.completed for k, v in t.metrics.items()
+                 if k.startswith("latency") and k.endswith("_cached")]
+        return sum(bool(v) for v in flags), len(flags)
+
+    @property
+    def slower_than_teacher(self) -> list[TrialPoint]:
+        return [t for t in self.completed if t.metrics.get("slower_than_teacher")]
+
 
 def load_study(run_dir: Path) -> optuna.Study:
     """Open the run's study read-only in spirit (the report never writes to it)."""

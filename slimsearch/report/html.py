@@ -18,6 +18,7 @@ padding: 0.6em 1em; border-left: 4px solid #f0b400; }
 table { border-collapse: collapse; width: 100%; font-size: 0.9em; }
 th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; }
 th { cursor: pointer; background: #f4f4f4; } td.l, th.l { text-align: left; }
+.flag { color: #b00020; font-size: 0.8em; }
 code { font-size: 0.85em; } .grid { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }
 """
 
@@ -81,25 +82,33 @@ def _scatter(data: ReportData, x: str, y: str) -> go.Figure:
 def _pareto_table(data: ReportData) -> str:
     teacher_size = data.teacher.get("size_bytes")
     teacher_latency = data.teacher.get("latency_ms")
+    extra_batches = list(data.settings["experiment"]["target"]["batch_sizes"][1:])
     run_dir = shlex.quote(str(data.run_dir))
     rows = []
     for t in data.pareto:
         m = t.metrics
         ratio = teacher_size / m["size_bytes"] if teacher_size else float("nan")
-        speedup = teacher_latency / m["latency_ms"] if teacher_latency else float("nan")
+        speedup = m.get("speedup", teacher_latency / m["latency_ms"] if teacher_latency
+                        else float("nan"))
+        slower = " <span class='flag'>slower than teacher</span>" if speedup < 1 else ""
         spread = m["latency_cv"] * m["latency_ms"]
+        extra = "".join(f"<td>{m[f'speedup_b{b}']:.2f}x</td>" if f"speedup_b{b}" in m
+                        else "<td>?</td>" for b in extra_batches)
         command = f"slimsearch export {run_dir} --trial {t.number} --out exported/trial-{t.number}"
         rows.append(
             f"<tr><td>{t.number}{' (' + t.baseline + ')' if t.baseline else ''}</td>"
             f"<td>{m['val_accuracy']:.4f}</td><td>{m['test_accuracy']:.4f}</td>"
             f"<td data-v='{m['size_bytes']}'>{m['size_bytes']:,}</td><td>{ratio:.1f}x</td>"
             f"<td data-v='{m['latency_ms']}'>{m['latency_ms']:.4f} &plusmn; {spread:.4f}</td>"
-            f"<td>{speedup:.2f}x</td><td>{m.get('int8_layers', 0)}/{len(t.recipe['layers'])}</td>"
+            f"<td data-v='{m['latency_p90_ms']}'>{m['latency_p90_ms']:.4f}</td>"
+            f"<td data-v='{speedup}'>{speedup:.2f}x{slower}</td>{extra}"
+            f"<td>{m.get('int8_layers', 0)}/{len(t.recipe['layers'])}</td>"
             f"<td class='l'>{html.escape(t.summary)}</td>"
             f"<td class='l'><code>{html.escape(command)}</code></td></tr>")
+    extra_head = "".join(f"<th>speedup at batch {b}</th>" for b in extra_batches)
     head = ("<tr><th>trial</th><th>val acc</th><th>test acc</th><th>size (bytes)</th>"
-            "<th>smaller</th><th>latency ms (median &plusmn; std)</th><th>speedup</th>"
-            "<th>int8 layers</th>"
+            "<th>smaller</th><th>latency ms (p50 &plusmn; std)</th><th>p90 ms</th>"
+            f"<th>speedup</th>{extra_head}<th>int8 layers</th>"
             "<th class='l'>recipe</th><th class='l'>export</th></tr>")
     return (f"<table class='sortable'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>")
 
@@ -113,6 +122,10 @@ def _failures(data: ReportData) -> str:
     return f"<h2>Failed trials ({len(failed)})</h2><ul>{items}</ul>"
 
 
+_RUNTIMES = {"torch": "PyTorch eager", "torchscript": "TorchScript (traced, frozen)",
+             "onnxruntime": "ONNX Runtime (CPU, float32 weights)"}
+
+
 def _summary(data: ReportData) -> str:
     exp = data.settings["experiment"]
     target = exp["target"]
@@ -120,16 +133,26 @@ def _summary(data: ReportData) -> str:
     teacher = (f"val acc {t['val_accuracy']:.4f}, test acc {t['test_accuracy']:.4f}, "
                f"{t['size_bytes']:,} bytes, {t['latency_ms']:.4f} ms" if t else "not measured yet")
     spent = sum(p.seconds or 0 for p in data.trials)
+    batches = ", ".join(str(b) for b in target["batch_sizes"])
+    reused, figures = data.latency_cache
+    cache = (f"{reused} of {figures} latency figures reused from identical executed forms "
+             f"({reused / figures:.0%})" if figures else "no latency measured yet")
+    int8 = (", with layers on int8 kernels only where they were measured faster at this batch "
+            "(column 'int8 layers')" if target["runtime"] != "onnxruntime" else "")
+    slower = len(data.slower_than_teacher)
     return (
         f"<ul><li>task <b>{html.escape(exp['task'])}</b>, seed {exp['seed']}</li>"
         f"<li>target: device {html.escape(data.settings.get('device', target['device']))}, "
-        f"batch {target['batch_size']}, {target['threads']} CPU thread(s); PyTorch eager, with "
-        f"layers on int8 kernels only where they were measured faster at this batch (column "
-        f"'int8 layers')</li>"
-        f"<li>teacher: {teacher}</li>"
+        f"{_RUNTIMES.get(target['runtime'], target['runtime'])}, {target['dtype']}, batch "
+        f"{batches} (the first is the objective), {target['threads']} CPU thread(s)"
+        f"{', CUDA graphs' if target.get('cuda_graphs') else ''}{int8}</li>"
+        f"<li>teacher (measured in this run on this target): {teacher}</li>"
         f"<li>trials: {data.count('COMPLETE')} complete, {data.count('FAIL')} failed, "
         f"{data.count('PRUNED')} pruned, {data.count('RUNNING')} running; "
         f"{spent / 60:.1f} min of trial time</li>"
+        f"<li>latency cache: {cache}</li>"
+        f"<li>slower than the teacher at batch {target['batch_sizes'][0]}: {slower} of "
+        f"{len(data.completed)} completed trials</li>"
         f"<li>Pareto-optimal trials: {len(data.pareto)}</li></ul>")
 
 
@@ -152,8 +175,9 @@ def render_html(data: ReportData) -> str:
 <h2>Summary</h2>{_summary(data)}
 <p class="note">The search selected on the <b>validation</b> split. Test accuracy is measured
 on a held-out split for information only; differences smaller than one test sample
-(1/{len_test(data)}) are noise. Size is the byte length of the model file; latency is measured on
-the model rebuilt from that file.</p>
+(1/{len_test(data)}) are noise. Size is the byte length of the file the target's runtime
+executes; latency is measured on that executable form, the teacher's on the same target in the
+same run.</p>
 <h2>Pareto front</h2>{figures or "<p>No trial has completed yet.</p>"}
 <h2>Pareto-optimal trials</h2><p class="muted">Click a column to sort.</p>{_pareto_table(data)}
 {_failures(data)}

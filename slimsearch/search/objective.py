@@ -1,14 +1,16 @@
 """The trial objective, free of any search engine: recipe in, measured metrics out.
 
-    recipe -> compression.build -> model file -> load_model -> evaluators -> metrics
+    recipe -> compression.build -> model file -> runtime.materialize -> evaluators -> metrics
 
-Accuracy, size and latency are all measured on the model rebuilt from the file, the same file
-``slimsearch export`` hands out. The trial folder ends up holding everything needed to
-rebuild and re-measure that model: recipe, seed, metrics, versions and the model file.
+Accuracy, size and latency are all measured on the executable form the target's runtime makes
+from the model file (for the ``torch`` runtime, the model rebuilt from that file itself), the
+same files ``slimsearch export`` hands out. The trial folder ends up holding everything needed
+to rebuild and re-measure that model: recipe, seed, metrics, versions and the files.
 """
 
 from __future__ import annotations
 
+import gc
 import platform
 import time
 from dataclasses import dataclass
@@ -20,9 +22,10 @@ import torch
 import slimsearch
 from slimsearch.atomic import write_json, write_text
 from slimsearch.compression import MODEL_FILE, CompressedModel, build, load_model, save_artifact
-from slimsearch.evaluators import EvalContext, evaluate
+from slimsearch.devices import computing
+from slimsearch.evaluators import EvalContext, LatencyCache, evaluate
 from slimsearch.experiment import ExperimentConfig
-from slimsearch.runtimes import plan_execution
+from slimsearch.runtimes import Runtime, get_runtime, plan_execution
 from slimsearch.search.teacher import Teacher
 from slimsearch.spaces import Recipe
 from slimsearch.tasks import Task
@@ -39,32 +42,75 @@ def environment() -> dict[str, str]:
             "machine": platform.machine(), "processor": platform.processor() or "unknown"}
 
 
+def relative_to_teacher(metrics: dict[str, Any], teacher: dict[str, Any],
+                        batch_sizes: tuple[int, ...]) -> dict[str, Any]:
+    """Speedup (teacher latency / latency, per batch size) and size ratio against the teacher
+    measured in the same run on the same target, and the "slower than teacher" flag."""
+    relative: dict[str, Any] = {"size_ratio": round(teacher["size_bytes"] / metrics["size_bytes"], 4)}
+    for position, batch in enumerate(batch_sizes):
+        suffix = "" if position == 0 else f"_b{batch}"
+        ours, theirs = metrics.get(f"latency{suffix}_ms"), teacher.get(f"latency{suffix}_ms")
+        if ours and theirs:
+            relative[f"speedup{suffix}"] = round(theirs / ours, 4)
+    relative["slower_than_teacher"] = relative.get("speedup", 1.0) < 1.0
+    return relative
+
+
 @dataclass
 class TrialRunner:
-    """Builds and measures recipes for one run; the same object serves every trial."""
+    """Builds and measures recipes for one run; the same object serves every trial.
+
+    Work that loads the device (training, evaluation) runs under ``devices.computing`` so that
+    no latency measurement of another local trial overlaps it; timing takes the device alone.
+    """
 
     config: ExperimentConfig
     task: Task
     teacher: Teacher
     device: torch.device
+    latency_cache: LatencyCache | None = None
+    #: The teacher's metrics on this target, once measured: trials are reported relative to it.
+    teacher_metrics: dict[str, Any] | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        return get_runtime(self.config.target.runtime)
 
     def measure(self, model_file: Path) -> dict[str, Any]:
-        """Rebuild the model from ``model_file`` and measure it on the target."""
-        model = load_model(model_file)
-        context = EvalContext(task=self.task, artifact=model_file, model=model,
-                              target=self.config.target, device=self.device)
-        return evaluate(context)
+        """Materialize ``model_file`` in the target's runtime (its artifact is written beside
+        it) and measure that executable form: accuracy, the artifact's bytes, latency."""
+        target = self.config.target
+        with computing(self.device):
+            executable = self.runtime.materialize(
+                model_file, target=target, device=self.device, out_dir=model_file.parent,
+                example=self.task.example_inputs(target.batch_size))
+            context = EvalContext(task=self.task, executable=executable,
+                                  model=load_model(model_file, int8=False), target=target,
+                                  device=self.device, latency_cache=self.latency_cache)
+            metrics = evaluate(context)
+        metrics.update(runtime=executable.runtime, artifact_file=executable.artifact.name,
+                       dtype=target.dtype)
+        if self.teacher_metrics is not None:
+            metrics.update(relative_to_teacher(metrics, self.teacher_metrics, target.batch_sizes))
+        del context, executable
+        if self.device.type == "cuda":  # the next trial starts from an empty cache
+            gc.collect()
+            torch.cuda.empty_cache()
+        return metrics
 
     def plan_execution(self, compressed: CompressedModel, recipe: Recipe) -> dict[str, Any] | None:
-        """Which layers run on int8 kernels: measured per layer at the target batch (CPU only;
-        CUDA int8 kernels are not wired in yet, so CUDA targets execute float)."""
-        if self.device.type != "cpu":
+        """Which layers run on int8 kernels: measured per layer at the target batch. CPU int8
+        kernels serve the torch and torchscript runtimes in fp32 (ONNX Runtime takes a float
+        model; CUDA int8 kernels are not wired in yet, so CUDA targets execute float)."""
+        target = self.config.target
+        if (self.device.type != "cpu" or target.dtype != "fp32"
+                or target.runtime not in ("torch", "torchscript")):
             return None
         plan = plan_execution(compressed.model, {n: r.bits for n, r in recipe.layers.items()},
-                              batch=self.task.example_inputs(self.config.target.batch_size),
+                              batch=self.task.example_inputs(target.batch_size),
                               calibration=self.task.train.x[:512],
                               activation_bits=recipe.activation_bits,
-                              threads=self.config.target.threads,
+                              threads=target.threads,
                               symmetric=recipe.weight_scheme == "symmetric")
         return plan.to_dict() if plan else None
 
@@ -74,10 +120,11 @@ class TrialRunner:
         write_text(trial_dir / "recipe.json", recipe.to_json() + "\n")
         write_json(trial_dir / "environment.json", {"seed": seed, **environment()})
         start = time.perf_counter()
-        compressed = build(self.task, self.teacher.model, self.teacher.train_logits, recipe,
-                           train=self.config.train, seed=seed, device=self.device,
-                           round_to=self.config.space.channel_multiple,
-                           teacher_features=self.teacher.train_features)
+        with computing(self.device):
+            compressed = build(self.task, self.teacher.model, self.teacher.train_logits, recipe,
+                               train=self.config.train, seed=seed, device=self.device,
+                               round_to=self.config.space.channel_multiple,
+                               teacher_features=self.teacher.train_features)
         compressed.execution = self.plan_execution(compressed, recipe)
         compressed.record["execution"] = compressed.execution or "float (no int8 candidate)"
         built = time.perf_counter()

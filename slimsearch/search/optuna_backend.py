@@ -23,9 +23,11 @@ from optuna.trial import TrialState
 
 from slimsearch.atomic import read_json, write_json, write_text
 from slimsearch.compression import MODEL_FILE
-from slimsearch.devices import device_identity, resolve_device
+from slimsearch.devices import computing, device_identity, resolve_device
 from slimsearch.errors import ConfigError
+from slimsearch.evaluators import LatencyCache
 from slimsearch.experiment import ExperimentConfig
+from slimsearch.runtimes import get_runtime
 from slimsearch.search.objective import OBJECTIVES, TrialRunner, environment
 from slimsearch.search.run_folder import RunFolder
 from slimsearch.search.storage import check_storage_url, open_storage
@@ -77,6 +79,7 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
     space = SearchSpace(task, config.space)
     device = resolve_device(config.target.device)
+    get_runtime(config.target.runtime).check(config.target, device)
     folder = RunFolder(run_dir)
     if storage_url is not None:
         check_storage_url(storage_url)
@@ -119,16 +122,21 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
 
     completed = failed = 0
     interrupted = False
+    cache: LatencyCache | None = None
     try:
-        teacher = prepare_teacher(task, config.train, seed=config.seed, cache_dir=folder.teacher,
-                                  device=device)
-        runner = TrialRunner(config=config, task=task, teacher=teacher, device=device)
+        with computing(device):
+            teacher = prepare_teacher(task, config.train, seed=config.seed,
+                                      cache_dir=folder.teacher, device=device)
+        cache = LatencyCache(folder.root / "latency_cache.json")
+        runner = TrialRunner(config=config, task=task, teacher=teacher, device=device,
+                             latency_cache=cache)
         metrics_file = folder.teacher / "metrics.json"
-        # Measured once per run: trials are compared with one teacher measurement, not with
-        # whichever session ran last.
+        # Measured once per run, on the same target and runtime as every trial: trials are
+        # compared with one teacher measurement, not with whichever session ran last.
         if teacher.trained_here or not metrics_file.exists():
             write_json(metrics_file, runner.measure(folder.teacher / MODEL_FILE))
         teacher_metrics = read_json(metrics_file)
+        runner.teacher_metrics = teacher_metrics
         say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
             f"{_describe(teacher_metrics)}")
         if not study.trials:
@@ -148,7 +156,11 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             "finished trials are kept")
     finally:
         report = write_report(folder.root)
-    say(f"{completed} trials completed, {failed} failed in this session; "
+    cache_note = ""
+    if cache is not None and cache.hit_rate is not None:
+        cache_note = (f"; latency cache: {cache.hits} of {cache.hits + cache.misses} "
+                      f"measurements reused ({cache.hit_rate:.0%})")
+    say(f"{completed} trials completed, {failed} failed in this session{cache_note}; "
         f"report: {report.resolve()}")
     return RunResult(folder.root, report, folder.pareto_json, completed, failed, interrupted)
 
@@ -181,10 +193,11 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
         return False
     front = study.best_trials
     best = max(t.values[0] for t in front)
-    ratio = teacher_metrics["size_bytes"] / metrics["size_bytes"]
+    speed = f"{metrics['speedup']:.2f}x" if "speedup" in metrics else "?"
+    slower = " SLOWER THAN TEACHER" if metrics.get("slower_than_teacher") else ""
     say(f"[{position}] trial {trial.number} done in {time.perf_counter() - start:.1f} s: "
-        f"{_describe(metrics)} ({ratio:.1f}x smaller) | Pareto front {len(front)}, "
-        f"best val_accuracy {best:.4f}")
+        f"{_describe(metrics)} ({metrics['size_ratio']:.1f}x smaller, {speed} speed{slower}) | "
+        f"Pareto front {len(front)}, best val_accuracy {best:.4f}")
     return True
 
 
@@ -195,5 +208,6 @@ def _counted(study: optuna.Study) -> int:
 
 
 def _describe(metrics: dict) -> str:
+    cached = ", cached" if metrics.get("latency_cached") else ""
     return (f"val_accuracy {metrics['val_accuracy']:.4f}, {metrics['size_bytes'] / 1e3:.1f} kB, "
-            f"{metrics['latency_ms']:.4f} ms (cv {metrics['latency_cv']:.2f})")
+            f"{metrics['latency_ms']:.4f} ms (cv {metrics['latency_cv']:.2f}{cached})")

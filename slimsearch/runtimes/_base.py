@@ -1,0 +1,91 @@
+"""What a runtime is: it turns a model file into the executable form that is sized, timed and
+exported, and says in a signature exactly what executes.
+
+A runtime is an object with a ``name`` and two methods:
+
+- ``check(target, device)``: raise ``ConfigError`` before any work when it cannot serve the
+  target (not installed, wrong device or dtype);
+- ``materialize(model_file, target=..., device=..., example=..., out_dir=...) -> Executable``.
+
+``RUNTIMES`` holds the built-in ones (``torch``, ``torchscript``, ``onnxruntime``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from slimsearch.experiment import TargetConfig
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Executable:
+    """A compressed model in the form a runtime executes it.
+
+    ``artifact`` is the file a deployment ships (its length is the size objective); ``run``
+    executes one batch given in the runtime's own input form, which ``native`` makes from a
+    CPU float tensor; ``form`` describes what executes, layer by layer, for the latency cache.
+    """
+
+    runtime: str
+    artifact: Path
+    device: torch.device
+    run: Callable[[Any], Any]
+    native: Callable[[torch.Tensor], Any]
+    to_tensor: Callable[[Any], torch.Tensor]
+    form: dict[str, Any]
+    #: The torch module behind ``run`` (torch and torchscript runtimes), e.g. for CUDA graphs.
+    module: nn.Module | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
+        """Float32 CPU logits of the executable on ``x``, computed in batches."""
+        return torch.cat([self.to_tensor(self.run(self.native(x[i:i + batch_size]))).float().cpu()
+                          for i in range(0, len(x), batch_size)])
+
+    def signature(self, batch_size: int) -> str:
+        """A key for the latency of this executed form at ``batch_size``: equal keys run the
+        same kernels on the same shapes (weights' values aside), so their latency is the same."""
+        text = json.dumps({"form": self.form, "batch_size": batch_size}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class Runtime(Protocol):
+    name: str
+
+    def check(self, target: TargetConfig, device: torch.device) -> None: ...
+
+    def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
+                    example: torch.Tensor, out_dir: Path) -> Executable: ...
+
+
+#: Numbers that a quantized layer's description carries but that do not change what runs.
+_VALUES = re.compile(r"\b(scale|zero_point)=[^,)]*(, )?")
+
+
+def module_form(module: nn.Module) -> list[Any]:
+    """Every submodule's type, configuration and tensor shapes/dtypes/layouts (not values),
+    plus the code of FX graphs: what decides which kernels run on which shapes."""
+    layers: list[Any] = []
+    for name, sub in module.named_modules():
+        tensors = [[n, type(t).__name__, list(t.shape), str(t.dtype), str(t.layout)]
+                   for n, t in itertools.chain(sub.named_parameters(recurse=False),
+                                               sub.named_buffers(recurse=False))]
+        entry = [name, f"{type(sub).__module__}.{type(sub).__qualname__}",
+                 _VALUES.sub("", sub.extra_repr()), tensors]
+        if isinstance(sub, torch.fx.GraphModule):
+            entry.append(sub.code)
+        layers.append(entry)
+    return layers

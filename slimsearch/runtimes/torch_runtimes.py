@@ -1,0 +1,104 @@
+"""The PyTorch runtimes: ``torch`` (eager) and ``torchscript`` (traced, frozen, saved, loaded).
+
+``torch`` executes the model rebuilt from the slimsearch model file, so that file is its
+artifact: bit-packed weights, int8 layers where they were measured faster. ``torchscript``
+traces that same executable model into a frozen TorchScript file, which is then what is
+sized, timed and exported (a deployment loads it without slimsearch or the model's code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimsearch.atomic import write_with
+from slimsearch.compression import load_model, read_header
+from slimsearch.errors import ConfigError, TrialError
+from slimsearch.experiment import TargetConfig
+from slimsearch.runtimes._base import DTYPES, Executable, module_form
+
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+
+
+def _executable_module(model_file: Path, target: TargetConfig,
+                       device: torch.device) -> tuple[nn.Module, dict]:
+    header = read_header(model_file)
+    model = load_model(model_file).to(device=device, dtype=DTYPES[target.dtype]).eval()
+    return model, header
+
+
+def _form(runtime: str, module: nn.Module, header: dict, target: TargetConfig,
+          device: torch.device) -> dict:
+    return {"runtime": runtime, "torch": torch.__version__, "device": str(device),
+            "dtype": target.dtype, "threads": target.threads, "cuda_graphs": target.cuda_graphs,
+            "factory": header["factory"], "kwargs": header["kwargs"],
+            "layers": module_form(module)}
+
+
+def _check_common(runtime: str, target: TargetConfig, device: torch.device) -> None:
+    if target.dtype == "fp16" and device.type == "cpu":
+        raise ConfigError(f"target.dtype = 'fp16' on the CPU: PyTorch's CPU kernels for float16 "
+                          f"are slow emulations, so runtime = {runtime!r} would time a form "
+                          "nobody deploys; use 'fp32' or 'bf16' on CPU, or a CUDA device")
+
+
+class TorchRuntime:
+    """PyTorch eager execution of the model rebuilt from the slimsearch model file."""
+
+    name = "torch"
+
+    def check(self, target: TargetConfig, device: torch.device) -> None:
+        _check_common(self.name, target, device)
+
+    def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
+                    example: torch.Tensor, out_dir: Path) -> Executable:
+        module, header = _executable_module(model_file, target, device)
+        dtype = DTYPES[target.dtype]
+        return Executable(runtime=self.name, artifact=model_file, device=device, run=module,
+                          native=lambda x: x.to(device=device, dtype=dtype),
+                          to_tensor=lambda y: y, module=module,
+                          form=_form(self.name, module, header, target, device))
+
+
+@contextlib.contextmanager
+def _jit_quiet() -> Iterator[None]:
+    # torch.jit warns that it is deprecated in favour of torch.export; it is still what
+    # deploys without Python, and the user chose it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class TorchScriptRuntime:
+    """``torch.jit.trace`` + ``torch.jit.freeze`` of the executable model, saved and reloaded."""
+
+    name = "torchscript"
+
+    def check(self, target: TargetConfig, device: torch.device) -> None:
+        _check_common(self.name, target, device)
+
+    def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
+                    example: torch.Tensor, out_dir: Path) -> Executable:
+        module, header = _executable_module(model_file, target, device)
+        dtype = DTYPES[target.dtype]
+        x = example.to(device=device, dtype=dtype)
+        try:
+            with _jit_quiet(), torch.inference_mode(False), torch.no_grad():
+                frozen = torch.jit.freeze(torch.jit.trace(module, x, check_trace=False).eval())
+        except Exception as exc:  # tracing raises many types on dynamic Python code
+            raise TrialError(f"runtime 'torchscript' cannot trace this model: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                             ) from exc
+        path = out_dir / TORCHSCRIPT_FILE
+        with _jit_quiet():
+            write_with(path, lambda tmp: torch.jit.save(frozen, str(tmp)))
+            loaded = torch.jit.load(str(path), map_location=device).eval()
+        return Executable(runtime=self.name, artifact=path, device=device, run=loaded,
+                          native=lambda t: t.to(device=device, dtype=dtype),
+                          to_tensor=lambda y: y, module=loaded,
+                          form=_form(self.name, module, header, target, device))
