@@ -1,7 +1,9 @@
 """Export a trial: a bundle folder that ``load_model`` accepts and a manifest that proves it.
 
     bundle/
-      model.safetensors   the model file the trial was measured on (byte for byte)
+      model.safetensors   the model file the trial was built into (byte for byte)
+      model.onnx | model.torchscript.pt   the runtime's own file, when the target's runtime
+                          is onnxruntime or torchscript: what was sized and timed
       recipe.json         how it was built          metrics.json   what the search measured
       environment.json    versions and seed         manifest.json  sha256 of every file
 """
@@ -46,6 +48,10 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path) -> Path:
         raise ConfigError(f"--trial {trial} is {numbers[trial].state.name}, not COMPLETE; pick a "
                           "completed trial from the report")
     source = folder.trial(trial)
+    metrics = read_json(source / "metrics.json")
+    files = list(BUNDLE_FILES)
+    if metrics.get("artifact_file", MODEL_FILE) not in files:
+        files.append(metrics["artifact_file"])
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} already exists and is not empty; choose a new folder")
@@ -53,11 +59,13 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path) -> Path:
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in BUNDLE_FILES:
+    for name in files:
         shutil.copyfile(source / name, staging / name)
     write_json(staging / "manifest.json", {
         "format": "slimsearch.bundle", "version": 1, "run": str(folder.root.resolve()),
-        "trial": trial, "files": {name: sha256(staging / name) for name in BUNDLE_FILES}})
+        "trial": trial, "runtime": metrics.get("runtime", "torch"),
+        "artifact": metrics.get("artifact_file", MODEL_FILE),
+        "files": {name: sha256(staging / name) for name in files}})
     if out.exists():
         out.rmdir()
     staging.rename(out)

@@ -252,3 +252,36 @@ def test_a_broken_plugin_task_exits_2_with_the_reason(tmp_path: Path, capsys: py
     assert main(["run", str(experiment), "--run-dir", str(tmp_path / "run")]) == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_run_on_onnxruntime_sizes_times_and_relates_its_own_file(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    experiment = write_experiment(tmp_path, trials=4,
+                                  extra='runtime = "onnxruntime"\nbatch_sizes = [1, 8]\n')
+    assert main(["run", str(experiment), "--run-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "latency cache:" in out
+    pareto = json.loads((tmp_path / "run" / "pareto.json").read_text())
+    teacher = pareto["teacher"]
+    assert teacher["runtime"] == "onnxruntime" and teacher["artifact_file"] == "model.onnx"
+    assert teacher["size_bytes"] == (tmp_path / "run" / "teacher" / "model.onnx").stat().st_size
+    for entry in pareto["trials"]:
+        m = entry["metrics"]
+        onnx_file = tmp_path / "run" / "trials" / f"{entry['number']:05d}" / "model.onnx"
+        assert m["size_bytes"] == onnx_file.stat().st_size  # the file ONNX Runtime executes
+        assert m["latency_b8_ms"] > 0 and m["speedup_b8"] > 0
+        assert m["speedup"] == pytest.approx(teacher["latency_ms"] / m["latency_ms"], rel=1e-3)
+        assert m["slower_than_teacher"] == (m["speedup"] < 1)
+        assert m["int8_layers"] == 0  # ONNX Runtime is given a float model
+    # trial 0 is the teacher itself: the same executed form, so its latency came from the cache
+    trial0 = json.loads((tmp_path / "run" / "trials" / "00000" / "metrics.json").read_text())
+    assert trial0["latency_cached"] and trial0["latency_ms"] == teacher["latency_ms"]
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "ONNX Runtime" in html and "speedup at batch 8" in html and "latency cache" in html
+    bundle = tmp_path / "bundle"
+    best = pareto["trials"][0]["number"]
+    assert main(["export", str(tmp_path / "run"), "--trial", str(best), "--out", str(bundle)]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["runtime"] == "onnxruntime" and manifest["artifact"] == "model.onnx"
+    assert "model.onnx" in manifest["files"] and (bundle / "model.onnx").is_file()

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from slimsearch.evaluators import measure_latency
+from slimsearch.evaluators import Latency, LatencyCache, measure_latency
+from slimsearch.evaluators.latency import _steadiest
 
 
 @pytest.fixture(autouse=True)
@@ -94,3 +95,69 @@ def test_cuda_measurement() -> None:
     assert result.device.startswith("cuda") and result.samples == 100 and result.calls_per_sample == 1
     assert 0 < result.median_ms <= result.p90_ms
     assert torch.get_num_threads() == before
+
+
+def _latency(cv: float, median_ms: float = 1.0) -> Latency:
+    return Latency(median_ms=median_ms, p90_ms=median_ms * 1.1, cv=cv, samples=500,
+                   calls_per_sample=1, warmup_calls=100, device="cpu", batch_size=1, threads=1)
+
+
+def test_a_spread_above_the_threshold_is_measured_again_and_the_steadiest_kept() -> None:
+    attempts = iter([_latency(0.5, 3.0), _latency(0.2, 1.2), _latency(0.3, 2.0)])
+    result = _steadiest(lambda: next(attempts), max_cv=0.1, max_repeats=2)
+    assert (result.attempts, result.cv, result.median_ms, result.unstable) == (3, 0.2, 1.2, True)
+    calm = iter([_latency(0.05), _latency(0.5)])
+    result = _steadiest(lambda: next(calm), max_cv=0.1, max_repeats=2)
+    assert (result.attempts, result.unstable) == (1, False)
+    late = iter([_latency(0.4), _latency(0.08)])
+    assert _steadiest(lambda: next(late), max_cv=0.1, max_repeats=5).unstable is False
+
+
+def test_extra_batch_sizes_get_their_own_metric_names() -> None:
+    metrics = _latency(0.1, 2.0).as_metrics("_b256")
+    assert metrics["latency_b256_ms"] == 2.0 and metrics["latency_b256_cv"] == 0.1
+    assert "latency_ms" not in metrics
+
+
+def test_the_cache_is_shared_through_its_file_and_counts_hits(tmp_path: Path) -> None:
+    path = tmp_path / "latency_cache.json"
+    first = LatencyCache(path)
+    assert first.get("abc") is None and first.hit_rate == 0.0
+    first.put("abc", _latency(0.05, 1.5))
+    second = LatencyCache(path)  # another worker, or a resumed run
+    assert second.get("abc") == _latency(0.05, 1.5)
+    assert (second.hits, second.misses, second.hit_rate) == (1, 0, 1.0)
+    path.write_text("{not json")  # a damaged cache costs a measurement, never a trial
+    assert LatencyCache(path).get("abc") is None
+    memory = LatencyCache()
+    memory.put("k", _latency(0.1))
+    assert memory.get("k") == _latency(0.1)
+
+
+def test_the_evaluator_measures_an_executed_form_once_per_batch(tmp_path: Path) -> None:
+    from slimsearch.compression import MODEL_FILE, CompressedModel, save_artifact
+    from slimsearch.evaluators import EvalContext, LatencyEvaluator
+    from slimsearch.experiment import TargetConfig
+    from slimsearch.runtimes import RUNTIMES
+    from slimsearch.tasks import factory_path, make_task
+    from slimsearch.tasks.digits import digits_mlp
+
+    task = make_task("digits-mlp", seed=0)
+    model = digits_mlp(width=0.25, depth=1)
+    path = save_artifact(CompressedModel(model=model, factory=factory_path(digits_mlp),
+                                         kwargs={"width": 0.25, "depth": 1}), tmp_path / MODEL_FILE)
+    target = TargetConfig(device="cpu", batch_sizes=(1, 8))
+    cpu = torch.device("cpu")
+    executable = RUNTIMES["torch"].materialize(path, target=target, device=cpu, out_dir=tmp_path,
+                                               example=task.example_inputs(1))
+    cache = LatencyCache(tmp_path / "cache.json")
+    context = EvalContext(task=task, executable=executable, model=model, target=target,
+                          device=cpu, latency_cache=cache)
+    evaluator = LatencyEvaluator(warmup=5, samples=20)
+    first, again = evaluator(context), evaluator(context)
+    assert not first["latency_cached"] and not first["latency_b8_cached"]
+    assert again["latency_cached"] and again["latency_b8_cached"]
+    assert again["latency_ms"] == first["latency_ms"]
+    assert again["latency_b8_ms"] == first["latency_b8_ms"]
+    assert first["latency_signature"] != first["latency_b8_signature"]
+    assert (cache.hits, cache.misses) == (2, 2)

@@ -88,12 +88,20 @@ class TorchScriptRuntime:
         dtype = DTYPES[target.dtype]
         x = example.to(device=device, dtype=dtype)
         try:
-            with _jit_quiet(), torch.inference_mode(False), torch.no_grad():
+            with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+                warnings.simplefilter("always")
                 frozen = torch.jit.freeze(torch.jit.trace(module, x, check_trace=False).eval())
         except Exception as exc:  # tracing raises many types on dynamic Python code
             raise TrialError(f"runtime 'torchscript' cannot trace this model: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                              ) from exc
+        # A trace records the branch the example took: data-dependent control flow would run
+        # the wrong code on other inputs without an error, so it fails the trial instead.
+        tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+        if tracer:
+            raise TrialError("runtime 'torchscript' cannot trace this model faithfully: "
+                             f"{str(tracer[0].message).splitlines()[0]} Use runtime = 'torch', or "
+                             "remove the data-dependent Python control flow from forward")
         path = out_dir / TORCHSCRIPT_FILE
         with _jit_quiet():
             write_with(path, lambda tmp: torch.jit.save(frozen, str(tmp)))
