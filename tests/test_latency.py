@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slimsearch.evaluators import Latency, LatencyCache, measure_latency
-from slimsearch.evaluators.latency import _steadiest
+from slimsearch.evaluators.latency import _measure_cpu, _steadiest
 
 
 @pytest.fixture(autouse=True)
@@ -161,3 +161,42 @@ def test_the_evaluator_measures_an_executed_form_once_per_batch(tmp_path: Path) 
     assert again["latency_b8_ms"] == first["latency_b8_ms"]
     assert first["latency_signature"] != first["latency_b8_signature"]
     assert (cache.hits, cache.misses) == (2, 2)
+
+
+class FakeClock:
+    """A clock that only moves when the fake model runs: each call takes the next duration."""
+
+    def __init__(self, durations_s: list[float]) -> None:
+        self.now = 0.0
+        self.durations = iter(durations_s)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def model(self, _x: object) -> None:
+        self.now += next(self.durations)
+
+
+def test_warm_up_is_discarded_and_the_median_of_the_samples_reported() -> None:
+    # 100 slow warm-up calls, 10 calibration calls of 1 ms (long enough: 1 call per sample),
+    # then 300 samples of 1.0 ms, 197 of 1.5 ms and 3 outliers of 50 ms
+    durations = [0.005] * 100 + [0.001] * 10 + [0.001] * 300 + [0.0015] * 197 + [0.05] * 3
+    clock = FakeClock(durations)
+    result = _measure_cpu(clock.model, None, warmup=100, samples=500, batch=1, threads=1,
+                          clock=clock)
+    assert result.calls_per_sample == 1 and result.samples == 500 and result.warmup_calls == 110
+    assert result.median_ms == pytest.approx(1.0)
+    assert result.p90_ms == pytest.approx(1.5)
+    times = [1.0] * 300 + [1.5] * 197 + [50.0] * 3
+    mean = sum(times) / 500
+    std = (sum((t - mean) ** 2 for t in times) / 500) ** 0.5
+    assert result.cv == pytest.approx(std / mean)
+
+
+def test_short_calls_are_grouped_so_a_sample_outlasts_the_clock_resolution() -> None:
+    # 50 us per call: ceil(200 us / 50 us) = 4 calls per sample, latency reported per call
+    clock = FakeClock([50e-6] * (5 + 10 + 4 * 20))
+    result = _measure_cpu(clock.model, None, warmup=5, samples=20, batch=1, threads=1,
+                          clock=clock)
+    assert result.calls_per_sample == 4
+    assert result.median_ms == pytest.approx(0.05) and result.cv == pytest.approx(0, abs=1e-9)

@@ -265,7 +265,8 @@ def load_model(path: str | Path, *, int8: bool = True) -> nn.Module:
     decoded (bit-unpacked and dequantized) from the file, and the layers the file says run
     int8 are put on PyTorch's int8 kernels (``runtimes.int8``), exactly as when measured.
     ``int8=False`` keeps every layer float (dequantized weights), for runtimes such as ONNX
-    Runtime that take a float model.
+    Runtime that take a float model. A plan for CUDA kernels (``mode="cuda"``) is applied by
+    the torch runtime once the model is on its GPU and in its dtype; here the model is float.
     """
     path = resolve_model_file(path)
     header = read_header(path)
@@ -282,8 +283,9 @@ def load_model(path: str | Path, *, int8: bool = True) -> nn.Module:
         state = {name: _decode(name, entry, reader) for name, entry in header["tensors"].items()}
     model.load_state_dict(state, strict=True)
     model.eval()
-    if int8 and header.get("execution"):
+    plan = header.get("execution")
+    if int8 and plan and plan["mode"] != "cuda":  # CUDA kernels are put on by the runtime
         from slimsearch.runtimes import ExecutionPlan, build_executable
 
-        model = build_executable(model, ExecutionPlan.from_dict(header["execution"]))
+        model = build_executable(model, ExecutionPlan.from_dict(plan))
     return model

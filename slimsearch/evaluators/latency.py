@@ -91,7 +91,12 @@ def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.d
     in the form the model takes (a tensor already on ``device``, or e.g. a numpy array for
     onnxruntime). ``model`` may be an ``nn.Module`` or any callable."""
     if isinstance(model, torch.nn.Module):
-        model = model.to(device).eval()
+        # Moved only when it is not there yet: a runtime may have put tensor subclasses
+        # (sparse or quantized weights) on the device that should not be copied again.
+        if any(p.device.type != device.type or device.index not in (None, p.device.index)
+               for p in model.parameters()):
+            model = model.to(device)
+        model = model.eval()
     if isinstance(inputs, torch.Tensor):
         inputs = inputs.to(device)
     batch = int(len(inputs))
@@ -121,20 +126,20 @@ def _steadiest(once: Callable[[], Latency], *, max_cv: float, max_repeats: int) 
 
 
 def _measure_cpu(model: Callable[[Any], Any], x: Any, *, warmup: int, samples: int, batch: int,
-                 threads: int) -> Latency:
+                 threads: int, clock: Callable[[], float] = time.perf_counter) -> Latency:
     for _ in range(warmup):
         model(x)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(10):
         model(x)
-    per_call = (time.perf_counter() - start) / 10
+    per_call = (clock() - start) / 10
     calls = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_S / max(per_call, 1e-9))))
     times = []
     for _ in range(samples):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             model(x)
-        times.append((time.perf_counter() - start) / calls * 1e3)
+        times.append((clock() - start) / calls * 1e3)
     return _summarise(times, calls=calls, warmup=warmup + 10, device=torch.device("cpu"),
                       batch_size=batch, threads=threads)
 

@@ -21,6 +21,8 @@ from slimsearch.compression import load_model, read_header
 from slimsearch.errors import ConfigError, TrialError
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes._base import DTYPES, Executable, module_form
+from slimsearch.runtimes.cuda import build_cuda_executable
+from slimsearch.runtimes.int8 import ExecutionPlan
 
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 
@@ -29,6 +31,9 @@ def _executable_module(model_file: Path, target: TargetConfig,
                        device: torch.device) -> tuple[nn.Module, dict]:
     header = read_header(model_file)
     model = load_model(model_file).to(device=device, dtype=DTYPES[target.dtype]).eval()
+    plan = header.get("execution")
+    if plan and plan["mode"] == "cuda" and device.type == "cuda":
+        model = build_cuda_executable(model, ExecutionPlan.from_dict(plan))
     return model, header
 
 

@@ -25,7 +25,8 @@ from slimsearch.compression import MODEL_FILE, CompressedModel, build, load_mode
 from slimsearch.devices import computing
 from slimsearch.evaluators import EvalContext, LatencyCache, evaluate
 from slimsearch.experiment import ExperimentConfig
-from slimsearch.runtimes import Runtime, get_runtime, plan_execution
+from slimsearch.runtimes import DTYPES, Runtime, get_runtime, plan_execution
+from slimsearch.runtimes.cuda import plan_cuda_execution
 from slimsearch.search.teacher import Teacher
 from slimsearch.spaces import Recipe
 from slimsearch.tasks import Task
@@ -99,16 +100,22 @@ class TrialRunner:
         return metrics
 
     def plan_execution(self, compressed: CompressedModel, recipe: Recipe) -> dict[str, Any] | None:
-        """Which layers run on int8 kernels: measured per layer at the target batch. CPU int8
-        kernels serve the torch and torchscript runtimes in fp32 (ONNX Runtime takes a float
-        model; CUDA int8 kernels are not wired in yet, so CUDA targets execute float)."""
+        """Which layers run on low-precision or sparse kernels, measured per layer at the
+        target batch: PyTorch's int8 kernels on CPU (torch and torchscript runtimes, fp32),
+        torchao weight-only and 2:4 semi-structured kernels on CUDA (torch runtime). ONNX
+        Runtime takes a float model."""
         target = self.config.target
-        if (self.device.type != "cpu" or target.dtype != "fp32"
-                or target.runtime not in ("torch", "torchscript")):
+        batch = self.task.example_inputs(target.batch_size)
+        if self.device.type == "cuda":
+            if target.runtime != "torch":  # torchao's tensor subclasses do not trace
+                return None
+            plan = plan_cuda_execution(compressed.model, recipe.layers, batch=batch,
+                                       dtype=DTYPES[target.dtype], device=self.device)
+            return plan.to_dict() if plan else None
+        if target.dtype != "fp32" or target.runtime not in ("torch", "torchscript"):
             return None
         plan = plan_execution(compressed.model, {n: r.bits for n, r in recipe.layers.items()},
-                              batch=self.task.example_inputs(target.batch_size),
-                              calibration=self.task.train.x[:512],
+                              batch=batch, calibration=self.task.train.x[:512],
                               activation_bits=recipe.activation_bits,
                               threads=target.threads,
                               symmetric=recipe.weight_scheme == "symmetric")
@@ -130,8 +137,9 @@ class TrialRunner:
         built = time.perf_counter()
         model_file = save_artifact(compressed, trial_dir / MODEL_FILE)
         metrics = self.measure(model_file)
-        plan = compressed.execution or {}
-        metrics["int8_layers"] = sum(how == "int8" for how in plan.get("layers", {}).values())
+        kernels = list((compressed.execution or {}).get("layers", {}).values())
+        metrics["int8_layers"] = sum(how in ("int8", "int8-weight-only") for how in kernels)
+        metrics["low_precision_layers"] = sum(how != "float" for how in kernels)
         metrics["build_seconds"] = round(built - start, 3)
         metrics["measure_seconds"] = round(time.perf_counter() - built, 3)
         write_json(trial_dir / "build.json", compressed.record)
