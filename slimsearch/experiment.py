@@ -12,7 +12,8 @@ space as soon as the task is built, still before any training.
     [search]   trials, sampler, timeout, storage
     [space]    bits, sparsity, pruning, student_init, [space.student] knob = [choices]
     [train]    teacher_epochs, distill_epochs, finetune_epochs, qat_epochs, batch_size, lr, ...
-    [target]   device, batch_sizes, dtype, runtime, threads, cuda_graphs, max_cv, max_repeats
+    [target]   device, batch_sizes, dtype, runtime, threads, cuda_graphs, max_cv, max_repeats,
+               quiet_wait_s
 """
 
 from __future__ import annotations
@@ -173,10 +174,16 @@ class TargetConfig:
     #: Replay the model as a captured CUDA graph (torch runtime on CUDA; saves the launch
     #: overhead that dominates small models). Ignored on CPU.
     cuda_graphs: bool = False
-    #: A latency measurement whose coefficient of variation (std/mean, a fraction) is above
-    #: this is repeated, up to ``max_repeats`` times; the steadiest one is kept.
+    #: A latency measurement whose median moved more than this between its windows
+    #: (coefficient of variation of the window medians, a fraction) is repeated, up to
+    #: ``max_repeats`` times; the steadiest one is kept.
     max_cv: float = 0.1
-    max_repeats: int = 2
+    max_repeats: int = 1
+    #: CPU: how long (seconds) one measurement may keep sampling to collect its samples in
+    #: undisturbed moments on a shared machine, before it scales the disturbed ones by the
+    #: measured slowdown instead. Disturbances there lasted seconds, so the default is not
+    #: to wait (a trial's measurement then costs ~0.05 s for a small model).
+    quiet_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         _require(
@@ -194,6 +201,8 @@ class TargetConfig:
         _require(self.threads >= 1, "target.threads", self.threads, "an integer >= 1")
         _require(0 < self.max_cv, "target.max_cv", self.max_cv, "a fraction > 0, e.g. 0.1")
         _require(self.max_repeats >= 0, "target.max_repeats", self.max_repeats, "an integer >= 0")
+        _require(self.quiet_wait_s >= 0, "target.quiet_wait_s", self.quiet_wait_s,
+                 "a number of seconds >= 0")
         if self.runtime == "onnxruntime":
             _require(self.dtype == "fp32", "target.dtype", self.dtype,
                      "'fp32' with runtime = 'onnxruntime' (its CPU provider runs float32)")

@@ -13,7 +13,7 @@ from torch import nn
 
 from slimsearch.compression import CompressedModel, load_model, save_artifact
 from slimsearch.compression.quantization import quantize_layers_
-from slimsearch.runtimes import ExecutionPlan, build_executable, engine, plan_execution
+from slimsearch.runtimes import ExecutionPlan, build_executable, engine, int8, plan_execution
 from slimsearch.runtimes.int8 import MARGIN, _calibrate
 from slimsearch.tasks import factory_path
 from slimsearch.tasks.digits import digits_cnn, digits_mlp
@@ -154,3 +154,23 @@ def test_untraceable_model_falls_back_to_dynamic_int8_and_says_why() -> None:
     assert plan.mode == "dynamic" and "not traceable" in plan.decisions["static"]
     executable = build_executable(model, plan)
     assert executable(torch.randn(3, 64)).shape == (3, 10)
+
+
+def test_a_form_already_decided_reuses_the_decision_and_recalibrates() -> None:
+    int8._MODEL_CACHE.clear()  # decided afresh here, whatever ran before in this process
+    first = _compressed(digits_cnn, {"width": 0.25, "fc_width": 0.25}, bits=8).model
+    torch.manual_seed(7)
+    second = digits_cnn(width=0.25, fc_width=0.25).eval()  # same shapes, other weights
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(3.0)  # other activation ranges too
+    bits = {n: 8 for n, m in first.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    batch, data = torch.randn(256, 1, 32, 32), torch.randn(64, 1, 32, 32)
+    kwargs = dict(batch=batch, calibration=data, activation_bits=8, threads=1)
+    a = plan_execution(first, bits, **kwargs)
+    b = plan_execution(second, bits, **kwargs)
+    assert "reused" not in a.decisions["model"]
+    assert "reused" in b.decisions["model"] and b.layers == a.layers
+    if b.int8_layers:  # calibrated on the second model itself, not copied from the first
+        assert b.ranges == _calibrate(second, b.int8_layers, [1, 32, 32], data)
+        assert b.ranges != a.ranges

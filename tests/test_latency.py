@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 
 from slimsearch.evaluators import Latency, LatencyCache, measure_latency
 from slimsearch.evaluators.latency import _measure_cpu, _steadiest
+from slimsearch.evaluators.machine_probe import MachineProbe
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +70,7 @@ def test_threads_other_than_the_current_count_are_used_and_then_restored() -> No
     result = measure_latency(model, torch.randn(2, 8), device=torch.device("cpu"), threads=target,
                              warmup=5, samples=20)
     assert model.seen == {target} and result.threads == target and result.batch_size == 2
-    assert result.samples == 20 and result.warmup_calls >= 5
+    assert result.samples >= 20 and result.warmup_calls >= 5
     assert torch.get_num_threads() == before
 
 
@@ -98,14 +100,15 @@ def test_cuda_measurement() -> None:
 
 
 def _latency(cv: float, median_ms: float = 1.0) -> Latency:
-    return Latency(median_ms=median_ms, p90_ms=median_ms * 1.1, cv=cv, samples=500,
-                   calls_per_sample=1, warmup_calls=100, device="cpu", batch_size=1, threads=1)
+    return Latency(median_ms=median_ms, p90_ms=median_ms * 1.1, cv=cv * 3, samples=500,
+                   calls_per_sample=1, warmup_calls=100, device="cpu", batch_size=1, threads=1,
+                   window_cv=cv)
 
 
 def test_a_spread_above_the_threshold_is_measured_again_and_the_steadiest_kept() -> None:
     attempts = iter([_latency(0.5, 3.0), _latency(0.2, 1.2), _latency(0.3, 2.0)])
     result = _steadiest(lambda: next(attempts), max_cv=0.1, max_repeats=2)
-    assert (result.attempts, result.cv, result.median_ms, result.unstable) == (3, 0.2, 1.2, True)
+    assert (result.attempts, result.window_cv, result.median_ms, result.unstable) == (3, 0.2, 1.2, True)
     calm = iter([_latency(0.05), _latency(0.5)])
     result = _steadiest(lambda: next(calm), max_cv=0.1, max_repeats=2)
     assert (result.attempts, result.unstable) == (1, False)
@@ -115,7 +118,7 @@ def test_a_spread_above_the_threshold_is_measured_again_and_the_steadiest_kept()
 
 def test_extra_batch_sizes_get_their_own_metric_names() -> None:
     metrics = _latency(0.1, 2.0).as_metrics("_b256")
-    assert metrics["latency_b256_ms"] == 2.0 and metrics["latency_b256_cv"] == 0.1
+    assert metrics["latency_b256_ms"] == 2.0 and metrics["latency_b256_window_cv"] == 0.1
     assert "latency_ms" not in metrics
 
 
@@ -164,11 +167,13 @@ def test_the_evaluator_measures_an_executed_form_once_per_batch(tmp_path: Path) 
 
 
 class FakeClock:
-    """A clock that only moves when the fake model runs: each call takes the next duration."""
+    """A clock that only moves when fake work runs: each model call takes the next duration
+    of ``durations_s`` (an iterator), each probe call ``probe_s[0]`` seconds."""
 
-    def __init__(self, durations_s: list[float]) -> None:
+    def __init__(self, durations_s, probe_s: float = 10e-6) -> None:
         self.now = 0.0
         self.durations = iter(durations_s)
+        self.probe_s = [probe_s]
 
     def __call__(self) -> float:
         return self.now
@@ -176,27 +181,69 @@ class FakeClock:
     def model(self, _x: object) -> None:
         self.now += next(self.durations)
 
+    def probe(self, lock_dir: Path) -> MachineProbe:
+        def work() -> None:
+            self.now += self.probe_s[0]
+        return MachineProbe(1, lock_dir=lock_dir, workload=work, clock=self)
 
-def test_warm_up_is_discarded_and_the_median_of_the_samples_reported() -> None:
-    # 100 slow warm-up calls, 10 calibration calls of 1 ms (long enough: 1 call per sample),
-    # then 300 samples of 1.0 ms, 197 of 1.5 ms and 3 outliers of 50 ms
-    durations = [0.005] * 100 + [0.001] * 10 + [0.001] * 300 + [0.0015] * 197 + [0.05] * 3
-    clock = FakeClock(durations)
+
+def test_warm_up_is_discarded_and_the_median_of_the_samples_reported(tmp_path: Path) -> None:
+    # 100 warm-up calls of 5 ms, 10 calibration calls of 1 ms (long enough: 1 call per
+    # sample), then samples of 1.0 ms and 1.5 ms, 3 of every 5 at 1.0 ms
+    pattern = itertools.cycle([0.001, 0.0015, 0.001, 0.0015, 0.001])
+    clock = FakeClock(itertools.chain([0.005] * 100, [0.001] * 10, pattern))
     result = _measure_cpu(clock.model, None, warmup=100, samples=500, batch=1, threads=1,
-                          clock=clock)
-    assert result.calls_per_sample == 1 and result.samples == 500 and result.warmup_calls == 110
+                          clock=clock, probe=clock.probe(tmp_path))
+    assert result.calls_per_sample == 1 and result.warmup_calls == 110
+    assert result.samples >= 500 and not result.disturbed and result.quiet_fraction == 1.0
     assert result.median_ms == pytest.approx(1.0)
     assert result.p90_ms == pytest.approx(1.5)
-    times = [1.0] * 300 + [1.5] * 197 + [50.0] * 3
-    mean = sum(times) / 500
-    std = (sum((t - mean) ** 2 for t in times) / 500) ** 0.5
-    assert result.cv == pytest.approx(std / mean)
+    assert result.slowdown == pytest.approx(1.0) and result.raw_median_ms == pytest.approx(1.0)
+    times = [1.0, 1.5, 1.0, 1.5, 1.0]
+    mean = sum(times) / 5
+    expected_cv = (sum((t - mean) ** 2 for t in times) / 5) ** 0.5 / mean
+    assert result.cv == pytest.approx(expected_cv, rel=0.02)
 
 
-def test_short_calls_are_grouped_so_a_sample_outlasts_the_clock_resolution() -> None:
-    # 50 us per call: ceil(200 us / 50 us) = 4 calls per sample, latency reported per call
-    clock = FakeClock([50e-6] * (5 + 10 + 4 * 20))
+def test_a_disturbed_machine_is_detected_and_its_slowdown_taken_out(tmp_path: Path) -> None:
+    # the probe runs 10 us undisturbed (floor), then the machine slows down 1.5x: probe
+    # 15 us, model 1.5 ms instead of 1.0 ms, and it stays so past the waiting time
+    clock = FakeClock(itertools.chain([0.0015] * 150, itertools.repeat(0.0015)))
+    probe = clock.probe(tmp_path)
+    clock.probe_s[0] = 15e-6
+    result = _measure_cpu(clock.model, None, warmup=100, samples=500, batch=1, threads=1,
+                          quiet_wait_s=2.0, clock=clock, probe=probe)
+    assert result.disturbed and result.quiet_fraction == 0.0
+    assert result.slowdown == pytest.approx(1.5)
+    assert result.raw_median_ms == pytest.approx(1.5)
+    assert result.median_ms == pytest.approx(1.0)  # what the model takes undisturbed
+    assert clock.now >= 2.0  # it waited for an undisturbed moment before scaling
+    # the floor is kept for the next process on this machine
+    assert MachineProbe(1, lock_dir=tmp_path, workload=lambda: None).floor_us == pytest.approx(10)
+
+
+def test_undisturbed_windows_are_kept_and_disturbed_ones_left_out(tmp_path: Path) -> None:
+    # alternate 0.5 s quiet (model 1.0 ms) and 0.5 s disturbed (model 1.6 ms, probe 16 us)
+    clock = FakeClock([])
+    probe = clock.probe(tmp_path)
+
+    def durations():
+        while True:
+            disturbed = int(clock.now / 0.5) % 2 == 1
+            clock.probe_s[0] = 16e-6 if disturbed else 10e-6
+            yield 0.0016 if disturbed else 0.001
+
+    clock.durations = durations()
+    result = _measure_cpu(clock.model, None, warmup=100, samples=500, batch=1, threads=1,
+                          quiet_wait_s=5.0, clock=clock, probe=probe)
+    assert not result.disturbed and 0 < result.quiet_fraction < 1
+    assert result.median_ms == pytest.approx(1.0)
+
+
+def test_short_calls_are_grouped_so_a_sample_outlasts_the_clock_resolution(tmp_path: Path) -> None:
+    # 20 us per call: ceil(50 us / 20 us) = 3 calls per sample, latency reported per call
+    clock = FakeClock(itertools.repeat(20e-6))
     result = _measure_cpu(clock.model, None, warmup=5, samples=20, batch=1, threads=1,
-                          clock=clock)
-    assert result.calls_per_sample == 4
-    assert result.median_ms == pytest.approx(0.05) and result.cv == pytest.approx(0, abs=1e-9)
+                          clock=clock, probe=clock.probe(tmp_path))
+    assert result.calls_per_sample == 3
+    assert result.median_ms == pytest.approx(0.02) and result.cv == pytest.approx(0, abs=1e-9)

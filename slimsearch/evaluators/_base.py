@@ -6,6 +6,7 @@ An evaluator is any object with a ``name`` and ``__call__(context) -> dict[str, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,7 @@ class LatencyEvaluator:
                                          threads=target.threads, warmup=self.warmup,
                                          samples=self.samples, max_cv=target.max_cv,
                                          max_repeats=target.max_repeats,
+                                         quiet_wait_s=target.quiet_wait_s,
                                          cuda_graph=target.cuda_graphs)
                 if cache is not None:
                     cache.put(key, result)
@@ -118,12 +120,16 @@ DEFAULT_EVALUATORS: tuple[Evaluator, ...] = (
     AccuracyEvaluator("val"), AccuracyEvaluator("test"), SizeEvaluator(), LatencyEvaluator())
 
 
-def evaluate(context: EvalContext,
-             evaluators: Sequence[Evaluator] = DEFAULT_EVALUATORS) -> dict[str, Metric]:
-    """Run every evaluator on ``context`` and merge their metrics."""
+def evaluate(context: EvalContext, evaluators: Sequence[Evaluator] = DEFAULT_EVALUATORS, *,
+             seconds: dict[str, float] | None = None) -> dict[str, Metric]:
+    """Run every evaluator on ``context`` and merge their metrics; ``seconds`` (if given)
+    receives how long each evaluator took, by name."""
     metrics: dict[str, Metric] = {}
     for evaluator in evaluators:
+        start = time.perf_counter()
         found = evaluator(context)
+        if seconds is not None:
+            seconds[evaluator.name] = round(time.perf_counter() - start, 4)
         clash = set(found) & set(metrics)
         if clash:
             raise ValueError(f"evaluator {evaluator.name!r} reports {sorted(clash)} again")

@@ -1,7 +1,11 @@
 """Latency of the executable model, measured the way it will be deployed.
 
-CPU: threads fixed (default 1), >= 100 warm-up calls, then >= 500 timed samples, each of a
-few calls so that a sample is long enough for the clock; the median per call is the result.
+CPU: threads fixed (default 1), >= 100 warm-up calls (and >= 50 ms), then >= 500 timed
+samples, each of a few calls so that a sample is long enough for the clock, taken in 5 ms
+windows between readings of a reference workload (``machine_probe``). The median per call of
+the samples taken while the machine was undisturbed is the result; when fewer than 500 came
+within ``quiet_wait_s``, the samples of disturbed windows are scaled by the machine's measured
+slowdown and counted too, and the result says so (``disturbed``).
 CUDA: CUDA events around each call on an idle queue; warm-up continues until the median of
 successive rounds stops moving; optionally the call is replayed as a captured CUDA graph; the
 peak memory the device allocated is recorded.
@@ -24,10 +28,15 @@ from typing import Any
 import torch
 
 from slimsearch.devices import exclusive
+from slimsearch.evaluators.machine_probe import MachineProbe
 
 #: A CPU sample lasts at least this long (seconds), so timer resolution does not matter.
-MIN_SAMPLE_S = 200e-6
+MIN_SAMPLE_S = 50e-6
 MAX_CALLS_PER_SAMPLE = 16
+#: CPU warm-up lasts at least this long (seconds) as well as ``warmup`` calls.
+WARMUP_MIN_S = 0.02
+#: CPU samples are taken in windows of this many seconds between two probe readings.
+WINDOW_S = 0.005
 #: CUDA warm-up runs in rounds of this many calls until two successive round medians agree
 #: within STABLE_FRACTION (and at least ``warmup`` calls ran), at most MAX_WARMUP_ROUNDS rounds.
 WARMUP_ROUND = 20
@@ -41,7 +50,7 @@ class Latency:
 
     median_ms: float
     p90_ms: float
-    #: Coefficient of variation of the samples (std / mean, a fraction).
+    #: Coefficient of variation of the samples (std / mean, a fraction): their spread.
     cv: float
     samples: int
     calls_per_sample: int
@@ -57,6 +66,19 @@ class Latency:
     #: Most bytes the device had allocated during the measurement (CUDA only; None on CPU,
     #: where no per-model figure exists).
     peak_memory_bytes: int | None = None
+    #: CPU: fraction of the samples taken while the machine was undisturbed (see
+    #: ``machine_probe``), the machine's slowdown during the measurement (1.0 = undisturbed),
+    #: whether too few undisturbed samples came and the result was scaled by that slowdown
+    #: instead, and the plain median of every sample, whatever the machine was doing.
+    quiet_fraction: float | None = None
+    slowdown: float | None = None
+    disturbed: bool = False
+    raw_median_ms: float | None = None
+    #: Coefficient of variation of the medians of successive windows (CPU: the 5 ms windows
+    #: used; CUDA: blocks of 50 samples): how steady the median was over the measurement.
+    #: Above ``max_cv`` the measurement is repeated. (Single samples of a few microseconds
+    #: jitter by 10-30% on any machine, so their own CV would repeat every measurement.)
+    window_cv: float = 0.0
 
     def as_metrics(self, suffix: str = "") -> dict[str, Any]:
         """Flat metric names for a trial: ``latency_ms`` is the objective, the rest extras.
@@ -74,10 +96,9 @@ class Latency:
 def _summarise(per_call_ms: list[float], *, calls: int, warmup: int, device: torch.device,
                batch_size: int, threads: int) -> Latency:
     ordered = sorted(per_call_ms)
-    mean = statistics.fmean(ordered)
     return Latency(median_ms=statistics.median(ordered),
                    p90_ms=ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)],
-                   cv=statistics.pstdev(ordered) / mean if mean > 0 else 0.0,
+                   cv=_cv(ordered),
                    samples=len(ordered), calls_per_sample=calls, warmup_calls=warmup,
                    device=str(device), batch_size=batch_size, threads=threads)
 
@@ -86,7 +107,8 @@ def _summarise(per_call_ms: list[float], *, calls: int, warmup: int, device: tor
 def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.device,
                     threads: int = 1, warmup: int = 100, samples: int = 500,
                     max_cv: float = math.inf, max_repeats: int = 0,
-                    cuda_graph: bool = False) -> Latency:
+                    cuda_graph: bool = False, quiet_wait_s: float = 0.0,
+                    warmup_s: float = WARMUP_MIN_S) -> Latency:
     """Median per-call latency (ms) of ``model(inputs)`` on ``device``; ``inputs`` is one batch
     in the form the model takes (a tensor already on ``device``, or e.g. a numpy array for
     onnxruntime). ``model`` may be an ``nn.Module`` or any callable."""
@@ -109,39 +131,105 @@ def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.d
             else:
                 torch.set_num_threads(threads)
                 once = lambda: _measure_cpu(model, inputs, warmup=warmup, samples=samples,  # noqa: E731
-                                            batch=batch, threads=threads)
+                                            batch=batch, threads=threads,
+                                            quiet_wait_s=quiet_wait_s, warmup_s=warmup_s)
             return _steadiest(once, max_cv=max_cv, max_repeats=max_repeats)
         finally:
             torch.set_num_threads(previous_threads)
 
 
 def _steadiest(once: Callable[[], Latency], *, max_cv: float, max_repeats: int) -> Latency:
-    """Measure until the CV is at most ``max_cv`` (or ``max_repeats`` repeats ran); keep the
-    attempt with the smallest CV, since a disturbed measurement is wider, not narrower."""
+    """Measure until the window CV is at most ``max_cv`` (or ``max_repeats`` repeats ran);
+    keep the steadiest attempt. A measurement already scaled for a disturbed machine is not
+    repeated: its windows are as unsteady as the machine, and a repeat would be too."""
     attempts = [once()]
-    while attempts[-1].cv > max_cv and len(attempts) <= max_repeats:
+    while (attempts[-1].window_cv > max_cv and not attempts[-1].disturbed
+           and len(attempts) <= max_repeats):
         attempts.append(once())
-    best = min(attempts, key=lambda a: a.cv)
-    return replace(best, attempts=len(attempts), unstable=best.cv > max_cv)
+    best = min(attempts, key=lambda a: a.window_cv)
+    return replace(best, attempts=len(attempts), unstable=best.window_cv > max_cv)
+
+
+def _cv(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = statistics.fmean(values)
+    return statistics.pstdev(values) / mean if mean > 0 else 0.0
+
+
+@dataclass
+class _Window:
+    """Samples (ms per call) taken between two probe readings (us)."""
+
+    before_us: float
+    times_ms: list[float]
+    after_us: float
 
 
 def _measure_cpu(model: Callable[[Any], Any], x: Any, *, warmup: int, samples: int, batch: int,
-                 threads: int, clock: Callable[[], float] = time.perf_counter) -> Latency:
-    for _ in range(warmup):
+                 threads: int, quiet_wait_s: float = 0.0, warmup_s: float = WARMUP_MIN_S,
+                 clock: Callable[[], float] = time.perf_counter,
+                 probe: MachineProbe | None = None) -> Latency:
+    """Windows of samples between probe readings, until ``samples`` samples were taken in
+    undisturbed windows (both readings near the floor) or, after ``quiet_wait_s`` seconds,
+    with whatever the windows hold: then the samples of disturbed windows are scaled by
+    floor / reading (the machine's slowdown at that moment; a pure-Python loop, a matmul and
+    these models all slowed by 1.45-1.6x together on the reference VM) and the result is
+    flagged ``disturbed``."""
+    probe = probe or MachineProbe(threads, clock=clock)
+    start = clock()
+    calls_done = 0
+    while calls_done < warmup or clock() - start < warmup_s:  # also: a core waking up
         model(x)
+        calls_done += 1
     start = clock()
     for _ in range(10):
         model(x)
     per_call = (clock() - start) / 10
     calls = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_S / max(per_call, 1e-9))))
-    times = []
-    for _ in range(samples):
-        start = clock()
-        for _ in range(calls):
-            model(x)
-        times.append((clock() - start) / calls * 1e3)
-    return _summarise(times, calls=calls, warmup=warmup + 10, device=torch.device("cpu"),
-                      batch_size=batch, threads=threads)
+    windows: list[_Window] = []
+    total = 0
+    before = probe.burst()
+    begin = clock()
+    while True:
+        window_start, times = clock(), []
+        while not times or clock() - window_start < WINDOW_S:
+            sample_start = clock()
+            for _ in range(calls):
+                model(x)
+            times.append((clock() - sample_start) / calls * 1e3)
+        after = probe.burst()
+        windows.append(_Window(before, times, after))
+        before, total = after, total + len(times)
+        if _quiet_count(windows, probe) >= samples:
+            break
+        if total >= samples and clock() - begin >= quiet_wait_s:
+            break
+    probe.save()
+    quiet = [t for w in windows if probe.is_quiet(w.before_us) and probe.is_quiet(w.after_us)
+             for t in w.times_ms]
+    every = [t for w in windows for t in w.times_ms]
+    # Enough undisturbed samples: they alone are the measurement. Otherwise every window
+    # counts, and those taken while the machine was disturbed are scaled by floor / reading.
+    disturbed = len(quiet) < samples
+    chosen_windows = [
+        w.times_ms if probe.is_quiet(w.before_us) and probe.is_quiet(w.after_us)
+        else [t * probe.floor_us / ((w.before_us + w.after_us) / 2) for t in w.times_ms]
+        for w in windows
+        if disturbed or (probe.is_quiet(w.before_us) and probe.is_quiet(w.after_us))]
+    chosen = [t for times in chosen_windows for t in times]
+    readings = [windows[0].before_us, *(w.after_us for w in windows)]
+    result = _summarise(chosen, calls=calls, warmup=calls_done + 10, device=torch.device("cpu"),
+                        batch_size=batch, threads=threads)
+    return replace(result, disturbed=disturbed, quiet_fraction=round(len(quiet) / len(every), 4),
+                   slowdown=round(statistics.median(readings) / probe.floor_us, 4),
+                   raw_median_ms=statistics.median(every),
+                   window_cv=_cv([statistics.median(t) for t in chosen_windows]))
+
+
+def _quiet_count(windows: list[_Window], probe: MachineProbe) -> int:
+    return sum(len(w.times_ms) for w in windows
+               if probe.is_quiet(w.before_us) and probe.is_quiet(w.after_us))
 
 
 def _capture(model: Callable[[Any], Any], x: torch.Tensor) -> Callable[[Any], Any] | None:
@@ -192,7 +280,9 @@ def _measure_cuda(model: Callable[[Any], Any], x: Any, *, device: torch.device, 
             if warm >= warmup and abs(median - previous) <= STABLE_FRACTION * previous:
                 break
             previous = median
-        result = _summarise(timed(samples), calls=1, warmup=warm, device=device,
-                            batch_size=batch, threads=torch.get_num_threads())
+        times = timed(samples)
+        result = _summarise(times, calls=1, warmup=warm, device=device, batch_size=batch,
+                            threads=torch.get_num_threads())
         peak = int(torch.cuda.max_memory_allocated(device))
-    return replace(result, cuda_graph=captured, peak_memory_bytes=peak)
+    blocks = [statistics.median(times[i:i + 50]) for i in range(0, len(times) - 49, 50)]
+    return replace(result, cuda_graph=captured, peak_memory_bytes=peak, window_cv=_cv(blocks))

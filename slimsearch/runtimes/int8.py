@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from torch import nn
 
 from slimsearch.errors import ArtifactError
 from slimsearch.evaluators.latency import measure_latency
+from slimsearch.runtimes._base import module_form
 
 
 def engine() -> str | None:
@@ -175,15 +177,18 @@ def _calibrate(model: nn.Module, layers: list[str], input_shape: list[int],
 
 def _time(fn: nn.Module, x: torch.Tensor, threads: int) -> float:
     """Median milliseconds per call of ``fn(x)`` on CPU: the project's latency protocol with
-    few samples (a decision, not a reported objective), under the same CPU lock."""
+    few samples and no waiting for an undisturbed machine (a decision between two forms timed
+    back to back, not a reported objective), under the same CPU lock."""
     return measure_latency(fn, x, device=torch.device("cpu"), threads=threads, warmup=3,
-                           samples=15).median_ms
+                           samples=15, quiet_wait_s=0.0, warmup_s=0.005).median_ms
 
 
 #: int8 must beat float by this fraction to run: a tie in a quick timing is not a win.
 MARGIN = 0.05
 
 _LAYER_CACHE: dict[tuple, tuple[float, float]] = {}
+#: Whole-model decisions by form (see plan_execution): (layers, decisions).
+_MODEL_CACHE: dict[tuple, tuple[dict[str, str], dict[str, Any]]] = {}
 
 
 def _layer_times(layer: nn.Module, x: torch.Tensor, mode: str, threads: int) -> tuple[float, float]:
@@ -229,6 +234,18 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
     candidates = [n for n, b in layer_bits.items() if b <= 8 and isinstance(modules.get(n), kinds)]
     if not candidates:
         return None
+    # The decision depends on shapes and kernels, not on weight values: a model of a form
+    # already decided in this process reuses it (only a static plan's ranges are recalibrated).
+    key = (json.dumps(module_form(model)), tuple(candidates), mode, threads, tuple(batch.shape),
+           name_of_engine)
+    if key in _MODEL_CACHE:
+        layers, decisions = _MODEL_CACHE[key]
+        plan = ExecutionPlan(mode=mode, layers=dict(layers), input_shape=list(batch.shape[1:]),
+                             engine=name_of_engine, decisions=copy.deepcopy(decisions))
+        plan.decisions["model"]["reused"] = "same form decided earlier in this process"
+        if plan.int8_layers and mode == "static":
+            plan.ranges = _calibrate(model, plan.int8_layers, plan.input_shape, calibration)
+        return plan
     inputs: dict[str, torch.Tensor] = {}
 
     def keep_input(name: str) -> Any:
@@ -249,10 +266,20 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
         float_ms, int8_ms = _layer_times(modules[name], inputs[name], mode, threads)
         plan.layers[name] = "int8" if int8_ms < (1 - MARGIN) * float_ms else "float"
         plan.decisions[name] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
-    # Per-layer timings include a quantize/dequantize at each layer's borders, which a
-    # chain of int8 layers does not pay; so the whole model is timed as well, float vs
-    # the per-layer choice vs every candidate on int8, and the fastest runs.
-    options = {"per layer": plan.layers, "all int8": dict.fromkeys(candidates, "int8")}
+    if untraceable is not None:
+        plan.decisions["static"] = f"not traceable by torch.fx, dynamic int8 instead: {untraceable}"
+    # Static: per-layer timings include a quantize/dequantize at each layer's borders, which
+    # a chain of int8 layers does not pay; so the whole model is timed as well, float vs the
+    # per-layer choice vs every candidate on int8, and the fastest runs. Dynamic layers
+    # quantize their input on every call, chained or not: only the per-layer choice is
+    # checked as a whole, and when no layer won there is nothing to check.
+    options = {"per layer": plan.layers}
+    if mode == "static":
+        options["all int8"] = dict.fromkeys(candidates, "int8")
+    if "int8" not in (v for layers in options.values() for v in layers.values()):
+        plan.decisions["model"] = {"chosen": "float", "why": "no layer was faster on int8"}
+        _MODEL_CACHE[key] = (dict(plan.layers), copy.deepcopy(plan.decisions))
+        return plan
     timings = {"float": _time(model, batch, threads)}
     built: dict[str, ExecutionPlan] = {}
     for label, layers in options.items():
@@ -273,7 +300,6 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
         plan.layers, plan.ranges = dict.fromkeys(candidates, "float"), {}
     else:
         plan.layers, plan.ranges = built[best].layers, built[best].ranges
-    if untraceable is not None:
-        plan.decisions["static"] = f"not traceable by torch.fx, dynamic int8 instead: {untraceable}"
+    _MODEL_CACHE[key] = (dict(plan.layers), copy.deepcopy(plan.decisions))
     return plan
 
