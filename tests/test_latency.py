@@ -247,3 +247,18 @@ def test_short_calls_are_grouped_so_a_sample_outlasts_the_clock_resolution(tmp_p
                           clock=clock, probe=clock.probe(tmp_path))
     assert result.calls_per_sample == 3
     assert result.median_ms == pytest.approx(0.02) and result.cv == pytest.approx(0, abs=1e-9)
+
+
+def test_forms_compared_in_turns_rank_more_work_slower() -> None:
+    from slimsearch.evaluators.latency import compare_latency
+
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 256)
+    x = torch.randn(8, 256)
+
+    def twice(t: torch.Tensor) -> torch.Tensor:
+        return layer(layer(t))
+
+    timed = compare_latency({"once": layer, "twice": twice}, x, rounds=6, window_s=0.001)
+    assert set(timed) == {"once", "twice"}
+    assert timed["twice"] > 1.5 * timed["once"] > 0

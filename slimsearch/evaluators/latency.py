@@ -1,6 +1,6 @@
 """Latency of the executable model, measured the way it will be deployed.
 
-CPU: threads fixed (default 1), >= 100 warm-up calls (and >= 50 ms), then >= 500 timed
+CPU: threads fixed (default 1), >= 100 warm-up calls (and >= 10 ms), then >= 500 timed
 samples, each of a few calls so that a sample is long enough for the clock, taken in 5 ms
 windows between readings of a reference workload (``machine_probe``). The median per call of
 the samples taken while the machine was undisturbed is the result; when fewer than 500 came
@@ -34,7 +34,7 @@ from slimsearch.evaluators.machine_probe import MachineProbe
 MIN_SAMPLE_S = 50e-6
 MAX_CALLS_PER_SAMPLE = 16
 #: CPU warm-up lasts at least this long (seconds) as well as ``warmup`` calls.
-WARMUP_MIN_S = 0.02
+WARMUP_MIN_S = 0.01
 #: CPU samples are taken in windows of this many seconds between two probe readings.
 WINDOW_S = 0.005
 #: CUDA warm-up runs in rounds of this many calls until two successive round medians agree
@@ -136,6 +136,43 @@ def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.d
             return _steadiest(once, max_cv=max_cv, max_repeats=max_repeats)
         finally:
             torch.set_num_threads(previous_threads)
+
+
+@torch.inference_mode()
+def compare_latency(forms: dict[str, Callable[[Any], Any]], inputs: Any, *, threads: int = 1,
+                    rounds: int = 15, window_s: float = 0.002,
+                    warmup_s: float = 0.005) -> dict[str, float]:
+    """Median milliseconds per call of each of ``forms`` on ``inputs`` (CPU), for choosing
+    between them: they are timed in turns, a short window each per round with the order
+    rotating, and each is reported as the first one's median times its median ratio to the
+    first within a round. Both sides of every ratio saw the same machine moments, so a
+    machine that slows down 1.5x for a second does not decide the choice."""
+    names = list(forms)
+    previous_threads = torch.get_num_threads()
+    with exclusive(torch.device("cpu")):
+        try:
+            torch.set_num_threads(threads)
+            for fn in forms.values():
+                start = time.perf_counter()
+                while time.perf_counter() - start < warmup_s:
+                    fn(inputs)
+            per_round: list[dict[str, float]] = []
+            for r in range(rounds):
+                medians = {}
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    times, start = [], time.perf_counter()
+                    while not times or time.perf_counter() - start < window_s:
+                        sample_start = time.perf_counter()
+                        forms[name](inputs)
+                        times.append((time.perf_counter() - sample_start) * 1e3)
+                    medians[name] = statistics.median(times)
+                per_round.append(medians)
+        finally:
+            torch.set_num_threads(previous_threads)
+    base = names[0]
+    base_ms = statistics.median(m[base] for m in per_round)
+    return {name: base_ms * statistics.median(m[name] / m[base] for m in per_round)
+            for name in names}
 
 
 def _steadiest(once: Callable[[], Latency], *, max_cv: float, max_repeats: int) -> Latency:

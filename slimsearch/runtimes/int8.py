@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from slimsearch.errors import ArtifactError
-from slimsearch.evaluators.latency import measure_latency
+from slimsearch.evaluators.latency import compare_latency
 from slimsearch.runtimes._base import module_form
 
 
@@ -175,12 +175,10 @@ def _calibrate(model: nn.Module, layers: list[str], input_shape: list[int],
         return {n: [float(o.min_val), float(o.max_val)] for n, o in _observers(prepared).items()}
 
 
-def _time(fn: nn.Module, x: torch.Tensor, threads: int) -> float:
-    """Median milliseconds per call of ``fn(x)`` on CPU: the project's latency protocol with
-    few samples and no waiting for an undisturbed machine (a decision between two forms timed
-    back to back, not a reported objective), under the same CPU lock."""
-    return measure_latency(fn, x, device=torch.device("cpu"), threads=threads, warmup=3,
-                           samples=15, quiet_wait_s=0.0, warmup_s=0.005).median_ms
+def _time(forms: dict[str, nn.Module], x: torch.Tensor, threads: int) -> dict[str, float]:
+    """Median milliseconds per call of each form on ``x`` on CPU, timed in turns so that a
+    machine slowing down meanwhile cannot decide between them (a choice, not an objective)."""
+    return compare_latency({k: torch.no_grad()(f) for k, f in forms.items()}, x, threads=threads)
 
 
 #: int8 must beat float by this fraction to run: a tie in a quick timing is not a win.
@@ -204,8 +202,8 @@ def _layer_times(layer: nn.Module, x: torch.Tensor, mode: str, threads: int) -> 
                              engine=torch.backends.quantized.engine)
         if mode == "static":
             plan.ranges = _calibrate(single, ["0"], plan.input_shape, x)
-        quantized = build_executable(single, plan)
-        _LAYER_CACHE[key] = (_time(single, x, threads), _time(quantized, x, threads))
+        timed = _time({"float": single, "int8": build_executable(single, plan)}, x, threads)
+        _LAYER_CACHE[key] = (timed["float"], timed["int8"])
     return _LAYER_CACHE[key]
 
 
@@ -280,8 +278,8 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
         plan.decisions["model"] = {"chosen": "float", "why": "no layer was faster on int8"}
         _MODEL_CACHE[key] = (dict(plan.layers), copy.deepcopy(plan.decisions))
         return plan
-    timings = {"float": _time(model, batch, threads)}
     built: dict[str, ExecutionPlan] = {}
+    forms: dict[str, nn.Module] = {"float": model}
     for label, layers in options.items():
         if "int8" not in layers.values() or any(layers == b.layers for b in built.values()):
             continue
@@ -289,8 +287,9 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
                                engine=name_of_engine, decisions=plan.decisions)
         if mode == "static":
             option.ranges = _calibrate(model, option.int8_layers, plan.input_shape, calibration)
-        timings[label] = _time(build_executable(model, option), batch, threads)
+        forms[label] = build_executable(model, option)
         built[label] = option
+    timings = _time(forms, batch, threads)
     best = min(timings, key=timings.get)
     if timings[best] >= (1 - MARGIN) * timings["float"]:
         best = "float"
