@@ -140,7 +140,7 @@ def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.d
 
 @torch.inference_mode()
 def compare_latency(forms: dict[str, Callable[[Any], Any]], inputs: Any, *, threads: int = 1,
-                    rounds: int = 15, window_s: float = 0.002,
+                    rounds: int = 10, window_s: float = 0.0015,
                     warmup_s: float = 0.005) -> dict[str, float]:
     """Median milliseconds per call of each of ``forms`` on ``inputs`` (CPU), for choosing
     between them: they are timed in turns, a short window each per round with the order

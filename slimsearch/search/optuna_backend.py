@@ -144,7 +144,7 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
                 study.enqueue_trial(space.params_of(recipe), user_attrs={"baseline": name})
 
         while done_before + completed + failed < trials and time.monotonic() < deadline:
-            ok = _one_trial(study, space, runner, folder, config, teacher_metrics,
+            ok = _one_trial(study, space, runner, folder, config,
                             position=f"{done_before + completed + failed + 1}/{trials}", say=say)
             completed += ok
             failed += not ok
@@ -166,7 +166,7 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
 
 
 def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, folder: RunFolder,
-               config: ExperimentConfig, teacher_metrics: dict, *, position: str,
+               config: ExperimentConfig, *, position: str,
                say: Callable[[str], None]) -> bool:
     trial = study.ask()
     trial_dir = folder.trial(trial.number)
