@@ -33,6 +33,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_resume(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from slimsearch.experiment import load_experiment, parse_duration
+    from slimsearch.search import prepare, run_search
+    from slimsearch.search.run_folder import RunFolder
+
+    folder = RunFolder(Path(args.run_dir))
+    settings = folder.settings()  # refuses a folder that is not a run
+    experiment = folder.root / "experiment.toml"
+    config = load_experiment(experiment)
+    if settings.get("experiment_file"):  # plug-in task modules live beside the original file
+        config = dataclasses.replace(config, base_dir=Path(settings["experiment_file"]).parent)
+    trials = args.trials if args.trials is not None else config.search.trials
+    if trials < 1:
+        raise ConfigError(f"--trials {trials}: give a number of trials >= 1")
+    timeout = args.timeout if args.timeout is not None else config.search.timeout
+    timeout_s = parse_duration(timeout, field_name="--timeout") if timeout else None
+    prepared = prepare(config, run_dir=folder.root, storage_url=settings.get("storage"))
+    result = run_search(prepared, experiment, trials=trials, timeout_s=timeout_s)
+    if result.interrupted:
+        print(f"continue with: slimsearch resume {folder.root}")
+        return 130
+    print(f"report.html: {result.report.resolve()}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from slimsearch.report import write_report
 
@@ -79,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage", help="Optuna storage URL (default: a journal file in the "
                                        "run folder)")
     run.set_defaults(handler=_cmd_run)
+
+    resume = commands.add_parser("resume", help="continue a run folder's search where it stopped "
+                                               "(after Ctrl-C, a crash or a kill)")
+    resume.add_argument("run_dir")
+    resume.add_argument("--trials", type=int, help="total trial budget (default: the run's)")
+    resume.add_argument("--timeout", help="no new trial starts after this long, e.g. 30m or 8h")
+    resume.set_defaults(handler=_cmd_resume)
 
     report = commands.add_parser("report", help="(re)write report.html and pareto.json")
     report.add_argument("run_dir")

@@ -3,7 +3,8 @@
 ``ConfigError`` is for input the user can fix (a TOML key, a task name, a storage URL): the CLI
 prints its message and exits with code 2 before any training starts. ``TrialError`` marks a
 trial that failed for a reason worth recording (NaN loss, a recipe the model cannot take); the
-search records it and goes on.
+search records it and goes on. ``TrialStopped`` ends a trial that cannot finish in time; it
+is recorded PRUNED.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ class ConfigError(SlimsearchError, ValueError):
 
 class TrialError(SlimsearchError):
     """A trial could not be built or measured; recorded as FAIL, the search continues."""
+
+
+class TrialStopped(SlimsearchError):
+    """A trial stopped on purpose before it finished (the run's deadline); recorded PRUNED
+    with this message as the reason, never as a result."""
 
 
 class ArtifactError(SlimsearchError):

@@ -31,10 +31,12 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits
 def fit(model: nn.Module, data: Split, *, epochs: int, lr: float, batch_size: int, seed: int,
         device: torch.device, weight_decay: float = 0.0, teacher_logits: torch.Tensor | None = None,
         temperature: float = 4.0, alpha: float = 0.7,
-        after_step: Callable[[], None] | None = None, hint: nn.Module | None = None) -> float:
+        after_step: Callable[[], None] | None = None, hint: nn.Module | None = None,
+        before_epoch: Callable[[int], None] | None = None) -> float:
     """Train ``model`` in place for ``epochs`` epochs; return the last epoch's mean loss.
 
-    ``after_step`` runs after every optimiser step (pruning uses it to keep zeros at zero).
+    ``after_step`` runs after every optimiser step (pruning uses it to keep zeros at zero);
+    ``before_epoch(epoch)`` before every epoch (the run's deadline stops a trial there).
     ``hint`` (a ``compression.distill.FeatureHint``) adds its feature loss and trains its
     projection along with the model.
     Raises ``TrialError`` when the loss stops being finite, so the search records why.
@@ -52,6 +54,8 @@ def fit(model: nn.Module, data: Split, *, epochs: int, lr: float, batch_size: in
     soft = teacher_logits.to(device) if teacher_logits is not None else None
     mean_loss = float("nan")
     for epoch in range(epochs):
+        if before_epoch is not None:
+            before_epoch(epoch)
         order = torch.randperm(len(y), generator=generator).to(device)
         total, batches = 0.0, 0
         for start in range(0, len(y), batch_size):

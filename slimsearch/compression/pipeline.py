@@ -23,6 +23,7 @@ from slimsearch.compression.quantization import (
     quantize_layers_,
 )
 from slimsearch.compression.student import build_student, is_teacher_shaped
+from slimsearch.errors import TrialStopped
 from slimsearch.experiment import TrainConfig
 from slimsearch.spaces import COMPRESSIBLE, Recipe, compressible_layers
 from slimsearch.tasks import Task, factory_path
@@ -40,12 +41,14 @@ def _layers(model: nn.Module, recipe: Recipe) -> dict[str, nn.Module]:
 
 def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: Recipe, *,
           train: TrainConfig, seed: int, device: torch.device, round_to: int = 1,
-          teacher_features: torch.Tensor | None = None) -> CompressedModel:
+          teacher_features: torch.Tensor | None = None,
+          deadline: float | None = None) -> CompressedModel:
     """Run every stage of ``recipe`` and return the compressed model (CPU, eval mode).
 
     ``round_to``: structured pruning keeps a multiple of this many channels per layer.
     ``teacher_features``: the teacher's head inputs on the train split, for the hint loss
-    (used when the hint weight is > 0)."""
+    (used when the hint weight is > 0). ``deadline`` (``time.monotonic()`` seconds): a
+    training stage that would start an epoch after it raises ``TrialStopped``."""
     record: dict[str, Any] = {"stages": {}}
     clock = time.perf_counter()
 
@@ -63,11 +66,15 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
         raise ValueError("a hint weight > 0 needs the teacher's features (teacher_features)")
 
     def tune(model: nn.Module, epochs: int, after_step: Any = None,
-             hint: FeatureHint | None = None) -> float:
+             hint: FeatureHint | None = None, *, name: str) -> float:
+        def before_epoch(epoch: int) -> None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TrialStopped(f"the run's time budget ran out before epoch {epoch + 1}/"
+                                   f"{epochs} of {name}")
         return fit(model, task.train, epochs=epochs, lr=train.lr, batch_size=train.batch_size,
                    weight_decay=train.weight_decay, seed=seed, device=device,
                    teacher_logits=teacher_logits, temperature=temperature, alpha=alpha,
-                   after_step=after_step, hint=hint)
+                   after_step=after_step, hint=hint, before_epoch=before_epoch)
 
     model = build_student(task, teacher, recipe, seed=seed)
     layers = _layers(model, recipe)
@@ -79,7 +86,7 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
             head = compressible_layers(model.eval(), task.example_inputs(1))[-1].name
             hint = FeatureHint(model, head, teacher_features, hint_weight)
         try:
-            loss = tune(model, distill_epochs, hint=hint)
+            loss = tune(model, distill_epochs, hint=hint, name="distillation")
         finally:
             if hint is not None:
                 hint.detach()
@@ -104,7 +111,8 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
             info["2:4"] = {n: "stored sparse; executed on the 2:4 semi-structured kernel only on "
                               "CUDA where measured faster (see execution)" for n in patterns["2:4"]}
         if train.finetune_epochs > 0:
-            info["loss"] = tune(model, train.finetune_epochs, lambda: apply_masks(layers, masks))
+            info["loss"] = tune(model, train.finetune_epochs, lambda: apply_masks(layers, masks),
+                                name="fine-tuning")
         stage("prune", epochs=train.finetune_epochs, **info)
 
     bits = {n: r.bits for n, r in recipe.layers.items()}
@@ -112,7 +120,8 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
     if any(b < 8 for b in bits.values()) and train.qat_epochs > 0:
         attach_fake_quant(layers, bits, symmetric=symmetric)
         try:
-            loss = tune(model, train.qat_epochs, lambda: apply_masks(layers, masks))
+            loss = tune(model, train.qat_epochs, lambda: apply_masks(layers, masks),
+                        name="quantization-aware training")
         finally:
             detach_fake_quant(layers)
         stage("qat", epochs=train.qat_epochs, loss=loss)

@@ -126,8 +126,11 @@ class TrialRunner:
                               symmetric=recipe.weight_scheme == "symmetric")
         return plan.to_dict() if plan else None
 
-    def __call__(self, recipe: Recipe, trial_dir: Path, *, seed: int) -> dict[str, Any]:
-        """Build ``recipe``, write its model file into ``trial_dir`` and return its metrics."""
+    def __call__(self, recipe: Recipe, trial_dir: Path, *, seed: int,
+                 deadline: float | None = None) -> dict[str, Any]:
+        """Build ``recipe``, write its model file into ``trial_dir`` and return its metrics.
+        ``deadline`` (``time.monotonic()``): training that would go past it stops the trial
+        (``TrialStopped``)."""
         trial_dir.mkdir(parents=True, exist_ok=True)
         write_text(trial_dir / "recipe.json", recipe.to_json() + "\n")
         write_json(trial_dir / "environment.json", {"seed": seed, **environment()})
@@ -136,7 +139,8 @@ class TrialRunner:
             compressed = build(self.task, self.teacher.model, self.teacher.train_logits, recipe,
                                train=self.config.train, seed=seed, device=self.device,
                                round_to=self.config.space.channel_multiple,
-                               teacher_features=self.teacher.train_features)
+                               teacher_features=self.teacher.train_features,
+                               deadline=deadline)
         trained = time.perf_counter()
         compressed.execution = self.plan_execution(compressed, recipe)
         compressed.record["execution"] = compressed.execution or "float (no int8 candidate)"

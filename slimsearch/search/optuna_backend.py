@@ -24,12 +24,19 @@ from optuna.trial import TrialState
 from slimsearch.atomic import read_json, write_json, write_text
 from slimsearch.compression import MODEL_FILE
 from slimsearch.devices import computing, device_identity, resolve_device
-from slimsearch.errors import ConfigError
+from slimsearch.errors import ConfigError, TrialStopped
 from slimsearch.evaluators import LatencyCache
 from slimsearch.experiment import ExperimentConfig
 from slimsearch.runtimes import get_runtime
 from slimsearch.search.objective import OBJECTIVES, TrialRunner, environment
-from slimsearch.search.run_folder import RunFolder
+from slimsearch.search.recovery import (
+    OWNER,
+    RETRY_OF,
+    recover_stale_trials,
+    registered_worker,
+    this_process,
+)
+from slimsearch.search.run_folder import RUN_FORMAT, RunFolder
 from slimsearch.search.storage import check_storage_url, open_storage
 from slimsearch.search.teacher import prepare_teacher
 from slimsearch.spaces import SearchSpace
@@ -91,7 +98,8 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
                 "experiment another name")
     if folder.exists():
         folder.check_same_experiment(config.to_dict(), storage_url,
-                                     fingerprint=space.fingerprint(), device=device_identity(device))
+                                     fingerprint=space.fingerprint(), device=device_identity(device),
+                                     objectives=dict(OBJECTIVES))
     return Prepared(config, task, space, folder, storage_url)
 
 
@@ -108,6 +116,8 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             "experiment": config.to_dict(), "storage": prepared.storage_url,
             "study_name": config.name, "space_fingerprint": space.fingerprint(),
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "run_format": RUN_FORMAT, "objectives": dict(OBJECTIVES),
+            "experiment_file": str(experiment_file.resolve()),
             "device": device_identity(device), "environment": environment()})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(folder.root, prepared.storage_url)
@@ -116,59 +126,63 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([n for n, _ in OBJECTIVES])
-    done_before = _counted(study)
-    study.sampler = make_sampler(config, offset=done_before)
+    study.sampler = make_sampler(config, offset=_counted(study))
     say(f"run folder: {folder.root}")
 
-    completed = failed = 0
+    completed = failed = pruned = 0
     interrupted = False
     cache: LatencyCache | None = None
-    try:
-        with computing(device):
-            teacher = prepare_teacher(task, config.train, seed=config.seed,
-                                      cache_dir=folder.teacher, device=device)
-        cache = LatencyCache(folder.root / "latency_cache.json")
-        runner = TrialRunner(config=config, task=task, teacher=teacher, device=device,
-                             latency_cache=cache)
-        metrics_file = folder.teacher / "metrics.json"
-        # Measured once per run, on the same target and runtime as every trial: trials are
-        # compared with one teacher measurement, not with whichever session ran last.
-        if teacher.trained_here or not metrics_file.exists():
-            write_json(metrics_file, runner.measure(folder.teacher / MODEL_FILE))
-        teacher_metrics = read_json(metrics_file)
-        runner.teacher_metrics = teacher_metrics
-        say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
-            f"{_describe(teacher_metrics)}")
-        if not study.trials:
-            for name, recipe in space.baselines().items():
-                study.enqueue_trial(space.params_of(recipe), user_attrs={"baseline": name})
+    with registered_worker(folder.root):  # so a later worker can tell we are alive
+        try:
+            recover_stale_trials(study, folder.root, say=say)
+            with computing(device):
+                teacher = prepare_teacher(task, config.train, seed=config.seed,
+                                          cache_dir=folder.teacher, device=device)
+            cache = LatencyCache(folder.root / "latency_cache.json")
+            runner = TrialRunner(config=config, task=task, teacher=teacher, device=device,
+                                 latency_cache=cache)
+            metrics_file = folder.teacher / "metrics.json"
+            # Measured once per run, on the same target and runtime as every trial: trials are
+            # compared with one teacher measurement, not with whichever session ran last.
+            if teacher.trained_here or not metrics_file.exists():
+                write_json(metrics_file, runner.measure(folder.teacher / MODEL_FILE))
+            teacher_metrics = read_json(metrics_file)
+            runner.teacher_metrics = teacher_metrics
+            say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
+                f"{_describe(teacher_metrics)}")
+            if not study.trials:
+                for name, recipe in space.baselines().items():
+                    study.enqueue_trial(space.params_of(recipe), user_attrs={"baseline": name})
 
-        while done_before + completed + failed < trials and time.monotonic() < deadline:
-            ok = _one_trial(study, space, runner, folder, config,
-                            position=f"{done_before + completed + failed + 1}/{trials}", say=say)
-            completed += ok
-            failed += not ok
-        if time.monotonic() >= deadline:
-            say("time budget reached: no new trial starts")
-    except KeyboardInterrupt:
-        interrupted = True
-        say("interrupted: a running trial is recorded FAIL (not counted in the budget); "
-            "finished trials are kept")
-    finally:
-        report = write_report(folder.root)
+            while _counted(study) < trials and time.monotonic() < deadline:
+                outcome = _one_trial(study, space, runner, folder, config, deadline=deadline,
+                                     position=f"{_counted(study) + 1}/{trials}", say=say)
+                completed += outcome == TrialState.COMPLETE
+                failed += outcome == TrialState.FAIL
+                pruned += outcome == TrialState.PRUNED
+            if time.monotonic() >= deadline:
+                say("time budget reached: no new trial starts")
+        except KeyboardInterrupt:
+            interrupted = True
+            say("interrupted: the running trial is recorded FAIL (not counted in the budget; it "
+                "runs again when the search continues); finished trials are kept")
+        finally:
+            report = write_report(folder.root)
     cache_note = ""
     if cache is not None and cache.hit_rate is not None:
         cache_note = (f"; latency cache: {cache.hits} of {cache.hits + cache.misses} "
                       f"measurements reused ({cache.hit_rate:.0%})")
-    say(f"{completed} trials completed, {failed} failed in this session{cache_note}; "
+    say(f"{completed} trials completed, {failed} failed, {pruned} stopped by the time budget "
+        f"in this session{cache_note}; "
         f"report: {report.resolve()}")
     return RunResult(folder.root, report, folder.pareto_json, completed, failed, interrupted)
 
 
 def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, folder: RunFolder,
-               config: ExperimentConfig, *, position: str,
-               say: Callable[[str], None]) -> bool:
+               config: ExperimentConfig, *, deadline: float, position: str,
+               say: Callable[[str], None]) -> TrialState:
     trial = study.ask()
+    trial.set_user_attr(OWNER, this_process())  # first: a killed worker is found by it
     trial_dir = folder.trial(trial.number)
     seed = config.seed + trial.number
     trial.set_user_attr("seed", seed)
@@ -176,21 +190,32 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
     try:
         recipe = space.suggest(trial)
         trial.set_user_attr("recipe", recipe.to_dict())
-        metrics = runner(recipe, trial_dir, seed=seed)
+        metrics = runner(recipe, trial_dir, seed=seed,
+                         deadline=deadline if math.isfinite(deadline) else None)
         trial.set_user_attr("metrics", metrics)
         study.tell(trial, [metrics[name] for name, _ in OBJECTIVES])
+    except TrialStopped as exc:
+        trial.set_user_attr("stopped", str(exc))
+        study.tell(trial, state=TrialState.PRUNED)
+        say(f"[{position}] trial {trial.number} stopped after {time.perf_counter() - start:.1f} "
+            f"s: {exc}")
+        return TrialState.PRUNED
     except (Exception, KeyboardInterrupt) as exc:
         message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         trial.set_user_attr("error", message)
-        if isinstance(exc, KeyboardInterrupt):
-            trial.set_user_attr("interrupted", True)
         write_text(trial_dir / "error.txt", traceback.format_exc())
+        if isinstance(exc, KeyboardInterrupt):  # not the trial's fault: it runs again later
+            trial.set_user_attr("interrupted", True)
+            if RETRY_OF not in trial.user_attrs:
+                study.enqueue_trial(trial.params, user_attrs={
+                    RETRY_OF: trial.number, **({"baseline": trial.user_attrs["baseline"]}
+                                               if "baseline" in trial.user_attrs else {})})
         study.tell(trial, state=TrialState.FAIL)
         say(f"[{position}] trial {trial.number} FAILED after {time.perf_counter() - start:.1f} s: "
             f"{message}")
         if isinstance(exc, KeyboardInterrupt):
             raise
-        return False
+        return TrialState.FAIL
     front = study.best_trials
     best = max(t.values[0] for t in front)
     speed = f"{metrics['speedup']:.2f}x" if "speedup" in metrics else "?"
@@ -198,11 +223,12 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
     say(f"[{position}] trial {trial.number} done in {time.perf_counter() - start:.1f} s: "
         f"{_describe(metrics)} ({metrics['size_ratio']:.1f}x smaller, {speed} speed{slower}) | "
         f"Pareto front {len(front)}, best val_accuracy {best:.4f}")
-    return True
+    return TrialState.COMPLETE
 
 
 def _counted(study: optuna.Study) -> int:
-    """Finished trials that count toward the budget (an interrupted trial does not)."""
+    """Finished trials that count toward the budget (an interrupted trial does not: it runs
+    again), across every session and worker of the run."""
     return sum(not t.user_attrs.get("interrupted")
                for t in study.get_trials(deepcopy=False, states=FINISHED))
 

@@ -18,6 +18,8 @@ from slimsearch.errors import ConfigError
 
 #: Settings that may differ when a run continues (budgets), everything else must match.
 MAY_CHANGE = {("search", "trials"), ("search", "timeout")}
+#: The layout of run folders this code reads and writes; another one is refused.
+RUN_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,19 @@ class RunFolder:
         return read_json(self.run_json)
 
     def check_same_experiment(self, experiment: dict[str, Any], storage: str | None, *,
-                              fingerprint: str, device: str) -> None:
+                              fingerprint: str, device: str,
+                              objectives: dict[str, str] | None = None) -> None:
         """Refuse to continue a run whose experiment, search space or measuring device changed,
         naming what changed: their trials would not be comparable."""
         old = self.settings()
+        if old.get("run_format", RUN_FORMAT) != RUN_FORMAT:
+            raise ConfigError(f"{self.root} was written by a slimsearch with run format "
+                              f"{old['run_format']} (this one reads {RUN_FORMAT}); continue it with "
+                              f"slimsearch {old.get('environment', {}).get('slimsearch', '?')}, or "
+                              "start a new run")
+        if objectives is not None and old.get("objectives", objectives) != objectives:
+            raise ConfigError(f"{self.root} optimised {old['objectives']}, this slimsearch "
+                              f"optimises {objectives}; start a new run")
         changed = [f"{section}.{key}" if key else section
                    for section, key in _diff(old["experiment"], experiment)
                    if (section, key) not in MAY_CHANGE]

@@ -1,0 +1,129 @@
+"""Trials a dead worker left RUNNING, found and put right.
+
+Optuna's journal file has no heartbeat: a worker killed with SIGKILL, by the OOM killer or a
+power cut leaves its trial RUNNING forever. So every trial records its owner (host, process
+id and the process's start time, so a reused pid is not mistaken for the owner) as soon as it
+is asked for, and every worker registers itself in the run folder while it runs. When a worker
+starts, a RUNNING trial is stale when its owner on this host is gone (or, for the rare trial
+killed before it could record an owner, when no other worker of this run is alive). A stale
+trial is marked FAIL and ``interrupted`` (it does not count toward the budget) and its
+parameters are enqueued again, once. RDB storages also get Optuna's own heartbeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from slimsearch.atomic import read_json, write_json
+
+OWNER = "owner"
+RETRY_OF = "retry_of"
+
+
+def _process_start(pid: int) -> int | None:
+    """Clock ticks after boot at which process ``pid`` started (Linux), else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name may hold spaces
+
+
+def this_process() -> dict[str, Any]:
+    """The owner record of the calling process."""
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "process_start": _process_start(os.getpid())}
+
+
+def is_alive(owner: dict[str, Any]) -> bool | None:
+    """True/False for an owner on this host; None when it runs on another host (unknown)."""
+    if owner.get("host") != socket.gethostname():
+        return None
+    start = _process_start(int(owner["pid"]))
+    return start is not None and start == owner.get("process_start")
+
+
+@contextlib.contextmanager
+def registered_worker(run_dir: Path) -> Iterator[None]:
+    """Record this process as a worker of the run while the block runs."""
+    folder = run_dir / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    me = this_process()
+    path = folder / f"{me['host']}-{me['pid']}.json"
+    write_json(path, me)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _other_live_workers(run_dir: Path) -> bool:
+    me = this_process()
+    for path in (run_dir / "workers").glob("*.json"):
+        try:
+            owner = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if owner == me:
+            continue
+        alive = is_alive(owner)
+        if alive is None or alive:
+            return True
+        path.unlink(missing_ok=True)  # a worker that died without unregistering
+    return False
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """Two workers starting at once must not both recover (and re-enqueue) the same trial."""
+    with open(run_dir / ".recovery.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def recover_stale_trials(study: optuna.Study, run_dir: Path,
+                         say: Callable[[str], None] = print) -> list[int]:
+    """Mark the trials of dead workers FAIL (interrupted) and enqueue their parameters once
+    more; return their numbers. Trials of live workers, or on other hosts, are left alone."""
+    recovered = []
+    with _run_lock(run_dir):
+        others_alive = None
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = trial.user_attrs.get(OWNER)
+            if owner is not None:
+                if is_alive(owner) is not False:
+                    continue
+                who = f"worker {owner['host']}:{owner['pid']} died"
+            else:
+                if others_alive is None:
+                    others_alive = _other_live_workers(run_dir)
+                if others_alive:
+                    continue
+                who = "its worker died before recording itself"
+            storage, trial_id = study._storage, trial._trial_id
+            storage.set_trial_user_attr(trial_id, "interrupted", True)
+            storage.set_trial_user_attr(trial_id, "error", f"{who} while the trial ran; "
+                                        "its parameters were enqueued again")
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            if RETRY_OF not in trial.user_attrs:
+                attrs = {RETRY_OF: trial.number}
+                if "baseline" in trial.user_attrs:
+                    attrs["baseline"] = trial.user_attrs["baseline"]
+                study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
+            recovered.append(trial.number)
+    if recovered:
+        say(f"recovered trials {recovered}: their workers died while running them (marked FAIL, "
+            "not counted; their parameters run again)")
+    return recovered

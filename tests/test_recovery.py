@@ -1,0 +1,125 @@
+"""Crash recovery: a real search killed with SIGKILL at random moments and resumed, again and
+again, loses no finished trial, runs the killed trial's parameters once more, and ends with
+exactly the budget; a trial that cannot finish before the deadline is recorded PRUNED."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from slimsearch.cli import main
+from slimsearch.search.recovery import RETRY_OF, is_alive, this_process
+
+REPO = Path(__file__).resolve().parents[1]
+
+EXPERIMENT = """\
+name = "killed"
+task = "digits-mlp"
+
+[search]
+trials = {trials}
+
+[space]
+bits = [4, 8, 32]
+sparsity = [0.0, 0.5]
+
+[space.student]
+width = [0.25, 0.5]
+depth = [1, 2]
+
+[train]
+teacher_epochs = 4
+distill_epochs = 2
+finetune_epochs = 2
+qat_epochs = 2
+
+[target]
+device = "cpu"
+"""
+
+
+def study_of(run_dir: Path) -> optuna.Study:
+    from slimsearch.report.data import load_study
+
+    return load_study(run_dir)
+
+
+def test_owner_records_tell_a_live_process_from_a_dead_one() -> None:
+    me = this_process()
+    assert is_alive(me) is True
+    assert is_alive({**me, "process_start": (me["process_start"] or 0) + 1}) is False  # pid reused
+    assert is_alive({**me, "host": "another-machine"}) is None  # cannot tell: left alone
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_searches_lose_nothing_and_finish_the_budget(tmp_path: Path) -> None:
+    trials = 30
+    experiment = tmp_path / "killed.toml"
+    experiment.write_text(EXPERIMENT.format(trials=trials))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "slimsearch", "run", str(experiment), "--run-dir", str(run_dir)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SLIMSEARCH_LOCK_DIR": str(tmp_path / "locks")}
+    rng = random.Random(5)
+    kills = 0
+    for _ in range(5):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.5, 6.0))
+        if process.poll() is not None:  # finished before the kill point
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+    assert kills == 5, "each of the 5 kill points should land in a running search"
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+
+    study = study_of(run_dir)
+    all_trials = study.get_trials(deepcopy=False)
+    assert not [t.number for t in all_trials if t.state == TrialState.RUNNING]
+    counted = [t for t in all_trials if t.state.is_finished() and not t.user_attrs.get("interrupted")]
+    assert len(counted) == trials  # the budget, exactly
+    for t in counted:
+        if t.state == TrialState.COMPLETE:  # every finished trial's files are all there
+            assert (run_dir / "trials" / f"{t.number:05d}" / "metrics.json").is_file()
+    killed = [t for t in all_trials if t.user_attrs.get("interrupted")]
+    retries = [t.user_attrs[RETRY_OF] for t in all_trials if RETRY_OF in t.user_attrs]
+    assert len(retries) == len(set(retries))  # each killed trial ran again once, not twice
+    for t in killed:
+        if t.params and RETRY_OF not in t.user_attrs:
+            again = [r for r in all_trials if r.user_attrs.get(RETRY_OF) == t.number]
+            assert again and again[0].params == t.params  # the same parameters, run again
+    assert killed, "at least one kill should have landed inside a trial"
+    assert all("died" in t.user_attrs["error"] for t in killed)
+
+
+@pytest.mark.slow
+def test_a_trial_past_the_deadline_is_pruned_not_completed(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    experiment = tmp_path / "slow.toml"
+    experiment.write_text(EXPERIMENT.format(trials=50).replace("distill_epochs = 2",
+                                                                 "distill_epochs = 400"))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(experiment), "--run-dir", str(run_dir), "--timeout", "6s"]) == 0
+    study = study_of(run_dir)
+    pruned = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.PRUNED]
+    assert pruned, "a long distillation past the deadline is stopped"
+    assert all("time budget" in t.user_attrs["stopped"] for t in pruned)
+    assert not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    assert "time budget reached" in capsys.readouterr().out
+    assert (run_dir / "report.html").is_file()
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    assert main(["resume", str(tmp_path)]) == 2
+    assert "not a slimsearch run folder" in capsys.readouterr().err
