@@ -14,6 +14,7 @@ space as soon as the task is built, still before any training.
     [train]    teacher_epochs, distill_epochs, finetune_epochs, qat_epochs, batch_size, lr, ...
     [target]   device, batch_sizes, dtype, runtime, threads, cuda_graphs, max_cv, max_repeats,
                quiet_wait_s
+    [constraints]  max_accuracy_drop, max_size_bytes, max_latency_ms, early_stop_margin, ...
 """
 
 from __future__ import annotations
@@ -217,6 +218,46 @@ class TargetConfig:
 
 
 @dataclass(frozen=True)
+class ConstraintsConfig:
+    """What a deployable model must meet. Trials that miss are kept (and shown) but are not
+    on the Pareto front; the sampler learns to avoid them (Optuna's constraint support)."""
+
+    #: Validation accuracy may be at most this far below the teacher's (a fraction: 0.01 is
+    #: one percentage point).
+    max_accuracy_drop: float | None = None
+    #: The deployable file may be at most this many bytes.
+    max_size_bytes: int | None = None
+    #: Latency at the objective batch size may be at most this many milliseconds.
+    max_latency_ms: float | None = None
+    #: A trial whose validation accuracy, checked during training, is more than this below
+    #: what max_accuracy_drop allows is stopped early (PRUNED) as hopeless; None: never.
+    early_stop_margin: float | None = 0.05
+    #: ...checked after this many epochs of each training stage.
+    early_stop_after_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_accuracy_drop is not None:
+            _require(0 <= self.max_accuracy_drop < 1, "constraints.max_accuracy_drop",
+                     self.max_accuracy_drop, "a fraction from 0 to 1, e.g. 0.01 for one point")
+        if self.max_size_bytes is not None:
+            _require(self.max_size_bytes > 0, "constraints.max_size_bytes", self.max_size_bytes,
+                     "a number of bytes > 0")
+        if self.max_latency_ms is not None:
+            _require(self.max_latency_ms > 0, "constraints.max_latency_ms", self.max_latency_ms,
+                     "a number of milliseconds > 0")
+        if self.early_stop_margin is not None:
+            _require(0 <= self.early_stop_margin < 1, "constraints.early_stop_margin",
+                     self.early_stop_margin, "a fraction from 0 to 1, or leave it out")
+        _require(self.early_stop_after_epochs >= 1, "constraints.early_stop_after_epochs",
+                 self.early_stop_after_epochs, "an integer >= 1")
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.max_accuracy_drop, self.max_size_bytes,
+                                           self.max_latency_ms))
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment file, fully validated."""
 
@@ -228,6 +269,7 @@ class ExperimentConfig:
     space: SpaceConfig = field(default_factory=SpaceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
     #: Folder of the experiment file; plug-in task modules are imported from here too.
     base_dir: Path = field(default=Path("."), compare=False)
 
@@ -268,7 +310,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
 def parse_experiment(raw: dict[str, Any], *, base_dir: Path, source: str) -> ExperimentConfig:
     """Build an ``ExperimentConfig`` from an already-parsed TOML table."""
     sections = {"search": SearchConfig, "space": SpaceConfig, "train": TrainConfig,
-                "target": TargetConfig}
+                "target": TargetConfig, "constraints": ConstraintsConfig}
     try:
         top = _build(ExperimentConfig, raw, prefix="", nested=sections, skip={"base_dir"})
         return dataclasses.replace(top, base_dir=base_dir)

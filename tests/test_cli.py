@@ -285,3 +285,32 @@ def test_run_on_onnxruntime_sizes_times_and_relates_its_own_file(tmp_path: Path,
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["runtime"] == "onnxruntime" and manifest["artifact"] == "model.onnx"
     assert "model.onnx" in manifest["files"] and (bundle / "model.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_constraints_no_trial_meets_and_the_report_says_so(tmp_path: Path) -> None:
+    experiment = write_experiment(tmp_path, trials=3, extra=(
+        "\n[constraints]\nmax_size_bytes = 2000\nmax_accuracy_drop = 0.0\n"))
+    assert main(["run", str(experiment), "--run-dir", str(tmp_path / "run")]) == 0
+    pareto = json.loads((tmp_path / "run" / "pareto.json").read_text())
+    assert pareto["constraints"] == {"max_accuracy_drop": 0.0, "max_size_bytes": 2000}
+    assert pareto["feasible_trials"] == 0
+    assert pareto["trials"] and not any(t["feasible"] for t in pareto["trials"])  # best so far
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "no trial meets them yet" in html and "infeasible" in html
+
+
+@pytest.mark.slow
+def test_hopeless_trials_are_stopped_early_with_the_reason(tmp_path: Path) -> None:
+    from slimsearch.report.data import load_report_data
+
+    # the tiny students cannot reach the teacher's accuracy within 2 points after 2 epochs
+    experiment = write_experiment(tmp_path, trials=6, extra=(
+        "\n[constraints]\nmax_accuracy_drop = 0.02\nearly_stop_margin = 0.0\n"
+        "early_stop_after_epochs = 1\n").replace("[target]", "[space.student]\nwidth = [0.25]\n"
+                                                 "depth = [1]\n\n[target]"))
+    assert main(["run", str(experiment), "--run-dir", str(tmp_path / "run")]) == 0
+    data = load_report_data(tmp_path / "run")
+    stopped = [t for t in data.trials if t.state == "PRUNED"]
+    assert stopped and all("stopped early" in t.stopped for t in stopped)
+    assert "Stopped trials" in (tmp_path / "run" / "report.html").read_text()

@@ -9,6 +9,7 @@ pruning leaves real zeros, quantization leaves weights that are exactly ``codes 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,13 +43,15 @@ def _layers(model: nn.Module, recipe: Recipe) -> dict[str, nn.Module]:
 def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: Recipe, *,
           train: TrainConfig, seed: int, device: torch.device, round_to: int = 1,
           teacher_features: torch.Tensor | None = None,
-          deadline: float | None = None) -> CompressedModel:
+          deadline: float | None = None,
+          check: Callable[[nn.Module, str, int], None] | None = None) -> CompressedModel:
     """Run every stage of ``recipe`` and return the compressed model (CPU, eval mode).
 
     ``round_to``: structured pruning keeps a multiple of this many channels per layer.
     ``teacher_features``: the teacher's head inputs on the train split, for the hint loss
     (used when the hint weight is > 0). ``deadline`` (``time.monotonic()`` seconds): a
-    training stage that would start an epoch after it raises ``TrialStopped``."""
+    training stage that would start an epoch after it raises ``TrialStopped``. ``check(model,
+    stage, epochs_done)`` runs before each epoch and may stop the trial the same way."""
     record: dict[str, Any] = {"stages": {}}
     clock = time.perf_counter()
 
@@ -71,6 +74,8 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
             if deadline is not None and time.monotonic() >= deadline:
                 raise TrialStopped(f"the run's time budget ran out before epoch {epoch + 1}/"
                                    f"{epochs} of {name}")
+            if check is not None:
+                check(model, name, epoch)
         return fit(model, task.train, epochs=epochs, lr=train.lr, batch_size=train.batch_size,
                    weight_decay=train.weight_decay, seed=seed, device=device,
                    teacher_logits=teacher_logits, temperature=temperature, alpha=alpha,

@@ -32,6 +32,10 @@ class TrialPoint:
     error: str | None
     pareto: bool
     seconds: float | None
+    #: Meets every constraint of the experiment (True when there are none).
+    feasible: bool = True
+    #: Why a PRUNED trial was stopped (the time budget, or early stopping).
+    stopped: str | None = None
 
     @property
     def summary(self) -> str:
@@ -62,6 +66,16 @@ class ReportData:
         return sum(t.state == state for t in self.trials)
 
     @property
+    def feasible(self) -> list[TrialPoint]:
+        return [t for t in self.completed if t.feasible]
+
+    @property
+    def constraints(self) -> dict[str, Any]:
+        """The experiment's configured constraints (name -> limit)."""
+        rules = self.settings["experiment"].get("constraints", {})
+        return {k: v for k, v in rules.items() if k.startswith("max_") and v is not None}
+
+    @property
     def latency_cache(self) -> tuple[int, int]:
         """(latency figures reused from the cache, all latency figures) over completed trials:
         an executed form measured once in the run is not measured again."""
@@ -89,7 +103,11 @@ def load_report_data(run_dir: str | Path) -> ReportData:
     study = load_study(folder.root)
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    # Optuna's front holds feasible trials only; with none feasible yet, the report shows the
+    # best so far (the front of every completed trial) and says so.
     pareto = {t.number for t in study.best_trials} if complete else set()
+    if complete and not pareto:
+        pareto = {t.number for t in _non_dominated(complete, study.directions)}
     teacher_file = folder.teacher / "metrics.json"
     points = []
     for t in trials:
@@ -99,10 +117,27 @@ def load_report_data(run_dir: str | Path) -> ReportData:
             number=t.number, state=t.state.name, recipe=t.user_attrs.get("recipe"),
             metrics=t.user_attrs.get("metrics") if t.state == TrialState.COMPLETE else None,
             baseline=t.user_attrs.get("baseline"), error=t.user_attrs.get("error"),
-            pareto=t.number in pareto, seconds=seconds))
+            pareto=t.number in pareto, seconds=seconds,
+            feasible=all(v <= 0 for v in t.constraints.values()),
+            stopped=t.user_attrs.get("stopped")))
     return ReportData(run_dir=folder.root, name=settings["study_name"], settings=settings,
                       teacher=read_json(teacher_file) if teacher_file.exists() else {},
                       trials=points)
+
+
+def _non_dominated(trials: list, directions: list) -> list:
+    """Trials no other trial beats in every objective (ties allowed), by brute force."""
+    signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in directions]
+
+    def key(t: Any) -> list[float]:
+        return [s * v for s, v in zip(signs, t.values, strict=True)]
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
+
+    keys = {t.number: key(t) for t in trials}
+    return [t for t in trials
+            if not any(dominates(keys[o.number], keys[t.number]) for o in trials)]
 
 
 def pareto_document(data: ReportData) -> dict[str, Any]:
@@ -111,6 +146,8 @@ def pareto_document(data: ReportData) -> dict[str, Any]:
                                              "size_bytes": "minimize",
                                              "latency_ms": "minimize"},
             "note": "selected on the validation split; test_accuracy is for information only",
+            "constraints": data.constraints,
+            "feasible_trials": len(data.feasible),
             "teacher": data.teacher,
-            "trials": [{"number": t.number, "baseline": t.baseline, "recipe": t.recipe,
-                        "metrics": t.metrics} for t in data.pareto]}
+            "trials": [{"number": t.number, "baseline": t.baseline, "feasible": t.feasible,
+                        "recipe": t.recipe, "metrics": t.metrics} for t in data.pareto]}

@@ -49,8 +49,12 @@ def _hover(t: TrialPoint) -> str:
 
 def _scatter(data: ReportData, x: str, y: str) -> go.Figure:
     fig = go.Figure()
-    groups = [("dominated", [t for t in data.completed if not t.pareto], "#bbbbbb", "circle"),
-              ("Pareto front", [t for t in data.completed if t.pareto], "#1f77b4", "circle")]
+    groups = [("dominated", [t for t in data.completed if not t.pareto and t.feasible],
+               "#bbbbbb", "circle"),
+              ("infeasible (misses a constraint)", [t for t in data.completed if not t.feasible],
+               "#e377c2", "x"),
+              ("Pareto front", [t for t in data.completed if t.pareto and t.feasible],
+               "#1f77b4", "circle")]
     for label, points, color, symbol in groups:
         points = sorted(points, key=lambda t: t.metrics[x])
         fig.add_trace(go.Scatter(
@@ -87,6 +91,7 @@ def _pareto_table(data: ReportData) -> str:
     rows = []
     for t in data.pareto:
         m = t.metrics
+        infeasible = "" if t.feasible else " <span class='flag'>infeasible</span>"
         ratio = teacher_size / m["size_bytes"] if teacher_size else float("nan")
         speedup = m.get("speedup", teacher_latency / m["latency_ms"] if teacher_latency
                         else float("nan"))
@@ -96,7 +101,7 @@ def _pareto_table(data: ReportData) -> str:
                         else "<td>?</td>" for b in extra_batches)
         command = f"slimsearch export {run_dir} --trial {t.number} --out exported/trial-{t.number}"
         rows.append(
-            f"<tr><td>{t.number}{' (' + t.baseline + ')' if t.baseline else ''}</td>"
+            f"<tr><td>{t.number}{' (' + t.baseline + ')' if t.baseline else ''}{infeasible}</td>"
             f"<td>{m['val_accuracy']:.4f}</td><td>{m['test_accuracy']:.4f}</td>"
             f"<td data-v='{m['size_bytes']}'>{m['size_bytes']:,}</td><td>{ratio:.1f}x</td>"
             f"<td data-v='{m['latency_ms']}'>{m['latency_ms']:.4f} &plusmn; {spread:.4f}</td>"
@@ -114,12 +119,18 @@ def _pareto_table(data: ReportData) -> str:
 
 
 def _failures(data: ReportData) -> str:
+    parts = []
     failed = [t for t in data.trials if t.state == "FAIL"]
-    if not failed:
-        return ""
-    items = "".join(f"<li>trial {t.number}: {html.escape(t.error or 'no error recorded')}</li>"
-                    for t in failed)
-    return f"<h2>Failed trials ({len(failed)})</h2><ul>{items}</ul>"
+    if failed:
+        items = "".join(f"<li>trial {t.number}: {html.escape(t.error or 'no error recorded')}</li>"
+                        for t in failed)
+        parts.append(f"<h2>Failed trials ({len(failed)})</h2><ul>{items}</ul>")
+    stopped = [t for t in data.trials if t.state == "PRUNED"]
+    if stopped:
+        items = "".join(f"<li>trial {t.number}: {html.escape(t.stopped or 'no reason recorded')}"
+                        "</li>" for t in stopped)
+        parts.append(f"<h2>Stopped trials ({len(stopped)})</h2><ul>{items}</ul>")
+    return "".join(parts)
 
 
 _RUNTIMES = {"torch": "PyTorch eager", "torchscript": "TorchScript (traced, frozen)",
@@ -140,6 +151,15 @@ def _summary(data: ReportData) -> str:
     int8 = (", with layers on int8 kernels only where they were measured faster at this batch "
             "(column 'int8 layers')" if target["runtime"] != "onnxruntime" else "")
     slower = len(data.slower_than_teacher)
+    rules = data.constraints
+    if rules:
+        limits = ", ".join(f"{k} = {v}" for k, v in rules.items())
+        constraints = f"{limits}; {len(data.feasible)} of {len(data.completed)} completed trials meet them"
+        if data.completed and not data.feasible:
+            constraints += (" &mdash; <b>no trial meets them yet: the front and the table below "
+                            "show the best so far, none of it within the constraints</b>")
+    else:
+        constraints = "none"
     return (
         f"<ul><li>task <b>{html.escape(exp['task'])}</b>, seed {exp['seed']}</li>"
         f"<li>target: device {html.escape(data.settings.get('device', target['device']))}, "
@@ -150,6 +170,7 @@ def _summary(data: ReportData) -> str:
         f"<li>trials: {data.count('COMPLETE')} complete, {data.count('FAIL')} failed, "
         f"{data.count('PRUNED')} pruned, {data.count('RUNNING')} running; "
         f"{spent / 60:.1f} min of trial time</li>"
+        f"<li>constraints: {constraints}</li>"
         f"<li>latency cache: {cache}</li>"
         f"<li>slower than the teacher at batch {target['batch_sizes'][0]}: {slower} of "
         f"{len(data.completed)} completed trials</li>"

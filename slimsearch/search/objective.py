@@ -23,13 +23,15 @@ import slimsearch
 from slimsearch.atomic import write_json, write_text
 from slimsearch.compression import MODEL_FILE, CompressedModel, build, load_model, save_artifact
 from slimsearch.devices import computing
+from slimsearch.errors import TrialStopped
 from slimsearch.evaluators import EvalContext, LatencyCache, evaluate
-from slimsearch.experiment import ExperimentConfig
+from slimsearch.experiment import ConstraintsConfig, ExperimentConfig
 from slimsearch.runtimes import DTYPES, Runtime, get_runtime, plan_execution
 from slimsearch.runtimes.cuda import plan_cuda_execution
 from slimsearch.search.teacher import Teacher
 from slimsearch.spaces import Recipe
 from slimsearch.tasks import Task
+from slimsearch.training import accuracy
 
 #: The objectives, in the order the study stores them, with their directions.
 OBJECTIVES = (("val_accuracy", "maximize"), ("size_bytes", "minimize"), ("latency_ms", "minimize"))
@@ -55,6 +57,21 @@ def relative_to_teacher(metrics: dict[str, Any], teacher: dict[str, Any],
             relative[f"speedup{suffix}"] = round(theirs / ours, 4)
     relative["slower_than_teacher"] = relative.get("speedup", 1.0) < 1.0
     return relative
+
+
+def constraint_values(metrics: dict[str, Any], teacher: dict[str, Any],
+                      constraints: ConstraintsConfig) -> dict[str, float]:
+    """How far past each configured constraint a trial is (<= 0: met), in the metric's unit:
+    accuracy drop (fraction), bytes, milliseconds."""
+    values = {}
+    if constraints.max_accuracy_drop is not None:
+        drop = teacher["val_accuracy"] - metrics["val_accuracy"]
+        values["accuracy_drop"] = drop - constraints.max_accuracy_drop
+    if constraints.max_size_bytes is not None:
+        values["size_bytes"] = float(metrics["size_bytes"] - constraints.max_size_bytes)
+    if constraints.max_latency_ms is not None:
+        values["latency_ms"] = metrics["latency_ms"] - constraints.max_latency_ms
+    return values
 
 
 @dataclass
@@ -104,6 +121,27 @@ class TrialRunner:
             torch.cuda.empty_cache()
         return metrics
 
+    def early_stop(self, model: torch.nn.Module, stage: str, epoch: int) -> None:
+        """Stop a hopeless trial: after ``early_stop_after_epochs`` epochs of a training stage,
+        validation accuracy more than ``early_stop_margin`` below what ``max_accuracy_drop``
+        allows cannot be trained back in the epochs left (Optuna's pruners do not support
+        multi-objective studies, so this is our own rule)."""
+        rules = self.config.constraints
+        if (rules.max_accuracy_drop is None or rules.early_stop_margin is None
+                or self.teacher_metrics is None or epoch != rules.early_stop_after_epochs):
+            return
+        floor = (self.teacher_metrics["val_accuracy"] - rules.max_accuracy_drop
+                 - rules.early_stop_margin)
+        was_training = model.training
+        value = accuracy(model, self.task.val, device=self.device)
+        model.train(was_training)
+        if value < floor:
+            raise TrialStopped(f"stopped early: validation accuracy {value:.4f} after {epoch} "
+                               f"epochs of {stage} is below {floor:.4f} (the teacher's "
+                               f"{self.teacher_metrics['val_accuracy']:.4f} - max_accuracy_drop "
+                               f"{rules.max_accuracy_drop} - early_stop_margin "
+                               f"{rules.early_stop_margin})")
+
     def plan_execution(self, compressed: CompressedModel, recipe: Recipe) -> dict[str, Any] | None:
         """Which layers run on low-precision or sparse kernels, measured per layer at the
         target batch: PyTorch's int8 kernels on CPU (torch and torchscript runtimes, fp32),
@@ -140,7 +178,7 @@ class TrialRunner:
                                train=self.config.train, seed=seed, device=self.device,
                                round_to=self.config.space.channel_multiple,
                                teacher_features=self.teacher.train_features,
-                               deadline=deadline)
+                               deadline=deadline, check=self.early_stop)
         trained = time.perf_counter()
         compressed.execution = self.plan_execution(compressed, recipe)
         compressed.record["execution"] = compressed.execution or "float (no int8 candidate)"

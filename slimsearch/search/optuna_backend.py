@@ -28,7 +28,7 @@ from slimsearch.errors import ConfigError, TrialStopped
 from slimsearch.evaluators import LatencyCache
 from slimsearch.experiment import ExperimentConfig
 from slimsearch.runtimes import get_runtime
-from slimsearch.search.objective import OBJECTIVES, TrialRunner, environment
+from slimsearch.search.objective import OBJECTIVES, TrialRunner, constraint_values, environment
 from slimsearch.search.recovery import (
     OWNER,
     RETRY_OF,
@@ -172,9 +172,8 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     if cache is not None and cache.hit_rate is not None:
         cache_note = (f"; latency cache: {cache.hits} of {cache.hits + cache.misses} "
                       f"measurements reused ({cache.hit_rate:.0%})")
-    say(f"{completed} trials completed, {failed} failed, {pruned} stopped by the time budget "
-        f"in this session{cache_note}; "
-        f"report: {report.resolve()}")
+    say(f"{completed} trials completed, {failed} failed, {pruned} stopped (time budget or early "
+        f"stop) in this session{cache_note}; report: {report.resolve()}")
     return RunResult(folder.root, report, folder.pareto_json, completed, failed, interrupted)
 
 
@@ -192,12 +191,16 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
         trial.set_user_attr("recipe", recipe.to_dict())
         metrics = runner(recipe, trial_dir, seed=seed,
                          deadline=deadline if math.isfinite(deadline) else None)
+        violations = constraint_values(metrics, runner.teacher_metrics, config.constraints)
+        for name, value in violations.items():
+            trial.set_constraint(name, value)
+        metrics["feasible"] = all(v <= 0 for v in violations.values())
         trial.set_user_attr("metrics", metrics)
         study.tell(trial, [metrics[name] for name, _ in OBJECTIVES])
     except TrialStopped as exc:
         trial.set_user_attr("stopped", str(exc))
         study.tell(trial, state=TrialState.PRUNED)
-        say(f"[{position}] trial {trial.number} stopped after {time.perf_counter() - start:.1f} "
+        say(f"[{position}] trial {trial.number} PRUNED after {time.perf_counter() - start:.1f} "
             f"s: {exc}")
         return TrialState.PRUNED
     except (Exception, KeyboardInterrupt) as exc:
@@ -216,13 +219,15 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
         if isinstance(exc, KeyboardInterrupt):
             raise
         return TrialState.FAIL
-    front = study.best_trials
-    best = max(t.values[0] for t in front)
+    front = study.best_trials  # feasible trials only, when there are constraints
+    best = max((t.values[0] for t in front), default=None)
     speed = f"{metrics['speedup']:.2f}x" if "speedup" in metrics else "?"
     slower = " SLOWER THAN TEACHER" if metrics.get("slower_than_teacher") else ""
+    infeasible = "" if metrics["feasible"] else " INFEASIBLE"
+    best_text = f"best val_accuracy {best:.4f}" if front else "no feasible trial yet"
     say(f"[{position}] trial {trial.number} done in {time.perf_counter() - start:.1f} s: "
-        f"{_describe(metrics)} ({metrics['size_ratio']:.1f}x smaller, {speed} speed{slower}) | "
-        f"Pareto front {len(front)}, best val_accuracy {best:.4f}")
+        f"{_describe(metrics)} ({metrics['size_ratio']:.1f}x smaller, {speed} speed{slower})"
+        f"{infeasible} | Pareto front {len(front)}, {best_text}")
     return TrialState.COMPLETE
 
 
