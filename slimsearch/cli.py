@@ -60,6 +60,43 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from slimsearch.report.data import load_report_data, load_study
+    from slimsearch.search.recovery import OWNER, is_alive
+
+    data = load_report_data(Path(args.run_dir))
+    study = load_study(data.run_dir)
+    exp = data.settings["experiment"]
+    counted = sum(t.state.is_finished() and not t.user_attrs.get("interrupted")
+                  for t in study.get_trials(deepcopy=False))
+    budget = study.user_attrs.get("budget", exp["search"]["trials"])
+    print(f"run {data.name}: task {exp['task']}, {counted} of {budget} trials "
+          f"done ({data.count('COMPLETE')} complete, {data.count('FAIL')} failed, "
+          f"{data.count('PRUNED')} stopped, {data.count('RUNNING')} running)")
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state.name == "RUNNING":
+            owner = trial.user_attrs.get(OWNER) or {}
+            alive = {True: "alive", False: "dead: resume recovers it", None: "another host"}[
+                is_alive(owner) if owner else None]
+            print(f"  trial {trial.number} running on {owner.get('host', '?')} pid "
+                  f"{owner.get('pid', '?')} ({alive})")
+    if data.constraints:
+        print(f"constraints {data.constraints}: {len(data.feasible)} trials meet them")
+    reused, figures = data.latency_cache
+    if figures:
+        print(f"latency cache: {reused} of {figures} figures reused")
+    teacher = data.teacher
+    for t in data.pareto[:5]:
+        m = t.metrics
+        smaller = teacher["size_bytes"] / m["size_bytes"] if teacher else float("nan")
+        print(f"  Pareto trial {t.number}: val {m['val_accuracy']:.4f}, {m['size_bytes']:,} bytes "
+              f"({smaller:.1f}x smaller), {m['latency_ms']:.4f} ms"
+              f"{'' if t.feasible else ' (infeasible)'}")
+    if len(data.pareto) > 5:
+        print(f"  ... {len(data.pareto) - 5} more in report.html")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from slimsearch.report import write_report
 
@@ -113,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--trials", type=int, help="total trial budget (default: the run's)")
     resume.add_argument("--timeout", help="no new trial starts after this long, e.g. 30m or 8h")
     resume.set_defaults(handler=_cmd_resume)
+
+    status = commands.add_parser("status", help="how far a run is, what runs now, the best so far")
+    status.add_argument("run_dir")
+    status.set_defaults(handler=_cmd_status)
 
     report = commands.add_parser("report", help="(re)write report.html and pareto.json")
     report.add_argument("run_dir")

@@ -41,7 +41,7 @@ PRUNING_METHODS = ("structured", "unstructured", "global", "2:4")
 #: How structured pruning ranks channels (see compression.pruning.IMPORTANCE).
 IMPORTANCE_CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 STUDENT_INITS = ("slice", "scratch")
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random")
 RUNTIMES = ("torch", "torchscript", "onnxruntime")
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -51,7 +51,8 @@ class SearchConfig:
     """How long and how the search runs."""
 
     trials: int = 20
-    sampler: str = "tpe"
+    #: "auto" chooses by the space and the trials finished (see search.samplers); or by name.
+    sampler: str = "auto"
     #: Wall-clock budget such as "90s", "30m", "8h"; no new trial starts after it.
     timeout: str | None = None
     #: An Optuna storage URL; None = a journal file inside the run folder.

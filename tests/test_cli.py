@@ -314,3 +314,11 @@ def test_hopeless_trials_are_stopped_early_with_the_reason(tmp_path: Path) -> No
     stopped = [t for t in data.trials if t.state == "PRUNED"]
     assert stopped and all("stopped early" in t.stopped for t in stopped)
     assert "Stopped trials" in (tmp_path / "run" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_status_reports_progress_and_the_best_so_far(finished_run: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    assert main(["status", str(finished_run)]) == 0
+    out = capsys.readouterr().out
+    assert "5 of 5 trials done" in out and "Pareto trial" in out

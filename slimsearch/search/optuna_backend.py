@@ -37,6 +37,7 @@ from slimsearch.search.recovery import (
     this_process,
 )
 from slimsearch.search.run_folder import RUN_FORMAT, RunFolder
+from slimsearch.search.samplers import make_sampler
 from slimsearch.search.storage import check_storage_url, open_storage
 from slimsearch.search.teacher import prepare_teacher
 from slimsearch.spaces import SearchSpace
@@ -55,19 +56,6 @@ class RunResult:
     completed: int
     failed: int
     interrupted: bool
-
-
-def make_sampler(config: ExperimentConfig, *, offset: int) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded by the experiment seed plus the trials already run, so
-    a continued run does not replay the first run's random start."""
-    seed = config.seed + offset
-    if config.search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    # group=True: the space is conditional (layers depend on depth, pruning on sparsity > 0).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed,
-                                          n_startup_trials=min(10, max(2, config.search.trials // 3)))
 
 
 @dataclass(frozen=True)
@@ -126,8 +114,12 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([n for n, _ in OBJECTIVES])
-    study.sampler = make_sampler(config, offset=_counted(study))
-    say(f"run folder: {folder.root}")
+    finished = _counted(study)
+    study.sampler, sampler_settings = make_sampler(config, finished=finished,
+                                                   n_params=_count_params(space))
+    study.set_user_attr(f"sampler_from_trial_{finished}", sampler_settings)
+    study.set_user_attr("budget", trials)  # what `slimsearch status` counts against
+    say(f"run folder: {folder.root} (sampler: {sampler_settings['sampler']})")
 
     completed = failed = pruned = 0
     interrupted = False
@@ -229,6 +221,15 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
         f"{_describe(metrics)} ({metrics['size_ratio']:.1f}x smaller, {speed} speed{slower})"
         f"{infeasible} | Pareto front {len(front)}, {best_text}")
     return TrialState.COMPLETE
+
+
+def _count_params(space: SearchSpace) -> int:
+    """How many parameters one trial of ``space`` suggests (a dry run on a throwaway study)."""
+    dry = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0),
+                              directions=[d for _, d in OBJECTIVES])
+    trial = dry.ask()
+    space.suggest(trial)
+    return len(trial.params)
 
 
 def _counted(study: optuna.Study) -> int:
