@@ -24,8 +24,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     timeout_s = parse_duration(timeout, field_name="--timeout") if timeout else None
     storage = args.storage if args.storage is not None else config.search.storage
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / config.name
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: give a number of worker processes >= 1")
     prepared = prepare(config, run_dir=run_dir, storage_url=storage)
-    result = run_search(prepared, Path(args.experiment), trials=trials, timeout_s=timeout_s)
+    result = run_search(prepared, Path(args.experiment), trials=trials, timeout_s=timeout_s,
+                        workers=args.workers, worker=args.as_worker)
+    if args.as_worker:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"continue with: slimsearch run {args.experiment} --run-dir {run_dir}")
         return 130
@@ -142,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", help="run folder (default: runs/<experiment name>)")
     run.add_argument("--storage", help="Optuna storage URL (default: a journal file in the "
                                        "run folder)")
+    run.add_argument("--workers", type=int, default=1,
+                     help="processes running trials at once on this machine (default 1); "
+                          "they share the CPU cores, and latency is timed one at a time")
+    run.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(handler=_cmd_run)
 
     resume = commands.add_parser("resume", help="continue a run folder's search where it stopped "

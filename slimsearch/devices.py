@@ -95,6 +95,31 @@ def computing(device: torch.device, *, lock_dir: str | Path | None = None) -> It
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def step_aside(device: torch.device, *, lock_dir: str | Path | None = None) -> None:
+    """Called by a long computation at safe points (between training epochs): when another
+    process is waiting to time ``device``, let it, and go on once its measurement is done.
+
+    Without this a measurement would wait for the other trial's whole build; with it, for at
+    most one epoch. A no-op outside ``computing`` or when nobody waits."""
+    path = _lock_file(device, lock_dir, "device")
+    held = _held.get(path)
+    if held is None or held.mode != "shared":
+        return
+    turnstile = _lock_file(device, lock_dir, "turnstile")
+    with open(turnstile, "a+") as gate:
+        try:
+            fcntl.flock(gate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # someone is at the turnstile: a measurement waiting for the device
+        else:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+            return
+    fcntl.flock(held.handle, fcntl.LOCK_UN)
+    with _flock(turnstile, fcntl.LOCK_EX):  # through once the measurement has the device
+        pass
+    fcntl.flock(held.handle, fcntl.LOCK_SH)  # back once it is done
+
+
 @contextlib.contextmanager
 def exclusive(device: torch.device, *, lock_dir: str | Path | None = None) -> Iterator[None]:
     """Hold ``device`` alone while timing on it: no other measurement and no other local

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimsearch.devices import computing, exclusive
+from slimsearch import devices
+from slimsearch.devices import computing, exclusive, step_aside
 
 CPU = torch.device("cpu")
 
 
 def _hold(kind: str, seconds: float, lock_dir: Path, ready: Path) -> None:
+    devices._held.clear()  # a forked child shares the parent's lock handles: use its own
     with {"computing": computing, "exclusive": exclusive}[kind](CPU, lock_dir=lock_dir):
         ready.touch()
         time.sleep(seconds)
@@ -73,3 +75,19 @@ def test_measuring_inside_this_process_computation_does_not_deadlock(tmp_path: P
         assert other.exitcode == 0
     with exclusive(CPU, lock_dir=tmp_path), computing(CPU, lock_dir=tmp_path):
         pass
+
+
+def test_a_computation_steps_aside_for_a_waiting_measurement(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    with computing(CPU, lock_dir=tmp_path):
+        step_aside(CPU, lock_dir=tmp_path)  # nobody waits: returns at once
+        measurer = multiprocessing.get_context("fork").Process(
+            target=_hold, args=("exclusive", 0.3, tmp_path, ready))
+        measurer.start()
+        time.sleep(0.3)
+        assert not ready.exists()  # it waits while we compute...
+        start = time.monotonic()
+        step_aside(CPU, lock_dir=tmp_path)  # ...until we step aside between epochs
+        assert ready.exists() and time.monotonic() - start >= 0.2  # we waited for it to finish
+        measurer.join(timeout=30)
+    assert measurer.exitcode == 0

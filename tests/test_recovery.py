@@ -64,7 +64,10 @@ def test_owner_records_tell_a_live_process_from_a_dead_one() -> None:
 def test_killed_and_resumed_searches_lose_nothing_and_finish_the_budget(tmp_path: Path) -> None:
     trials = 30
     experiment = tmp_path / "killed.toml"
-    experiment.write_text(EXPERIMENT.format(trials=trials))
+    # trials of about a second, so that every kill point lands in a running search
+    experiment.write_text(EXPERIMENT.format(trials=trials).replace(
+        "distill_epochs = 2", "distill_epochs = 8").replace("finetune_epochs = 2",
+                                                            "finetune_epochs = 6"))
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "slimsearch", "run", str(experiment), "--run-dir", str(run_dir)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "SLIMSEARCH_LOCK_DIR": str(tmp_path / "locks")}
@@ -123,3 +126,26 @@ def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     assert main(["resume", str(tmp_path)]) == 2
     assert "not a slimsearch run folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [2, 4])
+def test_workers_share_one_journal_and_lose_nothing(workers: int, tmp_path: Path) -> None:
+    trials = 24
+    experiment = tmp_path / "shared.toml"
+    experiment.write_text(EXPERIMENT.format(trials=trials))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SLIMSEARCH_LOCK_DIR": str(tmp_path / "locks")}
+    done = subprocess.run([sys.executable, "-m", "slimsearch", "run", str(experiment),
+                           "--run-dir", str(run_dir), "--workers", str(workers)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    trials_ = study_of(run_dir).get_trials(deepcopy=False)
+    assert len(trials_) == trials  # exactly the budget: no worker overshot it
+    assert all(t.state == TrialState.COMPLETE for t in trials_)
+    owners = {t.user_attrs["owner"]["pid"] for t in trials_}
+    assert len(owners) >= 2, "trials ran in more than one process"
+    for t in trials_:
+        metrics = run_dir / "trials" / f"{t.number:05d}" / "metrics.json"
+        assert metrics.is_file() and t.user_attrs["metrics"]["size_bytes"] > 0
+    assert not list((run_dir / "workers").glob("*.json"))  # every worker unregistered

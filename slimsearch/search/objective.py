@@ -22,7 +22,7 @@ import torch
 import slimsearch
 from slimsearch.atomic import write_json, write_text
 from slimsearch.compression import MODEL_FILE, CompressedModel, build, load_model, save_artifact
-from slimsearch.devices import computing
+from slimsearch.devices import computing, step_aside
 from slimsearch.errors import TrialStopped
 from slimsearch.evaluators import EvalContext, LatencyCache, evaluate
 from slimsearch.experiment import ConstraintsConfig, ExperimentConfig
@@ -121,6 +121,12 @@ class TrialRunner:
             torch.cuda.empty_cache()
         return metrics
 
+    def between_epochs(self, model: torch.nn.Module, stage: str, epoch: int) -> None:
+        """Let a waiting latency measurement of another local trial have the device, then
+        stop this trial if it is hopeless (``early_stop``)."""
+        step_aside(self.device)
+        self.early_stop(model, stage, epoch)
+
     def early_stop(self, model: torch.nn.Module, stage: str, epoch: int) -> None:
         """Stop a hopeless trial: after ``early_stop_after_epochs`` epochs of a training stage,
         validation accuracy more than ``early_stop_margin`` below what ``max_accuracy_drop``
@@ -178,7 +184,7 @@ class TrialRunner:
                                train=self.config.train, seed=seed, device=self.device,
                                round_to=self.config.space.channel_multiple,
                                teacher_features=self.teacher.train_features,
-                               deadline=deadline, check=self.early_stop)
+                               deadline=deadline, check=self.between_epochs)
         trained = time.perf_counter()
         compressed.execution = self.plan_execution(compressed, recipe)
         compressed.record["execution"] = compressed.execution or "float (no int8 candidate)"

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
+import subprocess
+import sys
 import time
 import traceback
 import warnings
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from slimsearch.atomic import read_json, write_json, write_text
@@ -92,8 +96,14 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
 
 
 def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
-               timeout_s: float | None, say: Callable[[str], None] = print) -> RunResult:
-    """Run (or continue) the search until ``trials`` trials exist or ``timeout_s`` passes."""
+               timeout_s: float | None, say: Callable[[str], None] = print,
+               workers: int = 1, worker: bool = False) -> RunResult:
+    """Run (or continue) the search until ``trials`` trials exist or ``timeout_s`` passes.
+
+    ``workers > 1``: once the teacher is ready, ``workers - 1`` more processes run trials on
+    the same study, each with its share of the CPU threads for training (latency is still
+    measured one at a time, under the device lock). ``worker``: this process is one of those
+    (it trains no teacher, enqueues nothing and leaves the report to the main process)."""
     from slimsearch.report import write_report  # the report reads what this writes
 
     config, task, space, folder = prepared.config, prepared.task, prepared.space, prepared.folder
@@ -117,9 +127,16 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     finished = _counted(study)
     study.sampler, sampler_settings = make_sampler(config, finished=finished,
                                                    n_params=_count_params(space))
-    study.set_user_attr(f"sampler_from_trial_{finished}", sampler_settings)
-    study.set_user_attr("budget", trials)  # what `slimsearch status` counts against
-    say(f"run folder: {folder.root} (sampler: {sampler_settings['sampler']})")
+    if worker:
+        say = _prefixed(say, f"[worker {os.getpid()}] ")
+    else:
+        study.set_user_attr(f"sampler_from_trial_{finished}", sampler_settings)
+        study.set_user_attr("budget", trials)  # what `slimsearch status` counts against
+        say(f"run folder: {folder.root} (sampler: {sampler_settings['sampler']}"
+            f"{f', {workers} workers' if workers > 1 else ''})")
+    if workers > 1 or worker:  # the cores are shared: each worker trains on its share
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(workers, 1)))
+    children: list[subprocess.Popen] = []
 
     completed = failed = pruned = 0
     interrupted = False
@@ -142,11 +159,14 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             runner.teacher_metrics = teacher_metrics
             say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
                 f"{_describe(teacher_metrics)}")
-            if not study.trials:
+            if not study.trials and not worker:
                 for name, recipe in space.baselines().items():
                     study.enqueue_trial(space.params_of(recipe), user_attrs={"baseline": name})
+            if workers > 1 and not worker:
+                children = _start_workers(workers - 1, experiment_file, folder.root, trials,
+                                          deadline, prepared.storage_url)
 
-            while _counted(study) < trials and time.monotonic() < deadline:
+            while _claimed(study) < trials and time.monotonic() < deadline:
                 outcome = _one_trial(study, space, runner, folder, config, deadline=deadline,
                                      position=f"{_counted(study) + 1}/{trials}", say=say)
                 completed += outcome == TrialState.COMPLETE
@@ -159,7 +179,9 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             say("interrupted: the running trial is recorded FAIL (not counted in the budget; it "
                 "runs again when the search continues); finished trials are kept")
         finally:
-            report = write_report(folder.root)
+            for child in children:  # on Ctrl-C they got the signal too, and stop the same way
+                child.wait()
+            report = folder.report_html if worker else write_report(folder.root)
     cache_note = ""
     if cache is not None and cache.hit_rate is not None:
         cache_note = (f"; latency cache: {cache.hits} of {cache.hits + cache.misses} "
@@ -221,6 +243,29 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
         f"{_describe(metrics)} ({metrics['size_ratio']:.1f}x smaller, {speed} speed{slower})"
         f"{infeasible} | Pareto front {len(front)}, {best_text}")
     return TrialState.COMPLETE
+
+
+def _prefixed(say: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    return lambda line: say(prefix + line)
+
+
+def _start_workers(count: int, experiment_file: Path, run_dir: Path, trials: int,
+                   deadline: float, storage: str | None) -> list[subprocess.Popen]:
+    """``count`` more processes of ``slimsearch run`` on this run folder, as workers."""
+    command = [sys.executable, "-m", "slimsearch", "run", str(experiment_file), "--run-dir",
+               str(run_dir), "--trials", str(trials), "--workers", str(count + 1), "--as-worker"]
+    if math.isfinite(deadline):
+        command += ["--timeout", f"{max(1.0, deadline - time.monotonic()):.0f}s"]
+    if storage is not None:
+        command += ["--storage", storage]
+    return [subprocess.Popen(command) for _ in range(count)]
+
+
+def _claimed(study: optuna.Study) -> int:
+    """Trials that count toward the budget plus those running now (in any worker): a worker
+    starts a trial only while this is under the budget, so workers do not overshoot it."""
+    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return _counted(study) + running
 
 
 def _count_params(space: SearchSpace) -> int:
