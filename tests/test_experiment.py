@@ -145,3 +145,16 @@ def test_plugin_without_the_function_or_returning_the_wrong_type(tmp_path: Path,
             make_task("plugin_for_slimsearch_tests:make_task", seed=0, base_dir=tmp_path)
     finally:
         sys.modules.pop("plugin_for_slimsearch_tests", None)
+
+
+def test_the_readme_examples_are_valid_experiments(tmp_path: Path) -> None:
+    """The README's experiment file and its [constraints] example parse as they are written."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+    full = next(b for b in blocks if b.startswith("name ="))
+    constraints = next(b for b in blocks if b.startswith("[constraints]"))
+    config = load_experiment(write(tmp_path, full + "\n" + constraints))
+    assert config.constraints.max_size_bytes == 50_000
+    assert config.target.batch_sizes == (1, 256) and config.search.sampler == "auto"
