@@ -100,7 +100,9 @@ def test_killed_and_resumed_searches_lose_nothing_and_finish_the_budget(tmp_path
     for t in killed:
         if t.params and RETRY_OF not in t.user_attrs:
             again = [r for r in all_trials if r.user_attrs.get(RETRY_OF) == t.number]
-            assert again and again[0].params == t.params  # the same parameters, run again
+            # the same parameters run again (a kill during suggest leaves only some of them:
+            # the retry keeps those and samples the rest)
+            assert again and t.params.items() <= again[0].params.items()
     assert killed, "at least one kill should have landed inside a trial"
     assert all("died" in t.user_attrs["error"] for t in killed)
 
