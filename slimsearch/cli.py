@@ -28,7 +28,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers {args.workers}: give a number of worker processes >= 1")
     prepared = prepare(config, run_dir=run_dir, storage_url=storage)
     result = run_search(prepared, Path(args.experiment), trials=trials, timeout_s=timeout_s,
-                        workers=args.workers, worker=args.as_worker)
+                        workers=args.workers, worker=args.as_worker)  # 0: the main process
     if args.as_worker:
         return 130 if result.interrupted else 0
     if result.interrupted:
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1,
                      help="processes running trials at once on this machine (default 1); "
                           "they share the CPU cores, and latency is timed one at a time")
-    run.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--as-worker", type=int, default=0, help=argparse.SUPPRESS)
     run.set_defaults(handler=_cmd_run)
 
     resume = commands.add_parser("resume", help="continue a run folder's search where it stopped "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import platform
 import re
 import tempfile
 from collections.abc import Iterator
@@ -35,8 +36,8 @@ def resolve_device(name: str) -> torch.device:
 def device_identity(device: torch.device) -> str:
     """A name for the physical device: ``cpu``, or ``cuda-<uuid>`` so that ``cuda``, ``cuda:0``
     and a remapped ``CUDA_VISIBLE_DEVICES`` index of the same GPU all agree."""
-    if device.type != "cuda":
-        return "cpu"
+    if device.type != "cuda":  # the CPU model and core count: a resumed run on another
+        return f"cpu-{cpu_model()}-{os.cpu_count()}"  # machine must not mix its figures
     index = device.index if device.index is not None else torch.cuda.current_device()
     uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
     return f"cuda-{uuid}" if uuid is not None else f"cuda-{index}"
@@ -47,6 +48,17 @@ def _lock_file(device: torch.device, lock_dir: str | Path | None, kind: str) -> 
     folder.mkdir(parents=True, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]", "_", device_identity(device))
     return folder / f"slimsearch-{kind}-{tag}.lock"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @contextlib.contextmanager

@@ -26,8 +26,13 @@ class TrialError(SlimsearchError):
 
 
 class TrialStopped(SlimsearchError):
-    """A trial stopped on purpose before it finished (the run's deadline); recorded PRUNED
-    with this message as the reason, never as a result."""
+    """A trial stopped on purpose before it finished: by the run's deadline (``by_deadline``:
+    it runs again when the search continues) or as hopeless (early stopping). Recorded
+    PRUNED with this message as the reason, never as a result."""
+
+    def __init__(self, message: str, *, by_deadline: bool = False) -> None:
+        super().__init__(message)
+        self.by_deadline = by_deadline
 
 
 class ArtifactError(SlimsearchError):

@@ -38,3 +38,9 @@ def test_the_same_progress_rebuilds_the_same_sampler_settings() -> None:
     a = make_sampler(config("auto"), finished=7, n_params=10)[1]
     b = make_sampler(config("auto"), finished=7, n_params=10)[1]
     assert a == b
+
+
+def test_workers_of_one_run_are_seeded_apart() -> None:
+    seeds = {make_sampler(config("auto"), finished=0, n_params=10, worker=w)[1]["seed"]
+             for w in range(4)}
+    assert len(seeds) == 4  # same-seeded samplers on one study would propose the same trials

@@ -44,14 +44,14 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
           train: TrainConfig, seed: int, device: torch.device, round_to: int = 1,
           teacher_features: torch.Tensor | None = None,
           deadline: float | None = None,
-          check: Callable[[nn.Module, str, int], None] | None = None) -> CompressedModel:
+          check: Callable[[nn.Module, str, int, int], None] | None = None) -> CompressedModel:
     """Run every stage of ``recipe`` and return the compressed model (CPU, eval mode).
 
     ``round_to``: structured pruning keeps a multiple of this many channels per layer.
     ``teacher_features``: the teacher's head inputs on the train split, for the hint loss
     (used when the hint weight is > 0). ``deadline`` (``time.monotonic()`` seconds): a
     training stage that would start an epoch after it raises ``TrialStopped``. ``check(model,
-    stage, epochs_done)`` runs before each epoch and may stop the trial the same way."""
+    stage, epochs_done, stage_epochs)`` runs before each epoch and may stop the trial the same way."""
     record: dict[str, Any] = {"stages": {}}
     clock = time.perf_counter()
 
@@ -73,9 +73,9 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
         def before_epoch(epoch: int) -> None:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TrialStopped(f"the run's time budget ran out before epoch {epoch + 1}/"
-                                   f"{epochs} of {name}")
+                                   f"{epochs} of {name}", by_deadline=True)
             if check is not None:
-                check(model, name, epoch)
+                check(model, name, epoch, epochs)
         return fit(model, task.train, epochs=epochs, lr=train.lr, batch_size=train.batch_size,
                    weight_decay=train.weight_decay, seed=seed, device=device,
                    teacher_logits=teacher_logits, temperature=temperature, alpha=alpha,

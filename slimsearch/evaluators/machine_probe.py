@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from slimsearch.atomic import write_json
+from slimsearch.devices import cpu_model
 
 #: Probe calls per burst; the burst's median is one reading (~0.1 ms of probe per reading).
 PROBE_CALLS = 10
@@ -35,16 +35,6 @@ QUIET_TOLERANCE = 0.10
 #: measurement on a machine is not judged against a floor read in a disturbed moment.
 CALIBRATION_S = 0.3
 FLOOR_FILE = "slimsearch-probe-floor.json"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class MachineProbe:
@@ -66,9 +56,10 @@ class MachineProbe:
         self.workload = workload
         folder = Path(lock_dir or os.environ.get("SLIMSEARCH_LOCK_DIR", tempfile.gettempdir()))
         self.path = folder / FLOOR_FILE
-        self.key = f"{_cpu_model()} | threads {threads} | torch {torch.__version__}"
+        self.key = f"{cpu_model()} | threads {threads} | torch {torch.__version__}"
         self.floor_us = self._stored().get(self.key, float("inf"))
         self._improved = False
+        self._last = float("inf")
         if self.floor_us == float("inf"):
             begin = self.clock()
             while self.clock() - begin < CALIBRATION_S:
@@ -89,8 +80,11 @@ class MachineProbe:
             self.workload()
             times.append((self.clock() - start) * 1e6)
         reading = statistics.median(times)
-        if reading < self.floor_us:
-            self.floor_us, self._improved = reading, True
+        # A new floor needs two readings in a row below the old one (it becomes the higher
+        # of them): the floor only ever goes down, so one lucky reading must not set it.
+        if reading < self.floor_us and self._last < self.floor_us:
+            self.floor_us, self._improved = max(reading, self._last), True
+        self._last = reading
         return reading
 
     def is_quiet(self, reading_us: float) -> bool:

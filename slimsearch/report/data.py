@@ -88,9 +88,9 @@ class ReportData:
         return [t for t in self.completed if t.metrics.get("slower_than_teacher")]
 
 
-def load_study(run_dir: Path) -> optuna.Study:
+def load_study(run_dir: str | Path) -> optuna.Study:
     """Open the run's study read-only in spirit (the report never writes to it)."""
-    folder = RunFolder(run_dir)
+    folder = RunFolder(Path(run_dir))
     settings = folder.settings()
     storage = open_storage(folder.root, settings.get("storage"))
     return optuna.load_study(study_name=settings["study_name"], storage=storage)

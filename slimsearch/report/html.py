@@ -53,7 +53,9 @@ def _scatter(data: ReportData, x: str, y: str) -> go.Figure:
                "#bbbbbb", "circle"),
               ("infeasible (misses a constraint)", [t for t in data.completed if not t.feasible],
                "#e377c2", "x"),
-              ("Pareto front", [t for t in data.completed if t.pareto and t.feasible],
+              # with no feasible trial yet, the front is the best so far (marked infeasible too)
+              ("Pareto front", [t for t in data.completed
+                                if t.pareto and (t.feasible or not data.feasible)],
                "#1f77b4", "circle")]
     for label, points, color, symbol in groups:
         points = sorted(points, key=lambda t: t.metrics[x])
@@ -86,7 +88,7 @@ def _scatter(data: ReportData, x: str, y: str) -> go.Figure:
 def _pareto_table(data: ReportData) -> str:
     teacher_size = data.teacher.get("size_bytes")
     teacher_latency = data.teacher.get("latency_ms")
-    extra_batches = list(data.settings["experiment"]["target"]["batch_sizes"][1:])
+    extra_batches = list(data.settings["experiment"]["target"].get("batch_sizes", [1])[1:])
     run_dir = shlex.quote(str(data.run_dir))
     rows = []
     for t in data.pareto:
@@ -144,12 +146,13 @@ def _summary(data: ReportData) -> str:
     teacher = (f"val acc {t['val_accuracy']:.4f}, test acc {t['test_accuracy']:.4f}, "
                f"{t['size_bytes']:,} bytes, {t['latency_ms']:.4f} ms" if t else "not measured yet")
     spent = sum(p.seconds or 0 for p in data.trials)
-    batches = ", ".join(str(b) for b in target["batch_sizes"])
+    batch_sizes = target.get("batch_sizes", [target.get("batch_size", 1)])  # older run folders
+    batches = ", ".join(str(b) for b in batch_sizes)
     reused, figures = data.latency_cache
     cache = (f"{reused} of {figures} latency figures reused from identical executed forms "
              f"({reused / figures:.0%})" if figures else "no latency measured yet")
     int8 = (", with layers on int8 kernels only where they were measured faster at this batch "
-            "(column 'int8 layers')" if target["runtime"] != "onnxruntime" else "")
+            "(column 'int8 layers')" if target.get("runtime", "torch") != "onnxruntime" else "")
     slower = len(data.slower_than_teacher)
     rules = data.constraints
     if rules:
@@ -163,7 +166,7 @@ def _summary(data: ReportData) -> str:
     return (
         f"<ul><li>task <b>{html.escape(exp['task'])}</b>, seed {exp['seed']}</li>"
         f"<li>target: device {html.escape(data.settings.get('device', target['device']))}, "
-        f"{_RUNTIMES.get(target['runtime'], target['runtime'])}, {target['dtype']}, batch "
+        f"{_RUNTIMES[target.get('runtime', 'torch')]}, {target.get('dtype', 'fp32')}, batch "
         f"{batches} (the first is the objective), {target['threads']} CPU thread(s)"
         f"{', CUDA graphs' if target.get('cuda_graphs') else ''}{int8}</li>"
         f"<li>teacher (measured in this run on this target): {teacher}</li>"
@@ -172,7 +175,7 @@ def _summary(data: ReportData) -> str:
         f"{spent / 60:.1f} min of trial time</li>"
         f"<li>constraints: {constraints}</li>"
         f"<li>latency cache: {cache}</li>"
-        f"<li>slower than the teacher at batch {target['batch_sizes'][0]}: {slower} of "
+        f"<li>slower than the teacher at batch {batch_sizes[0]}: {slower} of "
         f"{len(data.completed)} completed trials</li>"
         f"<li>Pareto-optimal trials: {len(data.pareto)}</li></ul>")
 

@@ -121,20 +121,22 @@ class TrialRunner:
             torch.cuda.empty_cache()
         return metrics
 
-    def between_epochs(self, model: torch.nn.Module, stage: str, epoch: int) -> None:
+    def between_epochs(self, model: torch.nn.Module, stage: str, epoch: int, epochs: int) -> None:
         """Let a waiting latency measurement of another local trial have the device, then
         stop this trial if it is hopeless (``early_stop``)."""
         step_aside(self.device)
-        self.early_stop(model, stage, epoch)
+        self.early_stop(model, stage, epoch, epochs)
 
-    def early_stop(self, model: torch.nn.Module, stage: str, epoch: int) -> None:
+    def early_stop(self, model: torch.nn.Module, stage: str, epoch: int, epochs: int) -> None:
         """Stop a hopeless trial: after ``early_stop_after_epochs`` epochs of a training stage,
         validation accuracy more than ``early_stop_margin`` below what ``max_accuracy_drop``
         allows cannot be trained back in the epochs left (Optuna's pruners do not support
-        multi-objective studies, so this is our own rule)."""
+        multi-objective studies, so this is our own rule). A stage shorter than that is
+        checked before its last epoch."""
         rules = self.config.constraints
         if (rules.max_accuracy_drop is None or rules.early_stop_margin is None
-                or self.teacher_metrics is None or epoch != rules.early_stop_after_epochs):
+                or self.teacher_metrics is None
+                or epoch != max(1, min(rules.early_stop_after_epochs, epochs - 1))):
             return
         floor = (self.teacher_metrics["val_accuracy"] - rules.max_accuracy_drop
                  - rules.early_stop_margin)
@@ -186,10 +188,11 @@ class TrialRunner:
                                teacher_features=self.teacher.train_features,
                                deadline=deadline, check=self.between_epochs)
         trained = time.perf_counter()
-        compressed.execution = self.plan_execution(compressed, recipe)
-        compressed.record["execution"] = compressed.execution or "float (no int8 candidate)"
-        built = time.perf_counter()
-        model_file = save_artifact(compressed, trial_dir / MODEL_FILE)
+        with computing(self.device):  # its timings take the device alone, inside
+            compressed.execution = self.plan_execution(compressed, recipe)
+            compressed.record["execution"] = compressed.execution or "float (no int8 candidate)"
+            built = time.perf_counter()
+            model_file = save_artifact(compressed, trial_dir / MODEL_FILE)
         # Where a trial's time goes (seconds): "plan" and "latency_ms" are latency
         # measurement; "build" is training and compressing; the rest is bookkeeping.
         seconds = {"build": round(trained - start, 4), "plan": round(built - trained, 4),

@@ -38,6 +38,7 @@ from slimsearch.search.recovery import (
     RETRY_OF,
     recover_stale_trials,
     registered_worker,
+    run_lock,
     this_process,
 )
 from slimsearch.search.run_folder import RUN_FORMAT, RunFolder
@@ -97,13 +98,15 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
 
 def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
                timeout_s: float | None, say: Callable[[str], None] = print,
-               workers: int = 1, worker: bool = False) -> RunResult:
+               workers: int = 1, worker: int = 0) -> RunResult:
     """Run (or continue) the search until ``trials`` trials exist or ``timeout_s`` passes.
 
     ``workers > 1``: once the teacher is ready, ``workers - 1`` more processes run trials on
     the same study, each with its share of the CPU threads for training (latency is still
-    measured one at a time, under the device lock). ``worker``: this process is one of those
-    (it trains no teacher, enqueues nothing and leaves the report to the main process)."""
+    measured one at a time, under the device lock). ``worker`` (1, 2, ...): this process is
+    one of those (it trains no teacher, enqueues nothing and leaves the report to the main
+    process); its sampler is seeded apart from the others', or they would propose the same
+    trials."""
     from slimsearch.report import write_report  # the report reads what this writes
 
     config, task, space, folder = prepared.config, prepared.task, prepared.space, prepared.folder
@@ -125,8 +128,9 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([n for n, _ in OBJECTIVES])
     finished = _counted(study)
-    study.sampler, sampler_settings = make_sampler(config, finished=finished,
-                                                   n_params=_count_params(space))
+    n_params, numeric_only = _describe_space(space)
+    study.sampler, sampler_settings = make_sampler(config, finished=finished, n_params=n_params,
+                                                   numeric_only=numeric_only, worker=worker)
     if worker:
         say = _prefixed(say, f"[worker {os.getpid()}] ")
     else:
@@ -166,9 +170,12 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
                 children = _start_workers(workers - 1, experiment_file, folder.root, trials,
                                           deadline, prepared.storage_url)
 
-            while _claimed(study) < trials and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                recover_stale_trials(study, folder.root, say=say)  # a worker may have died
                 outcome = _one_trial(study, space, runner, folder, config, deadline=deadline,
-                                     position=f"{_counted(study) + 1}/{trials}", say=say)
+                                     budget=trials, say=say)
+                if outcome is None:  # the budget is claimed by finished and running trials
+                    break
                 completed += outcome == TrialState.COMPLETE
                 failed += outcome == TrialState.FAIL
                 pruned += outcome == TrialState.PRUNED
@@ -180,7 +187,9 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
                 "runs again when the search continues); finished trials are kept")
         finally:
             for child in children:  # on Ctrl-C they got the signal too, and stop the same way
-                child.wait()
+                if child.wait() not in (0, 130):
+                    say(f"worker process {child.pid} ended with exit code {child.returncode}; "
+                        "its running trial, if any, is recovered when the run continues")
             report = folder.report_html if worker else write_report(folder.root)
     cache_note = ""
     if cache is not None and cache.hit_rate is not None:
@@ -192,10 +201,16 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
 
 
 def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, folder: RunFolder,
-               config: ExperimentConfig, *, deadline: float, position: str,
-               say: Callable[[str], None]) -> TrialState:
-    trial = study.ask()
-    trial.set_user_attr(OWNER, this_process())  # first: a killed worker is found by it
+               config: ExperimentConfig, *, deadline: float, budget: int,
+               say: Callable[[str], None]) -> TrialState | None:
+    """Run one trial, or return None when the budget is already claimed."""
+    with run_lock(folder.root):  # check and claim at once, or two workers could both start
+        claimed = _claimed(study)
+        if claimed >= budget:
+            return None
+        trial = study.ask()
+        trial.set_user_attr(OWNER, this_process())  # first: a killed worker is found by it
+    position = f"{claimed + 1}/{budget}"
     trial_dir = folder.trial(trial.number)
     seed = config.seed + trial.number
     trial.set_user_attr("seed", seed)
@@ -213,6 +228,9 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
         study.tell(trial, [metrics[name] for name, _ in OBJECTIVES])
     except TrialStopped as exc:
         trial.set_user_attr("stopped", str(exc))
+        if exc.by_deadline:  # not the recipe's fault: it runs again when the search continues
+            trial.set_user_attr("interrupted", True)
+            _enqueue_again(study, trial)
         study.tell(trial, state=TrialState.PRUNED)
         say(f"[{position}] trial {trial.number} PRUNED after {time.perf_counter() - start:.1f} "
             f"s: {exc}")
@@ -223,10 +241,7 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
         write_text(trial_dir / "error.txt", traceback.format_exc())
         if isinstance(exc, KeyboardInterrupt):  # not the trial's fault: it runs again later
             trial.set_user_attr("interrupted", True)
-            if RETRY_OF not in trial.user_attrs:
-                study.enqueue_trial(trial.params, user_attrs={
-                    RETRY_OF: trial.number, **({"baseline": trial.user_attrs["baseline"]}
-                                               if "baseline" in trial.user_attrs else {})})
+            _enqueue_again(study, trial)
         study.tell(trial, state=TrialState.FAIL)
         say(f"[{position}] trial {trial.number} FAILED after {time.perf_counter() - start:.1f} s: "
             f"{message}")
@@ -245,6 +260,14 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
     return TrialState.COMPLETE
 
 
+def _enqueue_again(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Run an interrupted trial's parameters once more (not a retry's: once is enough)."""
+    if RETRY_OF not in trial.user_attrs:
+        study.enqueue_trial(trial.params, user_attrs={
+            RETRY_OF: trial.number, **({"baseline": trial.user_attrs["baseline"]}
+                                       if "baseline" in trial.user_attrs else {})})
+
+
 def _prefixed(say: Callable[[str], None], prefix: str) -> Callable[[str], None]:
     return lambda line: say(prefix + line)
 
@@ -253,12 +276,12 @@ def _start_workers(count: int, experiment_file: Path, run_dir: Path, trials: int
                    deadline: float, storage: str | None) -> list[subprocess.Popen]:
     """``count`` more processes of ``slimsearch run`` on this run folder, as workers."""
     command = [sys.executable, "-m", "slimsearch", "run", str(experiment_file), "--run-dir",
-               str(run_dir), "--trials", str(trials), "--workers", str(count + 1), "--as-worker"]
+               str(run_dir), "--trials", str(trials), "--workers", str(count + 1)]
     if math.isfinite(deadline):
         command += ["--timeout", f"{max(1.0, deadline - time.monotonic()):.0f}s"]
     if storage is not None:
         command += ["--storage", storage]
-    return [subprocess.Popen(command) for _ in range(count)]
+    return [subprocess.Popen(command + ["--as-worker", str(index)]) for index in range(1, count + 1)]
 
 
 def _claimed(study: optuna.Study) -> int:
@@ -268,13 +291,15 @@ def _claimed(study: optuna.Study) -> int:
     return _counted(study) + running
 
 
-def _count_params(space: SearchSpace) -> int:
-    """How many parameters one trial of ``space`` suggests (a dry run on a throwaway study)."""
+def _describe_space(space: SearchSpace) -> tuple[int, bool]:
+    """How many parameters one trial of ``space`` suggests, and whether all are numeric
+    (a dry run on a throwaway study)."""
     dry = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0),
                               directions=[d for _, d in OBJECTIVES])
     trial = dry.ask()
     space.suggest(trial)
-    return len(trial.params)
+    kinds = [type(d) for d in trial.distributions.values()]
+    return len(kinds), optuna.distributions.CategoricalDistribution not in kinds
 
 
 def _counted(study: optuna.Study) -> int:

@@ -45,8 +45,9 @@ def this_process() -> dict[str, Any]:
 
 
 def is_alive(owner: dict[str, Any]) -> bool | None:
-    """True/False for an owner on this host; None when it runs on another host (unknown)."""
-    if owner.get("host") != socket.gethostname():
+    """True/False for an owner on this host; None when it cannot be told (another host, or
+    no /proc to read process start times from): such trials are left alone."""
+    if owner.get("host") != socket.gethostname() or owner.get("process_start") is None:
         return None
     start = _process_start(int(owner["pid"]))
     return start is not None and start == owner.get("process_start")
@@ -83,8 +84,9 @@ def _other_live_workers(run_dir: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _run_lock(run_dir: Path) -> Iterator[None]:
-    """Two workers starting at once must not both recover (and re-enqueue) the same trial."""
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One worker at a time: recovering trials (two must not re-enqueue the same one) and
+    claiming the next trial against the budget."""
     with open(run_dir / ".recovery.lock", "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -98,7 +100,7 @@ def recover_stale_trials(study: optuna.Study, run_dir: Path,
     """Mark the trials of dead workers FAIL (interrupted) and enqueue their parameters once
     more; return their numbers. Trials of live workers, or on other hosts, are left alone."""
     recovered = []
-    with _run_lock(run_dir):
+    with run_lock(run_dir):
         others_alive = None
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = trial.user_attrs.get(OWNER)

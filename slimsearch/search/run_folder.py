@@ -63,9 +63,9 @@ class RunFolder:
         """Refuse to continue a run whose experiment, search space or measuring device changed,
         naming what changed: their trials would not be comparable."""
         old = self.settings()
-        if old.get("run_format", RUN_FORMAT) != RUN_FORMAT:
+        if old.get("run_format", 0) != RUN_FORMAT:  # none recorded: before format 1
             raise ConfigError(f"{self.root} was written by a slimsearch with run format "
-                              f"{old['run_format']} (this one reads {RUN_FORMAT}); continue it with "
+                              f"{old.get('run_format', 0)} (this one reads {RUN_FORMAT}); continue it with "
                               f"slimsearch {old.get('environment', {}).get('slimsearch', '?')}, or "
                               "start a new run")
         if objectives is not None and old.get("objectives", objectives) != objectives:

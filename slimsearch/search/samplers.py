@@ -2,8 +2,8 @@
 
 ``auto`` chooses by the space and by how many trials have finished:
 
-- a space of numbers only, without conditional parameters: Gaussian-process BO (``gp``),
-  the most sample-efficient on such spaces;
+- a space of numbers only: Gaussian-process BO (``gp``), the most sample-efficient on such
+  spaces (a plug-in space could be one; slimsearch's built-in spaces are categorical);
 - otherwise multivariate TPE with ``group=True`` (``tpe``): slimsearch's spaces are
   categorical and conditional (a layer's pruning method exists only when it prunes);
 - after ``NSGA2_AFTER`` finished trials, NSGA-II (``nsga2``) with a population sized to the
@@ -36,11 +36,17 @@ def choose(name: str, *, finished: int, numeric_only: bool) -> str:
     return "gp" if numeric_only else "tpe"
 
 
+#: Worker k of a run seeds its sampler this far from worker 0's: same-seeded samplers on one
+#: study propose the same parameters in turn.
+WORKER_SEED_STRIDE = 100_003
+
+
 def make_sampler(config: ExperimentConfig, *, finished: int, n_params: int,
-                 numeric_only: bool = False) -> tuple[optuna.samplers.BaseSampler, dict[str, Any]]:
+                 numeric_only: bool = False,
+                 worker: int = 0) -> tuple[optuna.samplers.BaseSampler, dict[str, Any]]:
     """The sampler for a session that starts with ``finished`` trials done, and its settings
     (recorded in the study so a reader can tell what produced each trial)."""
-    seed = config.seed + finished
+    seed = config.seed + finished + WORKER_SEED_STRIDE * worker
     chosen = choose(config.search.sampler, finished=finished, numeric_only=numeric_only)
     startup = min(10, max(2, config.search.trials // 3))
     settings: dict[str, Any] = {"sampler": chosen, "configured": config.search.sampler,
