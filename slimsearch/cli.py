@@ -8,20 +8,28 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from slimsearch.errors import ArtifactError, ConfigError
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from slimsearch.experiment import load_experiment, parse_duration
-    from slimsearch.search import prepare, run_search
+def _budget(args: argparse.Namespace, config: Any) -> tuple[int, float | None]:
+    """The trial budget and the deadline in seconds: the command line's, else the experiment's."""
+    from slimsearch.experiment import parse_duration
 
-    config = load_experiment(args.experiment)
     trials = args.trials if args.trials is not None else config.search.trials
     if trials < 1:
         raise ConfigError(f"--trials {trials}: give a number of trials >= 1")
     timeout = args.timeout if args.timeout is not None else config.search.timeout
-    timeout_s = parse_duration(timeout, field_name="--timeout") if timeout else None
+    return trials, parse_duration(timeout, field_name="--timeout") if timeout else None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from slimsearch.experiment import load_experiment
+    from slimsearch.search import prepare, run_search
+
+    config = load_experiment(args.experiment)
+    trials, timeout_s = _budget(args, config)
     storage = args.storage if args.storage is not None else config.search.storage
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / config.name
     if args.workers < 1:
@@ -41,7 +49,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from slimsearch.experiment import load_experiment, parse_duration
+    from slimsearch.experiment import load_experiment
     from slimsearch.search import prepare, run_search
     from slimsearch.search.run_folder import RunFolder
 
@@ -51,11 +59,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     config = load_experiment(experiment)
     if settings.get("experiment_file"):  # plug-in task modules live beside the original file
         config = dataclasses.replace(config, base_dir=Path(settings["experiment_file"]).parent)
-    trials = args.trials if args.trials is not None else config.search.trials
-    if trials < 1:
-        raise ConfigError(f"--trials {trials}: give a number of trials >= 1")
-    timeout = args.timeout if args.timeout is not None else config.search.timeout
-    timeout_s = parse_duration(timeout, field_name="--timeout") if timeout else None
+    trials, timeout_s = _budget(args, config)
     prepared = prepare(config, run_dir=folder.root, storage_url=settings.get("storage"))
     result = run_search(prepared, experiment, trials=trials, timeout_s=timeout_s)
     if result.interrupted:
