@@ -71,15 +71,13 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from slimsearch.report.data import load_report_data, load_study
-    from slimsearch.search.recovery import OWNER, is_alive
+    from slimsearch.search.recovery import OWNER, counted, is_alive
 
     data = load_report_data(Path(args.run_dir))
     study = load_study(data.run_dir)
     exp = data.settings["experiment"]
-    counted = sum(t.state.is_finished() and not t.user_attrs.get("interrupted")
-                  for t in study.get_trials(deepcopy=False))
     budget = study.user_attrs.get("budget", exp["search"]["trials"])
-    print(f"run {data.name}: task {exp['task']}, {counted} of {budget} trials "
+    print(f"run {data.name}: task {exp['task']}, {counted(study)} of {budget} trials "
           f"done ({data.count('COMPLETE')} complete, {data.count('FAIL')} failed, "
           f"{data.count('PRUNED')} stopped, {data.count('RUNNING')} running)")
     for trial in study.get_trials(deepcopy=False):

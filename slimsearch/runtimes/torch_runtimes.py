@@ -45,20 +45,17 @@ def _form(runtime: str, module: nn.Module, header: dict, target: TargetConfig,
             "layers": module_form(module)}
 
 
-def _check_common(runtime: str, target: TargetConfig, device: torch.device) -> None:
-    if target.dtype == "fp16" and device.type == "cpu":
-        raise ConfigError(f"target.dtype = 'fp16' on the CPU: PyTorch's CPU kernels for float16 "
-                          f"are slow emulations, so runtime = {runtime!r} would time a form "
-                          "nobody deploys; use 'fp32' or 'bf16' on CPU, or a CUDA device")
-
-
 class TorchRuntime:
     """PyTorch eager execution of the model rebuilt from the slimsearch model file."""
 
     name = "torch"
 
     def check(self, target: TargetConfig, device: torch.device) -> None:
-        _check_common(self.name, target, device)
+        if target.dtype == "fp16" and device.type == "cpu":
+            raise ConfigError(f"target.dtype = 'fp16' on the CPU: PyTorch's CPU kernels for "
+                              f"float16 are slow emulations, so runtime = {self.name!r} would "
+                              "time a form nobody deploys; use 'fp32' or 'bf16' on CPU, or a "
+                              "CUDA device")
 
     def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
                     example: torch.Tensor, out_dir: Path) -> Executable:
@@ -79,13 +76,11 @@ def _jit_quiet() -> Iterator[None]:
         yield
 
 
-class TorchScriptRuntime:
-    """``torch.jit.trace`` + ``torch.jit.freeze`` of the executable model, saved and reloaded."""
+class TorchScriptRuntime(TorchRuntime):
+    """``torch.jit.trace`` + ``torch.jit.freeze`` of the executable model, saved and reloaded
+    (the same checks as the torch runtime)."""
 
     name = "torchscript"
-
-    def check(self, target: TargetConfig, device: torch.device) -> None:
-        _check_common(self.name, target, device)
 
     def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
                     example: torch.Tensor, out_dir: Path) -> Executable:

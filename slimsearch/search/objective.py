@@ -94,11 +94,13 @@ class TrialRunner:
     def runtime(self) -> Runtime:
         return get_runtime(self.config.target.runtime)
 
-    def measure(self, model_file: Path, *,
+    def measure(self, model_file: Path, *, model: torch.nn.Module | None = None,
                 seconds: dict[str, float] | None = None) -> dict[str, Any]:
         """Materialize ``model_file`` in the target's runtime (its artifact is written beside
         it) and measure that executable form: accuracy, the artifact's bytes, latency.
-        ``seconds`` (if given) receives how long materializing and each evaluator took."""
+        ``model``: the float model the file was written from, if at hand (its parameters are
+        counted; else the file is loaded once more for that). ``seconds`` (if given)
+        receives how long materializing and each evaluator took."""
         target = self.config.target
         seconds = {} if seconds is None else seconds
         with computing(self.device):
@@ -108,7 +110,8 @@ class TrialRunner:
                 example=self.task.example_inputs(target.batch_size))
             seconds["materialize"] = round(time.perf_counter() - start, 4)
             context = EvalContext(task=self.task, executable=executable,
-                                  model=load_model(model_file, int8=False), target=target,
+                                  model=model or load_model(model_file, int8=False),
+                                  target=target,
                                   device=self.device, latency_cache=self.latency_cache)
             metrics = evaluate(context, seconds=seconds)
         metrics.update(runtime=executable.runtime, artifact_file=executable.artifact.name,
@@ -187,8 +190,8 @@ class TrialRunner:
                                round_to=self.config.space.channel_multiple,
                                teacher_features=self.teacher.train_features,
                                deadline=deadline, check=self.between_epochs)
-        trained = time.perf_counter()
-        with computing(self.device):  # its timings take the device alone, inside
+            trained = time.perf_counter()
+            # the plan's timings take the device alone (an exclusive lock inside this one)
             compressed.execution = self.plan_execution(compressed, recipe)
             compressed.record["execution"] = compressed.execution or "float (no int8 candidate)"
             built = time.perf_counter()
@@ -197,7 +200,7 @@ class TrialRunner:
         # measurement; "build" is training and compressing; the rest is bookkeeping.
         seconds = {"build": round(trained - start, 4), "plan": round(built - trained, 4),
                    "save": round(time.perf_counter() - built, 4)}
-        metrics = self.measure(model_file, seconds=seconds)
+        metrics = self.measure(model_file, model=compressed.model, seconds=seconds)
         metrics["seconds"] = seconds
         kernels = list((compressed.execution or {}).get("layers", {}).values())
         metrics["int8_layers"] = sum(how in ("int8", "int8-weight-only") for how in kernels)

@@ -35,7 +35,8 @@ from slimsearch.runtimes import get_runtime
 from slimsearch.search.objective import OBJECTIVES, TrialRunner, constraint_values, environment
 from slimsearch.search.recovery import (
     OWNER,
-    RETRY_OF,
+    counted,
+    enqueue_again,
     recover_stale_trials,
     registered_worker,
     run_lock,
@@ -47,8 +48,6 @@ from slimsearch.search.storage import check_storage_url, open_storage
 from slimsearch.search.teacher import prepare_teacher
 from slimsearch.spaces import SearchSpace
 from slimsearch.tasks import Task, make_task
-
-FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([n for n, _ in OBJECTIVES])
-    finished = _counted(study)
+    finished = counted(study)
     n_params, numeric_only = _describe_space(space)
     study.sampler, sampler_settings = make_sampler(config, finished=finished, n_params=n_params,
                                                    numeric_only=numeric_only, worker=worker)
@@ -158,7 +157,8 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             # Measured once per run, on the same target and runtime as every trial: trials are
             # compared with one teacher measurement, not with whichever session ran last.
             if teacher.trained_here or not metrics_file.exists():
-                write_json(metrics_file, runner.measure(folder.teacher / MODEL_FILE))
+                write_json(metrics_file, runner.measure(folder.teacher / MODEL_FILE,
+                                                        model=teacher.model))
             teacher_metrics = read_json(metrics_file)
             runner.teacher_metrics = teacher_metrics
             say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
@@ -230,7 +230,7 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
         trial.set_user_attr("stopped", str(exc))
         if exc.by_deadline:  # not the recipe's fault: it runs again when the search continues
             trial.set_user_attr("interrupted", True)
-            _enqueue_again(study, trial)
+            enqueue_again(study, trial)
         study.tell(trial, state=TrialState.PRUNED)
         say(f"[{position}] trial {trial.number} PRUNED after {time.perf_counter() - start:.1f} "
             f"s: {exc}")
@@ -241,7 +241,7 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
         write_text(trial_dir / "error.txt", traceback.format_exc())
         if isinstance(exc, KeyboardInterrupt):  # not the trial's fault: it runs again later
             trial.set_user_attr("interrupted", True)
-            _enqueue_again(study, trial)
+            enqueue_again(study, trial)
         study.tell(trial, state=TrialState.FAIL)
         say(f"[{position}] trial {trial.number} FAILED after {time.perf_counter() - start:.1f} s: "
             f"{message}")
@@ -258,14 +258,6 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
         f"{_describe(metrics)} ({metrics['size_ratio']:.1f}x smaller, {speed} speed{slower})"
         f"{infeasible} | Pareto front {len(front)}, {best_text}")
     return TrialState.COMPLETE
-
-
-def _enqueue_again(study: optuna.Study, trial: optuna.Trial) -> None:
-    """Run an interrupted trial's parameters once more (not a retry's: once is enough)."""
-    if RETRY_OF not in trial.user_attrs:
-        study.enqueue_trial(trial.params, user_attrs={
-            RETRY_OF: trial.number, **({"baseline": trial.user_attrs["baseline"]}
-                                       if "baseline" in trial.user_attrs else {})})
 
 
 def _prefixed(say: Callable[[str], None], prefix: str) -> Callable[[str], None]:
@@ -287,8 +279,8 @@ def _start_workers(count: int, experiment_file: Path, run_dir: Path, trials: int
 def _claimed(study: optuna.Study) -> int:
     """Trials that count toward the budget plus those running now (in any worker): a worker
     starts a trial only while this is under the budget, so workers do not overshoot it."""
-    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-    return _counted(study) + running
+    return sum((t.state.is_finished() and not t.user_attrs.get("interrupted"))
+               or t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 
 
 def _describe_space(space: SearchSpace) -> tuple[int, bool]:
@@ -300,13 +292,6 @@ def _describe_space(space: SearchSpace) -> tuple[int, bool]:
     space.suggest(trial)
     kinds = [type(d) for d in trial.distributions.values()]
     return len(kinds), optuna.distributions.CategoricalDistribution not in kinds
-
-
-def _counted(study: optuna.Study) -> int:
-    """Finished trials that count toward the budget (an interrupted trial does not: it runs
-    again), across every session and worker of the run."""
-    return sum(not t.user_attrs.get("interrupted")
-               for t in study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def _describe(metrics: dict) -> str:

@@ -53,6 +53,24 @@ def is_alive(owner: dict[str, Any]) -> bool | None:
     return start is not None and start == owner.get("process_start")
 
 
+def enqueue_again(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial) -> None:
+    """Run an interrupted trial's parameters once more (a retry's are not: once is enough);
+    a baseline stays a baseline."""
+    if RETRY_OF in trial.user_attrs:
+        return
+    attrs = {RETRY_OF: trial.number}
+    if "baseline" in trial.user_attrs:
+        attrs["baseline"] = trial.user_attrs["baseline"]
+    study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
+
+
+def counted(study: optuna.Study) -> int:
+    """Finished trials that count toward the budget (an interrupted trial does not: it runs
+    again), across every session and worker of the run."""
+    return sum(t.state.is_finished() and not t.user_attrs.get("interrupted")
+               for t in study.get_trials(deepcopy=False))
+
+
 @contextlib.contextmanager
 def registered_worker(run_dir: Path) -> Iterator[None]:
     """Record this process as a worker of the run while the block runs."""
@@ -119,11 +137,7 @@ def recover_stale_trials(study: optuna.Study, run_dir: Path,
             storage.set_trial_user_attr(trial_id, "error", f"{who} while the trial ran; "
                                         "its parameters were enqueued again")
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
-            if RETRY_OF not in trial.user_attrs:
-                attrs = {RETRY_OF: trial.number}
-                if "baseline" in trial.user_attrs:
-                    attrs["baseline"] = trial.user_attrs["baseline"]
-                study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
+            enqueue_again(study, trial)
             recovered.append(trial.number)
     if recovered:
         say(f"recovered trials {recovered}: their workers died while running them (marked FAIL, "
