@@ -13,15 +13,37 @@ from typing import Any
 from slimsearch.errors import ArtifactError, ConfigError
 
 
-def _budget(args: argparse.Namespace, config: Any) -> tuple[int, float | None]:
-    """The trial budget and the deadline in seconds: the command line's, else the experiment's."""
+def _budget(args: argparse.Namespace, config: Any,
+            trials_default: int | None = None) -> tuple[int, float | None]:
+    """The trial budget and the deadline in seconds: the command line's, else
+    ``trials_default`` (a resumed run's last budget), else the experiment's."""
     from slimsearch.experiment import parse_duration
 
-    trials = args.trials if args.trials is not None else config.search.trials
+    trials = next(t for t in (args.trials, trials_default, config.search.trials) if t is not None)
     if trials < 1:
         raise ConfigError(f"--trials {trials}: give a number of trials >= 1")
     timeout = args.timeout if args.timeout is not None else config.search.timeout
     return trials, parse_duration(timeout, field_name="--timeout") if timeout else None
+
+
+def _run_folder_config(run_dir: Path) -> Any:
+    """The experiment stored in a run folder, its plug-in modules found beside the original."""
+    import dataclasses
+
+    from slimsearch.experiment import load_experiment
+    from slimsearch.search.run_folder import RunFolder
+
+    folder = RunFolder(run_dir)
+    settings = folder.settings()  # refuses a folder that is not a run
+    config = load_experiment(folder.root / "experiment.toml")
+    if settings.get("experiment_file"):  # plug-in task modules live beside the original file
+        config = dataclasses.replace(config, base_dir=Path(settings["experiment_file"]).parent)
+    return config
+
+
+def _check_workers(workers: int) -> None:
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: give a number of worker processes >= 1")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -29,11 +51,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from slimsearch.search import prepare, run_search
 
     config = load_experiment(args.experiment)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / config.name
+    if Path(args.experiment).resolve() == (run_dir / "experiment.toml").resolve():
+        config = _run_folder_config(run_dir)  # a worker of `slimsearch resume --workers N`
     trials, timeout_s = _budget(args, config)
     storage = args.storage if args.storage is not None else config.search.storage
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / config.name
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: give a number of worker processes >= 1")
+    _check_workers(args.workers)
     prepared = prepare(config, run_dir=run_dir, storage_url=storage)
     result = run_search(prepared, Path(args.experiment), trials=trials, timeout_s=timeout_s,
                         workers=args.workers, worker=args.as_worker)  # 0: the main process
@@ -47,21 +70,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from slimsearch.experiment import load_experiment
+    from slimsearch.report.data import load_study
     from slimsearch.search import prepare, run_search
     from slimsearch.search.run_folder import RunFolder
 
     folder = RunFolder(Path(args.run_dir))
-    settings = folder.settings()  # refuses a folder that is not a run
-    experiment = folder.root / "experiment.toml"
-    config = load_experiment(experiment)
-    if settings.get("experiment_file"):  # plug-in task modules live beside the original file
-        config = dataclasses.replace(config, base_dir=Path(settings["experiment_file"]).parent)
-    trials, timeout_s = _budget(args, config)
-    prepared = prepare(config, run_dir=folder.root, storage_url=settings.get("storage"))
-    result = run_search(prepared, experiment, trials=trials, timeout_s=timeout_s)
+    config = _run_folder_config(folder.root)
+    _check_workers(args.workers)
+    prepared = prepare(config, run_dir=folder.root, storage_url=folder.settings().get("storage"))
+    try:
+        stored_budget = load_study(folder.root).user_attrs.get("budget")
+    except KeyError:  # killed before its study was created
+        stored_budget = None
+    trials, timeout_s = _budget(args, config, trials_default=stored_budget)
+    result = run_search(prepared, folder.root / "experiment.toml", trials=trials,
+                        timeout_s=timeout_s, workers=args.workers)
     if result.interrupted:
         print(f"continue with: slimsearch resume {folder.root}")
         return 130
@@ -158,8 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     resume = commands.add_parser("resume", help="continue a run folder's search where it stopped "
                                                "(after Ctrl-C, a crash or a kill)")
     resume.add_argument("run_dir")
-    resume.add_argument("--trials", type=int, help="total trial budget (default: the run's)")
+    resume.add_argument("--trials", type=int,
+                        help="total trial budget (default: the run's last one)")
     resume.add_argument("--timeout", help="no new trial starts after this long, e.g. 30m or 8h")
+    resume.add_argument("--workers", type=int, default=1,
+                        help="processes running trials at once on this machine (default 1)")
     resume.set_defaults(handler=_cmd_resume)
 
     status = commands.add_parser("status", help="how far a run is, what runs now, the best so far")

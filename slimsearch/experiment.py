@@ -182,10 +182,11 @@ class TargetConfig:
     max_cv: float = 0.1
     max_repeats: int = 1
     #: CPU: how long (seconds) one measurement may keep sampling to collect its samples in
-    #: undisturbed moments on a shared machine, before it scales the disturbed ones by the
-    #: measured slowdown instead. Disturbances there lasted seconds, so the default is not
-    #: to wait (a trial's measurement then costs ~0.05 s for a small model).
-    quiet_wait_s: float = 0.0
+    #: undisturbed moments on a shared machine, before it makes do with fewer or scales the
+    #: disturbed ones by the measured slowdown. On the reference VM disturbances came two
+    #: thirds of the time or more, for up to ~5 s (benchmarks/RESULTS.md has what waiting
+    #: bought and cost there). 0 = never wait.
+    quiet_wait_s: float = 1.0
 
     def __post_init__(self) -> None:
         _require(

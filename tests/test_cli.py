@@ -151,6 +151,9 @@ def test_list_shows_tasks_and_experiments(capsys: pytest.CaptureFixture, monkeyp
     (('task = "digits-mlp"', 'task = "digits-mpl"'), "did you mean 'digits-mlp'"),
     (('task = "digits-mlp"', 'task = "no_such_module:make_task"'), "cannot import module"),
     (("[target]", "[target]\nbatch_sizes = 'one'"), "target.batch_sizes"),
+    # the smallest student at 4 bits, half its weights pruned, still holds > 100 bytes
+    (("[target]", "[constraints]\nmax_size_bytes = 100\n\n[target]"),
+     "constraints.max_size_bytes = 100: no model this space can produce is that small"),
 ])
 def test_bad_input_exits_2_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                       edit: tuple[str, str], expected: str) -> None:

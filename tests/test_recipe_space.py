@@ -241,3 +241,36 @@ def test_distillation_choices_respect_the_train_limits() -> None:
     for bad in ({"temperature": (0.0, 4.0)}, {"alpha": (1.5,)}, {"epochs": (2.5,)}):
         with pytest.raises(ConfigError, match="space.distillation"):
             SpaceConfig(distillation=bad)
+
+
+def test_the_size_bound_is_below_every_file_the_space_can_build(digits_mlp_task: Task,
+                                                                  tmp_path) -> None:
+    import torch
+
+    from slimsearch.compression import build, save_artifact
+    from slimsearch.experiment import TrainConfig
+
+    config = SpaceConfig(bits=(4, 8, 32), sparsity=(0.0, 0.5),
+                         student={"width": (0.25, 0.5), "depth": (1, 2)})
+    space = SearchSpace(digits_mlp_task, config)
+    bound = space.min_weight_bytes()
+    # the smallest student's weights (width 0.25, depth 1), half of them kept, 4 bits each
+    small = space.layers_for(dict(digits_mlp_task.teacher_kwargs, width=0.25, depth=1))
+    assert bound == int(sum(i.weights for i in small) * 0.5 * 4 / 8) > 0
+    teacher = digits_mlp_task.make_model(**digits_mlp_task.teacher_kwargs)
+    logits = torch.zeros(len(digits_mlp_task.train.y), 10)
+    no_training = TrainConfig(distill_epochs=0, finetune_epochs=0, qat_epochs=0)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for number in range(8):  # random recipes, and the smallest one the space holds
+        recipe = space.suggest(study.ask())
+        if number == 0:
+            recipe = Recipe(student={"width": 0.25, "depth": 1}, student_init="scratch",
+                            layers={i.name: LayerRecipe(
+                                sparsity=0.5, bits=4,
+                                pruning="structured" if i.structured_ok else "unstructured")
+                                for i in small})
+            assert space.contains(recipe)
+        compressed = build(digits_mlp_task, teacher, logits, recipe, train=no_training, seed=0,
+                           device=torch.device("cpu"))
+        size = save_artifact(compressed, tmp_path / f"{number}.safetensors").stat().st_size
+        assert size >= bound, recipe.summary()

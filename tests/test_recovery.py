@@ -64,12 +64,14 @@ def test_owner_records_tell_a_live_process_from_a_dead_one() -> None:
 def test_killed_and_resumed_searches_lose_nothing_and_finish_the_budget(tmp_path: Path) -> None:
     trials = 30
     experiment = tmp_path / "killed.toml"
-    # trials of about a second, so that every kill point lands in a running search
-    experiment.write_text(EXPERIMENT.format(trials=trials).replace(
+    # trials of about a second, so that every kill point lands in a running search; the
+    # budget is given on the command line, and the final `resume` continues to it by itself
+    experiment.write_text(EXPERIMENT.format(trials=10).replace(
         "distill_epochs = 2", "distill_epochs = 8").replace("finetune_epochs = 2",
                                                             "finetune_epochs = 6"))
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "slimsearch", "run", str(experiment), "--run-dir", str(run_dir)]
+    command = [sys.executable, "-m", "slimsearch", "run", str(experiment), "--run-dir", str(run_dir),
+               "--trials", str(trials)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "SLIMSEARCH_LOCK_DIR": str(tmp_path / "locks")}
     rng = random.Random(5)
     kills = 0
@@ -83,7 +85,8 @@ def test_killed_and_resumed_searches_lose_nothing_and_finish_the_budget(tmp_path
         process.wait()
         kills += 1
     assert kills == 5, "each of the 5 kill points should land in a running search"
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    finished = subprocess.run([sys.executable, "-m", "slimsearch", "resume", str(run_dir)],
+                              env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr
 
     study = study_of(run_dir)
@@ -138,8 +141,14 @@ def test_workers_share_one_journal_and_lose_nothing(workers: int, tmp_path: Path
     experiment.write_text(EXPERIMENT.format(trials=trials))
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "SLIMSEARCH_LOCK_DIR": str(tmp_path / "locks")}
+    # half the budget with `run`, the rest with `resume` (workers started either way)
     done = subprocess.run([sys.executable, "-m", "slimsearch", "run", str(experiment),
-                           "--run-dir", str(run_dir), "--workers", str(workers)],
+                           "--run-dir", str(run_dir), "--workers", str(workers), "--trials",
+                           str(trials // 2)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert len(study_of(run_dir).get_trials(deepcopy=False)) == trials // 2
+    done = subprocess.run([sys.executable, "-m", "slimsearch", "resume", str(run_dir),
+                           "--workers", str(workers), "--trials", str(trials)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     trials_ = study_of(run_dir).get_trials(deepcopy=False)

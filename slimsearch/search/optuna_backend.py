@@ -77,6 +77,13 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
     """Check everything that can be wrong with the input; raise ``ConfigError`` on the first."""
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
     space = SearchSpace(task, config.space)
+    limit = config.constraints.max_size_bytes
+    if limit is not None and limit < (smallest := space.min_weight_bytes()):
+        raise ConfigError(
+            f"constraints.max_size_bytes = {limit}: no model this space can produce is that "
+            f"small; the weights alone of its smallest student, at {min(config.space.bits)} bits "
+            f"and the highest sparsity, take {smallest} bytes. Raise the limit above that, or "
+            "allow smaller students (space.student), fewer bits or more sparsity")
     device = resolve_device(config.target.device)
     get_runtime(config.target.runtime).check(config.target, device)
     folder = RunFolder(run_dir)

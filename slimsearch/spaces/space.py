@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,6 +22,8 @@ from slimsearch.spaces.recipe import LayerRecipe, Recipe
 from slimsearch.tasks import Task
 
 COMPRESSIBLE = (nn.Linear, nn.Conv2d)
+#: At most this many student shapes are built to find the smallest.
+MAX_STUDENTS_SIZED = 64
 
 
 class Suggester(Protocol):
@@ -37,6 +41,8 @@ class LayerInfo:
     structured_ok: bool
     #: Inputs per output (in_features, or in_channels / groups * kernel area).
     fan_in: int = 0
+    #: Weights in the layer (its bias not counted).
+    weights: int = 0
 
 
 def compressible_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
@@ -62,7 +68,7 @@ def compressible_layers(model: nn.Module, example_input: torch.Tensor) -> list[L
     # The last layer run is the head even when forward post-processes its output.
     return [LayerInfo(n, type(kinds[n]).__name__,
                       structured_ok=outputs[n] is not final and n != seen[-1],
-                      fan_in=kinds[n].weight[0].numel())
+                      fan_in=kinds[n].weight[0].numel(), weights=kinds[n].weight.numel())
             for n in seen]
 
 
@@ -230,6 +236,21 @@ class SearchSpace:
                 params[parameter] = layer.pruning
             params[f"{name}.bits"] = layer.bits
         return params
+
+    def min_weight_bytes(self) -> int:
+        """A lower bound on the file of any model this space can produce: the weights of its
+        smallest student, every layer at the highest sparsity and the fewest bits, with no
+        bias, scale, index or header counted. Used to refuse a size constraint no trial can
+        meet; it is never reported as a size. 0 when there are too many student shapes to
+        build them all (the bound would not be one)."""
+        if math.prod(len(c) for c in self.student_choices.values()) > MAX_STUDENTS_SIZED:
+            return 0
+        students = [dict(self.task.teacher_kwargs, **dict(zip(self.student_choices, c,
+                                                                strict=True)))
+                    for c in itertools.product(*self.student_choices.values())]
+        weights = min(sum(i.weights for i in self.layers_for(s)) for s in students)
+        kept = 1.0 - max(max(self.config.sparsity), 0.5 if "2:4" in self.config.pruning else 0.0)
+        return int(weights * kept * min(self.config.bits) / 8)
 
     def fingerprint(self) -> str:
         """A short hash of the choices; a run refuses to continue with a different space."""
