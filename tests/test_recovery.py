@@ -61,7 +61,9 @@ def test_owner_records_tell_a_live_process_from_a_dead_one() -> None:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_searches_lose_nothing_and_finish_the_budget(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", ["journal", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_killed_and_resumed_searches_lose_nothing_and_finish_the_budget(
+        storage: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     trials = 30
     experiment = tmp_path / "killed.toml"
     # trials of about a second, so that every kill point lands in a running search; the
@@ -72,6 +74,8 @@ def test_killed_and_resumed_searches_lose_nothing_and_finish_the_budget(tmp_path
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "slimsearch", "run", str(experiment), "--run-dir", str(run_dir),
                "--trials", str(trials)]
+    if storage == "postgres":  # the resume below finds the storage in the run folder
+        command += ["--storage", request.getfixturevalue("postgres_url")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "SLIMSEARCH_LOCK_DIR": str(tmp_path / "locks")}
     rng = random.Random(5)
     kills = 0
@@ -125,6 +129,31 @@ def test_a_trial_past_the_deadline_is_pruned_not_completed(tmp_path: Path,
     assert not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     assert "time budget reached" in capsys.readouterr().out
     assert (run_dir / "report.html").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # Optuna: "meant for optimize"
+def test_a_trial_whose_heartbeat_stopped_on_another_host_is_recovered(tmp_path: Path) -> None:
+    from optuna.storages import RDBStorage
+
+    from slimsearch.search.recovery import OWNER, heartbeat, recover_stale_trials
+
+    storage = RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite3'}", heartbeat_interval=1,
+                         grace_period=1)
+    study = optuna.create_study(storage=storage)
+    elsewhere = {"host": "another-machine", "pid": 1, "process_start": 1}
+    beating, stopped = study.ask(), study.ask()
+    for trial in (beating, stopped):
+        trial.suggest_int("x", 0, 9)
+        trial.set_user_attr(OWNER, elsewhere)  # cannot be checked from here
+    storage.record_heartbeat(stopped._trial_id)
+    with heartbeat(study, beating):
+        time.sleep(2.5)
+        assert recover_stale_trials(study, tmp_path, say=lambda _: None) == [stopped.number]
+    again = study.get_trials(deepcopy=False)
+    assert again[stopped.number].state == TrialState.FAIL
+    assert "heartbeat" in again[stopped.number].user_attrs["error"]
+    assert again[beating.number].state == TrialState.RUNNING
+    assert again[-1].user_attrs[RETRY_OF] == stopped.number  # its parameters run again
 
 
 def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path: Path,

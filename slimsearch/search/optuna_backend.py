@@ -37,6 +37,7 @@ from slimsearch.search.recovery import (
     OWNER,
     counted,
     enqueue_again,
+    heartbeat,
     recover_stale_trials,
     registered_worker,
     run_lock,
@@ -215,46 +216,49 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
         claimed = _claimed(study)
         if claimed >= budget:
             return None
-        trial = study.ask()
+        with warnings.catch_warnings():  # "heartbeat is meant for optimize": we run it (below)
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = study.ask()
         trial.set_user_attr(OWNER, this_process())  # first: a killed worker is found by it
     position = f"{claimed + 1}/{budget}"
     trial_dir = folder.trial(trial.number)
     seed = config.seed + trial.number
     trial.set_user_attr("seed", seed)
     start = time.perf_counter()
-    try:
-        recipe = space.suggest(trial)
-        trial.set_user_attr("recipe", recipe.to_dict())
-        metrics = runner(recipe, trial_dir, seed=seed,
-                         deadline=deadline if math.isfinite(deadline) else None)
-        violations = constraint_values(metrics, runner.teacher_metrics, config.constraints)
-        for name, value in violations.items():
-            trial.set_constraint(name, value)
-        metrics["feasible"] = all(v <= 0 for v in violations.values())
-        trial.set_user_attr("metrics", metrics)
-        study.tell(trial, [metrics[name] for name, _ in OBJECTIVES])
-    except TrialStopped as exc:
-        trial.set_user_attr("stopped", str(exc))
-        if exc.by_deadline:  # not the recipe's fault: it runs again when the search continues
-            trial.set_user_attr("interrupted", True)
-            enqueue_again(study, trial)
-        study.tell(trial, state=TrialState.PRUNED)
-        say(f"[{position}] trial {trial.number} PRUNED after {time.perf_counter() - start:.1f} "
-            f"s: {exc}")
-        return TrialState.PRUNED
-    except (Exception, KeyboardInterrupt) as exc:
-        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        trial.set_user_attr("error", message)
-        write_text(trial_dir / "error.txt", traceback.format_exc())
-        if isinstance(exc, KeyboardInterrupt):  # not the trial's fault: it runs again later
-            trial.set_user_attr("interrupted", True)
-            enqueue_again(study, trial)
-        study.tell(trial, state=TrialState.FAIL)
-        say(f"[{position}] trial {trial.number} FAILED after {time.perf_counter() - start:.1f} s: "
-            f"{message}")
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        return TrialState.FAIL
+    with heartbeat(study, trial):  # RDB storages: tells other hosts this trial is alive
+        try:
+            recipe = space.suggest(trial)
+            trial.set_user_attr("recipe", recipe.to_dict())
+            metrics = runner(recipe, trial_dir, seed=seed,
+                             deadline=deadline if math.isfinite(deadline) else None)
+            violations = constraint_values(metrics, runner.teacher_metrics, config.constraints)
+            for name, value in violations.items():
+                trial.set_constraint(name, value)
+            metrics["feasible"] = all(v <= 0 for v in violations.values())
+            trial.set_user_attr("metrics", metrics)
+            study.tell(trial, [metrics[name] for name, _ in OBJECTIVES])
+        except TrialStopped as exc:
+            trial.set_user_attr("stopped", str(exc))
+            if exc.by_deadline:  # not the recipe's fault: it runs again when the search continues
+                trial.set_user_attr("interrupted", True)
+                enqueue_again(study, trial)
+            study.tell(trial, state=TrialState.PRUNED)
+            say(f"[{position}] trial {trial.number} PRUNED after {time.perf_counter() - start:.1f} "
+                f"s: {exc}")
+            return TrialState.PRUNED
+        except (Exception, KeyboardInterrupt) as exc:
+            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            trial.set_user_attr("error", message)
+            write_text(trial_dir / "error.txt", traceback.format_exc())
+            if isinstance(exc, KeyboardInterrupt):  # not the trial's fault: it runs again later
+                trial.set_user_attr("interrupted", True)
+                enqueue_again(study, trial)
+            study.tell(trial, state=TrialState.FAIL)
+            say(f"[{position}] trial {trial.number} FAILED after {time.perf_counter() - start:.1f} s: "
+                f"{message}")
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return TrialState.FAIL
     front = study.best_trials  # feasible trials only, when there are constraints
     best = max((t.values[0] for t in front), default=None)
     speed = f"{metrics['speedup']:.2f}x" if "speedup" in metrics else "?"

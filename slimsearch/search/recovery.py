@@ -7,7 +7,11 @@ is asked for, and every worker registers itself in the run folder while it runs.
 starts, a RUNNING trial is stale when its owner on this host is gone (or, for the rare trial
 killed before it could record an owner, when no other worker of this run is alive). A stale
 trial is marked FAIL and ``interrupted`` (it does not count toward the budget) and its
-parameters are enqueued again, once. RDB storages also get Optuna's own heartbeat.
+parameters are enqueued again, once.
+
+RDB storages (PostgreSQL for searches that span machines) also have Optuna's heartbeat: a
+worker records one for its running trial every minute (``heartbeat``), and a trial whose
+owner cannot be checked from here (another host) is stale when its heartbeat stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+
+# Optuna's own heartbeat thread and stale-trial query, the ones study.optimize uses (not
+# exported: Optuna runs them for study.optimize, and we drive trials with ask/tell).
+from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread
 from optuna.trial import TrialState
 
 from slimsearch.atomic import read_json, write_json
@@ -51,6 +59,21 @@ def is_alive(owner: dict[str, Any]) -> bool | None:
         return None
     start = _process_start(int(owner["pid"]))
     return start is not None and start == owner.get("process_start")
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Optuna's heartbeat for ``trial`` while the block runs, where the storage has one."""
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        yield
+
+
+def _stale_by_heartbeat(study: optuna.Study) -> set[int]:
+    """Trial ids whose heartbeat stopped longer ago than the grace period (RDB storages)."""
+    storage = study._storage
+    if not isinstance(storage, BaseHeartbeat) or storage.get_heartbeat_interval() is None:
+        return set()
+    return set(storage._get_stale_trial_ids(study._study_id))
 
 
 def enqueue_again(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial) -> None:
@@ -116,16 +139,23 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 def recover_stale_trials(study: optuna.Study, run_dir: Path,
                          say: Callable[[str], None] = print) -> list[int]:
     """Mark the trials of dead workers FAIL (interrupted) and enqueue their parameters once
-    more; return their numbers. Trials of live workers, or on other hosts, are left alone."""
+    more; return their numbers. Trials of live workers are left alone, and so are those on
+    other hosts unless the storage's heartbeat says their worker stopped."""
     recovered = []
     with run_lock(run_dir):
         others_alive = None
+        stale = _stale_by_heartbeat(study)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = trial.user_attrs.get(OWNER)
             if owner is not None:
-                if is_alive(owner) is not False:
+                alive = is_alive(owner)
+                if alive is None and trial._trial_id in stale:
+                    who = (f"worker {owner['host']}:{owner['pid']} stopped sending its heartbeat "
+                           "(none within the storage's grace period)")
+                elif alive is not False:
                     continue
-                who = f"worker {owner['host']}:{owner['pid']} died"
+                else:
+                    who = f"worker {owner['host']}:{owner['pid']} died"
             else:
                 if others_alive is None:
                     others_alive = _other_live_workers(run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -11,16 +12,25 @@ from optuna.storages.journal import JournalFileBackend
 from slimsearch.errors import ConfigError
 
 JOURNAL_FILE = "study.journal"
+#: RDB storages (PostgreSQL, MySQL, SQLite): a running trial's worker writes a heartbeat this
+#: often (seconds), and a trial whose heartbeat is older than GRACE_PERIOD_S is stale: its
+#: worker died, on whatever machine (``recovery`` puts it right).
+HEARTBEAT_INTERVAL_S = 60
+GRACE_PERIOD_S = 180
 
 
 def open_storage(run_dir: Path, url: str | None) -> BaseStorage:
     """The journal file ``run_dir/study.journal`` when ``url`` is None, else the storage at
-    ``url`` (``sqlite:///...``, ``postgresql://...``), connected now so a bad URL fails early."""
+    ``url`` (``sqlite:///...``, ``postgresql://...``, with Optuna's heartbeat), connected now
+    so a bad URL fails early."""
     if url is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(run_dir / JOURNAL_FILE)))
     try:
-        storage = optuna.storages.get_storage(url)
+        with warnings.catch_warnings():  # the heartbeat is marked experimental since 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                                                 grace_period=GRACE_PERIOD_S)
         storage.get_all_studies()  # forces a connection
     except Exception as exc:  # SQLAlchemy and drivers raise many types; all mean "cannot use it"
         raise ConfigError(f"storage = {url!r} cannot be opened: {type(exc).__name__}: "
