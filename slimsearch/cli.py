@@ -61,11 +61,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_search(prepared, Path(args.experiment), trials=trials, timeout_s=timeout_s,
                         workers=args.workers, worker=args.as_worker)  # 0: the main process
     if args.as_worker:
-        return 130 if result.interrupted else 0
+        return 130 if result.interrupted else 1 if result.stopped else 0
     if result.interrupted:
         print(f"continue with: slimsearch run {args.experiment} --run-dir {run_dir}")
         return 130
     print(f"report.html: {result.report.resolve()}")
+    if result.stopped:
+        print(f"slimsearch: error: the search stopped early: {result.stopped}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -89,6 +92,9 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         print(f"continue with: slimsearch resume {folder.root}")
         return 130
     print(f"report.html: {result.report.resolve()}")
+    if result.stopped:
+        print(f"slimsearch: error: the search stopped early: {result.stopped}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import os
 import platform
 import re
@@ -163,3 +164,12 @@ def exclusive(device: torch.device, *, lock_dir: str | Path | None = None) -> It
             else:
                 del _held[path]
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def free_memory(device: torch.device) -> None:
+    """Return what a finished or failed trial held: Python's cycles, and on CUDA the
+    allocator's cached blocks, so the next trial starts from an empty device (an
+    out-of-memory trial does not make the next one fail too)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

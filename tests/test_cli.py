@@ -325,3 +325,23 @@ def test_status_reports_progress_and_the_best_so_far(finished_run: Path,
     assert main(["status", str(finished_run)]) == 0
     out = capsys.readouterr().out
     assert "5 of 5 trials done" in out and "Pareto trial" in out
+
+
+@pytest.mark.slow
+def test_the_same_error_in_trial_after_trial_stops_the_run_and_says_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "flaky_task.py").write_text(FLAKY_TASK)
+    experiment = write_experiment(tmp_path, task="flaky_task:make_task", trials=12)
+    # every student the space holds explodes (and no baseline fits the space)
+    experiment.write_text(experiment.read_text().replace(
+        "[target]", "[space.student]\nexplode = [true]\n\n[target]"))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(experiment), "--run-dir", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "the last 5 trials all failed with the same error" in err
+    assert "task's own code" in err and f"slimsearch resume {run_dir}" in err
+    from slimsearch.report import load_report_data
+
+    data = load_report_data(run_dir)
+    assert [t.state for t in data.trials] == ["FAIL"] * 5  # stopped there, not at 12
+    assert (run_dir / "report.html").is_file()

@@ -10,7 +10,6 @@ to rebuild and re-measure that model: recipe, seed, metrics, versions and the fi
 
 from __future__ import annotations
 
-import gc
 import platform
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 import slimsearch
 from slimsearch.atomic import write_json, write_text
 from slimsearch.compression import MODEL_FILE, CompressedModel, build, load_model, save_artifact
-from slimsearch.devices import computing, step_aside
+from slimsearch.devices import computing, free_memory, step_aside
 from slimsearch.errors import TrialStopped
 from slimsearch.evaluators import EvalContext, LatencyCache, evaluate
 from slimsearch.experiment import ConstraintsConfig, ExperimentConfig
@@ -120,8 +119,7 @@ class TrialRunner:
             metrics.update(relative_to_teacher(metrics, self.teacher_metrics, target.batch_sizes))
         del context, executable
         if self.device.type == "cuda":  # the next trial starts from an empty cache
-            gc.collect()
-            torch.cuda.empty_cache()
+            free_memory(self.device)
         return metrics
 
     def between_epochs(self, model: torch.nn.Module, stage: str, epoch: int, epochs: int) -> None:

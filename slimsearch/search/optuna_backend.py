@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from optuna.trial import TrialState
 
 from slimsearch.atomic import read_json, write_json, write_text
 from slimsearch.compression import MODEL_FILE
-from slimsearch.devices import computing, device_identity, resolve_device
+from slimsearch.devices import computing, device_identity, free_memory, resolve_device
 from slimsearch.errors import ConfigError, TrialStopped
 from slimsearch.evaluators import LatencyCache
 from slimsearch.experiment import ExperimentConfig
@@ -50,6 +51,10 @@ from slimsearch.search.teacher import prepare_teacher
 from slimsearch.spaces import SearchSpace
 from slimsearch.tasks import Task, make_task
 
+#: This many trials in a row failing with the same error stop the run: the cause is not the
+#: recipe (they all differ) but something every trial shares, and the night would be wasted.
+SAME_FAILURES_TO_STOP = 5
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -61,6 +66,8 @@ class RunResult:
     completed: int
     failed: int
     interrupted: bool
+    #: Why the run stopped before its budget and deadline (e.g. the same error every trial).
+    stopped: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,8 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
 
     completed = failed = pruned = 0
     interrupted = False
+    stopped: str | None = None
+    failures_in_a_row: list[str] = []
     cache: LatencyCache | None = None
     with registered_worker(folder.root):  # so a later worker can tell we are alive
         try:
@@ -184,9 +193,23 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
                                      budget=trials, say=say)
                 if outcome is None:  # the budget is claimed by finished and running trials
                     break
-                completed += outcome == TrialState.COMPLETE
-                failed += outcome == TrialState.FAIL
-                pruned += outcome == TrialState.PRUNED
+                state, error = outcome
+                if state == TrialState.FAIL:  # its tensors went with its traceback
+                    free_memory(device)
+                completed += state == TrialState.COMPLETE
+                failed += state == TrialState.FAIL
+                pruned += state == TrialState.PRUNED
+                failures_in_a_row = failures_in_a_row + [_error_kind(error)] if error else []
+                if (len(failures_in_a_row) >= SAME_FAILURES_TO_STOP
+                        and len(set(failures_in_a_row[-SAME_FAILURES_TO_STOP:])) == 1):
+                    stopped = (
+                        f"the last {SAME_FAILURES_TO_STOP} trials all failed with the same error: "
+                        f"{error}. The recipes differed, so the cause is most likely the task's "
+                        "own code (its model factory, forward or data) or the training settings; "
+                        f"the traceback is in {folder.root / 'trials'}/<number>/error.txt. Fix "
+                        f"it, then continue with: slimsearch resume {folder.root}")
+                    say(f"stopping: {stopped}")
+                    break
             if time.monotonic() >= deadline:
                 say("time budget reached: no new trial starts")
         except KeyboardInterrupt:
@@ -205,13 +228,15 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
                       f"measurements reused ({cache.hit_rate:.0%})")
     say(f"{completed} trials completed, {failed} failed, {pruned} stopped (time budget or early "
         f"stop) in this session{cache_note}; report: {report.resolve()}")
-    return RunResult(folder.root, report, folder.pareto_json, completed, failed, interrupted)
+    return RunResult(folder.root, report, folder.pareto_json, completed, failed, interrupted,
+                     stopped)
 
 
 def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, folder: RunFolder,
                config: ExperimentConfig, *, deadline: float, budget: int,
-               say: Callable[[str], None]) -> TrialState | None:
-    """Run one trial, or return None when the budget is already claimed."""
+               say: Callable[[str], None]) -> tuple[TrialState, str | None] | None:
+    """Run one trial and return its state and error (FAIL only), or None when the budget is
+    already claimed."""
     with run_lock(folder.root):  # check and claim at once, or two workers could both start
         claimed = _claimed(study)
         if claimed >= budget:
@@ -245,7 +270,7 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
             study.tell(trial, state=TrialState.PRUNED)
             say(f"[{position}] trial {trial.number} PRUNED after {time.perf_counter() - start:.1f} "
                 f"s: {exc}")
-            return TrialState.PRUNED
+            return TrialState.PRUNED, None
         except (Exception, KeyboardInterrupt) as exc:
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             trial.set_user_attr("error", message)
@@ -258,7 +283,7 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
                 f"{message}")
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            return TrialState.FAIL
+            return TrialState.FAIL, message
     front = study.best_trials  # feasible trials only, when there are constraints
     best = max((t.values[0] for t in front), default=None)
     speed = f"{metrics['speedup']:.2f}x" if "speedup" in metrics else "?"
@@ -268,7 +293,13 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
     say(f"[{position}] trial {trial.number} done in {time.perf_counter() - start:.1f} s: "
         f"{_describe(metrics)} ({metrics['size_ratio']:.1f}x smaller, {speed} speed{slower})"
         f"{infeasible} | Pareto front {len(front)}, {best_text}")
-    return TrialState.COMPLETE
+    return TrialState.COMPLETE, None
+
+
+def _error_kind(message: str) -> str:
+    """An error message with its numbers blanked: the same failure in trials of different
+    shapes (``mat1 and mat2 shapes cannot be multiplied (1x16 and 32x10)``) reads alike."""
+    return re.sub(r"\d+(\.\d+)?", "#", message)
 
 
 def _prefixed(say: Callable[[str], None], prefix: str) -> Callable[[str], None]:
