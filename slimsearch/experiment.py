@@ -9,7 +9,7 @@ space as soon as the task is built, still before any training.
     task = "digits-mlp"          # a built-in name, or "my_package.my_module:make_task"
     seed = 0
 
-    [search]   trials, sampler, timeout, storage
+    [search]   trials, sampler, timeout, storage, sensitivity
     [space]    bits, sparsity, pruning, student_init, [space.student] knob = [choices]
     [train]    teacher_epochs, distill_epochs, finetune_epochs, qat_epochs, batch_size, lr, ...
     [target]   device, batch_sizes, dtype, runtime, threads, cuda_graphs, max_cv, max_repeats,
@@ -57,6 +57,9 @@ class SearchConfig:
     timeout: str | None = None
     #: An Optuna storage URL; None = a journal file inside the run folder.
     storage: str | None = None
+    #: Before the first trial, measure each layer's accuracy drop when compressed alone, show
+    #: it in the report and start the search from recipes it suggests (search.sensitivity).
+    sensitivity: bool = True
 
     def __post_init__(self) -> None:
         _require(self.trials >= 1, "search.trials", self.trials, "an integer >= 1")

@@ -75,6 +75,15 @@ def test_run_writes_report_pareto_and_trial_folders(finished_run: Path) -> None:
     trial0 = json.loads((finished_run / "trials" / "00000" / "metrics.json").read_text())
     assert trial0["size_bytes"] == pareto["teacher"]["size_bytes"]
     assert trial0["val_accuracy"] == pareto["teacher"]["val_accuracy"]
+    # the sensitivity pre-pass ran, is kept, is shown, and its starts ran after the baselines
+    sensitivity = json.loads((finished_run / "sensitivity.json").read_text())
+    teacher_recipe = json.loads((finished_run / "trials" / "00000" / "recipe.json").read_text())
+    assert set(sensitivity["layers"]) == set(teacher_recipe["layers"])
+    assert "Layer sensitivity" in html
+    from slimsearch.report.data import load_study
+
+    starts = [t.number for t in load_study(finished_run).trials if "start" in t.user_attrs]
+    assert starts and min(starts) == 2
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from slimsearch.atomic import read_json
 from slimsearch.search.run_folder import RunFolder
+from slimsearch.search.sensitivity import SENSITIVITY_FILE
 from slimsearch.search.storage import open_storage
 from slimsearch.spaces import Recipe
 
@@ -36,6 +37,8 @@ class TrialPoint:
     feasible: bool = True
     #: Why a PRUNED trial was stopped (the time budget, or early stopping).
     stopped: str | None = None
+    #: The starting recipe it ran, when the sensitivity pre-pass enqueued it.
+    start: str | None = None
 
     @property
     def summary(self) -> str:
@@ -51,6 +54,8 @@ class ReportData:
     settings: dict[str, Any]
     teacher: dict[str, Any]
     trials: list[TrialPoint]
+    #: The run's sensitivity pre-pass (``search.sensitivity``), if it ran.
+    sensitivity: dict[str, Any] | None = None
 
     @property
     def completed(self) -> list[TrialPoint]:
@@ -119,10 +124,12 @@ def load_report_data(run_dir: str | Path) -> ReportData:
             baseline=t.user_attrs.get("baseline"), error=t.user_attrs.get("error"),
             pareto=t.number in pareto, seconds=seconds,
             feasible=all(v <= 0 for v in t.constraints.values()),
-            stopped=t.user_attrs.get("stopped")))
+            stopped=t.user_attrs.get("stopped"), start=t.user_attrs.get("start")))
+    sensitivity_file = folder.root / SENSITIVITY_FILE
     return ReportData(run_dir=folder.root, name=settings["study_name"], settings=settings,
                       teacher=read_json(teacher_file) if teacher_file.exists() else {},
-                      trials=points)
+                      trials=points,
+                      sensitivity=read_json(sensitivity_file) if sensitivity_file.exists() else None)
 
 
 def _non_dominated(trials: list, directions: list) -> list:

@@ -102,8 +102,9 @@ def _pareto_table(data: ReportData) -> str:
         extra = "".join(f"<td>{m[f'speedup_b{b}']:.2f}x</td>" if f"speedup_b{b}" in m
                         else "<td>?</td>" for b in extra_batches)
         command = f"slimsearch export {run_dir} --trial {t.number} --out exported/trial-{t.number}"
+        label = f" ({t.baseline or t.start})" if t.baseline or t.start else ""
         rows.append(
-            f"<tr><td>{t.number}{' (' + t.baseline + ')' if t.baseline else ''}{infeasible}</td>"
+            f"<tr><td>{t.number}{label}{infeasible}</td>"
             f"<td>{m['val_accuracy']:.4f}</td><td>{m['test_accuracy']:.4f}</td>"
             f"<td data-v='{m['size_bytes']}'>{m['size_bytes']:,}</td><td>{ratio:.1f}x</td>"
             f"<td data-v='{m['latency_ms']}'>{m['latency_ms']:.4f} &plusmn; {spread:.4f}</td>"
@@ -118,6 +119,38 @@ def _pareto_table(data: ReportData) -> str:
             f"<th>speedup</th>{extra_head}<th>int8 layers</th>"
             "<th class='l'>recipe</th><th class='l'>export</th></tr>")
     return (f"<table class='sortable'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _sensitivity(data: ReportData) -> str:
+    """The pre-pass as a table: accuracy points lost with only that layer compressed."""
+    found = data.sensitivity
+    if not found or not found.get("layers"):
+        return ""
+    levels = found["levels"]
+    columns = ([("bits", str(b), f"{b} bits") for b in levels["bits"]]
+               + [("sparsity", str(s), f"{float(s):.0%} zeroed") for s in levels["sparsity"]])
+
+    def cell(drop: float | None) -> str:
+        if drop is None:
+            return "<td>?</td>"
+        shade = min(1.0, max(0.0, drop / 0.05))  # full red at a 5-point drop
+        return (f"<td style='background: rgba(214,39,40,{shade * 0.6:.2f})'>"
+                f"{drop * 100:+.1f}</td>")
+
+    rows = "".join(
+        f"<tr><td class='l'>{html.escape(name)}</td>"
+        + "".join(cell(drops[kind].get(level)) for kind, level, _ in columns) + "</tr>"
+        for name, drops in found["layers"].items())
+    head = "".join(f"<th>{label}</th>" for _, _, label in columns)
+    return (f"<h2>Layer sensitivity</h2><p class='muted'>Validation accuracy points lost when "
+            f"only this layer of the teacher is quantized or pruned (magnitude, unstructured), "
+            f"with no fine-tuning, on {levels['samples']} validation samples (one sample is "
+            f"{100 / levels['samples']:.2f} points). Measured before the first trial to start "
+            f"the search from recipes it suggests (the trials marked sensitivity-&lt;tolerance&gt;: "
+            f"every layer at what it tolerates alone within that accuracy drop); "
+            f"trials fine-tune, so their accuracy is not the sum of these.</p>"
+            f"<table><thead><tr><th class='l'>layer</th>{head}</tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
 
 
 def _failures(data: ReportData) -> str:
@@ -204,6 +237,7 @@ executes; latency is measured on that executable form, the teacher's on the same
 same run.</p>
 <h2>Pareto front</h2>{figures or "<p>No trial has completed yet.</p>"}
 <h2>Pareto-optimal trials</h2><p class="muted">Click a column to sort.</p>{_pareto_table(data)}
+{_sensitivity(data)}
 {_failures(data)}
 <script>{_SORT_JS}</script></body></html>
 """

@@ -46,6 +46,7 @@ from slimsearch.search.recovery import (
 )
 from slimsearch.search.run_folder import RUN_FORMAT, RunFolder
 from slimsearch.search.samplers import make_sampler
+from slimsearch.search.sensitivity import SENSITIVITY_FILE, measure_sensitivity, starting_recipes
 from slimsearch.search.storage import check_storage_url, open_storage
 from slimsearch.search.teacher import prepare_teacher
 from slimsearch.spaces import SearchSpace
@@ -180,9 +181,19 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             runner.teacher_metrics = teacher_metrics
             say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
                 f"{_describe(teacher_metrics)}")
+            starts = {}
+            if config.search.sensitivity and not worker:
+                with computing(device):
+                    sensitivity = measure_sensitivity(teacher.model, task, space, device=device,
+                                                      path=folder.root / SENSITIVITY_FILE, say=say)
+                starts = starting_recipes(sensitivity, space)
             if not study.trials and not worker:
-                for name, recipe in space.baselines().items():
+                baselines = space.baselines()
+                for name, recipe in baselines.items():
                     study.enqueue_trial(space.params_of(recipe), user_attrs={"baseline": name})
+                for name, recipe in starts.items():  # then where the sensitivities point
+                    if recipe not in baselines.values():
+                        study.enqueue_trial(space.params_of(recipe), user_attrs={"start": name})
             if workers > 1 and not worker:
                 children = _start_workers(workers - 1, experiment_file, folder.root, trials,
                                           deadline, prepared.storage_url)

@@ -1,0 +1,107 @@
+"""How much each layer of the teacher matters, measured once per run before the first trial.
+
+For every compressible layer alone and every level the space allows, the teacher's validation
+accuracy is measured with only that layer's weights rounded to that many bits, or only that
+layer's smallest weights zeroed to that sparsity (magnitude, unstructured), with no
+fine-tuning. It costs (layers x levels) accuracy passes over at most ``MAX_SAMPLES``
+validation samples, a second or two for the digits tasks.
+
+The result steers the search and is never reported as a trial's figure: it enqueues a few
+starting recipes (the teacher's shape, each layer at the fewest bits and the most sparsity it
+tolerates alone within a tolerance) and the report shows it. It is kept in the run folder
+(``sensitivity.json``), written after every layer, so a killed run resumes where it stopped
+and a resumed run reuses it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimsearch.atomic import read_json, write_json
+from slimsearch.compression import dequantize, quantize_per_channel
+from slimsearch.spaces import COMPRESSIBLE, LayerRecipe, Recipe, SearchSpace
+from slimsearch.tasks import Split, Task
+from slimsearch.training import accuracy
+
+SENSITIVITY_FILE = "sensitivity.json"
+#: Validation samples used per accuracy pass (the first ones of the split).
+MAX_SAMPLES = 1024
+#: One starting recipe per tolerance: the accuracy (fraction) a layer may lose alone.
+START_TOLERANCES = (0.005, 0.02, 0.05)
+
+
+def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, path: Path,
+                        device: torch.device,
+                        say: Callable[[str], None] = print) -> dict[str, Any]:
+    """``{"teacher_accuracy", "samples", "layers": {name: {"bits": {b: drop}, "sparsity":
+    {s: drop}}}}``, drops as fractions of accuracy (negative: the layer gained); read from
+    ``path`` where it was measured before, in part or in full."""
+    config = space.config
+    bits = sorted(b for b in config.bits if b < 32)
+    sparsities = sorted(s for s in config.sparsity if s > 0)
+    symmetric = config.weight_scheme[0] == "symmetric"
+    data = Split(task.val.x[:MAX_SAMPLES], task.val.y[:MAX_SAMPLES])
+    levels = {"bits": bits, "sparsity": sparsities, "symmetric": symmetric, "samples": len(data)}
+    result: dict[str, Any] = read_json(path) if path.exists() else {}
+    if result.get("levels") != levels:  # another space (or nothing yet): start over
+        result = {"levels": levels, "layers": {}}
+    model = copy.deepcopy(teacher).to(device).eval()
+    base = accuracy(model, data, device=device)
+    result["teacher_accuracy"] = base
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
+    todo = [n for n in layers if n not in result["layers"]]
+    if todo:
+        say(f"sensitivity pre-pass: {len(todo)} layers x {len(bits) + len(sparsities)} levels "
+            f"on {len(data)} validation samples")
+    for name in todo:
+        weight = layers[name].weight
+        original = weight.detach().clone()
+        drops: dict[str, dict[str, float]] = {"bits": {}, "sparsity": {}}
+        with torch.no_grad():
+            for b in bits:
+                weight.copy_(dequantize(quantize_per_channel(original, b, symmetric=symmetric))
+                             .reshape(original.shape))
+                drops["bits"][str(b)] = round(base - accuracy(model, data, device=device), 6)
+            for s in sparsities:
+                keep = original.abs().flatten()
+                threshold = keep.kthvalue(max(1, int(s * keep.numel()))).values
+                weight.copy_(torch.where(original.abs() > threshold, original, 0.0))
+                drops["sparsity"][str(s)] = round(base - accuracy(model, data, device=device), 6)
+            weight.copy_(original)
+        result["layers"][name] = drops
+        write_json(path, result)  # after every layer: a killed run keeps what it measured
+    return result
+
+
+def starting_recipes(sensitivity: dict[str, Any], space: SearchSpace) -> dict[str, Recipe]:
+    """Teacher-shaped recipes, one per tolerance in ``START_TOLERANCES``: every layer at the
+    fewest bits and the highest (unstructured) sparsity whose drop alone is within it. Only
+    those the space can express, without repeats."""
+    config = space.config
+    teacher = dict(space.task.teacher_kwargs)
+    infos = {i.name: i for i in space.layers_for(teacher)}
+    prune = "unstructured" if "unstructured" in config.pruning else None
+    recipes: dict[str, Recipe] = {}
+    for tolerance in START_TOLERANCES:
+        layers = {}
+        for name in infos:
+            drops = sensitivity["layers"].get(name, {"bits": {}, "sparsity": {}})
+            ok_bits = [int(b) for b, d in drops["bits"].items() if d <= tolerance]
+            ok_sparsity = [float(s) for s, d in drops["sparsity"].items() if d <= tolerance]
+            sparsity = max(ok_sparsity, default=0.0) if prune else 0.0
+            layers[name] = LayerRecipe(sparsity=sparsity, pruning=prune or "unstructured",
+                                       bits=min(ok_bits, default=max(config.bits)))
+        recipe = Recipe(student=teacher, student_init="slice", layers=layers,
+                        activation_bits=max(config.activations),
+                        importance=config.importance[0],
+                        distillation={k: c[0] for k, c in config.distillation.items()},
+                        weight_scheme=config.weight_scheme[0])
+        if space.contains(recipe) and recipe not in recipes.values():
+            recipes[f"sensitivity-{tolerance:g}"] = recipe
+    return recipes

@@ -1,0 +1,87 @@
+"""The sensitivity pre-pass: each layer compressed alone, measured once and kept, and the
+starting recipes it suggests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimsearch.experiment import SpaceConfig
+from slimsearch.search import sensitivity as sens
+from slimsearch.search.sensitivity import measure_sensitivity, starting_recipes
+from slimsearch.spaces import SearchSpace
+from slimsearch.tasks import Task
+from slimsearch.training import fit
+
+CONFIG = SpaceConfig(bits=(2, 4, 8, 32), sparsity=(0.0, 0.5, 0.75))
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(digits_mlp_task: Task) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = digits_mlp_task.make_model(**digits_mlp_task.teacher_kwargs)
+    fit(model, digits_mlp_task.train, epochs=8, lr=1e-3, batch_size=64, seed=0,
+        device=torch.device("cpu"))
+    return model.eval()
+
+
+def test_each_layer_at_each_level_is_measured_once_and_kept(
+        digits_mlp_task: Task, trained_teacher: torch.nn.Module, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    space = SearchSpace(digits_mlp_task, CONFIG)
+    path = tmp_path / "sensitivity.json"
+    before = {k: v.clone() for k, v in trained_teacher.state_dict().items()}
+    result = measure_sensitivity(trained_teacher, digits_mlp_task, space, path=path,
+                                 device=torch.device("cpu"), say=lambda _: None)
+    assert list(result["layers"]) == ["hidden.0", "hidden.1", "head"]
+    for drops in result["layers"].values():
+        assert set(drops["bits"]) == {"2", "4", "8"} and set(drops["sparsity"]) == {"0.5", "0.75"}
+        assert abs(drops["bits"]["8"]) <= 0.01  # 8 bits alone costs (almost) nothing
+    head = result["layers"]["head"]
+    assert head["bits"]["2"] > head["bits"]["8"]  # 2-bit classes hurt more than 8-bit ones
+    assert all(torch.equal(before[k], v) for k, v in trained_teacher.state_dict().items())
+    assert json.loads(path.read_text()) == result
+
+    # a run killed after the first layer measures only the others when it resumes
+    partial = dict(result, layers={"hidden.0": result["layers"]["hidden.0"]})
+    path.write_text(json.dumps(partial))
+    calls = []
+    real_accuracy = sens.accuracy
+    monkeypatch.setattr(sens, "accuracy", lambda *a, **k: calls.append(1) or real_accuracy(*a, **k))
+    again = measure_sensitivity(trained_teacher, digits_mlp_task, space, path=path,
+                                device=torch.device("cpu"), say=lambda _: None)
+    assert again["layers"] == result["layers"]
+    assert len(calls) == 1 + 2 * 5  # the teacher once, then 2 layers x 5 levels
+
+    # another space's levels start over
+    other = SearchSpace(digits_mlp_task, SpaceConfig(bits=(4, 32), sparsity=(0.0,)))
+    fresh = measure_sensitivity(trained_teacher, digits_mlp_task, other, path=path,
+                                device=torch.device("cpu"), say=lambda _: None)
+    assert set(fresh["layers"]["head"]["bits"]) == {"4"} and not fresh["layers"]["head"]["sparsity"]
+
+
+def test_starting_recipes_put_each_layer_at_what_it_tolerates_alone(digits_mlp_task: Task) -> None:
+    space = SearchSpace(digits_mlp_task, CONFIG)
+    sensitivity = {"layers": {
+        "hidden.0": {"bits": {"2": 0.001, "4": 0.0, "8": 0.0},
+                     "sparsity": {"0.5": 0.0, "0.75": 0.004}},
+        "hidden.1": {"bits": {"2": 0.10, "4": 0.01, "8": 0.0},
+                     "sparsity": {"0.5": 0.03, "0.75": 0.2}},
+        "head": {"bits": {"2": 0.3, "4": 0.04, "8": 0.06},
+                 "sparsity": {"0.5": 0.1, "0.75": 0.3}}}}
+    recipes = starting_recipes(sensitivity, space)
+    assert list(recipes) == ["sensitivity-0.005", "sensitivity-0.02", "sensitivity-0.05"]
+    tight, middle, loose = recipes.values()
+    assert {n: (r.bits, r.sparsity) for n, r in tight.layers.items()} == {
+        "hidden.0": (2, 0.75), "hidden.1": (8, 0.0), "head": (32, 0.0)}  # nothing fits: 32
+    assert {n: (r.bits, r.sparsity) for n, r in middle.layers.items()} == {
+        "hidden.0": (2, 0.75), "hidden.1": (4, 0.0), "head": (32, 0.0)}
+    assert {n: (r.bits, r.sparsity) for n, r in loose.layers.items()} == {
+        "hidden.0": (2, 0.75), "hidden.1": (4, 0.5), "head": (4, 0.0)}
+    for recipe in recipes.values():  # the teacher's shape, sliced, and enqueueable
+        assert recipe.student == digits_mlp_task.teacher_kwargs and recipe.student_init == "slice"
+        assert space.contains(recipe)
+        space.params_of(recipe)
