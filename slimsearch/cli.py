@@ -26,21 +26,6 @@ def _budget(args: argparse.Namespace, config: Any,
     return trials, parse_duration(timeout, field_name="--timeout") if timeout else None
 
 
-def _run_folder_config(run_dir: Path) -> Any:
-    """The experiment stored in a run folder, its plug-in modules found beside the original."""
-    import dataclasses
-
-    from slimsearch.experiment import load_experiment
-    from slimsearch.search.run_folder import RunFolder
-
-    folder = RunFolder(run_dir)
-    settings = folder.settings()  # refuses a folder that is not a run
-    config = load_experiment(folder.root / "experiment.toml")
-    if settings.get("experiment_file"):  # plug-in task modules live beside the original file
-        config = dataclasses.replace(config, base_dir=Path(settings["experiment_file"]).parent)
-    return config
-
-
 def _check_workers(workers: int) -> None:
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give a number of worker processes >= 1")
@@ -48,12 +33,12 @@ def _check_workers(workers: int) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from slimsearch.experiment import load_experiment
-    from slimsearch.search import prepare, run_search
+    from slimsearch.search import RunFolder, prepare, run_search
 
     config = load_experiment(args.experiment)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / config.name
     if Path(args.experiment).resolve() == (run_dir / "experiment.toml").resolve():
-        config = _run_folder_config(run_dir)  # a worker of `slimsearch resume --workers N`
+        config = RunFolder(run_dir).config()  # a worker of `slimsearch resume --workers N`
     trials, timeout_s = _budget(args, config)
     storage = args.storage if args.storage is not None else config.search.storage
     _check_workers(args.workers)
@@ -78,7 +63,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from slimsearch.search.run_folder import RunFolder
 
     folder = RunFolder(Path(args.run_dir))
-    config = _run_folder_config(folder.root)
+    config = folder.config()
     _check_workers(args.workers)
     prepared = prepare(config, run_dir=folder.root, storage_url=folder.settings().get("storage"))
     try:
@@ -141,12 +126,81 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget_of(args: argparse.Namespace) -> Any:
+    from slimsearch.report.picks import Budget
+
+    for flag in ("max_latency_ms", "max_size_mb", "max_accuracy_drop"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0 and not (flag == "max_accuracy_drop" and value == 0):
+            raise ConfigError(f"--{flag.replace('_', '-')} {value}: give a number > 0")
+    return Budget(max_latency_ms=args.max_latency_ms,
+                  max_size_bytes=args.max_size_mb * 1e6 if args.max_size_mb is not None else None,
+                  max_accuracy_drop=args.max_accuracy_drop)
+
+
+def _pick(args: argparse.Namespace, *, say: bool) -> int:
+    """The picked trial's number; with ``say``, print the choice, the reason and the others.
+    ConfigError (exit 2) when the run has no completed trial or none meets the budget."""
+    from slimsearch.report.data import load_report_data
+    from slimsearch.report.picks import pick
+
+    data = load_report_data(Path(args.run_dir))
+    trials = {t.number: t.metrics for t in data.completed}
+    if not trials:
+        raise ConfigError(f"{data.run_dir} has no completed trial yet; see: slimsearch status "
+                          f"{data.run_dir}")
+    chosen = pick(trials, data.teacher, _budget_of(args), prefer=args.prefer)
+    teacher = data.teacher
+
+    def line(number: int) -> str:
+        m = trials[number]
+        drop = teacher["val_accuracy"] - m["val_accuracy"]
+        return (f"trial {number}: val {m['val_accuracy']:.4f} ({abs(drop) * 100:.2f} points "
+                f"{'below' if drop >= 0 else 'above'} the teacher), {m['size_bytes']:,} bytes, "
+                f"{m['latency_ms']:.4f} ms")
+
+    if chosen.trial is None:
+        closest = "; ".join(line(n) for n in chosen.closest)
+        raise ConfigError(f"{chosen.reason}. Closest: {closest}. Relax the budget, or search "
+                          "longer (slimsearch resume --trials N)")
+    if say:
+        print(f"picked {line(chosen.trial)}")
+        print(f"  why: {chosen.reason}")
+        for number in chosen.runner_ups:
+            print(f"  runner-up {line(number)}")
+        print(f"export it with: slimsearch export {data.run_dir} --trial {chosen.trial} "
+              f"--out exported/trial-{chosen.trial}")
+    return chosen.trial
+
+
+def _cmd_pick(args: argparse.Namespace) -> int:
+    _pick(args, say=True)
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from slimsearch.export import export_trial
 
-    bundle = export_trial(Path(args.run_dir), args.trial, Path(args.out))
-    print(f"exported trial {args.trial} to {bundle}; load it with "
+    if (args.trial is None) == (not args.pick):
+        raise ConfigError("give either --trial N or --pick (with the budget options of "
+                          "`slimsearch pick`)")
+    trial = args.trial if args.trial is not None else _pick(args, say=True)
+    bundle, verification = export_trial(Path(args.run_dir), trial, Path(args.out),
+                                        verify=not args.no_verify, tolerance=args.tolerance)
+    print(f"exported trial {trial} to {bundle}; load it with "
           f"slimsearch.load_model({str(bundle)!r})")
+    if verification is None:
+        return 0
+    search, fresh = verification["search"], verification["fresh"]
+    print("re-measured in a fresh process (search -> fresh):")
+    for name, ok in verification["checks"].items():
+        figures = f"{search[name]} -> {fresh[name]}" if name in search else ""
+        print(f"  {'ok  ' if ok else 'DIFF'} {name} {figures}")
+    if not verification["passed"]:
+        print(f"slimsearch: error: the exported bundle does not reproduce the search's numbers "
+              f"(latency tolerance {verification['tolerance']:.0%}); see "
+              f"{bundle / 'verification.json'}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -202,10 +256,36 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.set_defaults(handler=_cmd_report)
 
-    export = commands.add_parser("export", help="copy a trial's model into a deployable bundle")
+    def budget_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--max-latency-ms", type=float, help="latency budget (ms)")
+        command.add_argument("--max-size-mb", type=float,
+                             help="size budget of the file (MB, 1 MB = 1,000,000 bytes)")
+        command.add_argument("--max-accuracy-drop", type=float,
+                             help="validation accuracy at most this below the teacher's "
+                                  "(fraction: 0.01 = one point)")
+        command.add_argument("--prefer", choices=("accuracy", "size", "latency"),
+                             default="accuracy", help="what to maximise under the budget "
+                                                      "(default: accuracy)")
+
+    picking = commands.add_parser("pick", help="the best trial under a budget, or the knee "
+                                               "point without one")
+    picking.add_argument("run_dir")
+    budget_options(picking)
+    picking.set_defaults(handler=_cmd_pick)
+
+    export = commands.add_parser("export", help="a deployable bundle of a trial, re-measured "
+                                                "in a fresh process")
     export.add_argument("run_dir")
-    export.add_argument("--trial", type=int, required=True, help="trial number (see the report)")
+    export.add_argument("--trial", type=int, help="trial number (see the report)")
+    export.add_argument("--pick", action="store_true",
+                        help="the trial `slimsearch pick` chooses with the budget options")
+    budget_options(export)
     export.add_argument("--out", required=True, help="bundle folder to create")
+    export.add_argument("--tolerance", type=float, default=0.10,
+                        help="how far the fresh latency may be from the search's (fraction, "
+                             "default 0.10)")
+    export.add_argument("--no-verify", action="store_true",
+                        help="skip the fresh-process re-measurement")
     export.set_defaults(handler=_cmd_export)
 
     listing = commands.add_parser("list", help="built-in tasks and shipped experiments")

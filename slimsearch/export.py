@@ -6,6 +6,7 @@
                           is onnxruntime or torchscript: what was sized and timed
       recipe.json         how it was built          metrics.json   what the search measured
       environment.json    versions and seed         manifest.json  sha256 of every file
+      verification.json   the bundle re-measured in a fresh process, beside the search's figures
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from slimsearch.compression import MODEL_FILE, read_header
 from slimsearch.errors import ConfigError
 from slimsearch.report.data import load_study
 from slimsearch.search.run_folder import RunFolder
+from slimsearch.verification import DEFAULT_TOLERANCE, verify_in_fresh_process
 
 BUNDLE_FILES = (MODEL_FILE, "recipe.json", "metrics.json", "environment.json")
 
@@ -32,11 +34,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_trial(run_dir: str | Path, trial: int, out: str | Path) -> Path:
-    """Copy trial ``trial`` of the run in ``run_dir`` into the bundle folder ``out``.
+def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bool = True,
+                 tolerance: float = DEFAULT_TOLERANCE) -> tuple[Path, dict | None]:
+    """Copy trial ``trial`` of the run in ``run_dir`` into the bundle folder ``out`` and (with
+    ``verify``) re-measure it in a fresh process; return the bundle and ``verification.json``.
 
     Refuses trials that did not complete and an ``out`` folder that already holds files.
     The bundle is assembled in a temp folder and renamed into place, so it is never partial.
+    A bundle that fails verification is still written (its verification.json says how it
+    differs); the caller reports the failure.
     """
     folder = RunFolder(Path(run_dir))
     study = load_study(folder.root)
@@ -61,15 +67,25 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path) -> Path:
     staging.mkdir(parents=True)
     for name in files:
         shutil.copyfile(source / name, staging / name)
-    write_json(staging / "manifest.json", {
-        "format": "slimsearch.bundle", "version": 1, "run": str(folder.root.resolve()),
-        "trial": trial, "runtime": metrics.get("runtime", "torch"),
-        "artifact": metrics.get("artifact_file", MODEL_FILE),
-        "files": {name: sha256(staging / name) for name in files}})
+
+    def write_manifest() -> None:
+        write_json(staging / "manifest.json", {
+            "format": "slimsearch.bundle", "version": 1, "run": str(folder.root.resolve()),
+            "trial": trial, "runtime": metrics.get("runtime", "torch"),
+            "artifact": metrics.get("artifact_file", MODEL_FILE),
+            "files": {name: sha256(staging / name) for name in files}})
+
+    write_manifest()
+    verification = None
+    if verify:
+        verification = verify_in_fresh_process(staging, folder.root, metrics, tolerance=tolerance)
+        write_json(staging / "verification.json", verification)
+        files.append("verification.json")
+        write_manifest()
     if out.exists():
         out.rmdir()
     staging.rename(out)
-    return out
+    return out, verification
 
 
 def verify_bundle(bundle: str | Path) -> dict:

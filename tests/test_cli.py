@@ -101,7 +101,14 @@ def test_export_and_load_model_in_a_fresh_process(finished_run: Path, tmp_path: 
     bundle = tmp_path / "bundle"
     assert main(["export", str(finished_run), "--trial", str(entry["number"]), "--out", str(bundle)]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert set(manifest["files"]) >= {"model.safetensors", "recipe.json", "metrics.json"}
+    assert set(manifest["files"]) >= {"model.safetensors", "recipe.json", "metrics.json",
+                                      "verification.json"}
+    # re-measured in a fresh process: accuracy and size exactly, latency within 10%
+    verification = json.loads((bundle / "verification.json").read_text())
+    assert verification["passed"], verification
+    assert verification["fresh"]["size_bytes"] == entry["metrics"]["size_bytes"]
+    assert verification["fresh"]["test_accuracy"] == entry["metrics"]["test_accuracy"]
+    assert abs(verification["latency_ratio"] - 1) <= 0.10
     script = textwrap.dedent(f"""
         import slimsearch
         from slimsearch.tasks import make_task
@@ -113,6 +120,48 @@ def test_export_and_load_model_in_a_fresh_process(finished_run: Path, tmp_path: 
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert float(out.stdout.strip()) == entry["metrics"]["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_a_tampered_bundle_is_refused(finished_run: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(finished_run), "--trial", "0", "--out", str(bundle),
+                 "--no-verify"]) == 0
+    import slimsearch
+    from slimsearch.errors import ArtifactError
+
+    slimsearch.load_model(bundle)  # intact: loads
+    data = bytearray((bundle / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # one weight byte changed
+    (bundle / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match the sha256"):
+        slimsearch.load_model(bundle)
+
+
+@pytest.mark.slow
+def test_pick_matches_brute_force_and_export_pick_exports_it(finished_run: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from slimsearch.report.data import load_report_data
+
+    completed = load_report_data(finished_run).completed
+    limit = sorted(t.metrics["latency_ms"] for t in completed)[len(completed) // 2]
+    fits = [t for t in completed if t.metrics["latency_ms"] <= limit]
+    best = min(fits, key=lambda t: (-t.metrics["val_accuracy"], t.metrics["size_bytes"],
+                                    t.metrics["latency_ms"]))
+    assert main(["pick", str(finished_run), "--max-latency-ms", str(limit)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"picked trial {best.number}:") and "why:" in out
+    assert main(["pick", str(finished_run)]) == 0  # no budget: the knee
+    assert "knee" in capsys.readouterr().out
+    assert main(["pick", str(finished_run), "--max-size-mb", "0.000001"]) == 2
+    err = capsys.readouterr().err
+    assert "no completed trial meets size <= 1 bytes" in err and "Closest: trial" in err
+    bundle = tmp_path / "picked"
+    assert main(["export", str(finished_run), "--pick", "--max-latency-ms", str(limit),
+                 "--out", str(bundle), "--no-verify"]) == 0
+    assert json.loads((bundle / "manifest.json").read_text())["trial"] == best.number
+    assert main(["export", str(finished_run), "--out", str(tmp_path / "neither")]) == 2
 
 
 @pytest.mark.slow
@@ -297,6 +346,10 @@ def test_run_on_onnxruntime_sizes_times_and_relates_its_own_file(tmp_path: Path,
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["runtime"] == "onnxruntime" and manifest["artifact"] == "model.onnx"
     assert "model.onnx" in manifest["files"] and (bundle / "model.onnx").is_file()
+    # the fresh process exported the same model.onnx byte for byte and measured that file
+    verification = json.loads((bundle / "verification.json").read_text())
+    assert verification["checks"]["same_executable_file"], verification
+    assert verification["checks"]["size_bytes"] and verification["checks"]["val_accuracy"]
 
 
 @pytest.mark.slow

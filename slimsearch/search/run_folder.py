@@ -50,6 +50,19 @@ class RunFolder:
     def exists(self) -> bool:
         return self.run_json.is_file()
 
+    def config(self) -> Any:
+        """The run's experiment (``experiment.toml`` here), its plug-in task modules looked
+        up beside the original file, where they were when the run started."""
+        import dataclasses
+
+        from slimsearch.experiment import load_experiment
+
+        settings = self.settings()  # refuses a folder that is not a run
+        config = load_experiment(self.root / "experiment.toml")
+        if settings.get("experiment_file"):
+            config = dataclasses.replace(config, base_dir=Path(settings["experiment_file"]).parent)
+        return config
+
     def settings(self) -> dict[str, Any]:
         """The contents of ``run.json``; a ``ConfigError`` when this is not a run folder."""
         if not self.exists():

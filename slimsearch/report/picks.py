@@ -1,0 +1,132 @@
+"""Choosing a trial from a finished search: under a deployment budget, or at the knee.
+
+Plain data, no plotting and no storage: ``pick`` takes the completed trials' metrics and the
+teacher's, and returns the choice with the reason and the runner-ups (tests compare it with
+brute force). Sizes are bytes, latencies milliseconds, accuracy drops fractions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+PREFERENCES = ("accuracy", "size", "latency")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the deployed model may cost; None = no limit on that."""
+
+    max_latency_ms: float | None = None
+    max_size_bytes: float | None = None
+    #: Validation accuracy at most this far below the teacher's (fraction: 0.01 = 1 point).
+    max_accuracy_drop: float | None = None
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in (self.max_latency_ms, self.max_size_bytes,
+                                          self.max_accuracy_drop))
+
+    def violations(self, metrics: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float]:
+        """How far over each limit ``metrics`` is, as a fraction of the limit (0 = within)."""
+        over = {}
+        if self.max_latency_ms is not None:
+            over["latency"] = max(0.0, metrics["latency_ms"] / self.max_latency_ms - 1)
+        if self.max_size_bytes is not None:
+            over["size"] = max(0.0, metrics["size_bytes"] / self.max_size_bytes - 1)
+        if self.max_accuracy_drop is not None:
+            drop = teacher["val_accuracy"] - metrics["val_accuracy"]
+            over["accuracy"] = max(0.0, drop - self.max_accuracy_drop)
+        return over
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_latency_ms is not None:
+            parts.append(f"latency <= {self.max_latency_ms:g} ms")
+        if self.max_size_bytes is not None:
+            parts.append(f"size <= {self.max_size_bytes:,.0f} bytes")
+        if self.max_accuracy_drop is not None:
+            parts.append(f"validation accuracy at most {self.max_accuracy_drop * 100:g} points "
+                         "below the teacher's")
+        return ", ".join(parts) or "no budget"
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The chosen trial number (None when nothing fits), why, and who came next."""
+
+    trial: int | None
+    reason: str
+    runner_ups: list[int]
+    #: When nothing fits: the trials closest to the budget, nearest first.
+    closest: list[int]
+
+
+def ranking_key(metrics: dict[str, Any], prefer: str) -> tuple[float, float, float]:
+    """Sort key, smallest first: the preferred objective, then the others in the order
+    accuracy, size, latency (so ties on accuracy go to the smaller, then the faster)."""
+    values = {"accuracy": -metrics["val_accuracy"], "size": float(metrics["size_bytes"]),
+              "latency": metrics["latency_ms"]}
+    order = [prefer] + [p for p in PREFERENCES if p != prefer]
+    return tuple(values[p] for p in order)  # type: ignore[return-value]
+
+
+def knee_point(trials: dict[int, dict[str, Any]]) -> int:
+    """The trial of the (non-dominated) front nearest the ideal point once each objective is
+    scaled to 0 (best on the front) .. 1 (worst on the front): the most balanced trade-off."""
+    front = non_dominated(trials)
+    columns = {"accuracy": [-trials[n]["val_accuracy"] for n in front],
+               "size": [float(trials[n]["size_bytes"]) for n in front],
+               "latency": [trials[n]["latency_ms"] for n in front]}
+
+    def scaled(name: str, value: float) -> float:
+        low, high = min(columns[name]), max(columns[name])
+        return 0.0 if high == low else (value - low) / (high - low)
+
+    def distance(n: int) -> float:
+        m = trials[n]
+        return math.hypot(scaled("accuracy", -m["val_accuracy"]),
+                          scaled("size", float(m["size_bytes"])),
+                          scaled("latency", m["latency_ms"]))
+
+    return min(front, key=lambda n: (distance(n), ranking_key(trials[n], "accuracy")))
+
+
+def non_dominated(trials: dict[int, dict[str, Any]]) -> list[int]:
+    """Trial numbers no other trial beats in all of accuracy, size and latency."""
+    def objectives(m: dict[str, Any]) -> tuple[float, float, float]:
+        return (-m["val_accuracy"], float(m["size_bytes"]), m["latency_ms"])
+
+    def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+        return all(x <= y for x, y in zip(a, b, strict=True)) and tuple(a) != tuple(b)
+
+    points = {n: objectives(m) for n, m in trials.items()}
+    return [n for n in trials if not any(dominates(points[o], points[n]) for o in trials)]
+
+
+def pick(trials: dict[int, dict[str, Any]], teacher: dict[str, Any], budget: Budget, *,
+         prefer: str = "accuracy", runner_ups: int = 3) -> Pick:
+    """The best trial under ``budget`` by ``prefer`` (ties: smaller, then faster), or the knee
+    point when no budget is given. ``trials``: completed trial number -> metrics."""
+    if prefer not in PREFERENCES:
+        raise ValueError(f"prefer must be one of {PREFERENCES}, not {prefer!r}")
+    if not trials:
+        return Pick(None, "the run has no completed trial", [], [])
+    if not budget.given:
+        knee = knee_point(trials)
+        others = sorted((n for n in non_dominated(trials) if n != knee),
+                        key=lambda n: ranking_key(trials[n], prefer))
+        return Pick(knee, "no budget given: the knee of the Pareto front (the most balanced "
+                          "trade-off of accuracy, size and latency)", others[:runner_ups], [])
+    fitting = sorted((n for n, m in trials.items() if not any(budget.violations(m, teacher).values())),
+                     key=lambda n: ranking_key(trials[n], prefer))
+    if not fitting:
+        closest = sorted(trials, key=lambda n: (sum(budget.violations(trials[n], teacher).values()),
+                                                ranking_key(trials[n], prefer)))
+        return Pick(None, f"no completed trial meets {budget.describe()}", [], closest[:runner_ups])
+    best = {"accuracy": "highest validation accuracy", "size": "smallest file",
+            "latency": "lowest latency"}[prefer]
+    return Pick(fitting[0], f"the {best} of the {len(fitting)} trials that meet "
+                            f"{budget.describe()}", fitting[1:1 + runner_ups], [])

@@ -1,0 +1,95 @@
+"""An exported bundle re-measured in a fresh process, side by side with the search's numbers.
+
+``verify_in_fresh_process`` starts ``python -m slimsearch.verification BUNDLE RUN_DIR``: a new
+interpreter (nothing cached from the search) loads the run's task and target, materializes the
+bundle's model file with the bundle's runtime into a temporary folder, checks that this gives
+the bundled executable file byte for byte (so what it then measures *is* that file), and
+measures validation and test accuracy, the file's bytes and latency exactly as the search did.
+Accuracy and size must be equal; latency may differ by ``tolerance`` (a fraction of the
+search's figure). A fresh latency outside it is measured again in another fresh process, up
+to ``LATENCY_ATTEMPTS`` in all, since a shared machine can be disturbed for seconds; every
+attempt is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+LATENCY_ATTEMPTS = 3
+DEFAULT_TOLERANCE = 0.10
+COMPARED = ("val_accuracy", "test_accuracy", "size_bytes", "latency_ms")
+
+
+def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
+    """(In the fresh process.) The bundle's figures, measured like a trial's."""
+    from slimsearch.compression import MODEL_FILE, load_model
+    from slimsearch.devices import computing, resolve_device
+    from slimsearch.evaluators import EvalContext, evaluate
+    from slimsearch.export import sha256
+    from slimsearch.runtimes import get_runtime
+    from slimsearch.search.run_folder import RunFolder
+    from slimsearch.tasks import make_task
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    config = RunFolder(run_dir).config()
+    target = config.target
+    task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
+    device = resolve_device(target.device)
+    runtime = get_runtime(manifest["runtime"])
+    with tempfile.TemporaryDirectory() as folder, computing(device):
+        model_file = Path(folder) / MODEL_FILE
+        model_file.write_bytes((bundle / MODEL_FILE).read_bytes())
+        executable = runtime.materialize(model_file, target=target, device=device,
+                                         out_dir=Path(folder),
+                                         example=task.example_inputs(target.batch_size))
+        same_file = sha256(executable.artifact) == manifest["files"][manifest["artifact"]]
+        context = EvalContext(task=task, executable=executable,
+                              model=load_model(model_file, int8=False), target=target,
+                              device=device, latency_cache=None)
+        metrics = evaluate(context)
+    return {**{k: metrics[k] for k in COMPARED}, "latency_cv": metrics["latency_cv"],
+            "latency_disturbed": metrics.get("latency_disturbed"),
+            "same_executable_file": same_file, "runtime": manifest["runtime"],
+            "device": str(device)}
+
+
+def _fresh(bundle: Path, run_dir: Path) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "slimsearch.verification", str(bundle),
+                           str(run_dir)], capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the fresh process that re-measures the bundle failed: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def verify_in_fresh_process(bundle: Path, run_dir: Path, search: dict[str, Any], *,
+                            tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+    """The contents of ``verification.json``: the search's figures, the fresh ones, each
+    check and whether all passed."""
+    attempts = [_fresh(bundle, run_dir)]
+    while (abs(attempts[-1]["latency_ms"] / search["latency_ms"] - 1) > tolerance
+           and len(attempts) < LATENCY_ATTEMPTS):
+        attempts.append(_fresh(bundle, run_dir))
+    fresh = min(attempts, key=lambda a: abs(a["latency_ms"] / search["latency_ms"] - 1))
+    checks = {
+        "val_accuracy": fresh["val_accuracy"] == search["val_accuracy"],
+        "test_accuracy": fresh["test_accuracy"] == search["test_accuracy"],
+        "size_bytes": fresh["size_bytes"] == search["size_bytes"],
+        "latency_ms": abs(fresh["latency_ms"] / search["latency_ms"] - 1) <= tolerance,
+        "same_executable_file": fresh["same_executable_file"],
+    }
+    return {"passed": all(checks.values()), "checks": checks, "tolerance": tolerance,
+            "search": {k: search[k] for k in COMPARED},
+            "fresh": {k: fresh[k] for k in COMPARED},
+            "latency_ratio": round(fresh["latency_ms"] / search["latency_ms"], 4),
+            "latency_attempts": [a["latency_ms"] for a in attempts],
+            "runtime": fresh["runtime"], "device": fresh["device"]}
+
+
+if __name__ == "__main__":
+    print(json.dumps(remeasure(Path(sys.argv[1]), Path(sys.argv[2]))))

@@ -1,0 +1,77 @@
+"""Picking a trial: the best under a budget (checked against brute force) and the knee."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from slimsearch.report.picks import Budget, knee_point, non_dominated, pick, ranking_key
+
+TEACHER = {"val_accuracy": 0.95, "size_bytes": 100_000, "latency_ms": 1.0}
+
+
+def random_trials(seed: int, n: int = 40) -> dict[int, dict]:
+    rng = random.Random(seed)
+    # coarse values, so that ties on accuracy and size happen
+    return {i: {"val_accuracy": rng.choice([0.90, 0.92, 0.93, 0.95]),
+                "size_bytes": rng.choice([10_000, 20_000, 40_000, 80_000]),
+                "latency_ms": round(rng.uniform(0.2, 1.2), 3)} for i in range(n)}
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("prefer", ["accuracy", "size", "latency"])
+def test_pick_under_a_budget_is_what_brute_force_finds(seed: int, prefer: str) -> None:
+    trials = random_trials(seed)
+    budget = Budget(max_latency_ms=0.8, max_size_bytes=50_000, max_accuracy_drop=0.03)
+    chosen = pick(trials, TEACHER, budget, prefer=prefer)
+    fits = [n for n, m in trials.items() if m["latency_ms"] <= 0.8 and m["size_bytes"] <= 50_000
+            and TEACHER["val_accuracy"] - m["val_accuracy"] <= 0.03]
+    if not fits:
+        assert chosen.trial is None and len(chosen.closest) == 3
+        return
+    order = {"accuracy": lambda m: (-m["val_accuracy"], m["size_bytes"], m["latency_ms"]),
+             "size": lambda m: (m["size_bytes"], -m["val_accuracy"], m["latency_ms"]),
+             "latency": lambda m: (m["latency_ms"], -m["val_accuracy"], m["size_bytes"])}[prefer]
+    best = min(order(trials[n]) for n in fits)
+    assert order(trials[chosen.trial]) == best
+    assert chosen.trial in fits and set(chosen.runner_ups) <= set(fits)
+    assert [ranking_key(trials[n], prefer) for n in chosen.runner_ups] == sorted(
+        ranking_key(trials[n], prefer) for n in chosen.runner_ups)
+
+
+def test_ties_on_accuracy_go_to_the_smaller_then_the_faster() -> None:
+    trials = {1: {"val_accuracy": 0.9, "size_bytes": 200, "latency_ms": 0.1},
+              2: {"val_accuracy": 0.9, "size_bytes": 100, "latency_ms": 0.5},
+              3: {"val_accuracy": 0.9, "size_bytes": 100, "latency_ms": 0.4}}
+    assert pick(trials, TEACHER, Budget(max_latency_ms=1.0)).trial == 3
+
+
+def test_a_budget_nothing_meets_names_the_closest() -> None:
+    trials = {1: {"val_accuracy": 0.9, "size_bytes": 2_000, "latency_ms": 0.1},
+              2: {"val_accuracy": 0.9, "size_bytes": 1_100, "latency_ms": 0.1},
+              3: {"val_accuracy": 0.9, "size_bytes": 5_000, "latency_ms": 0.1}}
+    chosen = pick(trials, TEACHER, Budget(max_size_bytes=1_000))
+    assert chosen.trial is None and chosen.closest == [2, 1, 3]
+    assert "size <= 1,000 bytes" in chosen.reason
+
+
+def test_the_knee_is_the_front_point_nearest_the_scaled_ideal() -> None:
+    trials = random_trials(3, n=30)
+    front = non_dominated(trials)
+    for a, b in itertools.permutations(front, 2):  # no front point dominates another
+        ma, mb = trials[a], trials[b]
+        assert not (ma["val_accuracy"] >= mb["val_accuracy"] and ma["size_bytes"] <= mb["size_bytes"]
+                    and ma["latency_ms"] <= mb["latency_ms"] and ma != mb)
+
+    def scaled(n: int) -> float:
+        columns = [[-trials[f]["val_accuracy"] for f in front],
+                   [trials[f]["size_bytes"] for f in front], [trials[f]["latency_ms"] for f in front]]
+        values = [-trials[n]["val_accuracy"], trials[n]["size_bytes"], trials[n]["latency_ms"]]
+        return sum(((v - min(c)) / (max(c) - min(c)) if max(c) > min(c) else 0) ** 2
+                   for v, c in zip(values, columns, strict=True))
+
+    knee = knee_point(trials)
+    assert knee in front and scaled(knee) == min(scaled(n) for n in front)
+    assert pick(trials, TEACHER, Budget()).trial == knee
