@@ -75,3 +75,28 @@ def test_the_knee_is_the_front_point_nearest_the_scaled_ideal() -> None:
     knee = knee_point(trials)
     assert knee in front and scaled(knee) == min(scaled(n) for n in front)
     assert pick(trials, TEACHER, Budget()).trial == knee
+
+
+def test_report_analysis_history_and_layer_grid() -> None:
+    from pathlib import Path
+
+    from slimsearch.report.analysis import hypervolume_history, layer_grid
+    from slimsearch.report.data import ReportData, TrialPoint
+
+    def point(number: int, acc: float, size: int, latency: float, layers: dict) -> TrialPoint:
+        recipe = {"student": {"width": 1.0}, "layers": layers}
+        return TrialPoint(number=number, state="COMPLETE", recipe=recipe, baseline=None,
+                          error=None, pareto=True, seconds=1.0,
+                          metrics={"val_accuracy": acc, "size_bytes": size, "latency_ms": latency})
+
+    trials = [point(0, 0.95, 100, 1.0, {"a": {"bits": 32, "sparsity": 0.0}}),
+              point(1, 0.90, 50, 1.0, {"a": {"bits": 4, "sparsity": 0.5},
+                                       "b": {"bits": 8, "sparsity": 0.0}})]
+    data = ReportData(run_dir=Path("."), name="x", settings={}, trials=trials,
+                      teacher={"val_accuracy": 0.95, "size_bytes": 100, "latency_ms": 1.0})
+    # trial 0 is the teacher: on the box's edge in size, it adds nothing; trial 1 drops 5 of
+    # the 15 points, at half the size and the teacher's latency: (1 - 1/3) x 0.5 x (2 - 1)
+    assert hypervolume_history(data) == [(0, 0.0), (1, pytest.approx(1 / 3))]
+    rows, layers, bits, sparsity = layer_grid(data)
+    assert layers == ["a", "b"] and rows[0].startswith("trial 0")
+    assert bits == [[32, None], [4, 8]] and sparsity == [[0.0, None], [0.5, 0.0]]

@@ -22,6 +22,10 @@ def write_report(run_dir: str | Path) -> Path:
     """(Re)write ``pareto.json`` and ``report.html`` in ``run_dir``; return the report's path.
 
     Safe to call while a search is running: both files are replaced atomically."""
+    from slimsearch.report.analysis import importances
+    from slimsearch.search.objective import OBJECTIVES
+
     data = load_report_data(run_dir)
     write_json(data.run_dir / "pareto.json", pareto_document(data))
-    return write_text(data.run_dir / "report.html", render_html(data))
+    found = importances(load_study(data.run_dir), [name for name, _ in OBJECTIVES])
+    return write_text(data.run_dir / "report.html", render_html(data, importances=found))

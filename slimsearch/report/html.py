@@ -9,7 +9,14 @@ import shlex
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from slimsearch.report.analysis import (
+    BOX_ACCURACY_DROP,
+    BOX_LATENCY,
+    hypervolume_history,
+    layer_grid,
+)
 from slimsearch.report.data import ReportData, TrialPoint
+from slimsearch.report.picks import Budget, pick
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -49,15 +56,7 @@ def _hover(t: TrialPoint) -> str:
 
 def _scatter(data: ReportData, x: str, y: str) -> go.Figure:
     fig = go.Figure()
-    groups = [("dominated", [t for t in data.completed if not t.pareto and t.feasible],
-               "#bbbbbb", "circle"),
-              ("infeasible (misses a constraint)", [t for t in data.completed if not t.feasible],
-               "#e377c2", "x"),
-              # with no feasible trial yet, the front is the best so far (marked infeasible too)
-              ("Pareto front", [t for t in data.completed
-                                if t.pareto and (t.feasible or not data.feasible)],
-               "#1f77b4", "circle")]
-    for label, points, color, symbol in groups:
+    for label, points, color, symbol in _groups(data):
         points = sorted(points, key=lambda t: t.metrics[x])
         fig.add_trace(go.Scatter(
             x=[t.metrics[x] for t in points], y=[t.metrics[y] for t in points],
@@ -85,11 +84,104 @@ def _scatter(data: ReportData, x: str, y: str) -> go.Figure:
     return fig
 
 
+def _html(fig: go.Figure) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False)
+
+
+def _groups(data: ReportData) -> list[tuple[str, list[TrialPoint], str, str]]:
+    """(label, trials, colour, marker) of the dominated, infeasible and Pareto trials; with no
+    feasible trial yet, the front is the best so far (and marked infeasible too)."""
+    return [("dominated", [t for t in data.completed if not t.pareto and t.feasible],
+             "#bbbbbb", "circle"),
+            ("infeasible (misses a constraint)", [t for t in data.completed if not t.feasible],
+             "#e377c2", "x"),
+            ("Pareto front", [t for t in data.completed
+                              if t.pareto and (t.feasible or not data.feasible)],
+             "#1f77b4", "circle")]
+
+
+def _view_3d(data: ReportData) -> str:
+    fig = go.Figure()
+    for label, points, color, symbol in _groups(data):
+        fig.add_trace(go.Scatter3d(
+            x=[t.metrics["size_bytes"] for t in points],
+            y=[t.metrics["latency_ms"] for t in points],
+            z=[t.metrics["val_accuracy"] for t in points], mode="markers", name=label,
+            marker={"color": color, "size": 4, "symbol": "x" if symbol == "x" else "circle"},
+            text=[_hover(t) for t in points], hoverinfo="text"))
+    if data.teacher:
+        fig.add_trace(go.Scatter3d(
+            x=[data.teacher["size_bytes"]], y=[data.teacher["latency_ms"]],
+            z=[data.teacher["val_accuracy"]], mode="markers", name="teacher",
+            marker={"color": "#ff7f0e", "size": 7, "symbol": "diamond"}))
+    fig.update_layout(title="all three objectives (drag to turn)", height=560,
+                      margin={"l": 0, "r": 0, "t": 40, "b": 0},
+                      scene={"xaxis": {"title": "size (bytes)", "type": "log"},
+                             "yaxis": {"title": "latency (ms)"},
+                             "zaxis": {"title": "val accuracy"}})
+    return _html(fig)
+
+
+def _hypervolume(data: ReportData) -> str:
+    history = hypervolume_history(data)
+    if not history:
+        return ""
+    fig = go.Figure(go.Scatter(x=[n for n, _ in history], y=[v for _, v in history],
+                               mode="lines+markers", marker={"size": 4}))
+    fig.update_layout(title="hypervolume of the front after each trial", height=360,
+                      xaxis_title="trial number", yaxis_title="hypervolume",
+                      margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return (_html(fig) + f"<p class='muted'>In a box relative to the teacher: accuracy drop up "
+            f"to {BOX_ACCURACY_DROP * 100:g} points, size up to the teacher's, latency up to "
+            f"{BOX_LATENCY:g}x the teacher's (each scaled to it); a trial outside the box adds "
+            "nothing. Flat means the last trials found nothing better.</p>")
+
+
+def _layers(data: ReportData) -> str:
+    rows, layers, bits, sparsity = layer_grid(data)
+    if not rows:
+        return ""
+    height = 120 + 26 * len(rows)
+    parts = []
+    for title, grid, scale, zmax in (("bits per layer (32 = float)", bits, "Blues_r", 32),
+                                     ("sparsity per layer (fraction of zeros)", sparsity,
+                                      "Oranges", 1)):
+        text = [["" if v is None else v for v in row] for row in grid]  # a layer it lacks
+        fig = go.Figure(go.Heatmap(z=grid, x=layers, y=rows, colorscale=scale, zmin=0, zmax=zmax,
+                                   text=text, texttemplate="%{text}", hoverongaps=False))
+        fig.update_layout(title=title, height=height,
+                          yaxis={"autorange": "reversed", "automargin": True},
+                          margin={"l": 10, "r": 10, "t": 40, "b": 40})
+        parts.append(_html(fig))
+    return "".join(parts)
+
+
+def _importance(importances: dict[str, dict[str, float]]) -> str:
+    if not importances:
+        return ("<p class='muted'>Not enough completed trials yet to say which parameters "
+                "matter.</p>")
+    fig = go.Figure()
+    top = sorted({p for found in importances.values() for p in found},
+                 key=lambda p: -max(found.get(p, 0) for found in importances.values()))[:12]
+    for objective, found in importances.items():
+        fig.add_trace(go.Bar(y=top, x=[found.get(p, 0) for p in top], orientation="h",
+                             name=objective))
+    fig.update_layout(title="how much of each objective's variation a parameter explains",
+                      barmode="group", height=140 + 40 * len(top),
+                      yaxis={"autorange": "reversed", "automargin": True},
+                      xaxis_title="importance (fANOVA, sums "
+                      "to 1 per objective)", margin={"l": 10, "r": 10, "t": 50, "b": 50})
+    return (_html(fig) + "<p class='muted'>Importance says how strongly a parameter moves an "
+            "objective, not in which direction: the heatmaps above show which values the "
+            "best trials took (for accuracy, higher is better; for size and latency, lower).</p>")
+
+
 def _pareto_table(data: ReportData) -> str:
     teacher_size = data.teacher.get("size_bytes")
     teacher_latency = data.teacher.get("latency_ms")
     extra_batches = list(data.settings["experiment"]["target"].get("batch_sizes", [1])[1:])
     run_dir = shlex.quote(str(data.run_dir))
+    knee = pick({t.number: t.metrics for t in data.completed}, data.teacher, Budget()).trial
     rows = []
     for t in data.pareto:
         m = t.metrics
@@ -103,6 +195,8 @@ def _pareto_table(data: ReportData) -> str:
                         else "<td>?</td>" for b in extra_batches)
         command = f"slimsearch export {run_dir} --trial {t.number} --out exported/trial-{t.number}"
         label = f" ({t.baseline or t.start})" if t.baseline or t.start else ""
+        if t.number == knee:
+            label += " <span class='flag'>knee</span>"
         rows.append(
             f"<tr><td>{t.number}{label}{infeasible}</td>"
             f"<td>{m['val_accuracy']:.4f}</td><td>{m['test_accuracy']:.4f}</td>"
@@ -213,8 +307,8 @@ def _summary(data: ReportData) -> str:
         f"<li>Pareto-optimal trials: {len(data.pareto)}</li></ul>")
 
 
-def render_html(data: ReportData) -> str:
-    """The whole report page as a string."""
+def render_html(data: ReportData, importances: dict[str, dict[str, float]] | None = None) -> str:
+    """The whole report page as a string; ``importances`` as ``analysis.importances``."""
     figures = ""
     if data.completed:
         pairs = [("size_bytes", "val_accuracy"), ("latency_ms", "val_accuracy"),
@@ -236,7 +330,14 @@ on a held-out split for information only; differences smaller than one test samp
 executes; latency is measured on that executable form, the teacher's on the same target in the
 same run.</p>
 <h2>Pareto front</h2>{figures or "<p>No trial has completed yet.</p>"}
-<h2>Pareto-optimal trials</h2><p class="muted">Click a column to sort.</p>{_pareto_table(data)}
+<h2>Pareto-optimal trials</h2><p class="muted">Click a column to sort. The knee is the most
+balanced trade-off (<code>slimsearch pick</code> without a budget); pick under your own budget
+with <code>slimsearch pick {html.escape(shlex.quote(str(data.run_dir)))} --max-latency-ms X
+--max-size-mb Y</code>.</p>{_pareto_table(data)}
+{f"<h2>All three objectives</h2>{_view_3d(data)}" if data.completed else ""}
+<h2>Search progress</h2>{_hypervolume(data) or "<p>No trial has completed yet.</p>"}
+<h2>Per-layer choices of the Pareto trials</h2>{_layers(data) or "<p>None yet.</p>"}
+<h2>Which parameters matter</h2>{_importance(importances or {})}
 {_sensitivity(data)}
 {_failures(data)}
 <script>{_SORT_JS}</script></body></html>

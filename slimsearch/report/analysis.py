@@ -1,0 +1,78 @@
+"""What the report plots beyond the trials themselves, computed as plain data.
+
+- ``hypervolume_history``: the front's hypervolume after each trial, in a box relative to the
+  teacher (accuracy drop up to ``BOX_ACCURACY_DROP``, size up to the teacher's, latency up to
+  ``BOX_LATENCY`` times the teacher's), so runs of one task compare.
+- ``layer_grid``: bits and sparsity of every layer of every Pareto trial, for the heatmaps.
+- ``importances``: how much each searched parameter explains each objective (Optuna's
+  fANOVA), per objective.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import optuna
+
+from slimsearch.report.data import ReportData
+from slimsearch.report.pareto import hypervolume
+
+BOX_ACCURACY_DROP = 0.15
+BOX_LATENCY = 2.0
+#: Fewer completed trials than this, and no importance is computed (it would be noise).
+MIN_TRIALS_FOR_IMPORTANCE = 8
+
+
+def hypervolume_history(data: ReportData) -> list[tuple[int, float]]:
+    """(trial number, hypervolume of the completed trials up to it) for each completed trial,
+    objectives scaled by the teacher's: (drop / 0.15, size / teacher's, latency / teacher's),
+    reference point (1, 1, 2). Empty without the teacher's figures."""
+    teacher = data.teacher
+    if not teacher:
+        return []
+    points, history = [], []
+    for t in sorted(data.completed, key=lambda t: t.number):
+        m = t.metrics
+        drop = max(0.0, teacher["val_accuracy"] - m["val_accuracy"])
+        points.append((drop / BOX_ACCURACY_DROP, m["size_bytes"] / teacher["size_bytes"],
+                       m["latency_ms"] / teacher["latency_ms"]))
+        history.append((t.number, hypervolume(points, (1.0, 1.0, BOX_LATENCY))))
+    return history
+
+
+def layer_grid(data: ReportData) -> tuple[list[str], list[str], list[list[Any]], list[list[Any]]]:
+    """(row labels, layer names, bits[row][layer], sparsity[row][layer]) for the Pareto trials,
+    best validation accuracy first; None where a trial's student lacks the layer."""
+    trials = [t for t in data.pareto if t.recipe]
+    layers: list[str] = []
+    for t in trials:
+        layers += [n for n in t.recipe["layers"] if n not in layers]
+    rows, bits, sparsity = [], [], []
+    for t in trials:
+        student = ", ".join(f"{k}={v}" for k, v in t.recipe["student"].items())
+        rows.append(f"trial {t.number} ({student})")
+        recipe_layers = t.recipe["layers"]
+        bits.append([recipe_layers[n]["bits"] if n in recipe_layers else None for n in layers])
+        sparsity.append([recipe_layers[n]["sparsity"] if n in recipe_layers else None
+                         for n in layers])
+    return rows, layers, bits, sparsity
+
+
+def importances(study: optuna.Study, objectives: list[str]) -> dict[str, dict[str, float]]:
+    """Objective name -> {parameter: importance (fractions summing to 1)}, from the completed
+    trials (fANOVA over the parameters all of them share); {} with too few trials."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
+        return {}
+    found = {}
+    for index, name in enumerate(objectives):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                found[name] = {p: float(v) for p, v in optuna.importance.get_param_importances(
+                    study, target=lambda t, i=index: t.values[i],
+                    evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)).items()}
+        except (RuntimeError, ValueError):  # e.g. no parameter every trial shares
+            continue
+    return found
