@@ -11,15 +11,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from pathlib import Path
 
 from slimsearch.atomic import read_json, write_json
 from slimsearch.compression import MODEL_FILE, read_header
+from slimsearch.devices import resolve_device
 from slimsearch.errors import ConfigError
 from slimsearch.report.data import load_study
+from slimsearch.runtimes import get_runtime
 from slimsearch.search.run_folder import RunFolder
+from slimsearch.tasks import make_task
 from slimsearch.verification import DEFAULT_TOLERANCE, verify_in_fresh_process
 
 BUNDLE_FILES = (MODEL_FILE, "recipe.json", "metrics.json", "environment.json")
@@ -35,9 +39,14 @@ def sha256(path: Path) -> str:
 
 
 def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bool = True,
-                 tolerance: float = DEFAULT_TOLERANCE) -> tuple[Path, dict | None]:
+                 tolerance: float = DEFAULT_TOLERANCE,
+                 runtime: str | None = None) -> tuple[Path, dict | None]:
     """Copy trial ``trial`` of the run in ``run_dir`` into the bundle folder ``out`` and (with
     ``verify``) re-measure it in a fresh process; return the bundle and ``verification.json``.
+
+    ``runtime``: the executable form to bundle; by default the run's. Another runtime's file
+    is built from the trial's model file here; the search measured none of its figures, so
+    its verification records them without comparing.
 
     Refuses trials that did not complete and an ``out`` folder that already holds files.
     The bundle is assembled in a temp folder and renamed into place, so it is never partial.
@@ -55,9 +64,17 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bo
                           "completed trial from the report")
     source = folder.trial(trial)
     metrics = read_json(source / "metrics.json")
+    searched = metrics.get("runtime", "torch")
+    runtime = runtime or searched
+    artifact = metrics.get("artifact_file", MODEL_FILE) if runtime == searched else None
+    config = folder.config()
+    target = dataclasses.replace(config.target, runtime=runtime)
+    device = resolve_device(target.device)
+    if artifact is None:  # another runtime: refuse what it cannot run before copying anything
+        get_runtime(runtime).check(target, device)
     files = list(BUNDLE_FILES)
-    if metrics.get("artifact_file", MODEL_FILE) not in files:
-        files.append(metrics["artifact_file"])
+    if artifact is not None and artifact not in files:
+        files.append(artifact)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} already exists and is not empty; choose a new folder")
@@ -67,18 +84,26 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bo
     staging.mkdir(parents=True)
     for name in files:
         shutil.copyfile(source / name, staging / name)
+    if artifact is None:
+        task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
+        executable = get_runtime(runtime).materialize(
+            staging / MODEL_FILE, target=target, device=device, out_dir=staging,
+            example=task.example_inputs(target.batch_size))
+        artifact = executable.artifact.name
+        if artifact not in files:
+            files.append(artifact)
 
     def write_manifest() -> None:
         write_json(staging / "manifest.json", {
             "format": "slimsearch.bundle", "version": 1, "run": str(folder.root.resolve()),
-            "trial": trial, "runtime": metrics.get("runtime", "torch"),
-            "artifact": metrics.get("artifact_file", MODEL_FILE),
+            "trial": trial, "runtime": runtime, "artifact": artifact,
             "files": {name: sha256(staging / name) for name in files}})
 
     write_manifest()
     verification = None
     if verify:
-        verification = verify_in_fresh_process(staging, folder.root, metrics, tolerance=tolerance)
+        verification = verify_in_fresh_process(
+            staging, folder.root, metrics if runtime == searched else None, tolerance=tolerance)
         write_json(staging / "verification.json", verification)
         files.append("verification.json")
         write_manifest()

@@ -27,6 +27,8 @@ COMPARED = ("val_accuracy", "test_accuracy", "size_bytes", "latency_ms")
 
 def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
     """(In the fresh process.) The bundle's figures, measured like a trial's."""
+    import dataclasses
+
     from slimsearch.compression import MODEL_FILE, load_model
     from slimsearch.devices import computing, resolve_device
     from slimsearch.evaluators import EvalContext, evaluate
@@ -37,7 +39,7 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     config = RunFolder(run_dir).config()
-    target = config.target
+    target = dataclasses.replace(config.target, runtime=manifest["runtime"])
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
     device = resolve_device(target.device)
     runtime = get_runtime(manifest["runtime"])
@@ -67,11 +69,20 @@ def _fresh(bundle: Path, run_dir: Path) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def verify_in_fresh_process(bundle: Path, run_dir: Path, search: dict[str, Any], *,
+def verify_in_fresh_process(bundle: Path, run_dir: Path, search: dict[str, Any] | None, *,
                             tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
     """The contents of ``verification.json``: the search's figures, the fresh ones, each
-    check and whether all passed."""
+    check and whether all passed. ``search`` None: the bundle is in a runtime the search did
+    not measure; its fresh figures are recorded, only the rebuilt file is checked."""
     attempts = [_fresh(bundle, run_dir)]
+    if search is None:
+        fresh = attempts[0]
+        checks = {"same_executable_file": fresh["same_executable_file"]}
+        return {"passed": all(checks.values()), "checks": checks, "compared": False,
+                "note": "the search measured another runtime: these are this runtime's first "
+                        "figures, not a promise it kept",
+                "fresh": {k: fresh[k] for k in COMPARED}, "runtime": fresh["runtime"],
+                "device": fresh["device"]}
     while (abs(attempts[-1]["latency_ms"] / search["latency_ms"] - 1) > tolerance
            and len(attempts) < LATENCY_ATTEMPTS):
         attempts.append(_fresh(bundle, run_dir))
@@ -83,8 +94,8 @@ def verify_in_fresh_process(bundle: Path, run_dir: Path, search: dict[str, Any],
         "latency_ms": abs(fresh["latency_ms"] / search["latency_ms"] - 1) <= tolerance,
         "same_executable_file": fresh["same_executable_file"],
     }
-    return {"passed": all(checks.values()), "checks": checks, "tolerance": tolerance,
-            "search": {k: search[k] for k in COMPARED},
+    return {"passed": all(checks.values()), "checks": checks, "compared": True,
+            "tolerance": tolerance, "search": {k: search[k] for k in COMPARED},
             "fresh": {k: fresh[k] for k in COMPARED},
             "latency_ratio": round(fresh["latency_ms"] / search["latency_ms"], 4),
             "latency_attempts": [a["latency_ms"] for a in attempts],

@@ -137,6 +137,15 @@ def test_a_tampered_bundle_is_refused(finished_run: Path, tmp_path: Path,
     (bundle / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="does not match the sha256"):
         slimsearch.load_model(bundle)
+    # any listed file counts: the metrics the bundle promises, too
+    again = tmp_path / "again"
+    assert main(["export", str(finished_run), "--trial", "0", "--out", str(again),
+                 "--no-verify"]) == 0
+    metrics = json.loads((again / "metrics.json").read_text())
+    metrics["latency_ms"] /= 2
+    (again / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ArtifactError, match="metrics.json does not match"):
+        slimsearch.load_model(again)
 
 
 @pytest.mark.slow
@@ -407,3 +416,17 @@ def test_the_same_error_in_trial_after_trial_stops_the_run_and_says_why(
     data = load_report_data(run_dir)
     assert [t.state for t in data.trials] == ["FAIL"] * 5  # stopped there, not at 12
     assert (run_dir / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_export_to_another_runtime_builds_and_measures_its_file(finished_run: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    bundle = tmp_path / "onnx"
+    assert main(["export", str(finished_run), "--trial", "0", "--runtime", "onnxruntime",
+                 "--out", str(bundle)]) == 0
+    assert "nothing to compare" in capsys.readouterr().out
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["runtime"] == "onnxruntime" and manifest["artifact"] == "model.onnx"
+    verification = json.loads((bundle / "verification.json").read_text())
+    assert verification["passed"] and not verification["compared"]
+    assert verification["fresh"]["size_bytes"] == (bundle / "model.onnx").stat().st_size

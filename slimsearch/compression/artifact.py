@@ -238,20 +238,26 @@ def read_header(path: str | Path) -> dict[str, Any]:
 def resolve_model_file(path: str | Path) -> Path:
     """Accept a model file, a trial folder or an export bundle; return the model file.
 
-    In a bundle (a folder with ``manifest.json``) the model file must match its sha256."""
+    In a bundle (a folder with ``manifest.json``) every file the manifest lists must match
+    its sha256: a bundle whose model, recipe, metrics or verification were changed is refused."""
     path = Path(path)
     if path.is_dir():
         manifest = path / "manifest.json"
-        path = path / MODEL_FILE
-        if manifest.is_file() and path.is_file():
+        folder, path = path, path / MODEL_FILE
+        if manifest.is_file():
             try:
-                expected = json.loads(manifest.read_text())["files"][MODEL_FILE]
-            except (ValueError, KeyError, TypeError) as exc:
+                files = json.loads(manifest.read_text())["files"]
+                expected = {str(name): str(digest) for name, digest in files.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ArtifactError(f"{manifest} is not a valid bundle manifest ({exc!r})") from exc
-            actual = hashlib.sha256(path.read_bytes()).hexdigest()
-            if expected != actual:
-                raise ArtifactError(f"{path} does not match the sha256 in {manifest}; the bundle "
-                                    "was modified or corrupted")
+            for name, digest in expected.items():
+                listed = folder / name
+                if listed.parent != folder or not listed.is_file():
+                    raise ArtifactError(f"{manifest} lists {name!r}, which is not a file of the "
+                                        "bundle; the bundle is incomplete or was modified")
+                if hashlib.sha256(listed.read_bytes()).hexdigest() != digest:
+                    raise ArtifactError(f"{listed} does not match the sha256 in {manifest}; the "
+                                        "bundle was modified or corrupted")
     if not path.is_file():
         raise ArtifactError(f"no model file at {path}")
     return path
