@@ -89,8 +89,14 @@ class SpaceConfig:
     #: Searchable distillation settings: temperature, alpha, epochs -> choices; a setting left
     #: out takes its value from [train].
     distillation: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: 0: every layer chooses its own bits, sparsity and pruning. N > 0: the layers are put in
+    #: N groups of similar sensitivity (search.sensitivity's pre-pass) that share those
+    #: choices: a smaller space for short budgets.
+    layer_groups: int = 0
 
     def __post_init__(self) -> None:
+        _require(self.layer_groups >= 0, "space.layer_groups", self.layer_groups,
+                 "0 (each layer alone) or a number of groups >= 1")
         for name in ("bits", "sparsity", "pruning", "importance", "student_init", "activations",
                      "weight_scheme"):
             _require(len(getattr(self, name)) >= 1, f"space.{name}", [], "a non-empty list of choices")
@@ -286,6 +292,10 @@ class ExperimentConfig:
             "letters, digits, '_', '-' and '.' (it names the run folder)",
         )
         _require(bool(self.task), "task", self.task, "a built-in task name or 'module:function'")
+        if self.space.layer_groups and not self.search.sensitivity:
+            raise ConfigError(f"space.layer_groups = {self.space.layer_groups} groups layers by "
+                              "the sensitivity pre-pass, but search.sensitivity = false; turn "
+                              "it on, or set space.layer_groups = 0")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every setting (the run folder stores it to detect changes)."""

@@ -84,6 +84,16 @@ def test_out_of_range_value_names_the_field(tmp_path: Path) -> None:
         load_experiment(write(tmp_path, MINIMAL + '[target]\ndevice = "tpu"\n'))
 
 
+def test_layer_groups_need_the_sensitivity_pre_pass(tmp_path: Path) -> None:
+    grouped = load_experiment(write(tmp_path, MINIMAL + "[space]\nlayer_groups = 2\n"))
+    assert grouped.space.layer_groups == 2 and grouped.search.sensitivity
+    with pytest.raises(ConfigError, match=r"space\.layer_groups = 2 .*search\.sensitivity = false"):
+        load_experiment(write(tmp_path, MINIMAL + "[search]\nsensitivity = false\n\n"
+                                                  "[space]\nlayer_groups = 2\n"))
+    with pytest.raises(ConfigError, match=r"space\.layer_groups"):
+        load_experiment(write(tmp_path, MINIMAL + "[space]\nlayer_groups = -1\n"))
+
+
 def test_bit_width_5_is_allowed_but_16_is_not(tmp_path: Path) -> None:
     assert 5 in ALLOWED_BITS and 16 not in ALLOWED_BITS
     assert load_experiment(write(tmp_path, MINIMAL + "[space]\nbits = [5]\n")).space.bits == (5,)

@@ -3,6 +3,7 @@ starting recipes it suggests."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from slimsearch.experiment import SpaceConfig
 from slimsearch.search import sensitivity as sens
 from slimsearch.search.sensitivity import measure_sensitivity, starting_recipes
-from slimsearch.spaces import SearchSpace
+from slimsearch.spaces import LayerRecipe, Recipe, SearchSpace
 from slimsearch.tasks import Task
 from slimsearch.training import fit
 
@@ -85,3 +86,38 @@ def test_starting_recipes_put_each_layer_at_what_it_tolerates_alone(digits_mlp_t
         assert recipe.student == digits_mlp_task.teacher_kwargs and recipe.student_init == "slice"
         assert space.contains(recipe)
         space.params_of(recipe)
+
+
+def test_grouped_layers_share_their_choices(digits_mlp_task: Task) -> None:
+    import optuna
+
+    from slimsearch.search.sensitivity import sensitivity_groups
+
+    sensitivity = {"layers": {
+        "hidden.0": {"bits": {"2": 0.001}, "sparsity": {"0.5": 0.0}},
+        "hidden.1": {"bits": {"2": 0.002}, "sparsity": {"0.5": 0.001}},
+        "head": {"bits": {"2": 0.3}, "sparsity": {"0.5": 0.1}}}}
+    groups = sensitivity_groups(sensitivity, 2)
+    assert groups == {"hidden.0": "group1", "hidden.1": "group1", "head": "group2"}
+    space = SearchSpace(digits_mlp_task, CONFIG)
+    space.set_groups(groups)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        recipe = space.suggest(trial)
+        hidden = [recipe.layers[n] for n in recipe.layers if n.startswith("hidden")]
+        assert len({(r.bits, r.sparsity) for r in hidden}) == 1  # one choice for the group
+        assert not any(name.startswith("hidden.") for name in trial.params)
+        assert space.contains(recipe) and space.params_of(recipe).items() <= trial.params.items()
+    # a recipe whose grouped layers disagree is not in the space, and cannot be enqueued
+    split = Recipe(student=dict(digits_mlp_task.teacher_kwargs), student_init="slice",
+                   layers={"hidden.0": LayerRecipe(bits=2), "hidden.1": LayerRecipe(bits=8),
+                           "head": LayerRecipe(bits=32)})
+    assert not space.contains(split)
+    assert space.contains(dataclasses.replace(split, layers={**split.layers,
+                                                             "hidden.1": LayerRecipe(bits=2)}))
+    with pytest.raises(ValueError, match="group must make the same choices"):
+        space.params_of(split)
+    # the starting recipes take the group's most sensitive member's choice
+    for start in starting_recipes(sensitivity, space).values():
+        assert start.layers["hidden.0"] == start.layers["hidden.1"] and space.contains(start)

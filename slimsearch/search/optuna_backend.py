@@ -46,7 +46,12 @@ from slimsearch.search.recovery import (
 )
 from slimsearch.search.run_folder import RUN_FORMAT, RunFolder
 from slimsearch.search.samplers import make_sampler
-from slimsearch.search.sensitivity import SENSITIVITY_FILE, measure_sensitivity, starting_recipes
+from slimsearch.search.sensitivity import (
+    SENSITIVITY_FILE,
+    measure_sensitivity,
+    sensitivity_groups,
+    starting_recipes,
+)
 from slimsearch.search.storage import check_storage_url, open_storage
 from slimsearch.search.teacher import prepare_teacher
 from slimsearch.spaces import SearchSpace
@@ -182,10 +187,19 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
                 f"{_describe(teacher_metrics)}")
             starts = {}
-            if config.search.sensitivity and not worker:
+            if config.search.sensitivity:  # workers read what the main process measured
                 with computing(device):
                     sensitivity = measure_sensitivity(teacher.model, task, space, device=device,
                                                       path=folder.root / SENSITIVITY_FILE, say=say)
+                if config.space.layer_groups:
+                    space.set_groups(sensitivity_groups(sensitivity, config.space.layer_groups))
+                    say(f"layers grouped by sensitivity: {space.groups}")
+                    n_params, numeric_only = _describe_space(space)  # fewer now: sampler again
+                    study.sampler, sampler_settings = make_sampler(
+                        config, finished=finished, n_params=n_params, numeric_only=numeric_only,
+                        worker=worker)
+                    if not worker:
+                        study.set_user_attr(f"sampler_from_trial_{finished}", sampler_settings)
                 starts = starting_recipes(sensitivity, space)
             if not study.trials and not worker:
                 baselines = space.baselines()

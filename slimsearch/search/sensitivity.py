@@ -79,10 +79,25 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
     return result
 
 
+def sensitivity_groups(sensitivity: dict[str, Any], count: int) -> dict[str, str]:
+    """Layer name -> ``group1`` .. ``groupN``: the layers sorted by their mean drop over
+    every level, cut into ``count`` runs of (nearly) equal length; group1 is the least
+    sensitive. Students only ever have layers the teacher has, so every layer is placed."""
+    def score(name: str) -> float:
+        drops = sensitivity["layers"][name]
+        values = [*drops["bits"].values(), *drops["sparsity"].values()]
+        return sum(values) / len(values) if values else 0.0
+
+    ordered = sorted(sensitivity["layers"], key=score)
+    count = max(1, min(count, len(ordered)))
+    return {name: f"group{1 + i * count // len(ordered)}" for i, name in enumerate(ordered)}
+
+
 def starting_recipes(sensitivity: dict[str, Any], space: SearchSpace) -> dict[str, Recipe]:
     """Teacher-shaped recipes, one per tolerance in ``START_TOLERANCES``: every layer at the
-    fewest bits and the highest (unstructured) sparsity whose drop alone is within it. Only
-    those the space can express, without repeats."""
+    fewest bits and the highest (unstructured) sparsity whose drop alone is within it (in a
+    grouped space, the group's most sensitive member decides). Only those the space can
+    express, without repeats."""
     config = space.config
     teacher = dict(space.task.teacher_kwargs)
     infos = {i.name: i for i in space.layers_for(teacher)}
@@ -97,6 +112,12 @@ def starting_recipes(sensitivity: dict[str, Any], space: SearchSpace) -> dict[st
             sparsity = max(ok_sparsity, default=0.0) if prune else 0.0
             layers[name] = LayerRecipe(sparsity=sparsity, pruning=prune or "unstructured",
                                        bits=min(ok_bits, default=max(config.bits)))
+        for group in set(space.groups.values()):  # members share: the most careful choice
+            members = [n for n in layers if space.groups.get(n) == group]
+            bits = max(layers[n].bits for n in members)
+            sparsity = min(layers[n].sparsity for n in members)
+            for n in members:
+                layers[n] = LayerRecipe(sparsity=sparsity, pruning=layers[n].pruning, bits=bits)
         recipe = Recipe(student=teacher, student_init="slice", layers=layers,
                         activation_bits=max(config.activations),
                         importance=config.importance[0],

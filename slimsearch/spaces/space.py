@@ -88,6 +88,8 @@ class SearchSpace:
             knobs[knob] = tuple(choices)
         self.student_choices: dict[str, tuple[Any, ...]] = knobs
         self._layers: dict[str, list[LayerInfo]] = {}
+        #: Layer name -> group name, for layers that share their choices (``set_groups``).
+        self.groups: dict[str, str] = {}
         # Build every choice of every knob once (the others at the teacher's values), so a
         # value the factory rejects fails here, before any training.
         for knob, choices in self.student_choices.items():
@@ -109,6 +111,15 @@ class SearchSpace:
                                   "layer to compress")
         return self._layers[key]
 
+    def set_groups(self, groups: dict[str, str]) -> None:
+        """Let the layers of each group share one set of choices: their Optuna parameters
+        are named after the group (Optuna gives a name the same value within a trial)."""
+        self.groups = dict(groups)
+
+    def _key(self, layer: str) -> str:
+        """The prefix of a layer's parameters: its group's name, or its own."""
+        return self.groups.get(layer, layer)
+
     def suggest(self, trial: Suggester) -> Recipe:
         """Draw a Recipe: knobs first, then each layer of that student (a conditional space)."""
         student = dict(self.task.teacher_kwargs)
@@ -118,7 +129,8 @@ class SearchSpace:
             "student.init", self.config.student_init)
         layers = {}
         for info in self.layers_for(student):
-            sparsity = trial.suggest_categorical(f"{info.name}.sparsity", self.config.sparsity)
+            key = self._key(info.name)
+            sparsity = trial.suggest_categorical(f"{key}.sparsity", self.config.sparsity)
             method = "unstructured"  # the label of an unpruned layer; it prunes nothing
             if sparsity > 0:
                 # Always the full choice list: Optuna rejects a parameter whose choices change.
@@ -126,7 +138,7 @@ class SearchSpace:
                 method = choice[1][0] if choice[0] is None else trial.suggest_categorical(*choice)
                 if method == "2:4":
                     sparsity = 0.5  # the pattern fixes the amount
-            bits = trial.suggest_categorical(f"{info.name}.bits", self.config.bits)
+            bits = trial.suggest_categorical(f"{key}.bits", self.config.bits)
             layers[info.name] = LayerRecipe(sparsity=float(sparsity), pruning=method, bits=int(bits))
         activations = self.config.activations[0] if len(self.config.activations) == 1 else \
             trial.suggest_categorical("activation_bits", self.config.activations)
@@ -166,8 +178,8 @@ class SearchSpace:
         if len(methods) == 1:
             return None, methods
         if methods == self.config.pruning:
-            return f"{info.name}.pruning", methods
-        return f"{info.name}.pruning[{','.join(methods)}]", methods
+            return f"{self._key(info.name)}.pruning", methods
+        return f"{self._key(info.name)}.pruning[{','.join(methods)}]", methods
 
     def baselines(self) -> dict[str, Recipe]:
         """``teacher`` (as-is) and ``uniform-int8`` (every layer at 8 bits): those of the two
@@ -211,10 +223,22 @@ class SearchSpace:
                 return False
             if layer.sparsity > 0 and layer.pruning not in self._methods(infos[name]):
                 return False
+        try:  # grouped layers must agree, parameter by parameter
+            self.params_of(recipe)
+        except ValueError:
+            return False
         return True
 
     def params_of(self, recipe: Recipe) -> dict[str, Any]:
-        """The Optuna parameters that make ``suggest`` return ``recipe`` (for enqueueing)."""
+        """The Optuna parameters that make ``suggest`` return ``recipe`` (for enqueueing).
+        A ValueError when layers of one group disagree (``contains`` says False then)."""
+        seen: dict[str, Any] = {}
+
+        def put(name: str, value: Any) -> None:
+            if name in seen and seen[name] != value:
+                raise ValueError(f"recipe gives {name} both {seen[name]!r} and {value!r}: its "
+                                 "layers of one group must make the same choices")
+            seen[name] = value
         params: dict[str, Any] = {f"student.{k}": recipe.student[k] for k in self.student_choices}
         if self._student_init(recipe.student) is None:
             params["student.init"] = recipe.student_init
@@ -228,14 +252,16 @@ class SearchSpace:
                        for key, choices in self.config.distillation.items() if len(choices) > 1})
         infos = {i.name: i for i in self.layers_for(recipe.student)}
         for name, layer in recipe.layers.items():
-            params[f"{name}.sparsity"] = layer.sparsity
+            key = self._key(name)
+            sparsity = layer.sparsity
             if layer.pruning == "2:4" and layer.sparsity > 0:  # any positive choice leads there
-                params[f"{name}.sparsity"] = min(s for s in self.config.sparsity if s > 0)
+                sparsity = min(s for s in self.config.sparsity if s > 0)
+            put(f"{key}.sparsity", sparsity)
             parameter = self._pruning_choice(infos[name])[0]
             if layer.sparsity > 0 and parameter is not None:
-                params[parameter] = layer.pruning
-            params[f"{name}.bits"] = layer.bits
-        return params
+                put(parameter, layer.pruning)
+            put(f"{key}.bits", layer.bits)
+        return params | seen
 
     def min_weight_bytes(self) -> int:
         """A lower bound on the file of any model this space can produce: the weights of its
@@ -259,4 +285,6 @@ class SearchSpace:
                            for k in ("bits", "sparsity", "pruning", "importance", "student_init",
                                      "activations", "channel_multiple", "distillation",
                                      "weight_scheme")}}
+        if self.config.layer_groups:  # only then: older run folders keep their fingerprint
+            data["config"]["layer_groups"] = self.config.layer_groups
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
