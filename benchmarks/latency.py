@@ -1,6 +1,6 @@
 """Is the latency protocol repeatable, and what does it cost? (issue 4)
 
-    python benchmarks/latency.py [--repeats 20] [--processes 5] [--trials 30]
+    python benchmarks/latency.py [--repeats 20] [--processes 5] [--trials 30] [--quiet-wait S]
 
 1. Repeatability: the teacher models of digits-mlp and digits-cnn at batch 1 (1 thread),
    measured with the target's default protocol (``TargetConfig()``), --repeats times in this
@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -39,9 +40,12 @@ def cv(values: list[float]) -> float:
     return statistics.pstdev(values) / statistics.fmean(values)
 
 
-def measure_once(name: str) -> dict[str, float]:
-    """One measurement of ``name``'s teacher architecture at batch 1, with the defaults."""
+def measure_once(name: str, quiet_wait_s: float | None = None) -> dict[str, float]:
+    """One measurement of ``name``'s teacher architecture at batch 1, with the defaults
+    (``quiet_wait_s`` other than the default, if given)."""
     target = TargetConfig()
+    if quiet_wait_s is not None:
+        target = dataclasses.replace(target, quiet_wait_s=quiet_wait_s)
     task = make_task(name, seed=0)
     torch.manual_seed(0)
     model = task.make_model(**task.teacher_kwargs).eval()
@@ -68,18 +72,19 @@ def describe(label: str, runs: list[dict[str, float]]) -> None:
           f"{max(r['seconds'] for r in runs):.2f})")
 
 
-def repeatability(repeats: int, processes: int) -> None:
-    print(f"repeatability at batch 1, 1 thread, quiet_wait_s {TargetConfig().quiet_wait_s}:")
+def repeatability(repeats: int, processes: int, quiet_wait_s: float | None) -> None:
+    wait = TargetConfig().quiet_wait_s if quiet_wait_s is None else quiet_wait_s
+    print(f"repeatability at batch 1, 1 thread, quiet_wait_s {wait}:")
     for name in ("digits-mlp", "digits-cnn"):
         print(name)
         in_process = []
         for _ in range(repeats):
             time.sleep(0.2)
-            in_process.append(measure_once(name))
+            in_process.append(measure_once(name, quiet_wait_s))
         describe("in this process", in_process)
         fresh = [json.loads(subprocess.run(
-            [sys.executable, __file__, "--one", name], check=True, capture_output=True,
-            text=True).stdout) for _ in range(processes)]
+            [sys.executable, __file__, "--one", name, "--quiet-wait", str(wait)], check=True,
+            capture_output=True, text=True).stdout) for _ in range(processes)]
         describe("one per fresh process", fresh)
 
 
@@ -119,13 +124,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--processes", type=int, default=5)
     parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--quiet-wait", type=float,
+                        help="target.quiet_wait_s for the repeatability part (default: the "
+                             "target's default; the cost part always uses the experiment's)")
+    parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a fresh process's one measurement
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_once(args.one)))
+        print(json.dumps(measure_once(args.one, args.quiet_wait)))
         return
-    repeatability(args.repeats, args.processes)
-    cost(args.trials)
+    repeatability(args.repeats, args.processes, args.quiet_wait)
+    if not args.skip_cost:
+        cost(args.trials)
 
 
 if __name__ == "__main__":

@@ -193,9 +193,10 @@ class TargetConfig:
     #: CPU: how long (seconds) one measurement may keep sampling to collect its samples in
     #: undisturbed moments on a shared machine, before it makes do with fewer or scales the
     #: disturbed ones by the measured slowdown. On the reference VM disturbances came two
-    #: thirds of the time or more, for up to ~5 s (benchmarks/RESULTS.md has what waiting
-    #: bought and cost there). 0 = never wait.
-    quiet_wait_s: float = 1.0
+    #: thirds of the time or more, for up to ~5 s; waiting 1 s bought little there (CNN: none)
+    #: for 10x the time per measurement, which also holds up every other local worker
+    #: (benchmarks/RESULTS.md). 0 = never wait.
+    quiet_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         _require(
