@@ -2,6 +2,7 @@
 
     python benchmarks/search_efficiency.py [--seeds 10] [--trials 100] [--random-trials 150]
                                            [--jobs 2] [--quick]
+    python benchmarks/search_efficiency.py --from-json benchmarks/search_efficiency.json
 
 For each seed, three searches of the experiment (default experiments/digits_cnn.toml; the
 digits-mlp front saturates within a few dozen trials, so one validation sample moves its
@@ -17,7 +18,8 @@ fraction of the teacher's; reference point (1, 1). Latency is left out on purpos
 machine its noise moves a hypervolume more than the samplers do. Printed: the mean at 25, 50,
 100 and 150 trials per arm; how many trials random needs to match each arm's mean at 50;
 same-seed wins of each arm over random at 100 trials with a one-sided sign test. Writes the
-curves to --out (JSON) and, where Chromium is installed, a plot beside it (PNG).
+curves to --out (JSON) and, where Chromium is installed, a plot beside it (PNG); --from-json
+prints the summary and redraws the plot of an earlier run without searching again.
 
 --quick trains less per trial (distillation 4 epochs, fine-tuning and QAT 1) so that the
 whole benchmark fits in hours rather than a day; say so when you quote it.
@@ -105,17 +107,48 @@ def plot(mean_curves: dict[str, list[float]], path: Path) -> None:
 
     fig = go.Figure([go.Scatter(x=list(range(1, len(c) + 1)), y=c, name=arm, mode="lines")
                      for arm, c in mean_curves.items()])
+    # from trial 10 on: the first few trials (baselines) would squash the curves that matter
+    low = min(c[min(9, len(c) - 1)] for c in mean_curves.values())
     fig.update_layout(width=760, height=420, xaxis_title="trials",
                       yaxis_title="mean hypervolume (accuracy drop x size)",
+                      yaxis_range=[max(0.0, low - 0.02), 1.0],
                       title="Search efficiency on the same seeds")
     with tempfile.TemporaryDirectory() as folder:
         page = Path(folder) / "plot.html"
-        fig.write_html(page, include_plotlyjs=True, full_html=True)
+        fig.write_html(page, include_plotlyjs=True, full_html=True,
+                       config={"displayModeBar": False})
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                         "--disable-background-networking", "--no-first-run",
                         f"--user-data-dir={folder}/profile", "--window-size=800,460",
                         "--virtual-time-budget=5000", f"--screenshot={path.resolve()}",
                         page.as_uri()], capture_output=True, timeout=120)
+
+
+def summarize(curves: dict[str, dict], seeds: int, trials: int, experiment: str,
+              quick: bool) -> dict[str, list[float]]:
+    """Print the table and the same-seed comparison; return the mean curve of each arm."""
+    arms = list(curves)
+    mean = {arm: [statistics.fmean(c[i] for c in curves[arm].values())
+                  for i in range(min(len(c) for c in curves[arm].values()))] for arm in arms}
+    length = max(len(c) for c in mean.values())
+    checkpoints = [c for c in CHECKPOINTS if c <= length]
+    print(f"{seeds} seeds, {trials} trials, {experiment}"
+          f"{' (--quick)' if quick else ''}; mean hypervolume after n trials:")
+    print(f"{'arm':<14}" + "".join(f"{f'n={c}':>10}" for c in checkpoints)
+          + "   random needs to match its mean at 50")
+    for arm in arms:
+        match = (trials_to_match(mean[arm][49], mean["random"])
+                 if "random" in mean and len(mean[arm]) >= 50 else "-")
+        print(f"{arm:<14}" + "".join(f"{mean[arm][c - 1]:>10.4f}" if c <= len(mean[arm])
+                                     else f"{'-':>10}" for c in checkpoints) + f"   {match}")
+    at = min(100, min(len(c) for c in mean.values()))
+    for arm in arms:
+        if arm == "random" or "random" not in curves:
+            continue
+        wins = sum(curves[arm][s][at - 1] > curves["random"][s][at - 1] for s in curves[arm])
+        print(f"{arm} beats random at {at} trials in {wins} of {seeds} seeds "
+              f"(one-sided sign test p = {sign_test(wins, seeds):.3f})")
+    return mean
 
 
 def main() -> None:
@@ -129,7 +162,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--experiment", default=str(ROOT / "experiments" / "digits_cnn.toml"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "search_efficiency.json")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="summarize an earlier run's curves instead of searching")
     args = parser.parse_args()
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        mean = summarize(saved["curves"], saved["seeds"], saved["trials"], saved["experiment"],
+                         saved["quick"])
+        plot(mean, args.from_json.with_suffix(".png"))
+        return
     arms = args.arms.split(",")
     curves: dict[str, dict[int, list[float]]] = {arm: {} for arm in arms}
     with tempfile.TemporaryDirectory() as teachers, ProcessPoolExecutor(args.jobs) as pool:
@@ -146,27 +187,7 @@ def main() -> None:
                 for seed in range(args.seeds) for arm in arms[1:]}
         for (seed, arm), job in rest.items():
             curves[arm][seed] = job.result()
-    seeds = range(args.seeds)
-    mean = {arm: [statistics.fmean(curves[arm][s][i] for s in seeds)
-                  for i in range(min(len(c) for c in curves[arm].values()))] for arm in arms}
-    length = max(len(c) for c in mean.values())
-    checkpoints = [c for c in CHECKPOINTS if c <= length]
-    print(f"{args.seeds} seeds, {args.trials} trials, {Path(args.experiment).name}"
-          f"{' (--quick)' if args.quick else ''}; mean hypervolume after n trials:")
-    print(f"{'arm':<14}" + "".join(f"{f'n={c}':>10}" for c in checkpoints)
-          + "   random needs to match its mean at 50")
-    for arm in arms:
-        match = (trials_to_match(mean[arm][49], mean["random"])
-                 if "random" in mean and len(mean[arm]) >= 50 else "-")
-        print(f"{arm:<14}" + "".join(f"{mean[arm][c - 1]:>10.4f}" if c <= len(mean[arm])
-                                     else f"{'-':>10}" for c in checkpoints) + f"   {match}")
-    at = min(100, min(len(c) for c in mean.values()))
-    for arm in arms:
-        if arm == "random" or "random" not in curves:
-            continue
-        wins = sum(curves[arm][s][at - 1] > curves["random"][s][at - 1] for s in seeds)
-        print(f"{arm} beats random at {at} trials in {wins} of {args.seeds} seeds "
-              f"(one-sided sign test p = {sign_test(wins, args.seeds):.3f})")
+    mean = summarize(curves, args.seeds, args.trials, Path(args.experiment).name, args.quick)
     args.out.write_text(json.dumps({"seeds": args.seeds, "trials": args.trials,
                                     "random_trials": args.random_trials,
                                     "experiment": Path(args.experiment).name,
