@@ -133,6 +133,9 @@ def _budget_of(args: argparse.Namespace) -> Any:
         value = getattr(args, flag)
         if value is not None and not value > 0 and not (flag == "max_accuracy_drop" and value == 0):
             raise ConfigError(f"--{flag.replace('_', '-')} {value}: give a number > 0")
+    if args.max_accuracy_drop is not None and args.max_accuracy_drop >= 1:
+        raise ConfigError(f"--max-accuracy-drop {args.max_accuracy_drop}: give it as a fraction "
+                          "of accuracy (0.01 = one point below the teacher), below 1")
     return Budget(max_latency_ms=args.max_latency_ms,
                   max_size_bytes=args.max_size_mb * 1e6 if args.max_size_mb is not None else None,
                   max_accuracy_drop=args.max_accuracy_drop)
@@ -145,11 +148,15 @@ def _pick(args: argparse.Namespace, *, say: bool) -> int:
     from slimsearch.report.picks import pick
 
     data = load_report_data(Path(args.run_dir))
-    trials = {t.number: t.metrics for t in data.completed}
+    # only trials that meet the experiment's own constraints, unless none does yet
+    trials = {t.number: t.metrics for t in data.candidates}
     if not trials:
         raise ConfigError(f"{data.run_dir} has no completed trial yet; see: slimsearch status "
                           f"{data.run_dir}")
     chosen = pick(trials, data.teacher, _budget_of(args), prefer=args.prefer)
+    if say and data.constraints and not data.feasible:
+        print(f"note: no trial meets the experiment's constraints {data.constraints}; "
+              "choosing among all completed trials")
     teacher = data.teacher
 
     def line(number: int) -> str:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+import subprocess
 from pathlib import Path
 
 from slimsearch.atomic import read_json, write_json
 from slimsearch.compression import MODEL_FILE, read_header
 from slimsearch.devices import resolve_device
-from slimsearch.errors import ConfigError
+from slimsearch.errors import ArtifactError, ConfigError, TrialError
 from slimsearch.report.data import load_study
 from slimsearch.runtimes import get_runtime
 from slimsearch.search.run_folder import RunFolder
@@ -81,32 +82,39 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bo
     read_header(source / MODEL_FILE)  # a corrupt file fails here, before anything is written
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in files:
-        shutil.copyfile(source / name, staging / name)
-    if artifact is None:
-        task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
-        executable = get_runtime(runtime).materialize(
-            staging / MODEL_FILE, target=target, device=device, out_dir=staging,
-            example=task.example_inputs(target.batch_size))
-        artifact = executable.artifact.name
-        if artifact not in files:
-            files.append(artifact)
+    try:
+        staging.mkdir(parents=True)
+        for name in files:
+            shutil.copyfile(source / name, staging / name)
+        if artifact is None:
+            task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
+            executable = get_runtime(runtime).materialize(
+                staging / MODEL_FILE, target=target, device=device, out_dir=staging,
+                example=task.example_inputs(target.batch_size))
+            artifact = executable.artifact.name
+            if artifact not in files:
+                files.append(artifact)
 
-    def write_manifest() -> None:
-        write_json(staging / "manifest.json", {
-            "format": "slimsearch.bundle", "version": 1, "run": str(folder.root.resolve()),
-            "trial": trial, "runtime": runtime, "artifact": artifact,
-            "files": {name: sha256(staging / name) for name in files}})
+        def write_manifest() -> None:
+            write_json(staging / "manifest.json", {
+                "format": "slimsearch.bundle", "version": 1, "run": str(folder.root.resolve()),
+                "trial": trial, "runtime": runtime, "artifact": artifact,
+                "files": {name: sha256(staging / name) for name in files}})
 
-    write_manifest()
-    verification = None
-    if verify:
-        verification = verify_in_fresh_process(
-            staging, folder.root, metrics if runtime == searched else None, tolerance=tolerance)
-        write_json(staging / "verification.json", verification)
-        files.append("verification.json")
         write_manifest()
+        verification = None
+        if verify:
+            verification = verify_in_fresh_process(
+                staging, folder.root, metrics if runtime == searched else None, tolerance=tolerance)
+            write_json(staging / "verification.json", verification)
+            files.append("verification.json")
+            write_manifest()
+    except (TrialError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        shutil.rmtree(staging, ignore_errors=True)  # never a half-written bundle
+        raise ArtifactError(f"cannot export trial {trial}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if out.exists():
         out.rmdir()
     staging.rename(out)

@@ -22,6 +22,9 @@ from typing import Any
 
 LATENCY_ATTEMPTS = 3
 DEFAULT_TOLERANCE = 0.10
+#: A fresh re-measurement evaluates the test and validation sets and times the model: minutes
+#: at most for the models this tool compresses; past this, something hangs (seconds).
+FRESH_PROCESS_TIMEOUT_S = 3600
 COMPARED = ("val_accuracy", "test_accuracy", "size_bytes", "latency_ms")
 
 
@@ -62,7 +65,8 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
 
 def _fresh(bundle: Path, run_dir: Path) -> dict[str, Any]:
     done = subprocess.run([sys.executable, "-m", "slimsearch.verification", str(bundle),
-                           str(run_dir)], capture_output=True, text=True)
+                           str(run_dir)], capture_output=True, text=True,
+                          timeout=FRESH_PROCESS_TIMEOUT_S)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"the fresh process that re-measures the bundle failed: {tail}")

@@ -186,6 +186,22 @@ def test_export_refuses_unknown_trial_and_existing_folder(finished_run: Path, tm
 
 
 @pytest.mark.slow
+def test_an_export_whose_fresh_process_fails_leaves_nothing_behind(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import slimsearch.export
+
+    def crashes(*_args: object, **_kwargs: object) -> dict:
+        raise RuntimeError("the fresh process that re-measures the bundle failed: boom")
+
+    monkeypatch.setattr(slimsearch.export, "verify_in_fresh_process", crashes)
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(finished_run), "--trial", "0", "--out", str(bundle)]) == 1
+    assert "cannot export trial 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its staging folder
+
+
+@pytest.mark.slow
 def test_rerun_continues_to_the_budget_and_refuses_a_changed_experiment(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     experiment = write_experiment(tmp_path, trials=2)

@@ -100,3 +100,28 @@ def test_report_analysis_history_and_layer_grid() -> None:
     rows, layers, bits, sparsity = layer_grid(data)
     assert layers == ["a", "b"] and rows[0].startswith("trial 0")
     assert bits == [[32, None], [4, 8]] and sparsity == [[0.0, None], [0.5, 0.0]]
+
+
+def test_an_accuracy_drop_exactly_at_the_budget_fits_despite_float_rounding() -> None:
+    # 0.98 - 0.97 is 0.010000000000000009 in floats
+    trials = {1: {"val_accuracy": 0.97, "size_bytes": 100, "latency_ms": 0.1}}
+    teacher = {"val_accuracy": 0.98, "size_bytes": 1_000, "latency_ms": 1.0}
+    assert pick(trials, teacher, Budget(max_accuracy_drop=0.01)).trial == 1
+
+
+def test_picks_choose_among_the_trials_that_meet_the_experiments_constraints() -> None:
+    from pathlib import Path
+
+    from slimsearch.report.data import ReportData, TrialPoint
+
+    def point(number: int, feasible: bool) -> TrialPoint:
+        return TrialPoint(number, "COMPLETE", None, {"val_accuracy": 0.9, "size_bytes": 100,
+                                                     "latency_ms": 0.1}, None, None, True, 1.0,
+                          feasible=feasible)
+
+    def data(*points: TrialPoint) -> ReportData:
+        return ReportData(Path("run"), "run", {"experiment": {}}, TEACHER, list(points))
+
+    assert [t.number for t in data(point(0, False), point(1, True)).candidates] == [1]
+    # none feasible yet: the best so far, all of them
+    assert [t.number for t in data(point(0, False), point(1, False)).candidates] == [0, 1]

@@ -20,6 +20,7 @@ says how many it took and whether it ever got below the threshold.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -42,6 +43,10 @@ WINDOW_S = 0.005
 #: An undisturbed window's median is at most this fraction above the fastest undisturbed
 #: window's: some disturbances slow a model without slowing the probe (seen on the CNN).
 WINDOW_TOLERANCE = 0.05
+#: ... or three standard errors of a window's median, when that is wider: a slow model's
+#: 5 ms window holds a few samples whose median is noisy, and keeping only the windows near
+#: the fastest of many noisy medians would bias the result low.
+WINDOW_STANDARD_ERRORS = 3.0
 #: When the wait for undisturbed moments ran out, this many undisturbed samples still make
 #: the measurement (fewer than asked for, but unscaled: scaling by the probe's slowdown was
 #: 5-18% off the model's own on the reference VM); with fewer, the disturbed windows are
@@ -219,14 +224,37 @@ class _Window:
 
 def _undisturbed(windows: list[_Window], probe: MachineProbe) -> list[bool]:
     """Which windows saw an undisturbed machine: the probe read near its floor before and
-    after, and the window's own median is near the fastest such window's (a disturbance only
-    ever slows a window down, and not every one slows the probe as much as the model)."""
+    after, and the window's own median is near the fastest such windows' (a disturbance only
+    ever slows a window down, and not every one slows the probe as much as the model).
+
+    "The fastest" is the 10th percentile of the window medians, and "near" is within 5% or
+    three standard errors of a window's median, whichever is wider: a slow model's 5 ms window
+    holds a few samples whose median is noisy, and keeping only the windows near the single
+    fastest of many noisy medians would bias the result low."""
     probe_quiet = [probe.is_quiet(w.before_us) and probe.is_quiet(w.after_us) for w in windows]
-    medians = [w.median_ms for w in windows]
-    fastest = min((m for m, quiet in zip(medians, probe_quiet, strict=True) if quiet),
-                  default=math.inf)
-    return [quiet and m <= fastest * (1 + WINDOW_TOLERANCE)
-            for quiet, m in zip(probe_quiet, medians, strict=True)]
+    quiet_windows = [w for w, quiet in zip(windows, probe_quiet, strict=True) if quiet]
+    if not quiet_windows:
+        return probe_quiet
+    medians = sorted(w.median_ms for w in quiet_windows)
+    fastest = medians[int(0.1 * (len(medians) - 1))]
+    tolerance = max(WINDOW_TOLERANCE, WINDOW_STANDARD_ERRORS * _median_standard_error(quiet_windows))
+    return [quiet and w.median_ms <= fastest * (1 + tolerance)
+            for w, quiet in zip(windows, probe_quiet, strict=True)]
+
+
+def _median_standard_error(windows: list[_Window]) -> float:
+    """Standard error of a window's median, relative to it: the spread of samples inside a
+    window times 1.25 / sqrt(samples per window), the standard error of a median. The spread
+    comes from differences between successive samples (their median is 0.954 standard
+    deviations for normal noise), pooled over the windows: unbiased for windows of 3 samples
+    as of 300, robust to the odd slow call, and not inflated by a disturbance that slows
+    whole windows."""
+    steps = [abs(a - b) / w.median_ms for w in windows if w.median_ms > 0
+             for a, b in itertools.pairwise(w.times_ms)]
+    if not steps:
+        return 0.0
+    per_window = statistics.median(len(w.times_ms) for w in windows)
+    return 1.25 * statistics.median(steps) / 0.954 / math.sqrt(per_window)
 
 
 def _measure_cpu(model: Callable[[Any], Any], x: Any, *, warmup: int, samples: int, batch: int,

@@ -75,6 +75,12 @@ class ReportData:
         return [t for t in self.completed if t.feasible]
 
     @property
+    def candidates(self) -> list[TrialPoint]:
+        """The trials a pick chooses from: those meeting the experiment's constraints, or every
+        completed trial while none does (the best so far, flagged as such by the callers)."""
+        return self.feasible or self.completed
+
+    @property
     def constraints(self) -> dict[str, Any]:
         """The experiment's configured constraints (name -> limit)."""
         rules = self.settings["experiment"].get("constraints", {})

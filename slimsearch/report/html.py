@@ -181,7 +181,7 @@ def _pareto_table(data: ReportData) -> str:
     teacher_latency = data.teacher.get("latency_ms")
     extra_batches = list(data.settings["experiment"]["target"].get("batch_sizes", [1])[1:])
     run_dir = shlex.quote(str(data.run_dir))
-    knee = pick({t.number: t.metrics for t in data.completed}, data.teacher, Budget()).trial
+    knee = pick({t.number: t.metrics for t in data.candidates}, data.teacher, Budget()).trial
     rows = []
     for t in data.pareto:
         m = t.metrics

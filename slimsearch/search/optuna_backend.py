@@ -24,6 +24,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from slimsearch.atomic import read_json, write_json, write_text
@@ -277,38 +278,46 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
     start = time.perf_counter()
     with heartbeat(study, trial):  # RDB storages: tells other hosts this trial is alive
         try:
-            recipe = space.suggest(trial)
-            trial.set_user_attr("recipe", recipe.to_dict())
-            metrics = runner(recipe, trial_dir, seed=seed,
-                             deadline=deadline if math.isfinite(deadline) else None)
-            violations = constraint_values(metrics, runner.teacher_metrics, config.constraints)
-            for name, value in violations.items():
-                trial.set_constraint(name, value)
-            metrics["feasible"] = all(v <= 0 for v in violations.values())
-            trial.set_user_attr("metrics", metrics)
-            study.tell(trial, [metrics[name] for name, _ in OBJECTIVES])
-        except TrialStopped as exc:
-            trial.set_user_attr("stopped", str(exc))
-            if exc.by_deadline:  # not the recipe's fault: it runs again when the search continues
-                trial.set_user_attr("interrupted", True)
-                enqueue_again(study, trial)
-            study.tell(trial, state=TrialState.PRUNED)
-            say(f"[{position}] trial {trial.number} PRUNED after {time.perf_counter() - start:.1f} "
-                f"s: {exc}")
-            return TrialState.PRUNED, None
-        except (Exception, KeyboardInterrupt) as exc:
-            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            trial.set_user_attr("error", message)
-            write_text(trial_dir / "error.txt", traceback.format_exc())
-            if isinstance(exc, KeyboardInterrupt):  # not the trial's fault: it runs again later
-                trial.set_user_attr("interrupted", True)
-                enqueue_again(study, trial)
-            study.tell(trial, state=TrialState.FAIL)
-            say(f"[{position}] trial {trial.number} FAILED after {time.perf_counter() - start:.1f} s: "
-                f"{message}")
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            return TrialState.FAIL, message
+            try:
+                recipe = space.suggest(trial)
+                trial.set_user_attr("recipe", recipe.to_dict())
+                metrics = runner(recipe, trial_dir, seed=seed,
+                                 deadline=deadline if math.isfinite(deadline) else None)
+                violations = constraint_values(metrics, runner.teacher_metrics, config.constraints)
+                for name, value in violations.items():
+                    trial.set_constraint(name, value)
+                metrics["feasible"] = all(v <= 0 for v in violations.values())
+                trial.set_user_attr("metrics", metrics)
+                study.tell(trial, [metrics[name] for name, _ in OBJECTIVES])
+            except TrialStopped as exc:
+                trial.set_user_attr("stopped", str(exc))
+                if exc.by_deadline:  # not the recipe's fault: it runs again when the search continues
+                    trial.set_user_attr("interrupted", True)
+                    enqueue_again(study, trial)
+                study.tell(trial, state=TrialState.PRUNED)
+                say(f"[{position}] trial {trial.number} PRUNED after {time.perf_counter() - start:.1f} "
+                    f"s: {exc}")
+                return TrialState.PRUNED, None
+            except (Exception, KeyboardInterrupt) as exc:
+                message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                trial.set_user_attr("error", message)
+                write_text(trial_dir / "error.txt", traceback.format_exc())
+                if isinstance(exc, KeyboardInterrupt):  # not the trial's fault: it runs again later
+                    trial.set_user_attr("interrupted", True)
+                    enqueue_again(study, trial)
+                study.tell(trial, state=TrialState.FAIL)
+                say(f"[{position}] trial {trial.number} FAILED after {time.perf_counter() - start:.1f} s: "
+                    f"{message}")
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                return TrialState.FAIL, message
+        except UpdateFinishedTrialError:
+            # Another worker recorded this trial FAIL and enqueued its parameters again while
+            # it ran here: its heartbeat went missing for longer than the storage's grace
+            # period (a stalled database connection or process). The retry owns it now.
+            say(f"[{position}] trial {trial.number} was recovered by another worker while it "
+                "ran here (its heartbeat was missed); this result is dropped, the retry counts")
+            return TrialState.FAIL, None
     front = study.best_trials  # feasible trials only, when there are constraints
     best = max((t.values[0] for t in front), default=None)
     speed = f"{metrics['speedup']:.2f}x" if "speedup" in metrics else "?"
@@ -323,8 +332,9 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
 
 def _error_kind(message: str) -> str:
     """An error message with its numbers blanked: the same failure in trials of different
-    shapes (``mat1 and mat2 shapes cannot be multiplied (1x16 and 32x10)``) reads alike."""
-    return re.sub(r"\d+(\.\d+)?", "#", message)
+    shapes (``mat1 and mat2 shapes cannot be multiplied (1x16 and 32x10)``) reads alike, and
+    so does one naming an object by its address (``<Foo object at 0x7f3a...>``)."""
+    return re.sub(r"0x[0-9a-fA-F]+|\d+(\.\d+)?", "#", message)
 
 
 def _prefixed(say: Callable[[str], None], prefix: str) -> Callable[[str], None]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 
 # Optuna's own heartbeat thread and stale-trial query, the ones study.optimize uses (not
 # exported: Optuna runs them for study.optimize, and we drive trials with ask/tell).
@@ -163,10 +164,13 @@ def recover_stale_trials(study: optuna.Study, run_dir: Path,
                     continue
                 who = "its worker died before recording itself"
             storage, trial_id = study._storage, trial._trial_id
-            storage.set_trial_user_attr(trial_id, "interrupted", True)
-            storage.set_trial_user_attr(trial_id, "error", f"{who} while the trial ran; "
-                                        "its parameters were enqueued again")
-            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            try:
+                storage.set_trial_user_attr(trial_id, "interrupted", True)
+                storage.set_trial_user_attr(trial_id, "error", f"{who} while the trial ran; "
+                                            "its parameters were enqueued again")
+                storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:  # a worker on another host recovered it first
+                continue
             enqueue_again(study, trial)
             recovered.append(trial.number)
     if recovered:
