@@ -31,6 +31,17 @@ def _check_workers(workers: int) -> None:
         raise ConfigError(f"--workers {workers}: give a number of worker processes >= 1")
 
 
+def _with_backend(config: Any, args: argparse.Namespace) -> Any:
+    """``config`` with the command line's --backend and --ray-address, where given."""
+    import dataclasses
+
+    changes = {k: v for k, v in (("backend", args.backend), ("ray_address", args.ray_address))
+               if v is not None}
+    if args.ray_address is not None and "backend" not in changes:
+        changes["backend"] = "ray"  # an address only means something to the Ray backend
+    return config.with_overrides(search=dataclasses.replace(config.search, **changes))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from slimsearch.experiment import load_experiment
     from slimsearch.search import RunFolder, prepare, run_search
@@ -39,6 +50,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / config.name
     if Path(args.experiment).resolve() == (run_dir / "experiment.toml").resolve():
         config = RunFolder(run_dir).config()  # a worker of `slimsearch resume --workers N`
+    config = _with_backend(config, args)
     trials, timeout_s = _budget(args, config)
     storage = args.storage if args.storage is not None else config.search.storage
     _check_workers(args.workers)
@@ -63,7 +75,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from slimsearch.search.run_folder import RunFolder
 
     folder = RunFolder(Path(args.run_dir))
-    config = folder.config()
+    config = _with_backend(folder.config(), args)
     _check_workers(args.workers)
     prepared = prepare(config, run_dir=folder.root, storage_url=folder.settings().get("storage"))
     try:
@@ -239,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "PyTorch model; every objective measured on the real model file.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def backend_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--backend", choices=("local", "ray"),
+                             help="who runs the trials (default: search.backend, local); with "
+                                  "ray, --workers is the number of trials at once")
+        command.add_argument("--ray-address",
+                             help="the Ray cluster to join: auto or host:port (default: start "
+                                  "Ray on this machine)")
+
     run = commands.add_parser("run", help="run (or continue) a search and write its report")
     run.add_argument("experiment", help="experiment TOML file, e.g. experiments/digits_mlp.toml")
     run.add_argument("--trials", type=int, help="total trial budget (default: search.trials)")
@@ -249,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1,
                      help="processes running trials at once on this machine (default 1); "
                           "they share the CPU cores, and latency is timed one at a time")
+    backend_options(run)
     run.add_argument("--as-worker", type=int, default=0, help=argparse.SUPPRESS)
     run.set_defaults(handler=_cmd_run)
 
@@ -260,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--timeout", help="no new trial starts after this long, e.g. 30m or 8h")
     resume.add_argument("--workers", type=int, default=1,
                         help="processes running trials at once on this machine (default 1)")
+    backend_options(resume)
     resume.set_defaults(handler=_cmd_resume)
 
     status = commands.add_parser("status", help="how far a run is, what runs now, the best so far")

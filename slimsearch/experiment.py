@@ -9,7 +9,7 @@ space as soon as the task is built, still before any training.
     task = "digits-mlp"          # a built-in name, or "my_package.my_module:make_task"
     seed = 0
 
-    [search]   trials, sampler, timeout, storage, sensitivity
+    [search]   trials, sampler, timeout, storage, sensitivity, backend, ray_address, cpus_per_trial
     [space]    bits, sparsity, pruning, student_init, [space.student] knob = [choices]
     [train]    teacher_epochs, distill_epochs, finetune_epochs, qat_epochs, batch_size, lr, ...
     [target]   device, batch_sizes, dtype, runtime, threads, cuda_graphs, max_cv, max_repeats,
@@ -42,6 +42,7 @@ PRUNING_METHODS = ("structured", "unstructured", "global", "2:4")
 IMPORTANCE_CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 STUDENT_INITS = ("slice", "scratch")
 SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random")
+BACKENDS = ("local", "ray")
 RUNTIMES = ("torch", "torchscript", "onnxruntime")
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -60,9 +61,19 @@ class SearchConfig:
     #: Before the first trial, measure each layer's accuracy drop when compressed alone, show
     #: it in the report and start the search from recipes it suggests (search.sensitivity).
     sensitivity: bool = True
+    #: "local": trials in processes on this machine; "ray": on a Ray cluster, told to the same
+    #: study (pip install "slimsearch[ray]").
+    backend: str = "local"
+    #: The Ray cluster to join ("auto" or "host:port"); None starts Ray on this machine.
+    ray_address: str | None = None
+    #: CPU cores each trial asks Ray for (it trains with that many threads).
+    cpus_per_trial: int = 1
 
     def __post_init__(self) -> None:
         _require(self.trials >= 1, "search.trials", self.trials, "an integer >= 1")
+        _require(self.backend in BACKENDS, "search.backend", self.backend, f"one of {BACKENDS}")
+        _require(isinstance(self.cpus_per_trial, int) and self.cpus_per_trial >= 1,
+                 "search.cpus_per_trial", self.cpus_per_trial, "an integer >= 1")
         _require(self.sampler in SAMPLERS, "search.sampler", self.sampler, f"one of {SAMPLERS}")
         if self.timeout is not None:
             parse_duration(self.timeout, field_name="search.timeout")

@@ -37,6 +37,7 @@ from slimsearch.runtimes import get_runtime
 from slimsearch.search.objective import OBJECTIVES, TrialRunner, constraint_values, environment
 from slimsearch.search.recovery import (
     OWNER,
+    claimed,
     counted,
     enqueue_again,
     heartbeat,
@@ -101,6 +102,12 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
             "allow smaller students (space.student), fewer bits or more sparsity")
     device = resolve_device(config.target.device)
     get_runtime(config.target.runtime).check(config.target, device)
+    if config.search.backend == "ray":  # before any training: the cluster must be usable
+        from slimsearch.search import ray_backend
+
+        ray_backend.connect(config.search.ray_address)
+        ray_backend.check_resources(cpus_per_trial=config.search.cpus_per_trial,
+                                    gpus_per_trial=1 if device.type == "cuda" else 0)
     folder = RunFolder(run_dir)
     if storage_url is not None:
         check_storage_url(storage_url)
@@ -157,8 +164,9 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     else:
         study.set_user_attr(f"sampler_from_trial_{finished}", sampler_settings)
         study.set_user_attr("budget", trials)  # what `slimsearch status` counts against
-        say(f"run folder: {folder.root} (sampler: {sampler_settings['sampler']}"
-            f"{f', {workers} workers' if workers > 1 else ''})")
+        on = (f", Ray backend, {workers} trial{'s' if workers > 1 else ''} at once"
+              if config.search.backend == "ray" else f", {workers} workers" if workers > 1 else "")
+        say(f"run folder: {folder.root} (sampler: {sampler_settings['sampler']}{on})")
     if workers > 1 or worker:  # the cores are shared: each worker trains on its share
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(workers, 1)))
     children: list[subprocess.Popen] = []
@@ -168,6 +176,7 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     stopped: str | None = None
     failures_in_a_row: list[str] = []
     cache: LatencyCache | None = None
+    ray_cached: tuple[int, int] | None = None
     with registered_worker(folder.root):  # so a later worker can tell we are alive
         try:
             recover_stale_trials(study, folder.root, say=say)
@@ -186,7 +195,7 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             teacher_metrics = read_json(metrics_file)
             runner.teacher_metrics = teacher_metrics
             say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
-                f"{_describe(teacher_metrics)}")
+                f"{describe_metrics(teacher_metrics)}")
             starts = {}
             if config.search.sensitivity:  # workers read what the main process measured
                 with computing(device):
@@ -209,11 +218,20 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
                 for name, recipe in starts.items():  # then where the sensitivities point
                     if recipe not in baselines.values():
                         study.enqueue_trial(space.params_of(recipe), user_attrs={"start": name})
-            if workers > 1 and not worker:
+            on_ray = config.search.backend == "ray"
+            if workers > 1 and not worker and not on_ray:
                 children = _start_workers(workers - 1, experiment_file, folder.root, trials,
                                           deadline, prepared.storage_url)
+            if on_ray:  # the same study, the same trial runner, scheduled by Ray Tune
+                from slimsearch.search import ray_backend
 
-            while time.monotonic() < deadline:
+                tally = ray_backend.run_trials(study, space, folder, config, budget=trials,
+                                               deadline=deadline, concurrency=workers,
+                                               runner=runner, say=say)
+                completed, failed, pruned, stopped = (tally.completed, tally.failed,
+                                                      tally.pruned, tally.stopped)
+                ray_cached = (tally.cached, tally.completed)
+            while not on_ray and time.monotonic() < deadline:
                 recover_stale_trials(study, folder.root, say=say)  # a worker may have died
                 outcome = _one_trial(study, space, runner, folder, config, deadline=deadline,
                                      budget=trials, say=say)
@@ -225,15 +243,10 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
                 completed += state == TrialState.COMPLETE
                 failed += state == TrialState.FAIL
                 pruned += state == TrialState.PRUNED
-                failures_in_a_row = failures_in_a_row + [_error_kind(error)] if error else []
+                failures_in_a_row = failures_in_a_row + [error_kind(error)] if error else []
                 if (len(failures_in_a_row) >= SAME_FAILURES_TO_STOP
                         and len(set(failures_in_a_row[-SAME_FAILURES_TO_STOP:])) == 1):
-                    stopped = (
-                        f"the last {SAME_FAILURES_TO_STOP} trials all failed with the same error: "
-                        f"{error}. The recipes differed, so the cause is most likely the task's "
-                        "own code (its model factory, forward or data) or the training settings; "
-                        f"the traceback is in {folder.root / 'trials'}/<number>/error.txt. Fix "
-                        f"it, then continue with: slimsearch resume {folder.root}")
+                    stopped = same_failures_message(error, folder)
                     say(f"stopping: {stopped}")
                     break
             if time.monotonic() >= deadline:
@@ -249,7 +262,10 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
                         "its running trial, if any, is recovered when the run continues")
             report = folder.report_html if worker else write_report(folder.root)
     cache_note = ""
-    if cache is not None and cache.hit_rate is not None:
+    if ray_cached is not None and ray_cached[1]:  # the workers' caches, not this process's
+        cache_note = (f"; latency cache: {ray_cached[0]} of {ray_cached[1]} completed trials "
+                      f"reused a measurement ({ray_cached[0] / ray_cached[1]:.0%})")
+    elif cache is not None and cache.hit_rate is not None:
         cache_note = (f"; latency cache: {cache.hits} of {cache.hits + cache.misses} "
                       f"measurements reused ({cache.hit_rate:.0%})")
     say(f"{completed} trials completed, {failed} failed, {pruned} stopped (time budget or early "
@@ -264,14 +280,14 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
     """Run one trial and return its state and error (FAIL only), or None when the budget is
     already claimed."""
     with run_lock(folder.root):  # check and claim at once, or two workers could both start
-        claimed = _claimed(study)
-        if claimed >= budget:
+        taken = claimed(study)
+        if taken >= budget:
             return None
         with warnings.catch_warnings():  # "heartbeat is meant for optimize": we run it (below)
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = study.ask()
         trial.set_user_attr(OWNER, this_process())  # first: a killed worker is found by it
-    position = f"{claimed + 1}/{budget}"
+    position = f"{taken + 1}/{budget}"
     trial_dir = folder.trial(trial.number)
     seed = config.seed + trial.number
     trial.set_user_attr("seed", seed)
@@ -318,19 +334,34 @@ def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, fol
             say(f"[{position}] trial {trial.number} was recovered by another worker while it "
                 "ran here (its heartbeat was missed); this result is dropped, the retry counts")
             return TrialState.FAIL, None
+    say(done_line(study, trial.number, metrics, seconds=time.perf_counter() - start,
+                  position=position))
+    return TrialState.COMPLETE, None
+
+
+def done_line(study: optuna.Study, number: int, metrics: dict, *, seconds: float,
+              position: str) -> str:
+    """The progress line of a completed trial: its figures and the front so far."""
     front = study.best_trials  # feasible trials only, when there are constraints
     best = max((t.values[0] for t in front), default=None)
     speed = f"{metrics['speedup']:.2f}x" if "speedup" in metrics else "?"
     slower = " SLOWER THAN TEACHER" if metrics.get("slower_than_teacher") else ""
     infeasible = "" if metrics["feasible"] else " INFEASIBLE"
     best_text = f"best val_accuracy {best:.4f}" if front else "no feasible trial yet"
-    say(f"[{position}] trial {trial.number} done in {time.perf_counter() - start:.1f} s: "
-        f"{_describe(metrics)} ({metrics['size_ratio']:.1f}x smaller, {speed} speed{slower})"
-        f"{infeasible} | Pareto front {len(front)}, {best_text}")
-    return TrialState.COMPLETE, None
+    return (f"[{position}] trial {number} done in {seconds:.1f} s: "
+            f"{describe_metrics(metrics)} ({metrics['size_ratio']:.1f}x smaller, {speed} speed"
+            f"{slower}){infeasible} | Pareto front {len(front)}, {best_text}")
 
 
-def _error_kind(message: str) -> str:
+def same_failures_message(error: str | None, folder: RunFolder) -> str:
+    return (f"the last {SAME_FAILURES_TO_STOP} trials all failed with the same error: {error}. "
+            "The recipes differed, so the cause is most likely the task's own code (its model "
+            "factory, forward or data) or the training settings; the traceback is in "
+            f"{folder.root / 'trials'}/<number>/error.txt. Fix it, then continue with: "
+            f"slimsearch resume {folder.root}")
+
+
+def error_kind(message: str) -> str:
     """An error message with its numbers blanked: the same failure in trials of different
     shapes (``mat1 and mat2 shapes cannot be multiplied (1x16 and 32x10)``) reads alike, and
     so does one naming an object by its address (``<Foo object at 0x7f3a...>``)."""
@@ -353,13 +384,6 @@ def _start_workers(count: int, experiment_file: Path, run_dir: Path, trials: int
     return [subprocess.Popen(command + ["--as-worker", str(index)]) for index in range(1, count + 1)]
 
 
-def _claimed(study: optuna.Study) -> int:
-    """Trials that count toward the budget plus those running now (in any worker): a worker
-    starts a trial only while this is under the budget, so workers do not overshoot it."""
-    return sum((t.state.is_finished() and not t.user_attrs.get("interrupted"))
-               or t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
-
-
 def _describe_space(space: SearchSpace) -> tuple[int, bool]:
     """How many parameters one trial of ``space`` suggests, and whether all are numeric
     (a dry run on a throwaway study)."""
@@ -371,7 +395,7 @@ def _describe_space(space: SearchSpace) -> tuple[int, bool]:
     return len(kinds), optuna.distributions.CategoricalDistribution not in kinds
 
 
-def _describe(metrics: dict) -> str:
+def describe_metrics(metrics: dict) -> str:
     cached = ", cached" if metrics.get("latency_cached") else ""
     return (f"val_accuracy {metrics['val_accuracy']:.4f}, {metrics['size_bytes'] / 1e3:.1f} kB, "
             f"{metrics['latency_ms']:.4f} ms (cv {metrics['latency_cv']:.2f}{cached})")

@@ -95,6 +95,13 @@ def counted(study: optuna.Study) -> int:
                for t in study.get_trials(deepcopy=False))
 
 
+def claimed(study: optuna.Study) -> int:
+    """Trials that count toward the budget plus those running now (in any worker): a worker
+    starts a trial only while this is under the budget, so workers do not overshoot it."""
+    return sum((t.state.is_finished() and not t.user_attrs.get("interrupted"))
+               or t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+
+
 @contextlib.contextmanager
 def registered_worker(run_dir: Path) -> Iterator[None]:
     """Record this process as a worker of the run while the block runs."""

@@ -17,7 +17,9 @@ from slimsearch.atomic import read_json, write_json
 from slimsearch.errors import ConfigError
 
 #: Settings that may differ when a run continues (budgets), everything else must match.
-MAY_CHANGE = {("search", "trials"), ("search", "timeout")}
+#: (Which backend runs the trials does not change them: a study may mix local and Ray trials.)
+MAY_CHANGE = {("search", "trials"), ("search", "timeout"), ("search", "backend"),
+              ("search", "ray_address"), ("search", "cpus_per_trial")}
 #: The layout of run folders this code reads and writes; another one is refused.
 RUN_FORMAT = 1
 
