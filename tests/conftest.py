@@ -28,7 +28,8 @@ def _postgres_programs() -> Path | None:
     found = shutil.which("initdb")
     if found:
         return Path(found).resolve().parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)  # 9 < 16
     return versions[-1].parent if versions else None
 
 
@@ -49,12 +50,16 @@ def postgres_server() -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     data = folder / "data"
-    subprocess.run([*as_user, str(programs / "initdb"), "-D", str(data), "-U", "slimsearch",
-                    "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
-    subprocess.run([*as_user, str(programs / "pg_ctl"), "-D", str(data), "-l",
-                    str(folder / "server.log"), "-w", "-o",
-                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
+    def run(*command: str) -> None:  # a failure shows the server's own words
+        done = subprocess.run([*as_user, *command], capture_output=True, text=True)
+        if done.returncode != 0:
+            log = folder / "server.log"
+            raise RuntimeError(f"{command[0]} failed ({done.returncode}): {done.stderr}{done.stdout}"
+                               + (log.read_text() if log.exists() else ""))
+
+    run(str(programs / "initdb"), "-D", str(data), "-U", "slimsearch", "--auth=trust", "-E", "UTF8")
+    run(str(programs / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
     try:
         yield f"postgresql://slimsearch@127.0.0.1:{port}"
     finally:

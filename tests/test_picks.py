@@ -125,3 +125,26 @@ def test_picks_choose_among_the_trials_that_meet_the_experiments_constraints() -
     assert [t.number for t in data(point(0, False), point(1, True)).candidates] == [1]
     # none feasible yet: the best so far, all of them
     assert [t.number for t in data(point(0, False), point(1, False)).candidates] == [0, 1]
+
+
+def test_hypervolume_history_is_the_hypervolume_of_every_trial_so_far() -> None:
+    from pathlib import Path
+
+    from slimsearch.report.analysis import BOX_ACCURACY_DROP, BOX_LATENCY, hypervolume_history
+    from slimsearch.report.data import ReportData, TrialPoint
+    from slimsearch.report.pareto import hypervolume
+
+    teacher = {"val_accuracy": 0.95, "size_bytes": 100, "latency_ms": 1.0}
+    metrics = [m for m in random_trials(3, n=60).values()]
+    for m in metrics:
+        m["size_bytes"] //= 1000  # around the teacher's 100 bytes, so that the box matters
+    trials = [TrialPoint(number=i, state="COMPLETE", recipe=None, baseline=None, error=None,
+                         pareto=False, seconds=1.0, metrics=m) for i, m in enumerate(metrics)]
+    data = ReportData(run_dir=Path("."), name="x", settings={}, trials=trials, teacher=teacher)
+    scaled = [(max(0.0, 0.95 - m["val_accuracy"]) / BOX_ACCURACY_DROP, m["size_bytes"] / 100,
+               m["latency_ms"]) for m in metrics]
+    brute = [hypervolume(scaled[:i + 1], (1.0, 1.0, BOX_LATENCY)) for i in range(len(scaled))]
+    history = hypervolume_history(data)
+    assert [n for n, _ in history] == list(range(60))
+    assert [v for _, v in history] == pytest.approx(brute)
+    assert brute[-1] > brute[0]  # the figures move, so the comparison means something

@@ -194,10 +194,10 @@ def test_workers_share_one_journal_and_lose_nothing(workers: int, tmp_path: Path
 
 
 def test_errors_that_differ_only_in_numbers_or_addresses_count_as_the_same() -> None:
-    from slimsearch.search.optuna_backend import _error_kind
+    from slimsearch.search.optuna_backend import error_kind
 
-    assert (_error_kind("RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x16 and 32x10)")
-            == _error_kind("RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x8 and 4x10)"))
-    assert (_error_kind("TypeError: <Net object at 0x7f3ab2c4d0> is not callable")
-            == _error_kind("TypeError: <Net object at 0x7f99e01a10> is not callable"))
-    assert _error_kind("ValueError: bad input") != _error_kind("KeyError: 'x'")
+    assert (error_kind("RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x16 and 32x10)")
+            == error_kind("RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x8 and 4x10)"))
+    assert (error_kind("TypeError: <Net object at 0x7f3ab2c4d0> is not callable")
+            == error_kind("TypeError: <Net object at 0x7f99e01a10> is not callable"))
+    assert error_kind("ValueError: bad input") != error_kind("KeyError: 'x'")

@@ -67,3 +67,15 @@ def test_script_errors_are_told_from_webgl_notices() -> None:
            '[1:1:INFO:CONSOLE:8] "[.WebGL-0x1]GL Driver Message (OpenGL, Performance): stall"\n'
            '[1:1:INFO:CONSOLE:7] "Canvas2D: Multiple readback operations"\n')
     assert script_errors(log) == [log.splitlines()[0]]
+
+
+@pytest.mark.skipif(BROWSER is None, reason="Chromium is not installed (.ci/run installs Debian's "
+                                            "chromium package)")
+def test_a_page_that_throws_is_caught(tmp_path: Path) -> None:
+    # the check above could pass by seeing nothing: prove it sees a real error of a real page
+    page = tmp_path / "throws.html"
+    page.write_text("<html><body><script>undefinedFunction();</script></body></html>")
+    dom = chromium(page, tmp_path / "profile", "--dump-dom")
+    assert dom.returncode == 0
+    errors = script_errors(dom.stderr)
+    assert len(errors) == 1 and "undefinedFunction" in errors[0]

@@ -257,9 +257,14 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
                 "runs again when the search continues); finished trials are kept")
         finally:
             for child in children:  # on Ctrl-C they got the signal too, and stop the same way
-                if child.wait() not in (0, 130):
-                    say(f"worker process {child.pid} ended with exit code {child.returncode}; "
-                        "its running trial, if any, is recovered when the run continues")
+                code = child.wait()
+                if code == 1:  # its own lines above say which
+                    say(f"worker process {child.pid} ended with exit code 1: it stopped on the "
+                        "same error in several trials in a row, or crashed (see its lines "
+                        "above); its running trial, if any, is recovered when the run continues")
+                elif code not in (0, 130):
+                    say(f"worker process {child.pid} ended with exit code {code}; its running "
+                        "trial, if any, is recovered when the run continues")
             report = folder.report_html if worker else write_report(folder.root)
     cache_note = ""
     if ray_cached is not None and ray_cached[1]:  # the workers' caches, not this process's

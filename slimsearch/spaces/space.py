@@ -113,7 +113,11 @@ class SearchSpace:
 
     def set_groups(self, groups: dict[str, str]) -> None:
         """Let the layers of each group share one set of choices: their Optuna parameters
-        are named after the group (Optuna gives a name the same value within a trial)."""
+        are named after the group (Optuna gives a name the same value within a trial). A
+        member that can take only some of the pruning methods (no 2:4 where its fan-in is not
+        a multiple of 4, no structured pruning of the class outputs) gets a pruning parameter
+        named after that list (``_pruning_choice``), so it shares its pruning method with the
+        members that have the same list only; bits and sparsity stay shared by all."""
         self.groups = dict(groups)
 
     def _key(self, layer: str) -> str:
