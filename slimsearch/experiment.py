@@ -72,6 +72,10 @@ class SearchConfig:
     def __post_init__(self) -> None:
         _require(self.trials >= 1, "search.trials", self.trials, "an integer >= 1")
         _require(self.backend in BACKENDS, "search.backend", self.backend, f"one of {BACKENDS}")
+        if self.ray_address is not None and self.backend != "ray":
+            raise ConfigError(f"search.ray_address = {self.ray_address!r} is only used with "
+                              f"search.backend = \"ray\", but search.backend = {self.backend!r}; "
+                              "set search.backend = \"ray\" too, or remove ray_address")
         _require(isinstance(self.cpus_per_trial, int) and self.cpus_per_trial >= 1,
                  "search.cpus_per_trial", self.cpus_per_trial, "an integer >= 1")
         _require(self.sampler in SAMPLERS, "search.sampler", self.sampler, f"one of {SAMPLERS}")

@@ -446,3 +446,15 @@ def test_export_to_another_runtime_builds_and_measures_its_file(finished_run: Pa
     verification = json.loads((bundle / "verification.json").read_text())
     assert verification["passed"] and not verification["compared"]
     assert verification["fresh"]["size_bytes"] == (bundle / "model.onnx").stat().st_size
+
+
+def test_backend_ray_without_ray_installed_says_how_to_install_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: importing it fails
+    experiment = write_experiment(tmp_path, trials=2)
+    assert main(["run", str(experiment), "--run-dir", str(tmp_path / "run"), "--backend",
+                 "ray"]) == 2
+    assert 'pip install "slimsearch[ray]"' in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -201,3 +201,16 @@ def test_joins_a_cluster_started_with_ray_start_head(tmp_path: Path) -> None:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_backend_settings_are_checked_before_anything_runs(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    experiment = write_experiment(tmp_path)
+    for line, field in (('backend = "spark"', "search.backend = 'spark'"),
+                        ('ray_address = "auto"', "search.ray_address = 'auto' is only used with"),
+                        ("cpus_per_trial = 0", "search.cpus_per_trial = 0")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(experiment.read_text().replace("[search]", f"[search]\n{line}"))
+        assert main(["run", str(bad), "--run-dir", str(tmp_path / "run")]) == 2
+        assert field in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
