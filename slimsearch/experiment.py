@@ -66,8 +66,10 @@ class SearchConfig:
     backend: str = "local"
     #: The Ray cluster to join ("auto" or "host:port"); None starts Ray on this machine.
     ray_address: str | None = None
-    #: CPU cores each trial asks Ray for (it trains with that many threads).
-    cpus_per_trial: int = 1
+    #: CPU cores each Ray trial asks for (it trains with that many threads); None = the
+    #: cluster's CPUs shared by the trials at once (--workers), at most one node's, like the
+    #: local backend's workers share this machine's.
+    cpus_per_trial: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.trials >= 1, "search.trials", self.trials, "an integer >= 1")
@@ -76,7 +78,7 @@ class SearchConfig:
             raise ConfigError(f"search.ray_address = {self.ray_address!r} is only used with "
                               f"search.backend = \"ray\", but search.backend = {self.backend!r}; "
                               "set search.backend = \"ray\" too, or remove ray_address")
-        _require(isinstance(self.cpus_per_trial, int) and self.cpus_per_trial >= 1,
+        _require(self.cpus_per_trial is None or self.cpus_per_trial >= 1,
                  "search.cpus_per_trial", self.cpus_per_trial, "an integer >= 1")
         _require(self.sampler in SAMPLERS, "search.sampler", self.sampler, f"one of {SAMPLERS}")
         if self.timeout is not None:

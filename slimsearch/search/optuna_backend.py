@@ -106,7 +106,7 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
         from slimsearch.search import ray_backend
 
         ray_backend.connect(config.search.ray_address)
-        ray_backend.check_resources(cpus_per_trial=config.search.cpus_per_trial,
+        ray_backend.check_resources(cpus_per_trial=config.search.cpus_per_trial or 1,
                                     gpus_per_trial=1 if device.type == "cuda" else 0)
     folder = RunFolder(run_dir)
     if storage_url is not None:

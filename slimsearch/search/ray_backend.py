@@ -334,6 +334,16 @@ def _searcher_class() -> type:
     return StudySearcher
 
 
+def _cpus_each(concurrency: int) -> int:
+    """The cluster's CPUs shared by ``concurrency`` trials, at most one node's (a trial runs
+    on one node): on one machine, what each local worker would get."""
+    import ray
+
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    total = sum(nodes)
+    return max(1, min(int(total // max(concurrency, 1)), int(max(nodes, default=1))))
+
+
 def run_trials(study: optuna.Study, space: Any, folder: Any, config: Any, *, budget: int,
                deadline: float, concurrency: int, runner: Any,
                say: Callable[[str], None]) -> Tally:
@@ -347,7 +357,7 @@ def run_trials(study: optuna.Study, space: Any, folder: Any, config: Any, *, bud
 
     remaining = deadline - time.monotonic()
     deadline_unix = time.time() + remaining if math.isfinite(remaining) else None
-    cpus = config.search.cpus_per_trial
+    cpus = config.search.cpus_per_trial or _cpus_each(concurrency)
     gpus = 1 if runner.device.type == "cuda" else 0
     searcher = _searcher_class()(study, space, folder, config, budget=budget,
                                  deadline_unix=deadline_unix, threads=cpus, runner=runner,
