@@ -211,6 +211,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"slimsearch.load_model({str(bundle)!r})")
     if verification is None:
         return 0
+    return _say_verification(verification, bundle / "verification.json")
+
+
+def _say_verification(verification: dict, where: Path) -> int:
+    """Print a re-measurement beside the search's figures; 1 when they differ."""
     fresh = verification["fresh"]
     if not verification["compared"]:
         print(f"measured in a fresh process on runtime {verification['runtime']} (the search "
@@ -223,11 +228,41 @@ def _cmd_export(args: argparse.Namespace) -> int:
         figures = f"{search[name]} -> {fresh[name]}" if name in search else ""
         print(f"  {'ok  ' if ok else 'DIFF'} {name} {figures}")
     if not verification["passed"]:
-        print(f"slimsearch: error: the exported bundle does not reproduce the search's numbers "
-              f"(latency tolerance {verification['tolerance']:.0%}); see "
-              f"{bundle / 'verification.json'}", file=sys.stderr)
+        print(f"slimsearch: error: the bundle does not reproduce the search's numbers "
+              f"(latency tolerance {verification['tolerance']:.0%}); see {where}",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from slimsearch.atomic import read_json, write_json
+    from slimsearch.export import verify_bundle
+    from slimsearch.verification import verify_in_fresh_process
+
+    bundle = Path(args.bundle)
+    if not (bundle / "manifest.json").is_file():
+        raise ConfigError(f"{bundle} is not a slimsearch bundle (no manifest.json); give the "
+                          "folder `slimsearch export --out` created")
+    manifest = verify_bundle(bundle)  # a modified file: ConfigError, exit 2
+    print(f"{bundle}: every file matches manifest.json (trial {manifest['trial']}, runtime "
+          f"{manifest['runtime']})")
+    if args.manifest_only:
+        return 0
+    run_dir = Path(args.run_dir or manifest["run"])
+    if not (run_dir / "run.json").is_file():
+        raise ConfigError(f"the bundle's run folder {run_dir} is not here (its task and data "
+                          "are needed to re-measure); give it with --run-dir, or check only "
+                          "the files with --manifest-only")
+    metrics = read_json(bundle / "metrics.json")
+    searched = metrics.get("runtime", "torch") == manifest["runtime"]
+    verification = verify_in_fresh_process(bundle, run_dir, metrics if searched else None,
+                                           tolerance=args.tolerance)
+    report = Path(tempfile.mkdtemp(prefix="slimsearch-verify-")) / "verification.json"
+    write_json(report, verification)  # the bundle itself stays as its manifest says
+    return _say_verification(verification, report)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -325,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-verify", action="store_true",
                         help="skip the fresh-process re-measurement")
     export.set_defaults(handler=_cmd_export)
+
+    verify = commands.add_parser("verify", help="check an exported bundle against its manifest "
+                                                "and re-measure it in a fresh process")
+    verify.add_argument("bundle")
+    verify.add_argument("--run-dir", help="the run folder it came from (default: the one its "
+                                          "manifest names)")
+    verify.add_argument("--tolerance", type=float, default=0.10,
+                        help="how far the fresh latency may be from the search's (fraction)")
+    verify.add_argument("--manifest-only", action="store_true",
+                        help="check the files' hashes only, without re-measuring")
+    verify.set_defaults(handler=_cmd_verify)
 
     listing = commands.add_parser("list", help="built-in tasks and shipped experiments")
     listing.add_argument("--experiments", default="experiments", help=argparse.SUPPRESS)

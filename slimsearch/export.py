@@ -126,6 +126,10 @@ def verify_bundle(bundle: str | Path) -> dict:
     bundle = Path(bundle)
     manifest = read_json(bundle / "manifest.json")
     for name, expected in manifest["files"].items():
+        if not (bundle / name).is_file():
+            raise ConfigError(f"{bundle / name} is missing: manifest.json lists it; export the "
+                              "trial again")
         if sha256(bundle / name) != expected:
-            raise ConfigError(f"{bundle / name} does not match its sha256 in manifest.json")
+            raise ConfigError(f"{bundle / name} does not match its sha256 in manifest.json: "
+                              "the bundle was modified; export the trial again")
     return manifest

@@ -149,6 +149,26 @@ def test_a_tampered_bundle_is_refused(finished_run: Path, tmp_path: Path,
 
 
 @pytest.mark.slow
+def test_verify_rechecks_a_bundle_and_refuses_a_tampered_one(finished_run: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(finished_run), "--trial", "0", "--out", str(bundle),
+                 "--no-verify"]) == 0
+    capsys.readouterr()
+    # a generous tolerance: this checks the command, not the machine's quietness
+    assert main(["verify", str(bundle), "--tolerance", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "every file matches manifest.json" in out and "ok   size_bytes" in out
+    data = bytearray((bundle / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bundle / "model.safetensors").write_bytes(bytes(data))
+    assert main(["verify", str(bundle), "--manifest-only"]) == 2
+    assert "model.safetensors does not match its sha256" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path)]) == 2  # not a bundle at all
+    assert "not a slimsearch bundle" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_pick_matches_brute_force_and_export_pick_exports_it(finished_run: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     from slimsearch.report.data import load_report_data
