@@ -8,7 +8,8 @@
 3. `slimsearch pick --max-latency-ms X` (X: the median latency of the completed trials)
    against brute force over every completed trial.
 4. `slimsearch export` of that trial: verification.json side by side with the search.
-5. The bundle with one byte of its model file flipped: load_model must refuse it.
+5. The bundle with one byte of its model file flipped: load_model and `slimsearch verify`
+   must refuse it.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def main() -> None:
                                   capture_output=True, text=True, cwd=ROOT)
         last = (tampered.stderr.strip().splitlines() or [""])[-1]
         print(f"tampered bundle: load_model exit code {tampered.returncode}: {last}")
+        verify = slimsearch("verify", str(bundle), "--manifest-only")
+        print(f"tampered bundle: slimsearch verify exit code {verify.returncode}: "
+              f"{verify.stderr.strip()}")
 
 
 if __name__ == "__main__":
