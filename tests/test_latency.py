@@ -119,6 +119,20 @@ def test_a_spread_above_the_threshold_is_measured_again_and_the_steadiest_kept()
     assert _steadiest(lambda: next(late), max_cv=0.1, max_repeats=5).unstable is False
 
 
+def test_a_disturbed_measurement_is_repeated_and_an_undisturbed_one_preferred() -> None:
+    from dataclasses import replace
+
+    # scaled for a disturbed machine (steady-looking windows, 1.2 ms), then undisturbed
+    attempts = iter([replace(_latency(0.01, 1.2), disturbed=True), _latency(0.05, 1.0)])
+    result = _steadiest(lambda: next(attempts), max_cv=0.1, max_repeats=1)
+    assert (result.attempts, result.median_ms, result.disturbed) == (2, 1.0, False)
+    # disturbed both times: the steadier of the two, still flagged
+    both = iter([replace(_latency(0.05, 1.3), disturbed=True),
+                 replace(_latency(0.02, 1.2), disturbed=True)])
+    result = _steadiest(lambda: next(both), max_cv=0.1, max_repeats=1)
+    assert (result.attempts, result.median_ms, result.disturbed) == (2, 1.2, True)
+
+
 def test_extra_batch_sizes_get_their_own_metric_names() -> None:
     metrics = _latency(0.1, 2.0).as_metrics("_b256")
     assert metrics["latency_b256_ms"] == 2.0 and metrics["latency_b256_window_cv"] == 0.1
