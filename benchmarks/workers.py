@@ -4,7 +4,8 @@
 
 Each configuration is a fresh run folder; throughput counts the trials that started after
 every worker was running (worker processes take seconds to start; the teacher, trained once
-per run, is left out) until the last trial's end.
+per run, is left out) until the last trial's end, the enqueued baselines and starting recipes
+left out (they are not the search's usual trials).
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ def throughput(experiment: Path, trials: int, workers: int) -> tuple[float, int]
         done = [t for t in load_study(run_dir).get_trials(deepcopy=False)
                 if t.state == TrialState.COMPLETE]
         # From the moment every worker runs trials (a worker process takes a few seconds to
-        # start) to the last trial's end: the steady state an overnight run lives in.
+        # start) to the last trial's end: the steady state an overnight run lives in. The
+        # enqueued trials (baselines, the pre-pass's starting recipes) come first and differ
+        # from sampled ones (no distillation, cached latencies): left out of both runs, so
+        # that 1 and 2 workers are compared on the same kind of trials.
         owners = {t.user_attrs["owner"]["pid"] for t in done}
-        start = max(min(t.datetime_start for t in done if t.user_attrs["owner"]["pid"] == pid)
-                    for pid in owners)
+        sampled = [t for t in done if not {"baseline", "start"} & set(t.user_attrs)]
+        start = max([min(t.datetime_start for t in done if t.user_attrs["owner"]["pid"] == pid)
+                     for pid in owners] + [min(t.datetime_start for t in sampled)])
         end = max(t.datetime_complete for t in done)
-        counted = [t for t in done if t.datetime_start >= start]
+        counted = [t for t in sampled if t.datetime_start >= start]
         return len(counted) / (end - start).total_seconds() * 3600, len(done)
 
 
