@@ -1,9 +1,11 @@
-"""The local backend: an Optuna multi-objective study driven with ask/tell in this process.
+"""The run's Optuna multi-objective study, and the local backend that drives it with ask/tell
+in this process (and its worker processes).
 
 Everything is validated before anything is written: the task and its plug-in import, the
-space against the task, the device, the storage URL, and (for an existing run folder) that
-the experiment did not change. Then the teacher is trained or loaded, measured like every
-trial, the two baselines are enqueued, and trials run until the budget or the deadline.
+space against the task, the device, the storage URL, the Ray cluster when the backend is Ray,
+and (for an existing run folder) that the experiment did not change. Then the teacher is
+trained or loaded, measured like every trial, the two baselines are enqueued, and trials run
+until the budget or the deadline: here, or on Ray (``ray_backend``), into the same study.
 A failing trial is recorded FAIL with its error; the search goes on.
 """
 
