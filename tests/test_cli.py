@@ -99,16 +99,19 @@ def test_export_and_load_model_in_a_fresh_process(finished_run: Path, tmp_path: 
     pareto = json.loads((finished_run / "pareto.json").read_text())
     entry = min(pareto["trials"], key=lambda t: t["metrics"]["size_bytes"])
     bundle = tmp_path / "bundle"
-    assert main(["export", str(finished_run), "--trial", str(entry["number"]), "--out", str(bundle)]) == 0
+    # a generous latency tolerance: this checks the export, not how quiet the machine is (the
+    # 10% default is measured on a real run by benchmarks/morning_after.py)
+    assert main(["export", str(finished_run), "--trial", str(entry["number"]), "--out", str(bundle),
+                 "--tolerance", "0.5"]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert set(manifest["files"]) >= {"model.safetensors", "recipe.json", "metrics.json",
                                       "verification.json"}
-    # re-measured in a fresh process: accuracy and size exactly, latency within 10%
+    # re-measured in a fresh process: accuracy and size exactly, latency within the tolerance
     verification = json.loads((bundle / "verification.json").read_text())
     assert verification["passed"], verification
     assert verification["fresh"]["size_bytes"] == entry["metrics"]["size_bytes"]
     assert verification["fresh"]["test_accuracy"] == entry["metrics"]["test_accuracy"]
-    assert abs(verification["latency_ratio"] - 1) <= 0.10
+    assert abs(verification["latency_ratio"] - 1) <= 0.5
     script = textwrap.dedent(f"""
         import slimsearch
         from slimsearch.tasks import make_task
@@ -478,3 +481,27 @@ def test_backend_ray_without_ray_installed_says_how_to_install_it(
                  "ray"]) == 2
     assert 'pip install "slimsearch[ray]"' in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_verification_retries_a_slow_latency_and_fails_on_any_difference(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import slimsearch.verification as verification
+
+    search = {"val_accuracy": 0.9, "test_accuracy": 0.8, "size_bytes": 1000, "latency_ms": 1.0}
+
+    def fresh_runs(*runs: dict) -> None:
+        queue = iter(runs)
+        monkeypatch.setattr(verification, "_fresh", lambda _bundle, _run: {
+            **search, "same_executable_file": True, "runtime": "torch", "device": "cpu",
+            **next(queue)})
+
+    fresh_runs({"latency_ms": 1.3}, {"latency_ms": 1.05})  # a slow second, then within 10%
+    result = verification.verify_in_fresh_process(Path("b"), Path("r"), search)
+    assert result["passed"] and result["latency_attempts"] == [1.3, 1.05]
+    fresh_runs({"latency_ms": 1.3}, {"latency_ms": 1.2}, {"latency_ms": 1.25})
+    result = verification.verify_in_fresh_process(Path("b"), Path("r"), search)
+    assert not result["passed"] and not result["checks"]["latency_ms"]
+    assert len(result["latency_attempts"]) == 3 and result["fresh"]["latency_ms"] == 1.2
+    fresh_runs({"test_accuracy": 0.79})  # any accuracy difference fails, latency or not
+    result = verification.verify_in_fresh_process(Path("b"), Path("r"), search)
+    assert not result["passed"] and not result["checks"]["test_accuracy"]

@@ -148,6 +148,7 @@ def test_a_killed_ray_run_resumed_loses_no_finished_trial(tmp_path: Path) -> Non
     for line in process.stdout:  # kill once a few trials are in
         if line.startswith("[3/"):
             break
+    assert process.poll() is None, "the search ended before the kill point"
     os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
     process.wait()
     before = {t.number: t.values for t in trials_of(run_dir) if t.state == TrialState.COMPLETE}

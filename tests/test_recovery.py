@@ -80,13 +80,19 @@ def test_killed_and_resumed_searches_lose_nothing_and_finish_the_budget(
     rng = random.Random(5)
     kills = 0
     for _ in range(5):
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.5, 6.0))
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True)
+        # a random moment once trials are running (a fixed delay from the start landed
+        # before the first trial on a busy machine: starting up takes 3-6 s there)
+        for line in process.stdout:
+            if line.startswith("["):  # a trial finished: the next one is under way
+                break
+        time.sleep(rng.uniform(0.1, 2.0))
         if process.poll() is not None:  # finished before the kill point
             break
         process.send_signal(signal.SIGKILL)
         process.wait()
+        process.stdout.close()
         kills += 1
     assert kills == 5, "each of the 5 kill points should land in a running search"
     finished = subprocess.run([sys.executable, "-m", "slimsearch", "resume", str(run_dir)],
