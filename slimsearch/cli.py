@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 a command failed, 2 bad input (nothing was started), 130 i
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ def _with_backend(config: Any, args: argparse.Namespace) -> Any:
                if v is not None}
     if args.ray_address is not None and "backend" not in changes:
         changes["backend"] = "ray"  # an address only means something to the Ray backend
+    if changes.get("backend") == "local":  # the experiment's Ray address does not apply
+        changes["ray_address"] = None
     return config.with_overrides(search=dataclasses.replace(config.search, **changes))
 
 
@@ -258,8 +261,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                           "the files with --manifest-only")
     metrics = read_json(bundle / "metrics.json")
     searched = metrics.get("runtime", "torch") == manifest["runtime"]
-    verification = verify_in_fresh_process(bundle, run_dir, metrics if searched else None,
-                                           tolerance=args.tolerance)
+    try:
+        verification = verify_in_fresh_process(bundle, run_dir, metrics if searched else None,
+                                               tolerance=args.tolerance)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        raise ArtifactError(f"cannot re-measure {bundle}: {exc}") from exc
     report = Path(tempfile.mkdtemp(prefix="slimsearch-verify-")) / "verification.json"
     write_json(report, verification)  # the bundle itself stays as its manifest says
     return _say_verification(verification, report)
@@ -380,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # progress lines as they happen, also into a pipe (`| tee run.log`, a parent process)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         return args.handler(args)
     except ConfigError as exc:

@@ -70,7 +70,11 @@ def _fresh(bundle: Path, run_dir: Path) -> dict[str, Any]:
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"the fresh process that re-measures the bundle failed: {tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError) as exc:  # something else printed last, or nothing
+        raise RuntimeError("the fresh process that re-measures the bundle did not print its "
+                           f"figures: {done.stdout[-500:]!r}") from exc
 
 
 def verify_in_fresh_process(bundle: Path, run_dir: Path, search: dict[str, Any] | None, *,

@@ -336,3 +336,16 @@ def test_a_slow_models_noisy_windows_are_not_filtered_down_to_the_fast_ones(
                           clock=clock, probe=clock.probe(tmp_path))
     assert not result.disturbed and result.quiet_fraction > 0.9
     assert result.median_ms == pytest.approx(1.5, rel=0.02)
+
+
+def test_a_model_slower_than_a_window_is_not_filtered_down_to_its_fast_calls(
+        tmp_path: Path) -> None:
+    # 6 ms calls +-15%: one sample per 5 ms window, so a window's median is one call
+    import random
+
+    rng = random.Random(1)
+    clock = FakeClock(rng.uniform(0.0051, 0.0069) for _ in itertools.count())
+    result = _measure_cpu(clock.model, None, warmup=20, samples=300, batch=1, threads=1,
+                          clock=clock, probe=clock.probe(tmp_path))
+    assert not result.disturbed and result.quiet_fraction > 0.9
+    assert result.median_ms == pytest.approx(6.0, rel=0.02)

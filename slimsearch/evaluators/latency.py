@@ -254,11 +254,17 @@ def _median_standard_error(windows: list[_Window]) -> float:
     deviations for normal noise), pooled over the windows: unbiased for windows of 3 samples
     as of 300, robust to the odd slow call, and not inflated by a disturbance that slows
     whole windows."""
-    steps = [abs(a - b) / w.median_ms for w in windows if w.median_ms > 0
-             for a, b in itertools.pairwise(w.times_ms)]
+    per_window = statistics.median(len(w.times_ms) for w in windows)
+    if per_window >= 3:
+        steps = [abs(a - b) / w.median_ms for w in windows if w.median_ms > 0
+                 for a, b in itertools.pairwise(w.times_ms)]
+    else:  # a model slower than a window holds one or two samples: successive ones across
+        # windows (probe-quiet ones, in time order), their spread alike
+        times = [t for w in windows for t in w.times_ms]
+        middle = statistics.median(times)
+        steps = [abs(a - b) / middle for a, b in itertools.pairwise(times)] if middle > 0 else []
     if not steps:
         return 0.0
-    per_window = statistics.median(len(w.times_ms) for w in windows)
     return 1.25 * statistics.median(steps) / 0.954 / math.sqrt(per_window)
 
 

@@ -382,8 +382,10 @@ def _prefixed(say: Callable[[str], None], prefix: str) -> Callable[[str], None]:
 def _start_workers(count: int, experiment_file: Path, run_dir: Path, trials: int,
                    deadline: float, storage: str | None) -> list[subprocess.Popen]:
     """``count`` more processes of ``slimsearch run`` on this run folder, as workers."""
+    # --backend local: workers exist only on the local backend, whatever the file says
     command = [sys.executable, "-m", "slimsearch", "run", str(experiment_file), "--run-dir",
-               str(run_dir), "--trials", str(trials), "--workers", str(count + 1)]
+               str(run_dir), "--trials", str(trials), "--workers", str(count + 1),
+               "--backend", "local"]
     if math.isfinite(deadline):
         command += ["--timeout", f"{max(1.0, deadline - time.monotonic()):.0f}s"]
     if storage is not None:

@@ -218,21 +218,37 @@ def _searcher_class() -> type:
         error_kind,
         same_failures_message,
     )
-    from slimsearch.search.recovery import OWNER, claimed, enqueue_again, run_lock, this_process
+    from slimsearch.search.recovery import (
+        OWNER,
+        claimed,
+        enqueue_again,
+        heartbeat,
+        run_lock,
+        this_process,
+    )
 
     class StudySearcher(Searcher):
         """Trials asked of and told to the run's Optuna study (see the module docstring)."""
 
         def __init__(self, study: optuna.Study, space: Any, folder: Any, config: Any, *,
-                     budget: int, deadline_unix: float | None, threads: int, runner: Any,
-                     say: Callable[[str], None]) -> None:
+                     budget: int, deadline_unix: float | None, threads: int,
+                     teacher_metrics: dict[str, Any], say: Callable[[str], None]) -> None:
             super().__init__()
             self.study, self.space, self.folder, self.config = study, space, folder, config
             self.budget, self.deadline_unix, self.threads = budget, deadline_unix, threads
-            self.runner, self.say = runner, say
-            self.pending: dict[str, tuple[optuna.Trial, float, str]] = {}
+            self.teacher_metrics, self.say = teacher_metrics, say
+            #: Tune trial id -> (Optuna trial, start, "n/budget", its heartbeat's context)
+            self.pending: dict[str, tuple[optuna.Trial, float, str, Any]] = {}
             self.tally = Tally()
             self.failures_in_a_row: list[str] = []
+            self.budget_claimed = False  # until a trial ends: no need to read the study again
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its search algorithm into the experiment folder (for a
+            # Tuner.restore that slimsearch does not use: the study is the state). The study,
+            # the space with its task's data and the printer stay out of that file.
+            return {k: v for k, v in self.__dict__.items()
+                    if k not in ("study", "space", "say", "pending")}
 
         def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
             return True  # the objectives and the space are the study's, not Tune's
@@ -241,18 +257,24 @@ def _searcher_class() -> type:
             out_of_time = self.deadline_unix is not None and time.time() >= self.deadline_unix
             if out_of_time or self.tally.stopped:
                 return None if self.pending else Searcher.FINISHED
+            if self.budget_claimed and self.pending:  # Tune asks ~10 times a second
+                return None
             with run_lock(self.folder.root):  # the same claim as local workers make
                 taken = claimed(self.study)
                 if taken >= self.budget:  # a running one may yet be re-enqueued: ask later
+                    self.budget_claimed = True
                     return None if self.pending else Searcher.FINISHED
                 trial = self.study.ask()
                 trial.set_user_attr(OWNER, this_process())  # the driver: it tells the study
+            beat = heartbeat(self.study, trial)  # RDB storages: other hosts see it alive
+            beat.__enter__()
             trial.set_user_attr("backend", "ray")
             seed = self.config.seed + trial.number
             trial.set_user_attr("seed", seed)
             recipe = self.space.suggest(trial)
             trial.set_user_attr("recipe", recipe.to_dict())
-            self.pending[trial_id] = (trial, time.perf_counter(), f"{taken + 1}/{self.budget}")
+            self.pending[trial_id] = (trial, time.perf_counter(), f"{taken + 1}/{self.budget}",
+                                      beat)
             return {"run_dir": str(self.folder.root), "number": trial.number,
                     "recipe": recipe.to_dict(), "seed": seed, "threads": self.threads,
                     "deadline_unix": self.deadline_unix}
@@ -261,26 +283,30 @@ def _searcher_class() -> type:
                               error: bool = False) -> None:
             if trial_id not in self.pending:
                 return
-            trial, start, position = self.pending.pop(trial_id)
+            trial, start, position, beat = self.pending.pop(trial_id)
+            beat.__exit__(None, None, None)
+            self.budget_claimed = False  # it may have been re-enqueued, or not counted
             outcome = json.loads(result[OUTCOME]) if result and OUTCOME in result else None
             seconds = time.perf_counter() - start
             try:
                 self._tell(trial, outcome, error, seconds, position)
-            except UpdateFinishedTrialError:  # recovered by another worker meanwhile
+            except (UpdateFinishedTrialError, ValueError):  # recovered elsewhere meanwhile
                 self.say(f"[{position}] trial {trial.number} was recovered by another worker "
                          "while it ran on Ray; this result is dropped, the retry counts")
 
         def _tell(self, trial: optuna.Trial, outcome: dict | None, error: bool, seconds: float,
                   position: str) -> None:
-            if outcome is None:
-                # Tune ended it before it reported: its time budget, or its worker died more
-                # often than the retries allow. Not the recipe's result: PRUNED, run again.
-                reason = ("its Ray worker failed (see Ray's logs)" if error
-                          else "Ray Tune stopped it before it finished (time budget)")
-                outcome = {"state": "PRUNED", "stopped": reason, "by_deadline": True}
+            if outcome is None and error:
+                # Its worker process died, again after Ray's retry: most likely this recipe
+                # (out of memory, a crash in native code). Counted, like any failure.
+                outcome = {"state": "FAIL", "error": f"its Ray worker died {MAX_RETRIES + 1} "
+                           "times (out of memory? a crash in native code? see Ray's logs)"}
+            elif outcome is None:  # stopped by Tune before it reported: not its result
+                outcome = {"state": "PRUNED", "by_deadline": True,
+                           "stopped": "Ray Tune stopped it before it finished"}
             if outcome["state"] == "COMPLETE":
                 metrics = outcome["metrics"]
-                violations = constraint_values(metrics, self.runner.teacher_metrics,
+                violations = constraint_values(metrics, self.teacher_metrics,
                                                self.config.constraints)
                 for name, value in violations.items():
                     trial.set_constraint(name, value)
@@ -313,16 +339,31 @@ def _searcher_class() -> type:
                     self.tally.stopped = same_failures_message(outcome["error"], self.folder)
                     self.say(f"stopping: {self.tally.stopped}")
 
-        def abandon_pending(self, why: str) -> None:
-            """Trials Tune never reported back: FAIL (not counted) and enqueued once more."""
-            for trial, _, _ in self.pending.values():
+        def abandon_pending(self) -> None:
+            """Trials Tune never reported back (it stops the running ones at its time budget
+            without telling the searcher; or the run was interrupted): PRUNED by the time
+            budget, else FAIL; not counted either way, and their parameters run again."""
+            out_of_time = self.deadline_unix is not None and time.time() >= self.deadline_unix
+            for trial, start, position, beat in self.pending.values():
+                beat.__exit__(None, None, None)
                 try:
                     trial.set_user_attr("interrupted", True)
-                    trial.set_user_attr("error", why)
-                    self.study.tell(trial, state=TrialState.FAIL)
+                    if out_of_time:
+                        trial.set_user_attr("stopped", "the run's time budget ended while it ran")
+                        self.study.tell(trial, state=TrialState.PRUNED)
+                        self.tally.pruned += 1
+                    else:
+                        trial.set_user_attr("error", "the Ray run ended while the trial ran")
+                        self.study.tell(trial, state=TrialState.FAIL)
+                        self.tally.failed += 1
                     enqueue_again(self.study, trial)
-                except UpdateFinishedTrialError:
-                    pass
+                except (UpdateFinishedTrialError, ValueError):
+                    continue
+                self.say(f"[{position}] trial {trial.number} "
+                         f"{'PRUNED' if out_of_time else 'FAILED'} after "
+                         f"{time.perf_counter() - start:.1f} s: "
+                         f"{trial.user_attrs.get('stopped') or trial.user_attrs.get('error')} "
+                         "(it runs again when the search continues)")
             self.pending.clear()
 
         def save(self, checkpoint_path: str) -> None:
@@ -352,6 +393,9 @@ def run_trials(study: optuna.Study, space: Any, folder: Any, config: Any, *, bud
     once, each with ``search.cpus_per_trial`` CPUs and, on CUDA, one whole GPU (two trials on
     one GPU would corrupt each other's latency)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines, not Tune's tables
+    # Ctrl-C interrupts the run as on the local backend (Tune's own handler would end fit()
+    # as if the search were done, and the command would exit 0)
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -360,8 +404,8 @@ def run_trials(study: optuna.Study, space: Any, folder: Any, config: Any, *, bud
     cpus = config.search.cpus_per_trial or _cpus_each(concurrency)
     gpus = 1 if runner.device.type == "cuda" else 0
     searcher = _searcher_class()(study, space, folder, config, budget=budget,
-                                 deadline_unix=deadline_unix, threads=cpus, runner=runner,
-                                 say=say)
+                                 deadline_unix=deadline_unix, threads=cpus,
+                                 teacher_metrics=runner.teacher_metrics, say=say)
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": cpus, "gpu": gpus}),
         tune_config=tune.TuneConfig(
@@ -374,6 +418,5 @@ def run_trials(study: optuna.Study, space: Any, folder: Any, config: Any, *, bud
     try:
         tuner.fit()
     finally:
-        searcher.abandon_pending("the Ray run ended while the trial ran; its parameters were "
-                                 "enqueued again")
+        searcher.abandon_pending()
     return searcher.tally
