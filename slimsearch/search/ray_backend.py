@@ -188,6 +188,12 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
                 else type(exc).__name__}
 
 
+def _trial_dirname(trial: Any) -> str:
+    """Tune's folder of a trial under run/ray/: named after the study's trial number (Tune's
+    default name spells out the whole recipe)."""
+    return f"trial-{trial.config['number']:05d}"
+
+
 def _trainable(spec: dict[str, Any]) -> None:
     from ray import tune
 
@@ -410,7 +416,7 @@ def run_trials(study: optuna.Study, space: Any, folder: Any, config: Any, *, bud
         tune.with_resources(_trainable, {"cpu": cpus, "gpu": gpus}),
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
-            num_samples=-1, reuse_actors=True,
+            num_samples=-1, reuse_actors=True, trial_dirname_creator=_trial_dirname,
             time_budget_s=remaining + DEADLINE_GRACE_S if math.isfinite(remaining) else None),
         run_config=tune.RunConfig(
             name="tune", storage_path=str((folder.root / "ray").resolve()), verbose=0,
