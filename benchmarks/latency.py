@@ -81,7 +81,10 @@ def repeatability(repeats: int, processes: int, quiet_wait_s: float | None) -> N
         for _ in range(repeats):
             time.sleep(0.2)
             in_process.append(measure_once(name, quiet_wait_s))
-        describe("in this process", in_process)
+        if in_process:
+            describe("in this process", in_process)
+        if not processes:
+            continue
         fresh = [json.loads(subprocess.run(
             [sys.executable, __file__, "--one", name, "--quiet-wait", str(wait)], check=True,
             capture_output=True, text=True).stdout) for _ in range(processes)]
@@ -100,8 +103,11 @@ def cost(trials: int) -> None:
         total = time.perf_counter() - start
         data = load_report_data(RunFolder(Path(folder) / "run").root)
         wall = build = accuracy = plan = latency = 0.0
+        parts: dict[str, list[float]] = {}
         for t in data.completed:
             s = t.metrics["seconds"]
+            for key, value in s.items():
+                parts.setdefault(key, []).append(value)
             wall += t.seconds
             build += s["build"]
             accuracy += s["val_accuracy"] + s["test_accuracy"]
@@ -117,6 +123,8 @@ def cost(trials: int) -> None:
           f"{plan / wall:.1%}), bookkeeping {other / wall:.1%}; "
           f"latency + bookkeeping {(latency + other) / wall:.1%}; latency cache reused "
           f"{reused}/{figures}")
+    print("  ms per trial: trial " + f"{wall / len(data.completed) * 1e3:.0f}, " + ", ".join(
+        f"{key} {statistics.fmean(values) * 1e3:.0f}" for key, values in parts.items()))
 
 
 def main() -> None:
@@ -133,7 +141,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure_once(args.one, args.quiet_wait)))
         return
-    repeatability(args.repeats, args.processes, args.quiet_wait)
+    if args.repeats or args.processes:
+        repeatability(args.repeats, args.processes, args.quiet_wait)
     if not args.skip_cost:
         cost(args.trials)
 

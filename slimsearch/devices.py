@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gc
 import os
 import platform
@@ -51,8 +52,10 @@ def _lock_file(device: torch.device, lock_dir: str | Path | None, kind: str) -> 
     return folder / f"slimsearch-{kind}-{tag}.lock"
 
 
+@functools.cache
 def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows. Read once per
+    process: it names lock files, and training asks for those between every two epochs."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

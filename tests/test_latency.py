@@ -259,12 +259,12 @@ def test_undisturbed_windows_are_kept_and_disturbed_ones_left_out(tmp_path: Path
 
 
 def test_short_calls_are_grouped_so_a_sample_outlasts_the_clock_resolution(tmp_path: Path) -> None:
-    # 20 us per call: ceil(50 us / 20 us) = 3 calls per sample, latency reported per call
-    clock = FakeClock(itertools.repeat(20e-6))
+    # 10 us per call: ceil(25 us / 10 us) = 3 calls per sample, latency reported per call
+    clock = FakeClock(itertools.repeat(10e-6))
     result = _measure_cpu(clock.model, None, warmup=5, samples=20, batch=1, threads=1,
                           clock=clock, probe=clock.probe(tmp_path))
     assert result.calls_per_sample == 3
-    assert result.median_ms == pytest.approx(0.02) and result.cv == pytest.approx(0, abs=1e-9)
+    assert result.median_ms == pytest.approx(0.01) and result.cv == pytest.approx(0, abs=1e-9)
 
 
 def test_forms_compared_in_turns_rank_more_work_slower() -> None:

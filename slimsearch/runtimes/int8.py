@@ -175,14 +175,23 @@ def _calibrate(model: nn.Module, layers: list[str], input_shape: list[int],
         return {n: [float(o.min_val), float(o.max_val)] for n, o in _observers(prepared).items()}
 
 
-def _time(forms: dict[str, nn.Module], x: torch.Tensor, threads: int) -> dict[str, float]:
+def _time(forms: dict[str, nn.Module], x: torch.Tensor, threads: int,
+          **protocol: float) -> dict[str, float]:
     """Median milliseconds per call of each form on ``x`` on CPU, timed in turns so that a
-    machine slowing down meanwhile cannot decide between them (a choice, not an objective)."""
-    return compare_latency({k: torch.no_grad()(f) for k, f in forms.items()}, x, threads=threads)
+    machine slowing down meanwhile cannot decide between them (a choice, not an objective).
+    ``protocol``: compare_latency's rounds and window_s, when not its defaults."""
+    return compare_latency({k: torch.no_grad()(f) for k, f in forms.items()}, x, threads=threads,
+                           **protocol)
 
 
 #: int8 must beat float by this fraction to run: a tie in a quick timing is not a win.
 MARGIN = 0.05
+#: A single layer is timed in fewer, shorter rounds than a whole model (a layer call takes
+#: microseconds, so a 1 ms window still holds dozens of calls). A layer's timing only
+#: proposes: no model runs int8 unless its whole form, timed at compare_latency's defaults,
+#: beat float; a near-tie misjudged here costs at most a missed speedup. New layer shapes
+#: come with most trials, so this was most of the plan's time (42 ms -> 22 ms per shape).
+LAYER_PROTOCOL = {"rounds": 6, "window_s": 0.001}
 
 _LAYER_CACHE: dict[tuple, tuple[float, float]] = {}
 #: Whole-model decisions by form (see plan_execution): (layers, decisions).
@@ -202,7 +211,8 @@ def _layer_times(layer: nn.Module, x: torch.Tensor, mode: str, threads: int) -> 
                              engine=torch.backends.quantized.engine)
         if mode == "static":
             plan.ranges = _calibrate(single, ["0"], plan.input_shape, x)
-        timed = _time({"float": single, "int8": build_executable(single, plan)}, x, threads)
+        timed = _time({"float": single, "int8": build_executable(single, plan)}, x, threads,
+                      **LAYER_PROTOCOL)
         _LAYER_CACHE[key] = (timed["float"], timed["int8"])
     return _LAYER_CACHE[key]
 
