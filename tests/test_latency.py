@@ -240,6 +240,45 @@ def test_a_disturbed_machine_is_detected_and_its_slowdown_taken_out(tmp_path: Pa
     assert MachineProbe(1, lock_dir=tmp_path, workload=lambda: None).floor_us == pytest.approx(10)
 
 
+def test_the_probe_is_chosen_by_the_kind_of_model_and_keeps_its_own_floor(tmp_path: Path) -> None:
+    from slimsearch.evaluators.machine_probe import kind_for
+
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    assert kind_for(mlp) == "linear" and kind_for(cnn) == "conv"
+    assert kind_for(lambda x: x) == "linear"  # a callable hides its layers: the caller says
+
+    class QuantizedConv2d(nn.Module):  # int8 kernels' modules are not _ConvNd subclasses
+        pass
+    assert kind_for(nn.Sequential(QuantizedConv2d())) == "conv"
+
+    # each kind learns and stores its own floor: a conv reading never judges a Linear one
+    for kind, reading_s in (("linear", 10e-6), ("conv", 35e-6)):
+        clock = FakeClock([])
+
+        def work(clock: FakeClock = clock, reading_s: float = reading_s) -> None:
+            clock.now += reading_s
+        probe = MachineProbe(1, kind=kind, lock_dir=tmp_path, workload=work, clock=clock)
+        probe.burst(), probe.burst()
+        probe.save()
+    floors = {kind: MachineProbe(1, kind=kind, lock_dir=tmp_path, workload=lambda: None).floor_us
+              for kind in ("linear", "conv")}
+    assert floors == {"linear": pytest.approx(10), "conv": pytest.approx(35)}
+    with pytest.raises(ValueError, match="probe kind"):
+        MachineProbe(1, kind="gpu", lock_dir=tmp_path, workload=lambda: None)
+
+
+def test_a_measurement_says_which_probe_judged_it() -> None:
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 2)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    assert measure_latency(cnn, x, device=torch.device("cpu"), warmup=5, samples=20).probe == "conv"
+    assert measure_latency(lambda t: cnn(t), x, device=torch.device("cpu"), warmup=5, samples=20,
+                           probe="conv").probe == "conv"
+    assert measure_latency(lambda t: cnn(t), x, device=torch.device("cpu"), warmup=5,
+                           samples=20).probe == "linear"
+
+
 def test_undisturbed_windows_are_kept_and_disturbed_ones_left_out(tmp_path: Path) -> None:
     # alternate 0.5 s quiet (model 1.0 ms) and 0.5 s disturbed (model 1.6 ms, probe 16 us)
     clock = FakeClock([])

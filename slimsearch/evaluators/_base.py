@@ -17,6 +17,7 @@ from torch import nn
 
 from slimsearch.evaluators.latency import measure_latency
 from slimsearch.evaluators.latency_cache import LatencyCache
+from slimsearch.evaluators.machine_probe import kind_for as probe_kind
 from slimsearch.experiment import TargetConfig
 from slimsearch.tasks import Task
 from slimsearch.training import full_fp32
@@ -107,7 +108,8 @@ class LatencyEvaluator:
                                          samples=self.samples, max_cv=target.max_cv,
                                          max_repeats=target.max_repeats,
                                          quiet_wait_s=target.quiet_wait_s,
-                                         cuda_graph=target.cuda_graphs)
+                                         cuda_graph=target.cuda_graphs,
+                                         probe=probe_kind(context.model))
                 if cache is not None:
                     cache.put(key, result)
             metrics.update(result.as_metrics(suffix))

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from slimsearch.devices import exclusive
-from slimsearch.evaluators.machine_probe import MachineProbe
+from slimsearch.evaluators.machine_probe import MachineProbe, kind_for
 
 #: A CPU sample lasts at least this long (seconds), so timer resolution and the timer's own
 #: cost (~0.1 us) do not matter. (50 us gave digits-mlp's 31 us calls two per sample: the same
@@ -91,6 +91,9 @@ class Latency:
     slowdown: float | None = None
     disturbed: bool = False
     raw_median_ms: float | None = None
+    #: CPU: the machine probe's kind (``linear`` or ``conv``: the workload whose slowdown
+    #: judges and scales the windows).
+    probe: str | None = None
     #: Coefficient of variation of the medians of successive windows (CPU: the 5 ms windows
     #: used; CUDA: blocks of 50 samples): how steady the median was over the measurement.
     #: Above ``max_cv`` the measurement is repeated. (Single samples of a few microseconds
@@ -125,10 +128,13 @@ def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.d
                     threads: int = 1, warmup: int = 100, samples: int = 500,
                     max_cv: float = math.inf, max_repeats: int = 0,
                     cuda_graph: bool = False, quiet_wait_s: float = 0.0,
-                    warmup_s: float = WARMUP_MIN_S) -> Latency:
+                    warmup_s: float = WARMUP_MIN_S, probe: str | None = None) -> Latency:
     """Median per-call latency (ms) of ``model(inputs)`` on ``device``; ``inputs`` is one batch
     in the form the model takes (a tensor already on ``device``, or e.g. a numpy array for
-    onnxruntime). ``model`` may be an ``nn.Module`` or any callable."""
+    onnxruntime). ``model`` may be an ``nn.Module`` or any callable. ``probe``: the machine
+    probe's kind on CPU (default: ``machine_probe.kind_for(model)``; pass it for a callable
+    that wraps a module, e.g. an onnxruntime session)."""
+    probe_kind = probe or kind_for(model)
     if isinstance(model, torch.nn.Module):
         # Moved only when it is not there yet: a runtime may have put tensor subclasses
         # (sparse or quantized weights) on the device that should not be copied again.
@@ -153,7 +159,8 @@ def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.d
                 once = lambda: _measure_cpu(model, inputs, warmup=warmup, samples=samples,  # noqa: E731
                                             batch=batch, threads=threads,
                                             quiet_wait_s=quiet_wait_s,
-                                            warmup_s=warmup_s if next(attempt) == 0 else 0.0)
+                                            warmup_s=warmup_s if next(attempt) == 0 else 0.0,
+                                            probe=MachineProbe(threads, kind=probe_kind))
             return _steadiest(once, max_cv=max_cv, max_repeats=max_repeats)
         finally:
             torch.set_num_threads(previous_threads)
@@ -331,7 +338,8 @@ def _measure_cpu(model: Callable[[Any], Any], x: Any, *, warmup: int, samples: i
     readings = [windows[0].before_us, *(w.after_us for w in windows)]
     result = _summarise(chosen, calls=calls, warmup=calls_done + 10, device=torch.device("cpu"),
                         batch_size=batch, threads=threads)
-    return replace(result, disturbed=disturbed, quiet_fraction=round(len(quiet) / len(every), 4),
+    return replace(result, disturbed=disturbed, probe=probe.kind,
+                   quiet_fraction=round(len(quiet) / len(every), 4),
                    slowdown=round(statistics.median(readings) / probe.floor_us, 4),
                    raw_median_ms=statistics.median(every),
                    window_cv=_cv([statistics.median(t) for t in chosen_windows if t]))

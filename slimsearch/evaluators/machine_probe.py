@@ -5,7 +5,11 @@ On a shared machine the same model runs ~1.55x slower for seconds at a time whil
 outside this process loads the physical core (measured on the reference 2-core VM:
 ``benchmarks/RESULTS.md``). Inside such a period the samples stay tightly grouped, so no
 statistic of the samples alone can tell a slow period from a slow model. The probe, a fixed
-256x256 Linear layer on one sample (about 11 us undisturbed there), slows down with it.
+small workload, slows down with it. Not every workload slows alike, so there are two: a
+256x256 Linear layer on one sample (``linear``, about 11 us undisturbed there) for models
+without convolutions, and a 16-channel 3x3 Conv2d on 16x16 (``conv``, about 35 us) for models
+with them. Replayed over the same disturbed windows, the CNN's slowdown was 1.115x the Linear
+probe's and 0.99x the conv probe's; the MLP's 1.076x and 0.94x (benchmarks/RESULTS.md).
 
 Its undisturbed time, the *floor*, is the lowest burst median seen on this machine with these
 threads and this torch. It is kept in a small JSON file beside the device locks, so every
@@ -27,8 +31,10 @@ import torch
 from slimsearch.atomic import write_json
 from slimsearch.devices import cpu_model
 
-#: Probe calls per burst; the burst's median is one reading (~0.1 ms of probe per reading).
-PROBE_CALLS = 10
+#: Probe calls per burst, by kind; the burst's median is one reading (~0.1-0.2 ms of probe
+#: per reading, against 5 ms windows of samples).
+PROBE_CALLS = {"linear": 10, "conv": 5}
+KINDS = tuple(PROBE_CALLS)
 #: A reading at most this fraction above the floor counts as undisturbed.
 QUIET_TOLERANCE = 0.10
 #: With no stored floor, readings are taken for this long (seconds) first, so the first
@@ -37,26 +43,49 @@ CALIBRATION_S = 0.3
 FLOOR_FILE = "slimsearch-probe-floor.json"
 
 
+def kind_for(model: object) -> str:
+    """The probe that slows down most like ``model``: ``conv`` when it has convolutions."""
+    if isinstance(model, torch.nn.Module) and any(
+            isinstance(m, torch.nn.modules.conv._ConvNd) or "Conv" in type(m).__name__
+            for m in model.modules()):
+        return "conv"
+    return "linear"
+
+
+def _workload(kind: str) -> Callable[[], object]:
+    generator = torch.Generator().manual_seed(0)
+    if kind == "conv":
+        layer: torch.nn.Module = torch.nn.Conv2d(16, 16, 3, padding=1).eval()
+        x = torch.randn(1, 16, 16, 16, generator=generator)
+    else:
+        layer = torch.nn.Linear(256, 256).eval()
+        x = torch.randn(1, 256, generator=generator)
+    return lambda: layer(x)
+
+
 class MachineProbe:
     """Times the reference workload; knows the floor and whether a reading is undisturbed.
 
-    ``workload`` and ``clock`` replace the real Linear layer and ``time.perf_counter`` (tests);
-    ``lock_dir`` is where the floor file lives (default: the device locks' folder).
+    ``kind``: ``linear`` or ``conv`` (see ``kind_for``). ``workload`` and ``clock`` replace the
+    real layer and ``time.perf_counter`` (tests); ``lock_dir`` is where the floor file lives
+    (default: the device locks' folder).
     """
 
-    def __init__(self, threads: int, *, lock_dir: str | Path | None = None,
+    def __init__(self, threads: int, *, kind: str = "linear",
+                 lock_dir: str | Path | None = None,
                  workload: Callable[[], object] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"probe kind {kind!r}: one of {KINDS}")
         self.clock = clock
-        if workload is None:
-            generator = torch.Generator().manual_seed(0)
-            layer = torch.nn.Linear(256, 256).eval()
-            x = torch.randn(1, 256, generator=generator)
-            workload = lambda: layer(x)  # noqa: E731
-        self.workload = workload
+        self.kind = kind
+        self.calls = PROBE_CALLS[kind]
+        self.workload = workload or _workload(kind)
         folder = Path(lock_dir or os.environ.get("SLIMSEARCH_LOCK_DIR", tempfile.gettempdir()))
         self.path = folder / FLOOR_FILE
         self.key = f"{cpu_model()} | threads {threads} | torch {torch.__version__}"
+        if kind != "linear":  # the Linear probe's key predates the kinds: kept as it was
+            self.key += f" | probe {kind}"
         self.floor_us = self._stored().get(self.key, float("inf"))
         self._improved = False
         self._last = float("inf")
@@ -75,7 +104,7 @@ class MachineProbe:
     def burst(self) -> float:
         """One reading: median microseconds per probe call; lowers the floor if it can."""
         times = []
-        for _ in range(PROBE_CALLS):
+        for _ in range(self.calls):
             start = self.clock()
             self.workload()
             times.append((self.clock() - start) * 1e6)
