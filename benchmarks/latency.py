@@ -10,7 +10,9 @@
    same samples (every sample, whatever the machine was doing: the protocol without the probe).
 2. Cost: a --trials digits-mlp search (experiments/digits_mlp.toml) in a temporary folder:
    the share of trial time spent measuring latency (the int8 plan's timings included) and on
-   bookkeeping (everything but training/compressing and accuracy), from each trial's record.
+   bookkeeping (everything but training/compressing and accuracy), from each trial's record,
+   and the mean milliseconds per trial of each recorded step. ``--repeats 0 --processes 0``
+   runs only this part.
 """
 
 from __future__ import annotations
