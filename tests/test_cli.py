@@ -95,6 +95,24 @@ def test_report_command_rewrites_the_report(finished_run: Path, capsys: pytest.C
 
 
 @pytest.mark.slow
+def test_latency_scaled_on_a_busy_machine_is_flagged(finished_run: Path) -> None:
+    from slimsearch.report.data import load_report_data
+    from slimsearch.report.html import render_html
+    from slimsearch.search.optuna_backend import describe_metrics
+
+    data = load_report_data(finished_run)
+    for trial in data.completed:  # whatever this machine did during the run
+        trial.metrics["latency_disturbed"] = False
+    assert "timed on an undisturbed machine" in render_html(data, {})
+    busy = data.pareto[0]
+    busy.metrics["latency_disturbed"] = True
+    page = render_html(data, {})
+    assert f"1 of {len(data.completed)} completed trials were timed while the machine was busy" in page
+    assert page.count(">scaled</span>") == 1
+    assert "scaled: machine busy" in describe_metrics(busy.metrics)
+
+
+@pytest.mark.slow
 def test_export_and_load_model_in_a_fresh_process(finished_run: Path, tmp_path: Path) -> None:
     pareto = json.loads((finished_run / "pareto.json").read_text())
     entry = min(pareto["trials"], key=lambda t: t["metrics"]["size_bytes"])

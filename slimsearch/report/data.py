@@ -95,6 +95,13 @@ class ReportData:
         return sum(bool(v) for v in flags), len(flags)
 
     @property
+    def scaled_latency(self) -> list[TrialPoint]:
+        """Completed trials whose latency was measured while the machine was disturbed and
+        scaled by the probe's slowdown (``latency_disturbed``): within 5-10% on the reference
+        VM, not the few percent of an undisturbed measurement."""
+        return [t for t in self.completed if t.metrics.get("latency_disturbed")]
+
+    @property
     def slower_than_teacher(self) -> list[TrialPoint]:
         return [t for t in self.completed if t.metrics.get("slower_than_teacher")]
 

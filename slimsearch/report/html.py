@@ -190,6 +190,9 @@ def _pareto_table(data: ReportData) -> str:
         speedup = m.get("speedup", teacher_latency / m["latency_ms"] if teacher_latency
                         else float("nan"))
         slower = " <span class='flag'>slower than teacher</span>" if speedup < 1 else ""
+        scaled = (" <span class='flag' title='measured while the machine was busy and scaled by "
+                  "its measured slowdown: expect 5-10% error'>scaled</span>"
+                  if m.get("latency_disturbed") else "")
         spread = m["latency_cv"] * m["latency_ms"]
         extra = "".join(f"<td>{m[f'speedup_b{b}']:.2f}x</td>" if f"speedup_b{b}" in m
                         else "<td>?</td>" for b in extra_batches)
@@ -201,7 +204,7 @@ def _pareto_table(data: ReportData) -> str:
             f"<tr><td>{t.number}{label}{infeasible}</td>"
             f"<td>{m['val_accuracy']:.4f}</td><td>{m['test_accuracy']:.4f}</td>"
             f"<td data-v='{m['size_bytes']}'>{m['size_bytes']:,}</td><td>{ratio:.1f}x</td>"
-            f"<td data-v='{m['latency_ms']}'>{m['latency_ms']:.4f} &plusmn; {spread:.4f}</td>"
+            f"<td data-v='{m['latency_ms']}'>{m['latency_ms']:.4f} &plusmn; {spread:.4f}{scaled}</td>"
             f"<td data-v='{m['latency_p90_ms']}'>{m['latency_p90_ms']:.4f}</td>"
             f"<td data-v='{speedup}'>{speedup:.2f}x{slower}</td>{extra}"
             f"<td>{m.get('int8_layers', 0)}/{len(t.recipe['layers'])}</td>"
@@ -281,6 +284,11 @@ def _summary(data: ReportData) -> str:
     int8 = (", with layers on int8 kernels only where they were measured faster at this batch "
             "(column 'int8 layers')" if target.get("runtime", "torch") != "onnxruntime" else "")
     slower = len(data.slower_than_teacher)
+    scaled = len(data.scaled_latency)
+    busy = (f"{scaled} of {len(data.completed)} completed trials were timed while the machine "
+            "was busy and scaled by its measured slowdown (flagged 'scaled' in the table: "
+            "expect 5-10% error there; an export re-measures it)"
+            if scaled else "every completed trial was timed on an undisturbed machine")
     rules = data.constraints
     if rules:
         limits = ", ".join(f"{k} = {v}" for k, v in rules.items())
@@ -302,6 +310,7 @@ def _summary(data: ReportData) -> str:
         f"{spent / 60:.1f} min of trial time</li>"
         f"<li>constraints: {constraints}</li>"
         f"<li>latency cache: {cache}</li>"
+        f"<li>latency: {busy}</li>"
         f"<li>slower than the teacher at batch {batch_sizes[0]}: {slower} of "
         f"{len(data.completed)} completed trials</li>"
         f"<li>Pareto-optimal trials: {len(data.pareto)}</li></ul>")
