@@ -260,7 +260,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                           "are needed to re-measure); give it with --run-dir, or check only "
                           "the files with --manifest-only")
     metrics = read_json(bundle / "metrics.json")
-    searched = metrics.get("runtime", "torch") == manifest["runtime"]
+    # figures to compare with: the search's, or those measured at export for another runtime
+    # (none when it was exported with --no-verify)
+    searched = metrics.get("runtime", "torch") == manifest["runtime"] and "latency_ms" in metrics
     try:
         verification = verify_in_fresh_process(bundle, run_dir, metrics if searched else None,
                                                tolerance=args.tolerance)

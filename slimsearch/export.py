@@ -4,7 +4,7 @@
       model.safetensors   the model file the trial was built into (byte for byte)
       model.onnx | model.torchscript.pt   the runtime's own file, when the target's runtime
                           is onnxruntime or torchscript: what was sized and timed
-      recipe.json         how it was built          metrics.json   what the search measured
+      recipe.json         how it was built          metrics.json   the bundled file's figures
       environment.json    versions and seed         manifest.json  sha256 of every file
       verification.json   the bundle re-measured in a fresh process, beside the search's figures
 """
@@ -47,7 +47,9 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bo
 
     ``runtime``: the executable form to bundle; by default the run's. Another runtime's file
     is built from the trial's model file here; the search measured none of its figures, so
-    its verification records them without comparing.
+    its verification records them without comparing, and the bundle's metrics.json holds
+    those fresh figures (the search's, of the other runtime, under ``"search"``), never the
+    other runtime's as if they were this file's.
 
     Refuses trials that did not complete and an ``out`` folder that already holds files.
     The bundle is assembled in a temp folder and renamed into place, so it is never partial.
@@ -108,7 +110,10 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bo
                 staging, folder.root, metrics if runtime == searched else None, tolerance=tolerance)
             write_json(staging / "verification.json", verification)
             files.append("verification.json")
-            write_manifest()
+        if runtime != searched:
+            write_json(staging / "metrics.json", _other_runtime_metrics(
+                metrics, runtime=runtime, artifact=artifact, verification=verification))
+        write_manifest()
     except (TrialError, RuntimeError, subprocess.TimeoutExpired) as exc:
         shutil.rmtree(staging, ignore_errors=True)  # never a half-written bundle
         raise ArtifactError(f"cannot export trial {trial}: {exc}") from exc
@@ -119,6 +124,20 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bo
         out.rmdir()
     staging.rename(out)
     return out, verification
+
+
+def _other_runtime_metrics(searched: dict, *, runtime: str, artifact: str,
+                           verification: dict | None) -> dict:
+    """metrics.json of a bundle in a runtime the search did not measure: this file's figures
+    from the fresh process (none with --no-verify), the search's own under ``search``."""
+    from slimsearch.verification import COMPARED
+
+    fresh = verification["fresh"] if verification else {}
+    return {**fresh, "runtime": runtime, "artifact_file": artifact,
+            "measured": ("in a fresh process at export" if verification
+                         else "not measured (exported with --no-verify)"),
+            "search": {"runtime": searched.get("runtime", "torch"),
+                       **{k: searched[k] for k in COMPARED if k in searched}}}
 
 
 def verify_bundle(bundle: str | Path) -> dict:

@@ -487,6 +487,23 @@ def test_export_to_another_runtime_builds_and_measures_its_file(finished_run: Pa
     verification = json.loads((bundle / "verification.json").read_text())
     assert verification["passed"] and not verification["compared"]
     assert verification["fresh"]["size_bytes"] == (bundle / "model.onnx").stat().st_size
+    # the bundle's metrics are the ONNX file's own, the search's (torch) kept apart
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    assert metrics["runtime"] == "onnxruntime" and metrics["artifact_file"] == "model.onnx"
+    assert metrics["size_bytes"] == verification["fresh"]["size_bytes"]
+    assert metrics["search"]["runtime"] == "torch"
+    assert metrics["search"]["size_bytes"] != metrics["size_bytes"]
+    # and `verify` holds the bundle to them
+    assert main(["verify", str(bundle), "--tolerance", "0.5"]) == 0
+    assert "re-measured in a fresh process" in capsys.readouterr().out
+
+    unmeasured = tmp_path / "onnx-unverified"
+    assert main(["export", str(finished_run), "--trial", "0", "--runtime", "onnxruntime",
+                 "--out", str(unmeasured), "--no-verify"]) == 0
+    metrics = json.loads((unmeasured / "metrics.json").read_text())
+    assert "size_bytes" not in metrics and "--no-verify" in metrics["measured"]
+    assert main(["verify", str(unmeasured)]) == 0
+    assert "nothing to compare" in capsys.readouterr().out
 
 
 def test_backend_ray_without_ray_installed_says_how_to_install_it(
