@@ -25,7 +25,7 @@ from slimsearch.report.data import load_study
 from slimsearch.runtimes import get_runtime
 from slimsearch.search.run_folder import RunFolder
 from slimsearch.tasks import make_task
-from slimsearch.verification import DEFAULT_TOLERANCE, verify_in_fresh_process
+from slimsearch.verification import COMPARED, DEFAULT_TOLERANCE, verify_in_fresh_process
 
 BUNDLE_FILES = (MODEL_FILE, "recipe.json", "metrics.json", "environment.json")
 
@@ -130,8 +130,6 @@ def _other_runtime_metrics(searched: dict, *, runtime: str, artifact: str,
                            verification: dict | None) -> dict:
     """metrics.json of a bundle in a runtime the search did not measure: this file's figures
     from the fresh process (none with --no-verify), the search's own under ``search``."""
-    from slimsearch.verification import COMPARED
-
     fresh = verification["fresh"] if verification else {}
     return {**fresh, "runtime": runtime, "artifact_file": artifact,
             "measured": ("in a fresh process at export" if verification
