@@ -134,7 +134,6 @@ def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.d
     onnxruntime). ``model`` may be an ``nn.Module`` or any callable. ``probe``: the machine
     probe's kind on CPU (default: ``machine_probe.kind_for(model)``; pass it for a callable
     that wraps a module, e.g. an onnxruntime session)."""
-    probe_kind = probe or kind_for(model)
     if isinstance(model, torch.nn.Module):
         # Moved only when it is not there yet: a runtime may have put tensor subclasses
         # (sparse or quantized weights) on the device that should not be copied again.
@@ -156,11 +155,12 @@ def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.d
                 # A repeat follows the first attempt at once: the model and the core are warm,
                 # so only the first waits out warmup_s (the warm-up calls still run each time).
                 attempt = itertools.count()
+                machine = MachineProbe(threads, kind=probe or kind_for(model))
                 once = lambda: _measure_cpu(model, inputs, warmup=warmup, samples=samples,  # noqa: E731
                                             batch=batch, threads=threads,
                                             quiet_wait_s=quiet_wait_s,
                                             warmup_s=warmup_s if next(attempt) == 0 else 0.0,
-                                            probe=MachineProbe(threads, kind=probe_kind))
+                                            probe=machine)
             return _steadiest(once, max_cv=max_cv, max_repeats=max_repeats)
         finally:
             torch.set_num_threads(previous_threads)

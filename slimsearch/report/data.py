@@ -97,8 +97,9 @@ class ReportData:
     @property
     def scaled_latency(self) -> list[TrialPoint]:
         """Completed trials whose latency was measured while the machine was disturbed and
-        scaled by the probe's slowdown (``latency_disturbed``): within 5-10% on the reference
-        VM, not the few percent of an undisturbed measurement."""
+        scaled by the probe's slowdown (``latency_disturbed``): on the reference VM such
+        figures fell from 15% below to 25% above the undisturbed ones (benchmarks/RESULTS.md),
+        where undisturbed repeats agreed within a few percent."""
         return [t for t in self.completed if t.metrics.get("latency_disturbed")]
 
     @property

@@ -405,7 +405,7 @@ def _describe_space(space: SearchSpace) -> tuple[int, bool]:
 
 
 def describe_metrics(metrics: dict) -> str:
-    cached = ", cached" if metrics.get("latency_cached") else ""
-    cached += ", scaled: machine busy" if metrics.get("latency_disturbed") else ""
+    notes = ", cached" if metrics.get("latency_cached") else ""
+    notes += ", scaled: machine busy" if metrics.get("latency_disturbed") else ""
     return (f"val_accuracy {metrics['val_accuracy']:.4f}, {metrics['size_bytes'] / 1e3:.1f} kB, "
-            f"{metrics['latency_ms']:.4f} ms (cv {metrics['latency_cv']:.2f}{cached})")
+            f"{metrics['latency_ms']:.4f} ms (cv {metrics['latency_cv']:.2f}{notes})")
