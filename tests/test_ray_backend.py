@@ -114,7 +114,8 @@ def test_a_study_mixing_local_and_ray_trials_reports_them_together(
 def test_a_ray_trial_past_the_deadline_is_pruned_not_completed(ray_session: None,
                                                                tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    experiment = write_experiment(tmp_path, trials=50, distill_epochs=400)
+    # far longer than the budget on any machine: a trial is surely running at the deadline
+    experiment = write_experiment(tmp_path, trials=50, distill_epochs=100000)
     # 20 s: the teacher and Tune's start-up come first, and a busy machine is slow at both
     assert main(["run", str(experiment), "--run-dir", str(run_dir), "--backend", "ray",
                  "--timeout", "20s"]) == 0
