@@ -66,8 +66,7 @@ def test_killed_and_resumed_searches_lose_nothing_and_finish_the_budget(
         storage: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     trials = 30
     experiment = tmp_path / "killed.toml"
-    # trials of about a second, so that every kill point lands in a running search; the
-    # budget is given on the command line, and the final `resume` continues to it by itself
+    # the budget is given on the command line, and the final `resume` continues to it by itself
     experiment.write_text(EXPERIMENT.format(trials=10).replace(
         "distill_epochs = 2", "distill_epochs = 8").replace("finetune_epochs = 2",
                                                             "finetune_epochs = 6"))
@@ -82,12 +81,17 @@ def test_killed_and_resumed_searches_lose_nothing_and_finish_the_budget(
     for _ in range(5):
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL, text=True)
-        # a random moment once trials are running (a fixed delay from the start landed
-        # before the first trial on a busy machine: starting up takes 3-6 s there)
+        # a random moment within the next few trials, in units of this machine's own trial
+        # time: fixed delays landed before the first trial on a busy machine (starting up took
+        # 3-6 s), and let a quiet one (0.15 s trials) finish the budget before the 5th kill
+        finished_at = []
         for line in process.stdout:
             if line.startswith("["):  # a trial finished: the next one is under way
-                break
-        time.sleep(rng.uniform(0.1, 2.0))
+                finished_at.append(time.monotonic())
+                if len(finished_at) == 2:
+                    break
+        if len(finished_at) == 2:
+            time.sleep(rng.uniform(0.1, 3.0) * (finished_at[1] - finished_at[0]))
         if process.poll() is not None:  # finished before the kill point
             break
         process.send_signal(signal.SIGKILL)
