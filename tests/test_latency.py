@@ -321,6 +321,19 @@ def test_forms_compared_in_turns_rank_more_work_slower() -> None:
     assert timed["twice"] > 1.5 * timed["once"] > 0
 
 
+def test_a_probe_a_little_slower_than_its_floor_does_not_scale_an_undisturbed_model(
+        tmp_path: Path) -> None:
+    # the probe reads 1.15x its floor for the whole measurement while the model keeps its
+    # 1.0 ms (seen on the reference VM: scaling by it reported the CNN 10% fast)
+    clock = FakeClock(itertools.repeat(0.001))
+    probe = clock.probe(tmp_path)
+    clock.probe_s[0] = 11.5e-6
+    result = _measure_cpu(clock.model, None, warmup=100, samples=500, batch=1, threads=1,
+                          clock=clock, probe=probe)
+    assert not result.disturbed and result.quiet_fraction == 1.0
+    assert result.median_ms == pytest.approx(1.0) and result.slowdown == pytest.approx(1.15)
+
+
 def test_a_disturbance_the_probe_misses_is_left_out_by_the_windows_own_medians(
         tmp_path: Path) -> None:
     # the probe always reads undisturbed, but every other 0.1 s the model runs 1.3x slower

@@ -35,8 +35,12 @@ from slimsearch.devices import cpu_model
 #: per reading, against 5 ms windows of samples).
 PROBE_CALLS = {"linear": 10, "conv": 5}
 KINDS = tuple(PROBE_CALLS)
-#: A reading at most this fraction above the floor counts as undisturbed.
-QUIET_TOLERANCE = 0.10
+#: A reading at most this fraction above the floor counts as undisturbed. The disturbance
+#: that slows models on the reference VM slows the probe 1.45-1.6x; the probe alone also reads
+#: 1.05-1.20x for seconds while the models keep their speed (260 CNN measurements: model
+#: windows at 0.98-1.01x of normal whenever the probe read under 1.2x, and 1.49-1.50x when it
+#: read over 1.5x). At 0.10, 16 of those 260 were judged disturbed and scaled 10% low.
+QUIET_TOLERANCE = 0.20
 #: With no stored floor, readings are taken for this long (seconds) first, so the first
 #: measurement on a machine is not judged against a floor read in a disturbed moment.
 CALIBRATION_S = 0.3
