@@ -148,10 +148,16 @@ def test_a_killed_ray_run_resumed_loses_no_finished_trial(tmp_path: Path) -> Non
                                 "--run-dir", str(run_dir), "--backend", "ray"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                start_new_session=True)
-    for line in process.stdout:  # kill once a few trials are in, most likely inside a trial
-        if line.startswith("[3/"):
-            break
-    time.sleep(random.Random(0).uniform(0.2, 0.8))
+    # kill once a few trials are in, most likely inside a trial: a moment measured in this
+    # machine's own time between finished trials, so that a fast one has not finished by then
+    finished_at = []
+    for line in process.stdout:
+        if line.startswith(("[2/", "[3/")):
+            finished_at.append(time.monotonic())
+            if line.startswith("[3/"):
+                break
+    gap = finished_at[-1] - finished_at[0] if finished_at else 0.0
+    time.sleep(random.Random(0).uniform(0.2, 0.8) * gap)
     assert process.poll() is None, "the search ended before the kill point"
     os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
     process.wait()
