@@ -29,7 +29,7 @@ import torch
 
 from slimsearch.evaluators import latency as protocol
 from slimsearch.evaluators import measure_latency
-from slimsearch.evaluators.latency import MIN_UNDISTURBED, _undisturbed, _Window
+from slimsearch.evaluators.latency import _chosen_samples, _undisturbed, _Window
 from slimsearch.tasks import make_task
 
 TOLERANCES = (0.05, 0.10, 0.15, 0.20, 0.30)
@@ -71,16 +71,10 @@ class _Probe:
 
 
 def replay(row: dict, tolerance: float, samples: int = 500) -> tuple[float, bool]:
-    """The result (us) and whether it was scaled, as ``_measure_cpu`` decides them."""
-    probe = _Probe(row["floor_us"], tolerance)
+    """The result (us) and whether it was scaled, decided by the protocol's own code."""
     windows = [_Window(before, times, after) for before, times, after in row["windows"]]
-    undisturbed = _undisturbed(windows, probe)
-    quiet = [t for w, q in zip(windows, undisturbed, strict=True) if q for t in w.times_ms]
-    scaled = len(quiet) < min(samples, MIN_UNDISTURBED)
-    chosen = [t if q else t * probe.floor_us / ((w.before_us + w.after_us) / 2)
-              for w, q in zip(windows, undisturbed, strict=True) if scaled or q
-              for t in w.times_ms]
-    return statistics.median(chosen) * 1e3, scaled
+    chosen, _, scaled = _chosen_samples(windows, _Probe(row["floor_us"], tolerance), samples)
+    return statistics.median(t for times in chosen for t in times) * 1e3, scaled
 
 
 def cv(values: list[float]) -> float:

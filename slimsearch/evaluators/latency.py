@@ -281,6 +281,24 @@ def _median_standard_error(windows: list[_Window]) -> float:
     return 1.25 * statistics.median(steps) / 0.954 / math.sqrt(per_window)
 
 
+def _chosen_samples(windows: list[_Window], probe: MachineProbe,
+                    samples: int) -> tuple[list[list[float]], int, bool]:
+    """The samples (ms per call) that make the measurement, by window; how many samples were
+    undisturbed; and whether too few were, so that the rest were scaled.
+
+    Enough undisturbed samples (all that were asked for, or at least MIN_UNDISTURBED when the
+    wait ran out): they alone are the measurement. Otherwise every window counts, and those
+    taken while the machine was disturbed are scaled by floor / reading, which is only as good
+    as the probe's slowdown matches the model's (within 5-18% measured)."""
+    undisturbed = _undisturbed(windows, probe)
+    quiet = sum(len(w.times_ms) for w, q in zip(windows, undisturbed, strict=True) if q)
+    disturbed = quiet < min(samples, MIN_UNDISTURBED)
+    chosen = [w.times_ms if q else [t * probe.floor_us / ((w.before_us + w.after_us) / 2)
+                                    for t in w.times_ms]
+              for w, q in zip(windows, undisturbed, strict=True) if disturbed or q]
+    return chosen, quiet, disturbed
+
+
 def _measure_cpu(model: Callable[[Any], Any], x: Any, *, warmup: int, samples: int, batch: int,
                  threads: int, quiet_wait_s: float = 0.0, warmup_s: float = WARMUP_MIN_S,
                  clock: Callable[[], float] = time.perf_counter,
@@ -322,24 +340,14 @@ def _measure_cpu(model: Callable[[Any], Any], x: Any, *, warmup: int, samples: i
         if total >= samples and clock() - begin >= quiet_wait_s:
             break
     probe.save()
-    undisturbed = _undisturbed(windows, probe)
-    quiet = [t for w, q in zip(windows, undisturbed, strict=True) if q for t in w.times_ms]
-    every = [t for w in windows for t in w.times_ms]
-    # Enough undisturbed samples (all that were asked for, or at least MIN_UNDISTURBED when
-    # the wait ran out): they alone are the measurement. Otherwise every window counts, and
-    # those taken while the machine was disturbed are scaled by floor / reading, which is
-    # only as good as the probe's slowdown matches the model's (within 5-18% measured).
-    disturbed = len(quiet) < min(samples, MIN_UNDISTURBED)
-    chosen_windows = [
-        w.times_ms if q else [t * probe.floor_us / ((w.before_us + w.after_us) / 2)
-                              for t in w.times_ms]
-        for w, q in zip(windows, undisturbed, strict=True) if disturbed or q]
+    chosen_windows, quiet, disturbed = _chosen_samples(windows, probe, samples)
     chosen = [t for times in chosen_windows for t in times]
+    every = [t for w in windows for t in w.times_ms]
     readings = [windows[0].before_us, *(w.after_us for w in windows)]
     result = _summarise(chosen, calls=calls, warmup=calls_done + 10, device=torch.device("cpu"),
                         batch_size=batch, threads=threads)
     return replace(result, disturbed=disturbed, probe=probe.kind,
-                   quiet_fraction=round(len(quiet) / len(every), 4),
+                   quiet_fraction=round(quiet / len(every), 4),
                    slowdown=round(statistics.median(readings) / probe.floor_us, 4),
                    raw_median_ms=statistics.median(every),
                    window_cv=_cv([statistics.median(t) for t in chosen_windows if t]))
