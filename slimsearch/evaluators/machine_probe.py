@@ -6,10 +6,11 @@ outside this process loads the physical core (measured on the reference 2-core V
 ``benchmarks/RESULTS.md``). Inside such a period the samples stay tightly grouped, so no
 statistic of the samples alone can tell a slow period from a slow model. The probe, a fixed
 small workload, slows down with it. Not every workload slows alike, so there are two: a
-256x256 Linear layer on one sample (``linear``, about 11 us undisturbed there) for models
-without convolutions, and a 16-channel 3x3 Conv2d on 16x16 (``conv``, about 35 us) for models
-with them. Replayed over the same disturbed windows, the CNN's slowdown was 1.115x the Linear
-probe's and 0.99x the conv probe's; the MLP's 1.076x and 0.94x (benchmarks/RESULTS.md).
+256x256 Linear layer on one sample (``linear``, 6-11 us undisturbed there, as the VM's speed
+changed from day to day) for models without convolutions, and a 16-channel 3x3 Conv2d on
+16x16 (``conv``, 28-35 us) for models with them. Replayed over the same disturbed windows,
+the CNN's slowdown was 1.115x the Linear probe's and 0.99x the conv probe's; the MLP's was
+0.92-1.08x the Linear probe's, from one day to the next (benchmarks/RESULTS.md).
 
 Its undisturbed time, the *floor*, is the lowest burst median seen on this machine with these
 threads and this torch. It is kept in a small JSON file beside the device locks, so every
@@ -36,7 +37,7 @@ from slimsearch.devices import cpu_model
 PROBE_CALLS = {"linear": 10, "conv": 5}
 KINDS = tuple(PROBE_CALLS)
 #: A reading at most this fraction above the floor counts as undisturbed. The disturbance
-#: that slows models on the reference VM slows the probe 1.45-1.6x; the probe alone also reads
+#: that slows models on the reference VM slows the probe 1.45-1.9x; the probe alone also reads
 #: 1.05-1.20x for seconds while the models keep their speed (260 CNN measurements: model
 #: windows at 0.98-1.01x of normal whenever the probe read under 1.2x, and 1.49-1.50x when it
 #: read over 1.5x). At 0.10, 16 of those 260 were judged disturbed and scaled 10% low.

@@ -191,7 +191,7 @@ def _pareto_table(data: ReportData) -> str:
                         else float("nan"))
         slower = " <span class='flag'>slower than teacher</span>" if speedup < 1 else ""
         scaled = (" <span class='flag' title='measured while the machine was busy and scaled by "
-                  "its measured slowdown: up to 15-25% off on a busy test VM'>scaled</span>"
+                  f"its measured slowdown: {_SCALED_ERROR}'>scaled</span>"
                   if m.get("latency_disturbed") else "")
         spread = m["latency_cv"] * m["latency_ms"]
         extra = "".join(f"<td>{m[f'speedup_b{b}']:.2f}x</td>" if f"speedup_b{b}" in m
@@ -265,6 +265,9 @@ def _failures(data: ReportData) -> str:
     return "".join(parts)
 
 
+#: How far a latency scaled by the machine's slowdown fell from undisturbed re-measurements
+#: (benchmarks/RESULTS.md, the reference 2-core VM).
+_SCALED_ERROR = "up to 15% low or 25% high on a busy test VM"
 _RUNTIMES = {"torch": "PyTorch eager", "torchscript": "TorchScript (traced, frozen)",
              "onnxruntime": "ONNX Runtime (CPU, float32 weights)"}
 
@@ -287,7 +290,7 @@ def _summary(data: ReportData) -> str:
     scaled = len(data.scaled_latency)
     busy = (f"{scaled} of {len(data.completed)} completed trials were timed while the machine "
             "was busy and scaled by its measured slowdown (flagged 'scaled' in the table: "
-            "up to 15-25% off on a busy test VM; an export re-measures it)"
+            f"{_SCALED_ERROR}; an export re-measures it)"
             if scaled else "every completed trial was timed on an undisturbed machine")
     rules = data.constraints
     if rules:
