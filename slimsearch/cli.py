@@ -23,8 +23,10 @@ def _budget(args: argparse.Namespace, config: Any,
     trials = next(t for t in (args.trials, trials_default, config.search.trials) if t is not None)
     if trials < 1:
         raise ConfigError(f"--trials {trials}: give a number of trials >= 1")
-    timeout = args.timeout if args.timeout is not None else config.search.timeout
-    return trials, parse_duration(timeout, field_name="--timeout") if timeout else None
+    if args.timeout is not None:
+        return trials, parse_duration(args.timeout, field_name="--timeout")
+    timeout = config.search.timeout
+    return trials, None if timeout is None else parse_duration(timeout, field_name="search.timeout")
 
 
 def _check_workers(workers: int) -> None:
@@ -56,6 +58,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _with_backend(config, args)
     trials, timeout_s = _budget(args, config)
     storage = args.storage if args.storage is not None else config.search.storage
+    if storage is None and RunFolder(run_dir).exists():  # continuing: where the run's study is
+        storage = RunFolder(run_dir).settings().get("storage")
     _check_workers(args.workers)
     prepared = prepare(config, run_dir=run_dir, storage_url=storage)
     result = run_search(prepared, Path(args.experiment), trials=trials, timeout_s=timeout_s,
@@ -63,7 +67,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.as_worker:
         return 130 if result.interrupted else 1 if result.stopped else 0
     if result.interrupted:
-        print(f"continue with: slimsearch run {args.experiment} --run-dir {run_dir}")
+        _say_continue(run_dir, prepared.storage_url)
         return 130
     print(f"report.html: {result.report.resolve()}")
     if result.stopped:
@@ -89,13 +93,22 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     result = run_search(prepared, folder.root / "experiment.toml", trials=trials,
                         timeout_s=timeout_s, workers=args.workers)
     if result.interrupted:
-        print(f"continue with: slimsearch resume {folder.root}")
+        _say_continue(folder.root, prepared.storage_url)
         return 130
     print(f"report.html: {result.report.resolve()}")
     if result.stopped:
         print(f"slimsearch: error: the search stopped early: {result.stopped}", file=sys.stderr)
         return 1
     return 0
+
+
+def _say_continue(run_dir: Path, storage: str | None) -> None:
+    """The command that continues an interrupted run (its storage is in run.json)."""
+    from slimsearch.search.storage import PASSWORD_ENV
+
+    password = (f" (with the storage password in {PASSWORD_ENV} or PGPASSFILE)"
+                if storage and "@" in storage else "")
+    print(f"continue with: slimsearch resume {run_dir}{password}")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -116,6 +129,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 is_alive(owner) if owner else None]
             print(f"  trial {trial.number} running on {owner.get('host', '?')} pid "
                   f"{owner.get('pid', '?')} ({alive})")
+    if data.teacher_warning:
+        print(f"WARNING: {data.teacher_warning}")
     if data.constraints:
         print(f"constraints {data.constraints}: {len(data.feasible)} trials meet them")
     reused, figures = data.latency_cache
@@ -169,6 +184,8 @@ def _pick(args: argparse.Namespace, *, say: bool) -> int:
         raise ConfigError(f"{data.run_dir} has no completed trial yet; see: slimsearch status "
                           f"{data.run_dir}")
     chosen = pick(trials, data.teacher, _budget_of(args), prefer=args.prefer)
+    if say and data.teacher_warning:
+        print(f"WARNING: {data.teacher_warning}; a pick is no better than it")
     if say and data.constraints and not data.feasible:
         print(f"note: no trial meets the experiment's constraints {data.constraints}; "
               "choosing among all completed trials")
@@ -242,14 +259,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     import tempfile
 
     from slimsearch.atomic import read_json, write_json
-    from slimsearch.export import verify_bundle
-    from slimsearch.verification import verify_in_fresh_process
+    from slimsearch.manifest import check_bundle, is_bundle
+    from slimsearch.verification import check_tolerance, verify_in_fresh_process
 
     bundle = Path(args.bundle)
-    if not (bundle / "manifest.json").is_file():
+    check_tolerance(args.tolerance)
+    if not is_bundle(bundle):
         raise ConfigError(f"{bundle} is not a slimsearch bundle (no manifest.json); give the "
                           "folder `slimsearch export --out` created")
-    manifest = verify_bundle(bundle)  # a modified file: ConfigError, exit 2
+    try:
+        manifest = check_bundle(bundle)
+    except ArtifactError as exc:  # the bundle is not what was exported: bad input, exit 2
+        raise ConfigError(str(exc)) from exc
     print(f"{bundle}: every file matches manifest.json (trial {manifest['trial']}, runtime "
           f"{manifest['runtime']})")
     if args.manifest_only:

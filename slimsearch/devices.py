@@ -18,6 +18,7 @@ from typing import IO
 import torch
 
 from slimsearch.errors import ConfigError
+from slimsearch.locks import file_lock
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,16 +66,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-@contextlib.contextmanager
-def _flock(path: Path, mode: int) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, mode)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 @dataclass
 class _Held:
     handle: IO[str]
@@ -100,7 +91,7 @@ def computing(device: torch.device, *, lock_dir: str | Path | None = None) -> It
         yield
         return
     with open(path, "a+") as handle:
-        with _flock(_lock_file(device, lock_dir, "turnstile"), fcntl.LOCK_EX):
+        with file_lock(_lock_file(device, lock_dir, "turnstile")):
             pass
         fcntl.flock(handle, fcntl.LOCK_SH)
         _held[path] = _Held(handle, "shared")
@@ -131,7 +122,7 @@ def step_aside(device: torch.device, *, lock_dir: str | Path | None = None) -> N
             fcntl.flock(gate, fcntl.LOCK_UN)
             return
     fcntl.flock(held.handle, fcntl.LOCK_UN)
-    with _flock(turnstile, fcntl.LOCK_EX):  # through once the measurement has the device
+    with file_lock(turnstile):  # through once the measurement has the device
         pass
     fcntl.flock(held.handle, fcntl.LOCK_SH)  # back once it is done
 
@@ -155,7 +146,7 @@ def exclusive(device: torch.device, *, lock_dir: str | Path | None = None) -> It
         handle = outer.handle if outer else stack.enter_context(open(path, "a+"))
         if outer:  # let others' waiting measurements and computations see we stopped computing
             fcntl.flock(handle, fcntl.LOCK_UN)
-        with _flock(_lock_file(device, lock_dir, "turnstile"), fcntl.LOCK_EX):
+        with file_lock(_lock_file(device, lock_dir, "turnstile")):
             fcntl.flock(handle, fcntl.LOCK_EX)
         _held[path] = _Held(handle, "exclusive")
         try:

@@ -20,6 +20,7 @@ space as soon as the task is built, still before any training.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -32,6 +33,9 @@ from slimsearch.errors import ConfigError, did_you_mean
 
 #: Weight bit widths a layer may be stored with; 32 means plain float32.
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
+#: Seeds are 0 <= seed < MAX_SEED: trial N runs with seed + N, and numpy and scikit-learn take
+#: seeds below 2**32, which leaves room for 2**31 trials.
+MAX_SEED = 2**31
 ACTIVATION_BITS = (8, 32)
 WEIGHT_SCHEMES = ("symmetric", "asymmetric")
 DISTILLATION_KEYS = ("temperature", "alpha", "epochs", "hint_weight")
@@ -54,8 +58,9 @@ class SearchConfig:
     trials: int = 20
     #: "auto" chooses by the space and the trials finished (see search.samplers); or by name.
     sampler: str = "auto"
-    #: Wall-clock budget such as "90s", "30m", "8h"; no new trial starts after it.
-    timeout: str | None = None
+    #: Wall-clock budget such as "90s", "30m", "8h" or a number of seconds; no new trial
+    #: starts after it.
+    timeout: str | float | None = None
     #: An Optuna storage URL; None = a journal file inside the run folder.
     storage: str | None = None
     #: Before the first trial, measure each layer's accuracy drop when compressed alone, show
@@ -303,12 +308,12 @@ class ExperimentConfig:
     base_dir: Path = field(default=Path("."), compare=False)
 
     def __post_init__(self) -> None:
-        _require(
-            re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
-            "name",
-            self.name,
-            "letters, digits, '_', '-' and '.' (it names the run folder)",
-        )
+        # A plain folder name: "." or ".." would make the run folder runs/ or the current one.
+        _require(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name) is not None, "name",
+                 self.name, "a plain folder name of letters, digits, '_', '-' and '.', not "
+                 "starting with '.' or '-' (it names the run folder runs/<name>)")
+        _require(0 <= self.seed < MAX_SEED, "seed", self.seed,
+                 f"an integer from 0 to {MAX_SEED - 1} (trial N is seeded with seed + N)")
         _require(bool(self.task), "task", self.task, "a built-in task name or 'module:function'")
         if self.space.layer_groups and not self.search.sensitivity:
             raise ConfigError(f"space.layer_groups = {self.space.layer_groups} groups layers by "
@@ -329,13 +334,21 @@ class ExperimentConfig:
 def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment TOML file; raise ``ConfigError`` on any bad key or value."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"experiment file {str(path)!r} is a folder; give the .toml file in "
+                          "it. List the shipped ones with: slimsearch list")
     if not path.is_file():
         raise ConfigError(f"experiment file {str(path)!r} does not exist. List the shipped ones "
                           "with: slimsearch list")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+                          "TOML files are UTF-8: save it with that encoding") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"experiment file {str(path)!r} cannot be read: {exc.strerror}") from exc
     raw.setdefault("name", path.stem)
     return parse_experiment(raw, base_dir=path.resolve().parent, source=str(path))
 
@@ -352,9 +365,11 @@ def parse_experiment(raw: dict[str, Any], *, base_dir: Path, source: str) -> Exp
 
 
 def parse_duration(text: str, *, field_name: str = "timeout") -> float:
-    """Parse "45s", "30m", "8h", "1h30m" or a plain number of seconds into seconds."""
+    """Parse "45s", "30m", "8h", "1h30m" or a plain number of seconds into seconds (> 0)."""
     text = str(text).strip()
     if re.fullmatch(r"\d+(\.\d+)?", text):
+        if float(text) <= 0:
+            raise ConfigError(f"{field_name}: {text!r} must be longer than zero")
         return float(text)
     parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)
     if not parts or "".join(n + u for n, u in parts) != text:
@@ -425,7 +440,9 @@ def _coerce(value: Any, hint: Any, field_name: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{field_name} = {value!r} should be a table")
         return {k: _coerce(v, typing.get_args(hint)[1], f"{field_name}.{k}") for k, v in value.items()}
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):  # TOML has inf and nan; no setting means them
+            raise ConfigError(f"{field_name} = {value!r} is not allowed; expected a finite number")
         return float(value)
     if hint is Path:
         return Path(value)

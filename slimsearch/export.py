@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,22 +20,19 @@ from slimsearch.atomic import read_json, write_json
 from slimsearch.compression import MODEL_FILE, read_header
 from slimsearch.devices import resolve_device
 from slimsearch.errors import ArtifactError, ConfigError, TrialError
+from slimsearch.manifest import sha256
 from slimsearch.report.data import load_study
 from slimsearch.runtimes import get_runtime
 from slimsearch.search.run_folder import RunFolder
 from slimsearch.tasks import make_task
-from slimsearch.verification import COMPARED, DEFAULT_TOLERANCE, verify_in_fresh_process
+from slimsearch.verification import (
+    COMPARED,
+    DEFAULT_TOLERANCE,
+    check_tolerance,
+    verify_in_fresh_process,
+)
 
 BUNDLE_FILES = (MODEL_FILE, "recipe.json", "metrics.json", "environment.json")
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bool = True,
@@ -65,7 +61,14 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bo
     if numbers[trial].state.name != "COMPLETE":
         raise ConfigError(f"--trial {trial} is {numbers[trial].state.name}, not COMPLETE; pick a "
                           "completed trial from the report")
+    check_tolerance(tolerance)
     source = folder.trial(trial)
+    missing = [name for name in (MODEL_FILE, "metrics.json", "recipe.json", "environment.json")
+               if not (source / name).is_file()]
+    if missing:
+        raise ConfigError(f"--trial {trial}: its folder {source} lacks {', '.join(missing)} (deleted "
+                          "or not copied with the run folder); restore the folder, or export "
+                          "another completed trial")
     metrics = read_json(source / "metrics.json")
     searched = metrics.get("runtime", "torch")
     runtime = runtime or searched
@@ -136,17 +139,3 @@ def _other_runtime_metrics(searched: dict, *, runtime: str, artifact: str,
                          else "not measured (exported with --no-verify)"),
             "search": {"runtime": searched.get("runtime", "torch"),
                        **{k: searched[k] for k in COMPARED if k in searched}}}
-
-
-def verify_bundle(bundle: str | Path) -> dict:
-    """Check every file of a bundle against its manifest; return the manifest."""
-    bundle = Path(bundle)
-    manifest = read_json(bundle / "manifest.json")
-    for name, expected in manifest["files"].items():
-        if not (bundle / name).is_file():
-            raise ConfigError(f"{bundle / name} is missing: manifest.json lists it; export the "
-                              "trial again")
-        if sha256(bundle / name) != expected:
-            raise ConfigError(f"{bundle / name} does not match its sha256 in manifest.json: "
-                              "the bundle was modified; export the trial again")
-    return manifest

@@ -14,6 +14,7 @@ attempt is recorded.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,15 @@ FRESH_PROCESS_TIMEOUT_S = 3600
 COMPARED = ("val_accuracy", "test_accuracy", "size_bytes", "latency_ms")
 
 
+def check_tolerance(tolerance: float) -> None:
+    """``ConfigError`` unless ``tolerance`` is a finite fraction >= 0."""
+    from slimsearch.errors import ConfigError
+
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"--tolerance {tolerance}: give how far the fresh latency may be from "
+                          "the search's as a fraction >= 0, e.g. 0.10 for 10%")
+
+
 def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
     """(In the fresh process.) The bundle's figures, measured like a trial's."""
     import dataclasses
@@ -35,12 +45,12 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
     from slimsearch.compression import MODEL_FILE, load_model
     from slimsearch.devices import computing, resolve_device
     from slimsearch.evaluators import EvalContext, evaluate
-    from slimsearch.export import sha256
+    from slimsearch.manifest import check_bundle, sha256
     from slimsearch.runtimes import get_runtime
     from slimsearch.search.run_folder import RunFolder
     from slimsearch.tasks import make_task
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = check_bundle(bundle)  # what is measured is what the manifest promises
     config = RunFolder(run_dir).config()
     target = dataclasses.replace(config.target, runtime=manifest["runtime"])
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
@@ -64,7 +74,9 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
 
 
 def _fresh(bundle: Path, run_dir: Path) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "slimsearch.verification", str(bundle),
+    # -P: the current directory is not put on the module path, so no file lying there can
+    # stand in for a module the run or the bundle's model file names
+    done = subprocess.run([sys.executable, "-P", "-m", "slimsearch.verification", str(bundle),
                            str(run_dir)], capture_output=True, text=True,
                           timeout=FRESH_PROCESS_TIMEOUT_S)
     if done.returncode != 0:

@@ -184,7 +184,7 @@ def test_verify_rechecks_a_bundle_and_refuses_a_tampered_one(finished_run: Path,
     data[-1] ^= 0xFF
     (bundle / "model.safetensors").write_bytes(bytes(data))
     assert main(["verify", str(bundle), "--manifest-only"]) == 2
-    assert "model.safetensors does not match its sha256" in capsys.readouterr().err
+    assert "model.safetensors does not match the sha256" in capsys.readouterr().err
     assert main(["verify", str(tmp_path)]) == 2  # not a bundle at all
     assert "not a slimsearch bundle" in capsys.readouterr().err
 

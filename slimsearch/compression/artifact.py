@@ -19,7 +19,6 @@ The size objective is the byte length of this file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from slimsearch.compression.packing import (
 )
 from slimsearch.compression.quantization import QuantizedWeight, dequantize
 from slimsearch.errors import ArtifactError
+from slimsearch.manifest import check_bundle, is_bundle
 from slimsearch.tasks import resolve_factory
 
 FORMAT = "slimsearch.artifact"
@@ -242,22 +242,9 @@ def resolve_model_file(path: str | Path) -> Path:
     its sha256: a bundle whose model, recipe, metrics or verification were changed is refused."""
     path = Path(path)
     if path.is_dir():
-        manifest = path / "manifest.json"
-        folder, path = path, path / MODEL_FILE
-        if manifest.is_file():
-            try:
-                files = json.loads(manifest.read_text())["files"]
-                expected = {str(name): str(digest) for name, digest in files.items()}
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise ArtifactError(f"{manifest} is not a valid bundle manifest ({exc!r})") from exc
-            for name, digest in expected.items():
-                listed = folder / name
-                if listed.parent != folder or not listed.is_file():
-                    raise ArtifactError(f"{manifest} lists {name!r}, which is not a file of the "
-                                        "bundle; the bundle is incomplete or was modified")
-                if hashlib.sha256(listed.read_bytes()).hexdigest() != digest:
-                    raise ArtifactError(f"{listed} does not match the sha256 in {manifest}; the "
-                                        "bundle was modified or corrupted")
+        if is_bundle(path):
+            check_bundle(path)
+        path = path / MODEL_FILE
     if not path.is_file():
         raise ArtifactError(f"no model file at {path}")
     return path
@@ -276,7 +263,8 @@ def load_model(path: str | Path, *, int8: bool = True) -> nn.Module:
     """
     path = resolve_model_file(path)
     header = read_header(path)
-    factory = resolve_factory(header["factory"])
+    # a module found in the current directory or beside the file is not imported (see there)
+    factory = resolve_factory(header["factory"], untrusted=(Path.cwd(), path.parent))
     model = factory(**header["kwargs"])
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"the factory {header['factory']!r} returned {type(model).__name__}, "

@@ -8,6 +8,8 @@ from slimsearch.evaluators._base import (
     LatencyEvaluator,
     SizeEvaluator,
     evaluate,
+    majority_accuracy,
+    untrained_teacher,
 )
 from slimsearch.evaluators.latency import Latency, measure_latency
 from slimsearch.evaluators.latency_cache import LatencyCache
@@ -22,5 +24,7 @@ __all__ = [
     "LatencyEvaluator",
     "SizeEvaluator",
     "evaluate",
+    "majority_accuracy",
     "measure_latency",
+    "untrained_teacher",
 ]

@@ -19,7 +19,7 @@ from slimsearch.evaluators.latency import measure_latency
 from slimsearch.evaluators.latency_cache import LatencyCache
 from slimsearch.evaluators.machine_probe import kind_for as probe_kind
 from slimsearch.experiment import TargetConfig
-from slimsearch.tasks import Task
+from slimsearch.tasks import Split, Task
 from slimsearch.training import full_fp32
 
 if TYPE_CHECKING:  # runtimes import the latency protocol from this package
@@ -69,6 +69,29 @@ class AccuracyEvaluator:
             predictions = context.executable.logits(data.x).argmax(dim=1)
         return {self.name: float((predictions == data.y).float().mean()),
                 f"{self.split}_samples": len(data)}
+
+
+#: A teacher whose validation accuracy is no more than this (a fraction) above always
+#: predicting the most common class has learned nothing worth compressing.
+CHANCE_MARGIN = 0.01
+
+
+def majority_accuracy(data: Split) -> float:
+    """The accuracy (fraction) of always predicting ``data``'s most common class."""
+    return float(torch.bincount(data.y).max()) / len(data)
+
+
+def untrained_teacher(teacher: dict[str, Metric]) -> str | None:
+    """A warning when the teacher's metrics (with ``val_majority_accuracy``) show it no better
+    than always predicting the most common class; None otherwise."""
+    chance, found = teacher.get("val_majority_accuracy"), teacher.get("val_accuracy")
+    if not isinstance(chance, float) or not isinstance(found, float):
+        return None
+    if found > chance + CHANCE_MARGIN:
+        return None
+    return (f"the teacher's validation accuracy {found:.4f} is no better than always predicting "
+            f"the most common class ({chance:.4f}): it learned nothing, and every trial is "
+            "compared with it")
 
 
 @dataclass(frozen=True)

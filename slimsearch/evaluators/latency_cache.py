@@ -11,7 +11,6 @@ the run's workers and kept across resumes; hits and misses are counted per proce
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from slimsearch.atomic import write_json
 from slimsearch.evaluators.latency import Latency
+from slimsearch.locks import file_lock
 
 
 class LatencyCache:
@@ -36,12 +36,8 @@ class LatencyCache:
             yield
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            yield
 
     def _read(self) -> dict[str, dict]:
         if self.path is None or not self.path.is_file():

@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from slimsearch.atomic import read_json
+from slimsearch.evaluators import untrained_teacher
 from slimsearch.search.run_folder import RunFolder
 from slimsearch.search.sensitivity import SENSITIVITY_FILE
 from slimsearch.search.storage import open_storage
@@ -101,6 +102,11 @@ class ReportData:
         figures fell from 15% below to 25% above the undisturbed ones (benchmarks/RESULTS.md),
         where undisturbed repeats agreed within a few percent."""
         return [t for t in self.completed if t.metrics.get("latency_disturbed")]
+
+    @property
+    def teacher_warning(self) -> str | None:
+        """Why the teacher is no yardstick (no better than the most common class), or None."""
+        return untrained_teacher(self.teacher)
 
     @property
     def slower_than_teacher(self) -> list[TrialPoint]:

@@ -25,7 +25,7 @@ padding: 0.6em 1em; border-left: 4px solid #f0b400; }
 table { border-collapse: collapse; width: 100%; font-size: 0.9em; }
 th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; }
 th { cursor: pointer; background: #f4f4f4; } td.l, th.l { text-align: left; }
-.flag { color: #b00020; font-size: 0.8em; }
+.flag { color: #b00020; font-size: 0.8em; } .warn { color: #b00020; }
 code { font-size: 0.85em; } .grid { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }
 """
 
@@ -292,6 +292,8 @@ def _summary(data: ReportData) -> str:
             "was busy and scaled by its measured slowdown (flagged 'scaled' in the table: "
             f"{_SCALED_ERROR}; an export re-measures it)"
             if scaled else "every completed trial was timed on an undisturbed machine")
+    warning = (f" &mdash; <b class='warn'>warning: {html.escape(data.teacher_warning)}</b>"
+               if data.teacher_warning else "")
     rules = data.constraints
     if rules:
         limits = ", ".join(f"{k} = {v}" for k, v in rules.items())
@@ -307,7 +309,7 @@ def _summary(data: ReportData) -> str:
         f"{_RUNTIMES[target.get('runtime', 'torch')]}, {target.get('dtype', 'fp32')}, batch "
         f"{batches} (the first is the objective), {target['threads']} CPU thread(s)"
         f"{', CUDA graphs' if target.get('cuda_graphs') else ''}{int8}</li>"
-        f"<li>teacher (measured in this run on this target): {teacher}</li>"
+        f"<li>teacher (measured in this run on this target): {teacher}{warning}</li>"
         f"<li>trials: {data.count('COMPLETE')} complete, {data.count('FAIL')} failed, "
         f"{data.count('PRUNED')} pruned, {data.count('RUNNING')} running; "
         f"{spent / 60:.1f} min of trial time</li>"

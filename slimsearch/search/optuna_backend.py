@@ -11,6 +11,7 @@ A failing trial is recorded FAIL with its error; the search goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import os
@@ -33,7 +34,7 @@ from slimsearch.atomic import read_json, write_json, write_text
 from slimsearch.compression import MODEL_FILE
 from slimsearch.devices import computing, device_identity, free_memory, resolve_device
 from slimsearch.errors import ConfigError, TrialStopped
-from slimsearch.evaluators import LatencyCache
+from slimsearch.evaluators import LatencyCache, majority_accuracy, untrained_teacher
 from slimsearch.experiment import ExperimentConfig
 from slimsearch.runtimes import get_runtime
 from slimsearch.search.objective import OBJECTIVES, TrialRunner, constraint_values, environment
@@ -48,15 +49,22 @@ from slimsearch.search.recovery import (
     run_lock,
     this_process,
 )
-from slimsearch.search.run_folder import RUN_FORMAT, RunFolder
+from slimsearch.search.run_folder import RUN_FORMAT, RunFolder, experiment_copy
 from slimsearch.search.samplers import make_sampler
 from slimsearch.search.sensitivity import (
     SENSITIVITY_FILE,
     measure_sensitivity,
+    not_prunable,
     sensitivity_groups,
     starting_recipes,
 )
-from slimsearch.search.storage import check_storage_url, open_storage
+from slimsearch.search.storage import (
+    JOURNAL_FILE,
+    PASSWORD_ENV,
+    check_storage_url,
+    open_storage,
+    public_url,
+)
 from slimsearch.search.teacher import prepare_teacher
 from slimsearch.spaces import SearchSpace
 from slimsearch.tasks import Task, make_task
@@ -92,9 +100,20 @@ class Prepared:
 
 
 def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None) -> Prepared:
-    """Check everything that can be wrong with the input; raise ``ConfigError`` on the first."""
+    """Check everything that can be wrong with the input; raise ``ConfigError`` on the first.
+    Nothing is written, and nothing trains."""
+    folder = RunFolder(run_dir)
+    folder.check_writable()
+    if storage_url is not None:  # recorded and shown without its password (see storage)
+        storage_url, password = public_url(storage_url)
+        if password is not None:
+            os.environ[PASSWORD_ENV] = password
+    if config.search.storage is not None:
+        config = config.with_overrides(search=dataclasses.replace(
+            config.search, storage=public_url(config.search.storage)[0]))
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
     space = SearchSpace(task, config.space)
+    task.check_labels()
     limit = config.constraints.max_size_bytes
     if limit is not None and limit < (smallest := space.min_weight_bytes()):
         raise ConfigError(
@@ -110,7 +129,6 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
         ray_backend.connect(config.search.ray_address)
         ray_backend.check_resources(cpus_per_trial=config.search.cpus_per_trial or 1,
                                     gpus_per_trial=1 if device.type == "cuda" else 0)
-    folder = RunFolder(run_dir)
     if storage_url is not None:
         check_storage_url(storage_url)
         if not folder.exists() and config.name in optuna.get_all_study_names(open_storage(
@@ -120,10 +138,49 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
                 f"to another run folder; continue that run with its --run-dir, or give this "
                 "experiment another name")
     if folder.exists():
-        folder.check_same_experiment(config.to_dict(), storage_url,
-                                     fingerprint=space.fingerprint(), device=device_identity(device),
-                                     objectives=dict(OBJECTIVES))
+        _check_continuation(folder, config, space, storage_url, device)
     return Prepared(config, task, space, folder, storage_url)
+
+
+def _check_continuation(folder: RunFolder, config: ExperimentConfig, space: SearchSpace,
+                        storage_url: str | None, device: torch.device) -> None:
+    folder.check_same_experiment(config.to_dict(), storage_url, fingerprint=space.fingerprint(),
+                                 device=device_identity(device), objectives=dict(OBJECTIVES))
+
+
+def _open_study(prepared: Prepared, experiment_file: Path, experiment_text: str,
+                device: torch.device) -> optuna.Study:
+    """Create the run (run.json, the experiment's copy, the study) or check that the folder
+    holds this experiment's run and that the storage still holds its study. Call it inside
+    ``folder.setting_up()``: of two processes starting at once, one creates the run and the
+    other then checks against it."""
+    config, folder = prepared.config, prepared.folder
+    created = not folder.exists()
+    if created:
+        folder.create(experiment_text, {
+            "experiment": config.to_dict(), "storage": prepared.storage_url,
+            "study_name": config.name, "space_fingerprint": prepared.space.fingerprint(),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "run_format": RUN_FORMAT, "objectives": dict(OBJECTIVES),
+            "experiment_file": str(experiment_file.resolve()),
+            "device": device_identity(device), "environment": environment()})
+    else:  # checked in prepare, but another process may have created the run since
+        _check_continuation(folder, config, prepared.space, prepared.storage_url, device)
+    storage = open_storage(folder.root, prepared.storage_url)
+    studies = {s.study_name for s in storage.get_all_studies()}
+    if not created and config.name not in studies and (folder.root / "trials").is_dir():
+        where = prepared.storage_url or str(folder.root / JOURNAL_FILE)
+        raise ConfigError(
+            f"the storage {where!r} does not hold this run's study {config.name!r}, but "
+            f"{folder.root} has its trials: a new study there would overwrite their folders. "
+            "Point --storage at the database the run was started with (run.json records it), "
+            "or start a new run with another --run-dir")
+    study = optuna.create_study(storage=storage, study_name=config.name, load_if_exists=True,
+                                directions=[d for _, d in OBJECTIVES])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([n for n, _ in OBJECTIVES])
+    return study
 
 
 def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
@@ -139,24 +196,12 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     trials."""
     from slimsearch.report import write_report  # the report reads what this writes
 
-    config, task, space, folder = prepared.config, prepared.task, prepared.space, prepared.folder
+    config, space, folder = prepared.config, prepared.space, prepared.folder
     deadline = time.monotonic() + timeout_s if timeout_s else math.inf
     device = resolve_device(config.target.device)
-    if not folder.exists():
-        folder.create(experiment_file, {
-            "experiment": config.to_dict(), "storage": prepared.storage_url,
-            "study_name": config.name, "space_fingerprint": space.fingerprint(),
-            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "run_format": RUN_FORMAT, "objectives": dict(OBJECTIVES),
-            "experiment_file": str(experiment_file.resolve()),
-            "device": device_identity(device), "environment": environment()})
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(folder.root, prepared.storage_url)
-    study = optuna.create_study(storage=storage, study_name=config.name, load_if_exists=True,
-                                directions=[d for _, d in OBJECTIVES])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([n for n, _ in OBJECTIVES])
+    copy = experiment_copy(experiment_file)  # a ConfigError here leaves nothing behind
+    with folder.setting_up():
+        study = _open_study(prepared, experiment_file, copy, device)
     finished = counted(study)
     n_params, numeric_only = _describe_space(space)
     study.sampler, sampler_settings = make_sampler(config, finished=finished, n_params=n_params,
@@ -182,44 +227,12 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     with registered_worker(folder.root):  # so a later worker can tell we are alive
         try:
             recover_stale_trials(study, folder.root, say=say)
-            with computing(device):
-                teacher = prepare_teacher(task, config.train, seed=config.seed,
-                                          cache_dir=folder.teacher, device=device)
-            cache = LatencyCache(folder.root / "latency_cache.json")
-            runner = TrialRunner(config=config, task=task, teacher=teacher, device=device,
-                                 latency_cache=cache)
-            metrics_file = folder.teacher / "metrics.json"
-            # Measured once per run, on the same target and runtime as every trial: trials are
-            # compared with one teacher measurement, not with whichever session ran last.
-            if teacher.trained_here or not metrics_file.exists():
-                write_json(metrics_file, runner.measure(folder.teacher / MODEL_FILE,
-                                                        model=teacher.model))
-            teacher_metrics = read_json(metrics_file)
-            runner.teacher_metrics = teacher_metrics
-            say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
-                f"{describe_metrics(teacher_metrics)}")
-            starts = {}
-            if config.search.sensitivity:  # workers read what the main process measured
-                with computing(device):
-                    sensitivity = measure_sensitivity(teacher.model, task, space, device=device,
-                                                      path=folder.root / SENSITIVITY_FILE, say=say)
-                if config.space.layer_groups:
-                    space.set_groups(sensitivity_groups(sensitivity, config.space.layer_groups))
-                    say(f"layers grouped by sensitivity: {space.groups}")
-                    n_params, numeric_only = _describe_space(space)  # fewer now: sampler again
-                    study.sampler, sampler_settings = make_sampler(
-                        config, finished=finished, n_params=n_params, numeric_only=numeric_only,
-                        worker=worker)
-                    if not worker:
-                        study.set_user_attr(f"sampler_from_trial_{finished}", sampler_settings)
-                starts = starting_recipes(sensitivity, space)
-            if not study.trials and not worker:
-                baselines = space.baselines()
-                for name, recipe in baselines.items():
-                    study.enqueue_trial(space.params_of(recipe), user_attrs={"baseline": name})
-                for name, recipe in starts.items():  # then where the sensitivities point
-                    if recipe not in baselines.values():
-                        study.enqueue_trial(space.params_of(recipe), user_attrs={"start": name})
+            # One process at a time trains the teacher, measures it and the sensitivities and
+            # enqueues the first trials; the others then find them done.
+            with folder.setting_up():
+                runner = _set_up(prepared, study, device, finished=finished, worker=worker,
+                                 say=say)
+            cache = runner.latency_cache
             on_ray = config.search.backend == "ray"
             if workers > 1 and not worker and not on_ray:
                 children = _start_workers(workers - 1, experiment_file, folder.root, trials,
@@ -279,6 +292,58 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
         f"stop) in this session{cache_note}; report: {report.resolve()}")
     return RunResult(folder.root, report, folder.pareto_json, completed, failed, interrupted,
                      stopped)
+
+
+def _set_up(prepared: Prepared, study: optuna.Study, device: torch.device, *, finished: int,
+            worker: int, say: Callable[[str], None]) -> TrialRunner:
+    """Train (or load) the teacher and measure it, run the sensitivity pre-pass and, in a new
+    study, enqueue the baselines and starting recipes; return the trial runner. Call it
+    inside ``folder.setting_up()``, so it runs in one process at a time."""
+    config, task, space, folder = prepared.config, prepared.task, prepared.space, prepared.folder
+    with computing(device):
+        teacher = prepare_teacher(task, config.train, seed=config.seed,
+                                  cache_dir=folder.teacher, device=device)
+    runner = TrialRunner(config=config, task=task, teacher=teacher, device=device,
+                         latency_cache=LatencyCache(folder.root / "latency_cache.json"))
+    metrics_file = folder.teacher / "metrics.json"
+    # Measured once per run, on the same target and runtime as every trial: trials are
+    # compared with one teacher measurement, not with whichever session ran last.
+    if teacher.trained_here or not metrics_file.exists():
+        metrics = runner.measure(folder.teacher / MODEL_FILE, model=teacher.model)
+        metrics["val_majority_accuracy"] = majority_accuracy(task.val)
+        write_json(metrics_file, metrics)
+    teacher_metrics = read_json(metrics_file)
+    runner.teacher_metrics = teacher_metrics
+    say(f"teacher ({'trained' if teacher.trained_here else 'cached'}): "
+        f"{describe_metrics(teacher_metrics)}")
+    if (warning := untrained_teacher(teacher_metrics)) is not None:
+        say(f"WARNING: {warning}. Check train.lr = {config.train.lr:g} and train.teacher_epochs "
+            f"= {config.train.teacher_epochs}, or the task's data and labels")
+    starts = {}
+    if config.search.sensitivity:  # workers read what the main process measured
+        with computing(device):
+            sensitivity = measure_sensitivity(teacher.model, task, space, device=device,
+                                              path=folder.root / SENSITIVITY_FILE, say=say)
+        space.set_not_prunable(not_prunable(sensitivity))
+        if config.space.layer_groups:
+            space.set_groups(sensitivity_groups(sensitivity, config.space.layer_groups))
+            say(f"layers grouped by sensitivity: {space.groups}")
+        if config.space.layer_groups or space.not_prunable:  # fewer parameters: sampler again
+            n_params, numeric_only = _describe_space(space)
+            study.sampler, sampler_settings = make_sampler(
+                config, finished=finished, n_params=n_params, numeric_only=numeric_only,
+                worker=worker)
+            if not worker:
+                study.set_user_attr(f"sampler_from_trial_{finished}", sampler_settings)
+        starts = starting_recipes(sensitivity, space)
+    if not study.trials and not worker:
+        baselines = space.baselines()
+        for name, recipe in baselines.items():
+            study.enqueue_trial(space.params_of(recipe), user_attrs={"baseline": name})
+        for name, recipe in starts.items():  # then where the sensitivities point
+            if recipe not in baselines.values():
+                study.enqueue_trial(space.params_of(recipe), user_attrs={"start": name})
+    return runner
 
 
 def _one_trial(study: optuna.Study, space: SearchSpace, runner: TrialRunner, folder: RunFolder,

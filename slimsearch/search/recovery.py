@@ -17,7 +17,6 @@ owner cannot be checked from here (another host) is stale when its heartbeat sto
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread
 from optuna.trial import TrialState
 
 from slimsearch.atomic import read_json, write_json
+from slimsearch.locks import file_lock
 
 OWNER = "owner"
 RETRY_OF = "retry_of"
@@ -136,12 +136,8 @@ def _other_live_workers(run_dir: Path) -> bool:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """One worker at a time: recovering trials (two must not re-enqueue the same one) and
     claiming the next trial against the budget."""
-    with open(run_dir / ".recovery.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(run_dir / ".recovery.lock"):
+        yield
 
 
 def recover_stale_trials(study: optuna.Study, run_dir: Path,

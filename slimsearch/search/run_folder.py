@@ -1,27 +1,40 @@
 """The run folder: one per search, holding everything the report and export read.
 
     runs/<name>/
+      .slimsearch-run   the marker: slimsearch made this folder (and the lock for setting it up)
       experiment.toml   the experiment as given       run.json       settings, versions
       study.journal     the Optuna study (default)    teacher/       model file, logits, metrics
       trials/00012/     recipe, metrics, model file   pareto.json, report.html
+
+slimsearch writes only into a run folder it made: a folder that does not exist yet, an empty
+one, or one holding its marker. Anything else is refused before a byte is written, since
+"the run folder" is a place slimsearch deletes and overwrites files in.
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimsearch.atomic import read_json, write_json
+from slimsearch.atomic import read_json, write_json, write_text
 from slimsearch.errors import ConfigError
+from slimsearch.locks import file_lock
 
 #: Settings that may differ when a run continues (budgets), everything else must match.
 #: (Which backend runs the trials does not change them: a study may mix local and Ray trials.)
+#: (The storage is compared as the URL the run opens, not as the experiment spells it.)
 MAY_CHANGE = {("search", "trials"), ("search", "timeout"), ("search", "backend"),
-              ("search", "ray_address"), ("search", "cpus_per_trial")}
+              ("search", "ray_address"), ("search", "cpus_per_trial"), ("search", "storage")}
 #: The layout of run folders this code reads and writes; another one is refused.
 RUN_FORMAT = 1
+#: The file that marks a folder as slimsearch's own; it is also the lock held while a run is
+#: set up (run.json, the study, the teacher), so two runs started at once cannot both do it.
+MARKER = ".slimsearch-run"
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,61 @@ class RunFolder:
     def exists(self) -> bool:
         return self.run_json.is_file()
 
+    def is_ours(self) -> bool:
+        """True when slimsearch made this folder: it holds the marker (or, for runs made
+        before the marker existed, a run.json that slimsearch wrote)."""
+        if (self.root / MARKER).is_file():
+            return True
+        try:
+            return "run_format" in read_json(self.run_json)
+        except (OSError, ValueError, TypeError):
+            return False
+
+    def check_writable(self) -> None:
+        """``ConfigError`` unless a run may be created or continued here: the path is a folder
+        slimsearch made, an empty folder, or a new folder in a writable one. Writes nothing."""
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"--run-dir {root}: is a file, not a folder; give the path of a "
+                              "new folder (slimsearch creates it)")
+        if root.is_dir():
+            if not self.is_ours() and any(root.iterdir()):
+                held = ", ".join(sorted(p.name for p in root.iterdir())[:3])
+                raise ConfigError(
+                    f"--run-dir {root}: this folder holds files slimsearch did not make ({held}"
+                    f"{', ...' if len(list(root.iterdir())) > 3 else ''}) and slimsearch writes "
+                    "only into an empty folder or a run folder it created; give a new folder, "
+                    f"e.g. --run-dir {root / 'run'}")
+            writable = root
+        else:
+            writable = next(p for p in root.absolute().parents if p.exists())
+            if not writable.is_dir():
+                raise ConfigError(f"--run-dir {root}: {writable} is a file, so no folder can be "
+                                  "made under it; give another path")
+        if not os.access(writable, os.W_OK | os.X_OK):
+            raise ConfigError(f"--run-dir {root}: {writable} is not writable by this user; give a "
+                              "folder you may write in")
+
+    @contextlib.contextmanager
+    def setting_up(self) -> Iterator[None]:
+        """Create the folder and its marker if needed and hold the run's setup lock while the
+        block runs: checking or writing run.json, creating the study and training the teacher
+        happen in one process at a time. ``ConfigError`` when the folder is not ours or
+        cannot be made."""
+        self.check_writable()
+        with contextlib.ExitStack() as stack:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                marker = stack.enter_context(file_lock(self.root / MARKER))
+            except OSError as exc:
+                raise ConfigError(f"--run-dir {self.root}: cannot create the run folder: "
+                                  f"{exc.strerror}; give a folder you may write in") from exc
+            if not os.fstat(marker.fileno()).st_size:  # new: say what it is
+                marker.write("This folder is a slimsearch run folder; slimsearch may rewrite "
+                             "any file in it.\n")
+                marker.flush()
+            yield
+
     def config(self) -> Any:
         """The run's experiment (``experiment.toml`` here), its plug-in task modules looked
         up beside the original file, where they were when the run started."""
@@ -70,7 +138,17 @@ class RunFolder:
         if not self.exists():
             raise ConfigError(f"{self.root} is not a slimsearch run folder (no run.json). Start "
                               "one with: slimsearch run EXPERIMENT.toml")
-        return read_json(self.run_json)
+        try:
+            settings = json.loads(self.run_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+            raise ConfigError(f"{self.run_json} cannot be read ({type(exc).__name__}: {exc}): the "
+                              "run's settings are damaged. Restore it from a backup, or start a new "
+                              "run with another --run-dir") from exc
+        if not isinstance(settings, dict) or not isinstance(settings.get("experiment"), dict):
+            raise ConfigError(f"{self.run_json} is not the settings file slimsearch writes (no "
+                              "'experiment' table); restore it, or start a new run with another "
+                              "--run-dir")
+        return settings
 
     def check_same_experiment(self, experiment: dict[str, Any], storage: str | None, *,
                               fingerprint: str, device: str,
@@ -100,11 +178,33 @@ class RunFolder:
                               f"{', '.join(changed)}). Start a new run with --run-dir "
                               f"{self.root}-2, or restore the experiment to continue this one")
 
-    def create(self, experiment_file: Path, settings: dict[str, Any]) -> None:
-        """Write the experiment copy and ``run.json`` (atomically) for a new run."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(experiment_file, self.root / "experiment.toml")
+    def create(self, experiment_text: str, settings: dict[str, Any]) -> None:
+        """Write the experiment copy and ``run.json`` (each atomically) for a new run; call it
+        inside ``setting_up``. run.json comes last: a run exists once it is there."""
+        write_text(self.root / "experiment.toml", experiment_text)
         write_json(self.run_json, settings)
+
+
+def experiment_copy(experiment_file: Path) -> str:
+    """The text of ``experiment_file`` for the run folder's copy: as written, except that a
+    ``search.storage`` URL loses its password (the run never stores one). ``ConfigError``
+    when the password cannot be taken out (the URL is written with TOML escapes)."""
+    import tomllib
+
+    from slimsearch.search.storage import without_password
+
+    text = experiment_file.read_text(encoding="utf-8")
+    url = tomllib.loads(text).get("search", {}).get("storage")
+    if not isinstance(url, str) or without_password(url)[1] is None:
+        return text
+    public = without_password(url)[0]
+    copy = text.replace(url, public)
+    if tomllib.loads(copy).get("search", {}).get("storage") != public:
+        raise ConfigError(f"{experiment_file}: search.storage holds a password slimsearch cannot "
+                          "take out of its copy of the experiment (the URL is written with "
+                          "escapes); write the URL without the password and set it in "
+                          "SLIMSEARCH_STORAGE_PASSWORD (or PGPASSFILE) instead")
+    return copy
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str]]:

@@ -62,21 +62,39 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
     for name in todo:
         weight = layers[name].weight
         original = weight.detach().clone()
-        drops: dict[str, dict[str, float]] = {"bits": {}, "sparsity": {}}
+        drops: dict[str, Any] = {"bits": {}, "sparsity": {}}
+        changes = [("bits", b, dequantize(quantize_per_channel(original, b, symmetric=symmetric))
+                    .reshape(original.shape)) for b in bits]
+        for s in sparsities:
+            keep = original.abs().flatten()
+            threshold = keep.kthvalue(max(1, int(s * keep.numel()))).values
+            changes.append(("sparsity", s, torch.where(original.abs() > threshold, original, 0.0)))
         with torch.no_grad():
-            for b in bits:
-                weight.copy_(dequantize(quantize_per_channel(original, b, symmetric=symmetric))
-                             .reshape(original.shape))
-                drops["bits"][str(b)] = round(base - accuracy(model, data, device=device), 6)
-            for s in sparsities:
-                keep = original.abs().flatten()
-                threshold = keep.kthvalue(max(1, int(s * keep.numel()))).values
-                weight.copy_(torch.where(original.abs() > threshold, original, 0.0))
-                drops["sparsity"][str(s)] = round(base - accuracy(model, data, device=device), 6)
+            for kind, level, changed in changes:
+                weight.copy_(changed)
+                # A model whose forward fails with this layer changed gets the error recorded
+                # (and, for a sparsity, the layer is left unpruned), not a run that ends here.
+                try:
+                    drops[kind][str(level)] = round(base - accuracy(model, data, device=device), 6)
+                except Exception as exc:  # the user's forward: any error is possible
+                    drops.setdefault("failed", {})[f"{kind} {level}"] = \
+                        f"{type(exc).__name__}: {exc}"
+                    if kind == "sparsity":
+                        drops["prunable"] = False
             weight.copy_(original)
         result["layers"][name] = drops
+        if "failed" in drops:
+            say(f"sensitivity pre-pass: layer {name} failed the model's forward when "
+                f"{', '.join(drops['failed'])}: {next(iter(drops['failed'].values()))}"
+                + ("; the search leaves it unpruned" if not drops.get("prunable", True) else ""))
         write_json(path, result)  # after every layer: a killed run keeps what it measured
     return result
+
+
+def not_prunable(sensitivity: dict[str, Any]) -> set[str]:
+    """Layers whose model failed its forward pass with the layer pruned in the pre-pass."""
+    return {name for name, drops in sensitivity["layers"].items()
+            if drops.get("prunable", True) is False}
 
 
 def sensitivity_groups(sensitivity: dict[str, Any], count: int) -> dict[str, str]:
@@ -109,7 +127,8 @@ def starting_recipes(sensitivity: dict[str, Any], space: SearchSpace) -> dict[st
             drops = sensitivity["layers"].get(name, {"bits": {}, "sparsity": {}})
             ok_bits = [int(b) for b, d in drops["bits"].items() if d <= tolerance]
             ok_sparsity = [float(s) for s, d in drops["sparsity"].items() if d <= tolerance]
-            sparsity = max(ok_sparsity, default=0.0) if prune else 0.0
+            sparsity = max(ok_sparsity, default=0.0) if prune and drops.get("prunable", True) \
+                else 0.0
             layers[name] = LayerRecipe(sparsity=sparsity, pruning=prune or "unstructured",
                                        bits=min(ok_bits, default=max(config.bits)))
         for group in set(space.groups.values()):  # members share: the most careful choice

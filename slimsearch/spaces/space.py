@@ -90,6 +90,8 @@ class SearchSpace:
         self._layers: dict[str, list[LayerInfo]] = {}
         #: Layer name -> group name, for layers that share their choices (``set_groups``).
         self.groups: dict[str, str] = {}
+        #: Layers the search never prunes (``set_not_prunable``).
+        self.not_prunable: frozenset[str] = frozenset()
         # Build every choice of every knob once (the others at the teacher's values), so a
         # value the factory rejects fails here, before any training.
         for knob, choices in self.student_choices.items():
@@ -120,6 +122,11 @@ class SearchSpace:
         members that have the same list only; bits and sparsity stay shared by all."""
         self.groups = dict(groups)
 
+    def set_not_prunable(self, names: set[str]) -> None:
+        """Never prune these layers (sparsity 0, no parameter suggested): the model's forward
+        failed with them pruned (the sensitivity pre-pass found it)."""
+        self.not_prunable = frozenset(names)
+
     def _key(self, layer: str) -> str:
         """The prefix of a layer's parameters: its group's name, or its own."""
         return self.groups.get(layer, layer)
@@ -134,7 +141,8 @@ class SearchSpace:
         layers = {}
         for info in self.layers_for(student):
             key = self._key(info.name)
-            sparsity = trial.suggest_categorical(f"{key}.sparsity", self.config.sparsity)
+            sparsity = 0.0 if info.name in self.not_prunable else \
+                trial.suggest_categorical(f"{key}.sparsity", self.config.sparsity)
             method = "unstructured"  # the label of an unpruned layer; it prunes nothing
             if sparsity > 0:
                 # Always the full choice list: Optuna rejects a parameter whose choices change.
@@ -227,6 +235,8 @@ class SearchSpace:
                 return False
             if layer.sparsity > 0 and layer.pruning not in self._methods(infos[name]):
                 return False
+            if layer.sparsity > 0 and name in self.not_prunable:
+                return False
         try:  # grouped layers must agree, parameter by parameter
             self.params_of(recipe)
         except ValueError:
@@ -260,7 +270,8 @@ class SearchSpace:
             sparsity = layer.sparsity
             if layer.pruning == "2:4" and layer.sparsity > 0:  # any positive choice leads there
                 sparsity = min(s for s in self.config.sparsity if s > 0)
-            put(f"{key}.sparsity", sparsity)
+            if name not in self.not_prunable:
+                put(f"{key}.sparsity", sparsity)
             parameter = self._pruning_choice(infos[name])[0]
             if layer.sparsity > 0 and parameter is not None:
                 put(parameter, layer.pruning)

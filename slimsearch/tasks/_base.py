@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,9 +34,15 @@ def factory_path(fn: Callable[..., nn.Module]) -> str:
     return f"{fn.__module__}:{fn.__qualname__}"
 
 
-def resolve_factory(path: str) -> Callable[..., nn.Module]:
-    """Import a factory from ``"module:qualname"``; it must carry the ``model_factory`` mark."""
+def resolve_factory(path: str, *, untrusted: Sequence[Path] = ()) -> Callable[..., nn.Module]:
+    """Import a factory from ``"module:qualname"``; it must carry the ``model_factory`` mark.
+
+    Importing a module runs its top level, before the mark can be checked. So a module not yet
+    imported must not be found in one of the ``untrusted`` folders (``load_model`` passes the
+    current directory and the model file's folder): a file that arrived with a bundle, or
+    happens to lie where Python is started, must not run because a model file names it."""
     module_name, _, qualname = path.partition(":")
+    _refuse_untrusted_location(module_name, untrusted, path)
     try:
         obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
@@ -48,6 +57,31 @@ def resolve_factory(path: str) -> Callable[..., nn.Module]:
     return obj
 
 
+def _refuse_untrusted_location(module_name: str, untrusted: Sequence[Path], path: str) -> None:
+    """``ArtifactError`` when importing ``module_name`` would load its top-level package
+    from one of the ``untrusted`` folders. An imported package (slimsearch, a plug-in task the
+    run imported) is trusted: its submodules come from its own folder."""
+    top = module_name.partition(".")[0]
+    if not untrusted or not top or top in sys.modules:
+        return
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return  # the import itself then fails with Python's own message
+    if spec is None:
+        return
+    places = list(spec.submodule_search_locations or []) or [spec.origin]
+    if not places[0] or not Path(places[0]).is_absolute():  # built-in, frozen
+        return
+    found_in = Path(places[0]).resolve().parent
+    if any(found_in == Path(folder).resolve() for folder in untrusted):
+        raise ArtifactError(
+            f"the model file names its factory {path!r}, whose module {top!r} would be imported "
+            f"from {found_in} (the current directory or the model's own folder), where any file "
+            "could have been put; refusing to run it. Install that module, put its folder on "
+            f"PYTHONPATH, or import {top} yourself before load_model if you trust it")
+
+
 @dataclass(frozen=True)
 class Split:
     """Inputs ``x`` (float32, N x ...) and integer class labels ``y`` (N,)."""
@@ -59,6 +93,15 @@ class Split:
         if len(self.x) != len(self.y) or len(self.x) == 0:
             raise ConfigError(f"a data split needs as many labels as inputs and at least one "
                               f"sample; got {len(self.x)} inputs and {len(self.y)} labels")
+        if self.y.dim() != 1 or self.y.is_floating_point() or self.y.is_complex() \
+                or self.y.dtype == torch.bool:
+            raise ConfigError(f"a data split's labels y must be a 1-D tensor of integer class "
+                              f"indices; got dtype {self.y.dtype} and shape {tuple(self.y.shape)}. "
+                              "Map your labels to 0..classes-1 as torch.long, e.g. with "
+                              "numpy.unique(labels, return_inverse=True)")
+        if int(self.y.min()) < 0:
+            raise ConfigError(f"a data split's labels y must be class indices from 0; found "
+                              f"{int(self.y.min())}. Map your labels to 0..classes-1")
 
     def __len__(self) -> int:
         return len(self.y)
@@ -97,6 +140,28 @@ class Task:
         if unknown:
             raise ConfigError(f"task {self.name!r}: student_choices names knobs {sorted(unknown)} "
                               f"that teacher_kwargs does not set ({sorted(self.teacher_kwargs)})")
+        for split in ("val", "test"):
+            shape = tuple(getattr(self, split).x.shape[1:])
+            if shape != self.input_shape:
+                raise ConfigError(f"task {self.name!r}: the {split} split's samples have shape "
+                                  f"{shape}, the train split's {self.input_shape}; every split "
+                                  "must hold samples of one shape")
+
+    def check_labels(self) -> None:
+        """``ConfigError`` unless every label is one of the teacher's outputs (0 to outputs-1):
+        a label past them would fail the first epoch, or silently never be predicted."""
+        model = self.teacher if self.teacher is not None else self.make_model(**self.teacher_kwargs)
+        was_training = model.training
+        with torch.no_grad():
+            outputs = model.eval()(self.example_inputs(1)).shape[-1]
+        model.train(was_training)
+        for split in ("train", "val", "test"):
+            top = int(getattr(self, split).y.max())
+            if top >= outputs:
+                raise ConfigError(f"task {self.name!r}: the {split} split has label {top}, but the "
+                                  f"teacher's model gives {outputs} outputs (classes 0 to "
+                                  f"{outputs - 1}). Map the labels to 0..{outputs - 1}, or give "
+                                  "the model one output per class")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
