@@ -100,7 +100,7 @@ def open_storage(run_dir: Path, url: str | None) -> BaseStorage:
     except Exception as exc:  # SQLAlchemy and drivers raise many types; all mean "cannot use it"
         reason = mask(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}",
                       os.environ.get(PASSWORD_ENV))
-        raise ConfigError(f"storage = {mask(url)!r} cannot be opened: {reason}. Check the URL, "
+        raise ConfigError(f"storage = {mask(connect)!r} cannot be opened: {reason}. Check the URL, "
                           "that the server runs, that its driver is installed and the password "
                           f"(in {PASSWORD_ENV}, PGPASSFILE or ~/.pgpass), or omit --storage to "
                           "use a journal file in the run folder") from None
