@@ -268,7 +268,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         raise ConfigError(f"{bundle} is not a slimsearch bundle (no manifest.json); give the "
                           "folder `slimsearch export --out` created")
     try:
-        manifest = check_bundle(bundle)
+        manifest = check_bundle(bundle, exported=True)
     except ArtifactError as exc:  # the bundle is not what was exported: bad input, exit 2
         raise ConfigError(str(exc)) from exc
     print(f"{bundle}: every file matches manifest.json (trial {manifest['trial']}, runtime "

@@ -63,8 +63,7 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bo
                           "completed trial from the report")
     check_tolerance(tolerance)
     source = folder.trial(trial)
-    missing = [name for name in (MODEL_FILE, "metrics.json", "recipe.json", "environment.json")
-               if not (source / name).is_file()]
+    missing = [name for name in BUNDLE_FILES if not (source / name).is_file()]
     if missing:
         raise ConfigError(f"--trial {trial}: its folder {source} lacks {', '.join(missing)} (deleted "
                           "or not copied with the run folder); restore the folder, or export "

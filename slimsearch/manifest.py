@@ -16,6 +16,10 @@ from typing import Any
 from slimsearch.errors import ArtifactError
 
 MANIFEST_FILE = "manifest.json"
+#: The model file of a trial folder and of a bundle (``compression.artifact`` writes it).
+MODEL_FILE = "model.safetensors"
+#: What ``slimsearch export`` records beside the files, and re-measuring a bundle reads.
+EXPORT_KEYS = ("trial", "runtime", "artifact")
 
 
 def sha256(path: Path) -> str:
@@ -31,9 +35,11 @@ def is_bundle(folder: Path) -> bool:
     return (folder / MANIFEST_FILE).is_file()
 
 
-def check_bundle(bundle: str | Path) -> dict[str, Any]:
+def check_bundle(bundle: str | Path, *, exported: bool = False) -> dict[str, Any]:
     """Return the bundle's manifest once every file it lists is checked; ``ArtifactError``
-    naming the file when one is missing, outside the bundle, or modified."""
+    naming the file when one is missing, outside the bundle, or modified, or when the
+    manifest does not list the model file (with ``exported``: or lacks what export records,
+    the trial, the runtime and its file)."""
     bundle = Path(bundle)
     manifest_path = bundle / MANIFEST_FILE
     try:
@@ -42,6 +48,13 @@ def check_bundle(bundle: str | Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ArtifactError(f"{manifest_path} is not a valid bundle manifest ({exc!r}); export "
                             "the trial again") from exc
+    if MODEL_FILE not in files:
+        raise ArtifactError(f"{manifest_path} does not list {MODEL_FILE}, so the model file is not "
+                            "checked; the bundle was modified: export the trial again")
+    missing = [key for key in EXPORT_KEYS if exported and key not in manifest]
+    if missing or (exported and manifest["artifact"] not in files):
+        raise ArtifactError(f"{manifest_path} lacks {', '.join(missing) or 'its artifact file'}; "
+                            "it was not written by slimsearch export: export the trial again")
     for name, expected in files.items():
         listed = bundle / name
         if name in ("", ".", "..") or Path(name).name != name or listed.is_symlink():

@@ -50,7 +50,7 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
     from slimsearch.search.run_folder import RunFolder
     from slimsearch.tasks import make_task
 
-    manifest = check_bundle(bundle)  # what is measured is what the manifest promises
+    manifest = check_bundle(bundle, exported=True)  # what is measured is what it promises
     config = RunFolder(run_dir).config()
     target = dataclasses.replace(config.target, runtime=manifest["runtime"])
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)

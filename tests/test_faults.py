@@ -85,6 +85,15 @@ def guarded_task(seed):
     return _task(seed)
 
 
+def slow_digits(seed):
+    """digits-mlp, built slowly: two runs started together are both past their checks of the
+    empty run folder before either creates the run."""
+    import time
+
+    time.sleep(4)
+    return built_in("digits-mlp", seed=seed)
+
+
 def narrow_val(seed):
     return _task(seed, val=lambda s: slimsearch.Split(s.x[:, :32], s.y))
 
@@ -219,6 +228,34 @@ def test_a_storage_without_the_runs_study_is_refused(done_run: Path, work: Path,
     assert tree(run / "trials") == trials
 
 
+def test_a_run_made_before_urls_were_recorded_absolute_still_continues(
+        work: Path, capsys: pytest.CaptureFixture) -> None:
+    exp = experiment(work / "exp", trials=1)
+    assert main(["run", str(exp), "--run-dir", "run", "--storage", "sqlite:///db.sqlite3"]) == 0
+    settings = json.loads((work / "run" / "run.json").read_text())
+    settings["storage"] = "sqlite:///db.sqlite3"  # as older slimsearch recorded it
+    (work / "run" / "run.json").write_text(json.dumps(settings))
+    assert main(["resume", "run", "--trials", "2"]) == 0
+    assert len(finished_trials(work / "run")) == 2
+
+
+def test_two_run_folders_never_share_one_study(work: Path, capsys: pytest.CaptureFixture) -> None:
+    from slimsearch.errors import ConfigError
+    from slimsearch.experiment import load_experiment
+    from slimsearch.search import prepare, run_search
+
+    exp = experiment(work / "exp", trials=1)
+    url = f"sqlite:///{work / 'db.sqlite3'}"
+    prepared = [prepare(load_experiment(exp), run_dir=work / run, storage_url=url)
+                for run in ("one", "two")]  # both before either made its study
+    run_search(prepared[0], exp, trials=1, timeout_s=None, say=lambda _: None)
+    with pytest.raises(ConfigError, match="already holds a study named 'tiny'"):
+        run_search(prepared[1], exp, trials=1, timeout_s=None, say=lambda _: None)
+    assert not (work / "two" / "run.json").exists()
+    assert main(["run", str(exp), "--run-dir", "three", "--storage", url]) == 2
+    assert "already holds a study named 'tiny'" in capsys.readouterr().err
+
+
 # 3. Two runs started at once -----------------------------------------------------------------
 
 def test_of_two_experiments_prepared_at_once_only_the_first_creates_the_run(work: Path) -> None:
@@ -249,13 +286,15 @@ def test_two_runs_started_at_once(work: Path) -> None:
                                  run], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
 
-    a, b = experiment(work / "a", teacher_epochs=20), experiment(work / "b", teacher_epochs=20,
-                                                                 train="lr = 0.002")
+    a = experiment(work / "a", task="faulty_tasks:slow_digits", teacher_epochs=20)
+    b = experiment(work / "b", task="faulty_tasks:slow_digits", teacher_epochs=20,
+                   train="lr = 0.002")
     outcomes = [p.communicate(timeout=300) + (p.returncode,)
                 for p in [start(a, "diff"), start(b, "diff")]]
     assert sorted(code for *_, code in outcomes) == [0, 2], outcomes
     winner = next(i for i, (*_, code) in enumerate(outcomes) if code == 0)
     loser_err = outcomes[1 - winner][1]
+    # refused after it passed the checks of the empty folder: by the check under the lock
     assert "holds a run of a different experiment" in loser_err and "train.lr" in loser_err
     lr = json.loads((work / "diff" / "run.json").read_text())["experiment"]["train"]["lr"]
     assert lr == (0.001, 0.002)[winner]
@@ -485,20 +524,24 @@ def test_a_storage_password_is_never_printed_stored_or_on_a_command_line(
         [sys.executable, "-m", "slimsearch", "run", str(exp), "--run-dir", "run", "--storage", url,
          "--workers", "2"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
-    command_lines = []
+    command_lines, passwords = [], set()
     while main_process.poll() is None:
         for proc in Path("/proc").iterdir():
             try:
                 words = (proc / "cmdline").read_bytes().decode().split("\0")
-            except OSError:
+                if "--as-worker" in words:
+                    environment = (proc / "environ").read_bytes().decode().split("\0")
+                    command_lines.append(" ".join(words))
+                    passwords |= {v.partition("=")[2] for v in environment
+                                  if v.startswith("SLIMSEARCH_STORAGE_PASSWORD=")}
+            except OSError:  # it ended meanwhile
                 continue
-            if "--as-worker" in words:
-                command_lines.append(" ".join(words))
         time.sleep(0.05)
     out, err = main_process.communicate()
     assert main_process.returncode == 0, err
     assert command_lines, "no worker process was seen"
     assert not [c for c in command_lines if PASSWORD in c]
+    assert passwords == {PASSWORD}  # through the environment (the test server trusts anyone)
     assert PASSWORD not in out + err
     for path in (work / "run").rglob("*"):
         if path.is_file():
@@ -513,6 +556,42 @@ def test_a_storage_password_is_never_printed_stored_or_on_a_command_line(
                           text=True)
     assert done.returncode == 2 and "cannot be opened" in done.stderr
     assert PASSWORD not in done.stdout + done.stderr and "slimsearch:***@" in done.stderr
+
+
+def test_storage_urls_lose_their_password_and_get_it_back_only_to_connect(
+        work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimsearch.errors import ConfigError
+    from slimsearch.search.run_folder import experiment_copy
+    from slimsearch.search.storage import (
+        PASSWORD_ENV,
+        _connect_url,
+        mask,
+        public_url,
+        shown,
+    )
+
+    assert public_url("postgresql://me:pa%20ss@host:5432/db") == ("postgresql://me@host:5432/db",
+                                                                   "pa ss")
+    assert public_url("postgresql://me@host/db") == ("postgresql://me@host/db", None)
+    assert public_url("sqlite:///rel/db.sqlite3?timeout=5") == (
+        f"sqlite:///{work / 'rel' / 'db.sqlite3'}?timeout=5", None)
+    with pytest.raises(ConfigError, match="write an '@' inside the password as %40"):
+        public_url("postgresql://me:p@ss@host/db")
+    with pytest.raises(ConfigError, match="in-memory"):
+        public_url("sqlite://")
+    monkeypatch.setenv(PASSWORD_ENV, "p@ss w:rd")
+    from sqlalchemy.engine import make_url
+
+    assert make_url(_connect_url("postgresql://me@host/db")).password == "p@ss w:rd"
+    assert _connect_url(f"sqlite:///{work}/db") == f"sqlite:///{work}/db"
+    assert shown("postgresql://me@host/db") == "postgresql://me:***@host/db"
+    assert mask("failed for postgresql://me:pa ss@host/db (pa ss)", "pa ss") == \
+        "failed for postgresql://me:***@host/db (***)"
+    exp = experiment(work / "exp", search='storage = "postgresql://me:pa%20ss@host/db"')
+    copy = experiment_copy(exp)
+    assert 'storage = "postgresql://me@host/db"' in copy and "pa%20ss" not in copy
+    assert copy.replace('storage = "postgresql://me@host/db"', "") == \
+        exp.read_text().replace('storage = "postgresql://me:pa%20ss@host/db"', "")
 
 
 # 10. Loading a bundle never imports from the current folder -----------------------------------
@@ -559,12 +638,22 @@ def test_load_model_never_imports_a_module_lying_in_the_current_folder(
     assert done.returncode == 3, done.stdout + done.stderr
     assert "refusing to run it" in done.stdout and "planted_module" in done.stdout
     assert not marker.exists()
-    # beside the model file, too
-    shutil.move(work / "planted_module.py", bundle.parent / "elsewhere.py")
-    (bundle / "planted_module.py").write_text(EVIL.format(marker=str(marker)))
-    done = subprocess.run([sys.executable, "-c", script, str(bundle)], cwd=bundle,
+    # a link in the current folder to a module elsewhere is still found in the current folder
+    (work / "elsewhere").mkdir()
+    shutil.move(work / "planted_module.py", work / "elsewhere" / "planted_module.py")
+    (work / "planted_module.py").symlink_to(work / "elsewhere" / "planted_module.py")
+    done = subprocess.run([sys.executable, "-c", script, str(bundle)], cwd=work,
                           capture_output=True, text=True)
-    assert done.returncode == 3 and not marker.exists()
+    assert done.returncode == 3 and not marker.exists(), done.stdout + done.stderr
+    # beside the model file, on the path however it got there
+    (work / "planted_module.py").unlink()
+    (work / "elsewhere" / "planted_module.py").unlink()
+    (bundle / "planted_module.py").write_text(EVIL.format(marker=str(marker)))
+    done = subprocess.run([sys.executable, "-c", script, str(bundle)], cwd=work / "elsewhere",
+                          env={**os.environ, "PYTHONPATH": str(bundle)}, capture_output=True,
+                          text=True)
+    assert done.returncode == 3 and not marker.exists(), done.stdout + done.stderr
+    assert str(bundle) in done.stdout
 
 
 @pytest.mark.slow
@@ -608,3 +697,18 @@ def test_a_manifest_entry_outside_the_bundle_is_refused_by_every_reader(
     capsys.readouterr()
     assert main(["verify", str(bundle), "--manifest-only"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_manifest_that_leaves_the_model_file_unchecked_is_refused(
+        done_run: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
+    import slimsearch
+
+    bundle = work / "bundle"
+    assert main(["export", str(done_run), "--trial", "0", "--out", str(bundle),
+                 "--no-verify"]) == 0
+    (bundle / "manifest.json").write_text(json.dumps({"files": {}}))
+    with pytest.raises(slimsearch.ArtifactError, match="does not list model.safetensors"):
+        slimsearch.load_model(bundle)
+    capsys.readouterr()
+    assert main(["verify", str(bundle), "--manifest-only"]) == 2
+    assert "does not list model.safetensors" in capsys.readouterr().err

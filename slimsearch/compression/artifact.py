@@ -41,12 +41,11 @@ from slimsearch.compression.packing import (
 )
 from slimsearch.compression.quantization import QuantizedWeight, dequantize
 from slimsearch.errors import ArtifactError
-from slimsearch.manifest import check_bundle, is_bundle
+from slimsearch.manifest import MODEL_FILE, check_bundle, is_bundle
 from slimsearch.tasks import resolve_factory
 
 FORMAT = "slimsearch.artifact"
 FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
 
 
 @dataclass

@@ -64,6 +64,7 @@ from slimsearch.search.storage import (
     check_storage_url,
     open_storage,
     public_url,
+    shown,
 )
 from slimsearch.search.teacher import prepare_teacher
 from slimsearch.spaces import SearchSpace
@@ -133,13 +134,16 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
         check_storage_url(storage_url)
         if not folder.exists() and config.name in optuna.get_all_study_names(open_storage(
                 folder.root, storage_url)):
-            raise ConfigError(
-                f"storage {storage_url!r} already holds a study named {config.name!r} that belongs "
-                f"to another run folder; continue that run with its --run-dir, or give this "
-                "experiment another name")
+            raise ConfigError(_taken(storage_url, config.name))
     if folder.exists():
         _check_continuation(folder, config, space, storage_url, device)
     return Prepared(config, task, space, folder, storage_url)
+
+
+def _taken(storage_url: str, name: str) -> str:
+    return (f"storage {shown(storage_url)!r} already holds a study named {name!r} that belongs "
+            "to another run folder; continue that run with its --run-dir, or give this "
+            "experiment another name")
 
 
 def _check_continuation(folder: RunFolder, config: ExperimentConfig, space: SearchSpace,
@@ -156,6 +160,19 @@ def _open_study(prepared: Prepared, experiment_file: Path, experiment_text: str,
     other then checks against it."""
     config, folder = prepared.config, prepared.folder
     created = not folder.exists()
+    if not created:  # checked in prepare, but another process may have created the run since
+        _check_continuation(folder, config, prepared.space, prepared.storage_url, device)
+    storage = open_storage(folder.root, prepared.storage_url)
+    studies = {s.study_name for s in storage.get_all_studies()}
+    if created and config.name in studies:  # another run folder's, created since prepare
+        raise ConfigError(_taken(prepared.storage_url, config.name))
+    if not created and config.name not in studies and (folder.root / "trials").is_dir():
+        where = shown(prepared.storage_url) if prepared.storage_url else folder.root / JOURNAL_FILE
+        raise ConfigError(
+            f"the storage {str(where)!r} does not hold this run's study {config.name!r}, but "
+            f"{folder.root} has its trials: a new study there would overwrite their folders. "
+            "Point --storage at the database the run was started with (run.json records it), "
+            "or start a new run with another --run-dir")
     if created:
         folder.create(experiment_text, {
             "experiment": config.to_dict(), "storage": prepared.storage_url,
@@ -164,17 +181,6 @@ def _open_study(prepared: Prepared, experiment_file: Path, experiment_text: str,
             "run_format": RUN_FORMAT, "objectives": dict(OBJECTIVES),
             "experiment_file": str(experiment_file.resolve()),
             "device": device_identity(device), "environment": environment()})
-    else:  # checked in prepare, but another process may have created the run since
-        _check_continuation(folder, config, prepared.space, prepared.storage_url, device)
-    storage = open_storage(folder.root, prepared.storage_url)
-    studies = {s.study_name for s in storage.get_all_studies()}
-    if not created and config.name not in studies and (folder.root / "trials").is_dir():
-        where = prepared.storage_url or str(folder.root / JOURNAL_FILE)
-        raise ConfigError(
-            f"the storage {where!r} does not hold this run's study {config.name!r}, but "
-            f"{folder.root} has its trials: a new study there would overwrite their folders. "
-            "Point --storage at the database the run was started with (run.json records it), "
-            "or start a new run with another --run-dir")
     study = optuna.create_study(storage=storage, study_name=config.name, load_if_exists=True,
                                 directions=[d for _, d in OBJECTIVES])
     with warnings.catch_warnings():
@@ -200,7 +206,7 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     deadline = time.monotonic() + timeout_s if timeout_s else math.inf
     device = resolve_device(config.target.device)
     copy = experiment_copy(experiment_file)  # a ConfigError here leaves nothing behind
-    with folder.setting_up():
+    with folder.setting_up(say=say):
         study = _open_study(prepared, experiment_file, copy, device)
     finished = counted(study)
     n_params, numeric_only = _describe_space(space)
@@ -229,7 +235,7 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             recover_stale_trials(study, folder.root, say=say)
             # One process at a time trains the teacher, measures it and the sensitivities and
             # enqueues the first trials; the others then find them done.
-            with folder.setting_up():
+            with folder.setting_up(say=say):
                 runner = _set_up(prepared, study, device, finished=finished, worker=worker,
                                  say=say)
             cache = runner.latency_cache

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 from slimsearch.atomic import read_json, write_json, write_text
 from slimsearch.errors import ConfigError
 from slimsearch.locks import file_lock
+from slimsearch.search.storage import public_url, shown, without_password
 
 #: Settings that may differ when a run continues (budgets), everything else must match.
 #: (Which backend runs the trials does not change them: a study may mix local and Ray trials.)
@@ -83,13 +84,13 @@ class RunFolder:
             raise ConfigError(f"--run-dir {root}: is a file, not a folder; give the path of a "
                               "new folder (slimsearch creates it)")
         if root.is_dir():
-            if not self.is_ours() and any(root.iterdir()):
-                held = ", ".join(sorted(p.name for p in root.iterdir())[:3])
+            held = sorted(p.name for p in root.iterdir())
+            if held and not self.is_ours():
                 raise ConfigError(
-                    f"--run-dir {root}: this folder holds files slimsearch did not make ({held}"
-                    f"{', ...' if len(list(root.iterdir())) > 3 else ''}) and slimsearch writes "
-                    "only into an empty folder or a run folder it created; give a new folder, "
-                    f"e.g. --run-dir {root / 'run'}")
+                    f"--run-dir {root}: this folder holds files slimsearch did not make "
+                    f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) and slimsearch "
+                    "writes only into an empty folder or a run folder it created; give a new "
+                    f"folder, e.g. --run-dir {root / 'run'}")
             writable = root
         else:
             writable = next(p for p in root.absolute().parents if p.exists())
@@ -101,16 +102,21 @@ class RunFolder:
                               "folder you may write in")
 
     @contextlib.contextmanager
-    def setting_up(self) -> Iterator[None]:
+    def setting_up(self, *, say: Callable[[str], None] | None = None) -> Iterator[None]:
         """Create the folder and its marker if needed and hold the run's setup lock while the
         block runs: checking or writing run.json, creating the study and training the teacher
         happen in one process at a time. ``ConfigError`` when the folder is not ours or
         cannot be made."""
+        def waiting() -> None:
+            if say is not None:
+                say(f"waiting for another slimsearch process setting up {self.root} (creating "
+                    "the run, or training the teacher); this one goes on when it is done")
+
         self.check_writable()
         with contextlib.ExitStack() as stack:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                marker = stack.enter_context(file_lock(self.root / MARKER))
+                marker = stack.enter_context(file_lock(self.root / MARKER, on_wait=waiting))
             except OSError as exc:
                 raise ConfigError(f"--run-dir {self.root}: cannot create the run folder: "
                                   f"{exc.strerror}; give a folder you may write in") from exc
@@ -167,8 +173,12 @@ class RunFolder:
         changed = [f"{section}.{key}" if key else section
                    for section, key in _diff(old["experiment"], experiment)
                    if (section, key) not in MAY_CHANGE]
-        if old.get("storage") != storage:
-            changed.append(f"storage ({old.get('storage')!r} -> {storage!r})")
+        before = old.get("storage")
+        if before is not None:  # as this slimsearch records it (older runs: as typed)
+            before = public_url(before)[0]
+        if before != storage:
+            changed.append(f"storage ({shown(before) if before else None!r} -> "
+                           f"{shown(storage) if storage else None!r})")
         if old.get("space_fingerprint") != fingerprint and not changed:
             changed.append("the task's search space (its layers or default student choices)")
         if old.get("device") != device:
@@ -191,13 +201,11 @@ def experiment_copy(experiment_file: Path) -> str:
     when the password cannot be taken out (the URL is written with TOML escapes)."""
     import tomllib
 
-    from slimsearch.search.storage import without_password
-
     text = experiment_file.read_text(encoding="utf-8")
     url = tomllib.loads(text).get("search", {}).get("storage")
-    if not isinstance(url, str) or without_password(url)[1] is None:
+    public, password = without_password(url) if isinstance(url, str) else (url, None)
+    if password is None:
         return text
-    public = without_password(url)[0]
     copy = text.replace(url, public)
     if tomllib.loads(copy).get("search", {}).get("storage") != public:
         raise ConfigError(f"{experiment_file}: search.storage holds a password slimsearch cannot "

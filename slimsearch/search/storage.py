@@ -16,7 +16,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
@@ -33,7 +33,6 @@ HEARTBEAT_INTERVAL_S = 60
 GRACE_PERIOD_S = 180
 #: The storage password for a URL that names a user but no password.
 PASSWORD_ENV = "SLIMSEARCH_STORAGE_PASSWORD"
-_USERINFO = re.compile(r"^(?P<head>[\w+.-]+://[^:/@]*):(?P<password>[^@]*)@")
 
 
 def public_url(url: str) -> tuple[str, str | None]:
@@ -51,31 +50,49 @@ def public_url(url: str) -> tuple[str, str | None]:
 
 
 def without_password(url: str) -> tuple[str, str | None]:
-    """``url`` with its password taken out (the rest as written), and the password."""
-    match = _USERINFO.match(url)
-    if match is None:
+    """``url`` with its password taken out, and the password (None when it has none); parsed
+    as Optuna's RDB storage parses it (SQLAlchemy), so both agree on what the password is."""
+    parsed = _parse(url)
+    if parsed is None or parsed.password is None:
         return url, None
-    from sqlalchemy.engine import make_url  # Optuna's RDB storage parses URLs the same way
+    if "@" in (parsed.host or ""):
+        raise ConfigError(f"storage = {mask(url, str(parsed.password))!r}: the URL has more than "
+                          "one '@'; write an '@' "
+                          "inside the password as %40")
+    return (parsed._replace(password=None).render_as_string(hide_password=False),
+            str(parsed.password))
 
-    password = make_url(url).password  # decoded from the URL's %-escapes
-    return match["head"] + url[match.end() - 1:], None if password is None else str(password)
+
+def shown(url: str) -> str:
+    """``url`` as messages show it: with ``***`` where a password is used (given in the URL
+    or by ``PASSWORD_ENV``)."""
+    parsed = _parse(_connect_url(url))
+    return mask(url) if parsed is None else parsed.render_as_string(hide_password=True)
 
 
 def mask(text: str, password: str | None = None) -> str:
-    """``text`` (a URL or a message) with any URL password, and ``password``, as ``***``."""
+    """``text`` (a message) with what looks like a URL's password, and ``password``, as ``***``."""
     text = re.sub(r"([\w+.-]+://[^:/@\s]*):[^@\s]*@", r"\1:***@", text)
     return text.replace(password, "***") if password else text
 
 
-def _connect_url(url: str) -> str:
-    """``url`` with the password from ``PASSWORD_ENV`` put back, where it names a user."""
-    password = os.environ.get(PASSWORD_ENV)
-    if not password or _USERINFO.match(url):
-        return url
+def _parse(url: str) -> Any:
+    """SQLAlchemy's ``URL`` of ``url``, or None when it is not one (imported late: slow)."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    parsed = make_url(url)
-    if not parsed.username:
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+
+
+def _connect_url(url: str) -> str:
+    """``url`` with the password from ``PASSWORD_ENV`` put in, where it names a user and a
+    server but no password."""
+    password = os.environ.get(PASSWORD_ENV)
+    parsed = _parse(url) if password else None
+    if parsed is None or parsed.password is not None or not parsed.username or not parsed.host:
         return url
     return parsed.set(password=password).render_as_string(hide_password=False)
 
@@ -99,8 +116,8 @@ def open_storage(run_dir: Path, url: str | None) -> BaseStorage:
         storage.get_all_studies()  # forces a connection
     except Exception as exc:  # SQLAlchemy and drivers raise many types; all mean "cannot use it"
         reason = mask(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}",
-                      os.environ.get(PASSWORD_ENV))
-        raise ConfigError(f"storage = {mask(connect)!r} cannot be opened: {reason}. Check the URL, "
+                      os.environ.get(PASSWORD_ENV) or without_password(url)[1])
+        raise ConfigError(f"storage = {shown(url)!r} cannot be opened: {reason}. Check the URL, "
                           "that the server runs, that its driver is installed and the password "
                           f"(in {PASSWORD_ENV}, PGPASSFILE or ~/.pgpass), or omit --storage to "
                           "use a journal file in the run folder") from None
@@ -145,7 +162,7 @@ def repair_torn_tail(journal: Path) -> str | None:
                 os.fsync(handle.fileno())
                 return (f"{journal}: its last record had lost its line end (the process writing "
                         "it stopped); restored it")
-            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
             aside = write_bytes(journal.with_name(f"{journal.name}.torn-{stamp}"), tail)
             handle.truncate(start)
             handle.flush()

@@ -70,11 +70,13 @@ def _refuse_untrusted_location(module_name: str, untrusted: Sequence[Path], path
         return  # the import itself then fails with Python's own message
     if spec is None:
         return
-    places = list(spec.submodule_search_locations or []) or [spec.origin]
-    if not places[0] or not Path(places[0]).is_absolute():  # built-in, frozen
-        return
-    found_in = Path(places[0]).resolve().parent
-    if any(found_in == Path(folder).resolve() for folder in untrusted):
+    places = [p for p in list(spec.submodule_search_locations or []) or [spec.origin]
+              if p and Path(p).is_absolute()]  # not built-in or frozen
+    # the folders it was found in, not where a link there points: a link is a planted file too
+    found = {Path(place).absolute().parent.resolve() for place in places}
+    refused = {Path(folder).resolve() for folder in untrusted}
+    if found & refused:
+        found_in = next(iter(found & refused))
         raise ArtifactError(
             f"the model file names its factory {path!r}, whose module {top!r} would be imported "
             f"from {found_in} (the current directory or the model's own folder), where any file "
