@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 a command failed, 2 bad input (nothing was started), 130 i
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,11 +104,12 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _say_continue(run_dir: Path, storage: str | None) -> None:
-    """The command that continues an interrupted run (its storage is in run.json)."""
+    """The command that continues an interrupted run (its storage is in run.json, without
+    the password this process may have used)."""
     from slimsearch.search.storage import PASSWORD_ENV
 
     password = (f" (with the storage password in {PASSWORD_ENV} or PGPASSFILE)"
-                if storage and "@" in storage else "")
+                if storage and os.environ.get(PASSWORD_ENV) else "")
     print(f"continue with: slimsearch resume {run_dir}{password}")
 
 

@@ -346,6 +346,7 @@ def test_a_torn_journal_tail_is_cut_back_before_anything_is_appended(
 def test_a_layer_whose_forward_fails_pruned_is_left_unpruned_and_the_run_goes_on(
         work: Path, capsys: pytest.CaptureFixture) -> None:
     exp = experiment(work / "exp", task="faulty_tasks:guarded_task", sensitivity=True, trials=4)
+    outside = tree(work, skip=(work / "run",))
     assert main(["run", str(exp), "--run-dir", "run"]) == 0
     sensitivity = json.loads((work / "run" / "sensitivity.json").read_text())
     assert sensitivity["layers"]["fc1"]["prunable"] is False
@@ -360,6 +361,7 @@ def test_a_layer_whose_forward_fails_pruned_is_left_unpruned_and_the_run_goes_on
     # a resumed run reuses the record instead of failing again
     assert main(["resume", str(work / "run"), "--trials", "5"]) == 0
     assert len(finished_trials(work / "run")) == 5
+    assert tree(work, skip=(work / "run",)) == outside
 
 
 # 6. Crashes where a clear message belongs ----------------------------------------------------
@@ -472,6 +474,7 @@ def test_a_negative_tolerance_exits_2(done_run: Path, work: Path, tolerance: str
 
 def test_a_teacher_at_chance_level_is_said_loudly(work: Path, capsys: pytest.CaptureFixture) -> None:
     exp = experiment(work / "exp", train="lr = 1e9", trials=2)
+    outside = tree(work, skip=(work / "run",))
     assert main(["run", str(exp), "--run-dir", "run"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: the teacher's validation accuracy" in out
@@ -480,6 +483,7 @@ def test_a_teacher_at_chance_level_is_said_loudly(work: Path, capsys: pytest.Cap
     assert "warning: the teacher&#x27;s validation accuracy" in (work / "run" / "report.html").read_text()
     assert main(["pick", "run"]) == 0
     assert "WARNING: the teacher's validation accuracy" in capsys.readouterr().out
+    assert tree(work, skip=(work / "run",)) == outside
 
 
 # 8. Ctrl-C, then the printed command -----------------------------------------------------------
@@ -499,6 +503,7 @@ def test_the_continue_command_after_ctrl_c_continues_the_run(
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(TrialRunner, "__call__", interrupted_second)
+    outside = tree(work)
     assert main(["run", str(exp), "--run-dir", "run", "--storage", "sqlite:///db.sqlite3"]) == 130
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("continue with:"))
     command = line.removeprefix("continue with: slimsearch ").split(" (")[0].split()
@@ -506,6 +511,7 @@ def test_the_continue_command_after_ctrl_c_continues_the_run(
     assert main(command) == 0
     states = [s for s, _ in finished_trials(work / "run").values()]
     assert states.count("COMPLETE") == 3
+    assert tree(work, skip=(work / "run", work / "db.sqlite3")) == outside
 
 
 # 9. A storage password --------------------------------------------------------------------------

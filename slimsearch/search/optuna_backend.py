@@ -102,7 +102,8 @@ class Prepared:
 
 def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None) -> Prepared:
     """Check everything that can be wrong with the input; raise ``ConfigError`` on the first.
-    Nothing is written, and nothing trains."""
+    No file is written and nothing trains. A password in ``storage_url`` moves into this
+    process's environment (``storage.PASSWORD_ENV``), where its workers find it."""
     folder = RunFolder(run_dir)
     folder.check_writable()
     if storage_url is not None:  # recorded and shown without its password (see storage)
@@ -206,6 +207,7 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     deadline = time.monotonic() + timeout_s if timeout_s else math.inf
     device = resolve_device(config.target.device)
     copy = experiment_copy(experiment_file)  # a ConfigError here leaves nothing behind
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     with folder.setting_up(say=say):
         study = _open_study(prepared, experiment_file, copy, device)
     finished = counted(study)

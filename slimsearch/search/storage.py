@@ -57,8 +57,7 @@ def without_password(url: str) -> tuple[str, str | None]:
         return url, None
     if "@" in (parsed.host or ""):
         raise ConfigError(f"storage = {mask(url, str(parsed.password))!r}: the URL has more than "
-                          "one '@'; write an '@' "
-                          "inside the password as %40")
+                          "one '@'; write an '@' inside the password as %40")
     return (parsed._replace(password=None).render_as_string(hide_password=False),
             str(parsed.password))
 
