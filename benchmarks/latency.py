@@ -31,8 +31,8 @@ import torch
 
 from slimsearch.evaluators import measure_latency
 from slimsearch.experiment import TargetConfig, load_experiment
+from slimsearch.run.folder import RunFolder
 from slimsearch.search import prepare, run_search
-from slimsearch.search.run_folder import RunFolder
 from slimsearch.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]

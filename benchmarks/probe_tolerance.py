@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from slimsearch.evaluators import latency as protocol
 from slimsearch.evaluators import measure_latency
-from slimsearch.evaluators.latency import _chosen_samples, _undisturbed, _Window
 from slimsearch.tasks import make_task
+from slimsearch.timing import latency as protocol
+from slimsearch.timing.latency import _chosen_samples, _undisturbed, _Window
 
 TOLERANCES = (0.05, 0.10, 0.15, 0.20, 0.30)
 #: Probe reading / floor: the edges of the groups in part 1.

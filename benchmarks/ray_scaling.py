@@ -23,7 +23,7 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from slimsearch.report.data import load_study
+from slimsearch.run import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = (("local", 1), ("local", 2), ("ray", 1), ("ray", 2))

@@ -48,8 +48,8 @@ BOX_POINTS = 0.15
 
 def curve(run_dir: Path, teacher: dict) -> list[float]:
     """Hypervolume after each trial (1, 2, ... in trial order; failed trials add nothing)."""
-    from slimsearch.report.data import load_study
     from slimsearch.report.pareto import hypervolume
+    from slimsearch.run import load_study
 
     points, out = [], []
     for t in sorted(load_study(run_dir).get_trials(deepcopy=False), key=lambda t: t.number):

@@ -26,7 +26,7 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from slimsearch.experiment import load_experiment
-from slimsearch.report.data import load_study
+from slimsearch.run import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 

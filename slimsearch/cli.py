@@ -50,7 +50,8 @@ def _with_backend(config: Any, args: argparse.Namespace) -> Any:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from slimsearch.experiment import load_experiment
-    from slimsearch.search import RunFolder, prepare, run_search
+    from slimsearch.run import RunFolder
+    from slimsearch.search import prepare, run_search
 
     config = load_experiment(args.experiment)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / config.name
@@ -65,22 +66,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     prepared = prepare(config, run_dir=run_dir, storage_url=storage)
     result = run_search(prepared, Path(args.experiment), trials=trials, timeout_s=timeout_s,
                         workers=args.workers, worker=args.as_worker)  # 0: the main process
-    if args.as_worker:
+    if args.as_worker:  # the main process writes the report
         return 130 if result.interrupted else 1 if result.stopped else 0
-    if result.interrupted:
-        _say_continue(run_dir, prepared.storage_url)
-        return 130
-    print(f"report.html: {result.report.resolve()}")
-    if result.stopped:
-        print(f"slimsearch: error: the search stopped early: {result.stopped}", file=sys.stderr)
-        return 1
-    return 0
+    return _after_search(result, prepared.storage_url)
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from slimsearch.report.data import load_study
+    from slimsearch.run import load_study
+    from slimsearch.run.folder import RunFolder
     from slimsearch.search import prepare, run_search
-    from slimsearch.search.run_folder import RunFolder
 
     folder = RunFolder(Path(args.run_dir))
     config = _with_backend(folder.config(), args)
@@ -93,28 +87,31 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     trials, timeout_s = _budget(args, config, trials_default=stored_budget)
     result = run_search(prepared, folder.root / "experiment.toml", trials=trials,
                         timeout_s=timeout_s, workers=args.workers)
-    if result.interrupted:
-        _say_continue(folder.root, prepared.storage_url)
+    return _after_search(result, prepared.storage_url)
+
+
+def _after_search(result: Any, storage: str | None) -> int:
+    """Write the report (also after Ctrl-C or a deadline), say where it is and what comes
+    next; the exit code."""
+    from slimsearch.report import write_report
+    from slimsearch.run.storage import PASSWORD_ENV
+
+    report = write_report(result.run_dir)
+    print(f"report.html: {report.resolve()}")
+    if result.interrupted:  # its storage is in run.json, without the password used here
+        password = (f" (with the storage password in {PASSWORD_ENV} or PGPASSFILE)"
+                    if storage and os.environ.get(PASSWORD_ENV) else "")
+        print(f"continue with: slimsearch resume {result.run_dir}{password}")
         return 130
-    print(f"report.html: {result.report.resolve()}")
     if result.stopped:
         print(f"slimsearch: error: the search stopped early: {result.stopped}", file=sys.stderr)
         return 1
     return 0
 
 
-def _say_continue(run_dir: Path, storage: str | None) -> None:
-    """The command that continues an interrupted run (its storage is in run.json, without
-    the password this process may have used)."""
-    from slimsearch.search.storage import PASSWORD_ENV
-
-    password = (f" (with the storage password in {PASSWORD_ENV} or PGPASSFILE)"
-                if storage and os.environ.get(PASSWORD_ENV) else "")
-    print(f"continue with: slimsearch resume {run_dir}{password}")
-
-
 def _cmd_status(args: argparse.Namespace) -> int:
-    from slimsearch.report.data import load_report_data, load_study
+    from slimsearch.report.data import load_report_data
+    from slimsearch.run import load_study
     from slimsearch.search.recovery import OWNER, counted, is_alive
 
     data = load_report_data(Path(args.run_dir))

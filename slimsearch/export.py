@@ -21,9 +21,9 @@ from slimsearch.compression import MODEL_FILE, read_header
 from slimsearch.devices import resolve_device
 from slimsearch.errors import ArtifactError, ConfigError, TrialError
 from slimsearch.manifest import sha256
-from slimsearch.report.data import load_study
+from slimsearch.run import load_study
+from slimsearch.run.folder import RunFolder
 from slimsearch.runtimes import get_runtime
-from slimsearch.search.run_folder import RunFolder
 from slimsearch.tasks import make_task
 from slimsearch.verification import (
     COMPARED,

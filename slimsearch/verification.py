@@ -42,12 +42,12 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
     """(In the fresh process.) The bundle's figures, measured like a trial's."""
     import dataclasses
 
-    from slimsearch.compression import MODEL_FILE, load_model
+    from slimsearch.compression import MODEL_FILE, load_float_model
     from slimsearch.devices import computing, resolve_device
     from slimsearch.evaluators import EvalContext, evaluate
     from slimsearch.manifest import check_bundle, sha256
+    from slimsearch.run.folder import RunFolder
     from slimsearch.runtimes import get_runtime
-    from slimsearch.search.run_folder import RunFolder
     from slimsearch.tasks import make_task
 
     manifest = check_bundle(bundle, exported=True)  # what is measured is what it promises
@@ -64,7 +64,7 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
                                          example=task.example_inputs(target.batch_size))
         same_file = sha256(executable.artifact) == manifest["files"][manifest["artifact"]]
         context = EvalContext(task=task, executable=executable,
-                              model=load_model(model_file, int8=False), target=target,
+                              model=load_float_model(model_file), target=target,
                               device=device, latency_cache=None)
         metrics = evaluate(context)
     return {**{k: metrics[k] for k in COMPARED}, "latency_cv": metrics["latency_cv"],

@@ -20,7 +20,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from slimsearch.compression import MODEL_FILE, CompressedModel, load_model, read_header, save_artifact
+from slimsearch.compression import (
+    MODEL_FILE,
+    CompressedModel,
+    load_float_model,
+    read_header,
+    save_artifact,
+)
 from slimsearch.compression.packing import packed_nbytes
 from slimsearch.compression.pruning import magnitude_masks, prune_structured
 from slimsearch.compression.quantization import quantize_layers_
@@ -121,7 +127,7 @@ def test_load_model_rebuilds_the_model_bit_for_bit(case: str, tmp_path: Path) ->
     make, input_shape = CASES[case]
     compressed = make()
     path = save_artifact(compressed, tmp_path / MODEL_FILE)
-    loaded = load_model(path)
+    loaded = load_float_model(path)
     assert not loaded.training
     expected_state = compressed.model.state_dict()
     loaded_state = loaded.state_dict()
@@ -136,9 +142,9 @@ def test_load_model_rebuilds_the_model_bit_for_bit(case: str, tmp_path: Path) ->
 
 
 def test_pruned_shapes_are_rebuilt(tmp_path: Path) -> None:
-    loaded = load_model(save_artifact(mixed_mlp(), tmp_path / MODEL_FILE))
+    loaded = load_float_model(save_artifact(mixed_mlp(), tmp_path / MODEL_FILE))
     assert (loaded.hidden[0].out_features, loaded.hidden[1].in_features) == (32, 32)
-    loaded = load_model(save_artifact(mixed_resnet(), tmp_path / "resnet.safetensors"))
+    loaded = load_float_model(save_artifact(mixed_resnet(), tmp_path / "resnet.safetensors"))
     assert loaded.stem.out_channels == 6 and loaded.bn0.num_features == 6
     assert loaded.conv_a.out_channels == 4 and loaded.bn_a.running_var.shape == (4,)
     assert loaded.bn_a.eps == loaded.bn0.eps == 0.1
@@ -151,7 +157,7 @@ def test_file_size_is_what_the_size_metric_reports(tmp_path: Path, digits_mlp_ta
     target, cpu = TargetConfig(device="cpu"), torch.device("cpu")
     executable = TorchRuntime().materialize(path, target=target, device=cpu, out_dir=tmp_path,
                                             example=digits_mlp_task.example_inputs(1))
-    context = EvalContext(task=digits_mlp_task, executable=executable, model=load_model(path),
+    context = EvalContext(task=digits_mlp_task, executable=executable, model=load_float_model(path),
                           target=target, device=cpu)
     metrics = evaluate(context, [SizeEvaluator()])
     assert metrics["size_bytes"] == os.path.getsize(path)
@@ -215,11 +221,11 @@ def test_load_model_refuses_a_factory_without_the_mark(tmp_path: Path) -> None:
     model = digits_mlp(width=0.25, depth=1)
     path = save_artifact(CompressedModel(model=model, factory="os:getcwd", kwargs={}), tmp_path / "x")
     with pytest.raises(ArtifactError, match="model_factory"):
-        load_model(path)
+        load_float_model(path)
     path = save_artifact(CompressedModel(model=model, factory="no_such_module_4711:make", kwargs={}),
                          tmp_path / "y")
     with pytest.raises(ArtifactError, match="no_such_module_4711"):
-        load_model(path)
+        load_float_model(path)
 
 
 def test_load_model_refuses_an_object_that_only_pretends_to_carry_the_mark(tmp_path: Path) -> None:
@@ -227,20 +233,20 @@ def test_load_model_refuses_an_object_that_only_pretends_to_carry_the_mark(tmp_p
     path = save_artifact(CompressedModel(model=model, factory="unittest.mock:call", kwargs={}),
                          tmp_path / "x")
     with pytest.raises(ArtifactError):
-        load_model(path)
+        load_float_model(path)
 
 
 def test_load_model_refuses_files_that_are_not_slimsearch_models(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(3, 3)}, str(foreign), metadata={"format": "pt"})
     with pytest.raises(ArtifactError, match="not a slimsearch model"):
-        load_model(foreign)
+        load_float_model(foreign)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01 definitely not safetensors" * 10)
     with pytest.raises(ArtifactError):
-        load_model(garbage)
+        load_float_model(garbage)
     with pytest.raises(ArtifactError):
-        load_model(tmp_path / "missing.safetensors")
+        load_float_model(tmp_path / "missing.safetensors")
 
 
 def _bundle(folder: Path, compressed: CompressedModel, *, digest: str | None = None) -> Path:
@@ -255,23 +261,23 @@ def test_load_model_accepts_a_bundle_and_a_trial_folder(tmp_path: Path) -> None:
     x = torch.randn(4, 64)
     with torch.no_grad():
         expected = compressed.model(x)
-        assert torch.equal(load_model(_bundle(tmp_path / "bundle", compressed))(x), expected)
+        assert torch.equal(load_float_model(_bundle(tmp_path / "bundle", compressed))(x), expected)
         trial = tmp_path / "trial"
         save_artifact(compressed, trial / MODEL_FILE)
-        assert torch.equal(load_model(trial)(x), expected)
+        assert torch.equal(load_float_model(trial)(x), expected)
 
 
 def test_load_model_refuses_a_bundle_whose_sha256_does_not_match(tmp_path: Path) -> None:
     compressed = mixed_mlp()
     bundle = _bundle(tmp_path / "wrong-digest", compressed, digest="0" * 64)
     with pytest.raises(ArtifactError, match="sha256"):
-        load_model(bundle)
+        load_float_model(bundle)
     bundle = _bundle(tmp_path / "tampered", compressed)
     data = bytearray((bundle / MODEL_FILE).read_bytes())
     data[-1] ^= 0xFF  # flip bits in the last tensor: still a readable file, but not the same one
     (bundle / MODEL_FILE).write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="sha256"):
-        load_model(bundle)
+        load_float_model(bundle)
 
 
 def test_load_model_reproduces_outputs_in_a_fresh_process(tmp_path: Path) -> None:

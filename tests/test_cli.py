@@ -80,7 +80,7 @@ def test_run_writes_report_pareto_and_trial_folders(finished_run: Path) -> None:
     teacher_recipe = json.loads((finished_run / "trials" / "00000" / "recipe.json").read_text())
     assert set(sensitivity["layers"]) == set(teacher_recipe["layers"])
     assert "Layer sensitivity" in html
-    from slimsearch.report.data import load_study
+    from slimsearch.run import load_study
 
     starts = [t.number for t in load_study(finished_run).trials if "start" in t.user_attrs]
     assert starts and min(starts) == 2
@@ -98,7 +98,7 @@ def test_report_command_rewrites_the_report(finished_run: Path, capsys: pytest.C
 def test_latency_scaled_on_a_busy_machine_is_flagged(finished_run: Path) -> None:
     from slimsearch.report.data import load_report_data
     from slimsearch.report.html import render_html
-    from slimsearch.search.optuna_backend import describe_metrics
+    from slimsearch.search.lifecycle import describe_metrics
 
     data = load_report_data(finished_run)
     for trial in data.completed:  # whatever this machine did during the run
@@ -408,7 +408,10 @@ def test_run_on_onnxruntime_sizes_times_and_relates_its_own_file(tmp_path: Path,
     assert "ONNX Runtime" in html and "speedup at batch 8" in html and "latency cache" in html
     bundle = tmp_path / "bundle"
     best = pareto["trials"][0]["number"]
-    assert main(["export", str(tmp_path / "run"), "--trial", str(best), "--out", str(bundle)]) == 0
+    # a generous latency tolerance, as in the other export tests: this checks the ONNX file
+    # and its figures, not how quiet the machine is (it failed once here at 10%)
+    assert main(["export", str(tmp_path / "run"), "--trial", str(best), "--out", str(bundle),
+                 "--tolerance", "1.0"]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["runtime"] == "onnxruntime" and manifest["artifact"] == "model.onnx"
     assert "model.onnx" in manifest["files"] and (bundle / "model.onnx").is_file()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimsearch.compression import CompressedModel, load_model, save_artifact
+from slimsearch.compression import CompressedModel, load_float_model, save_artifact
 from slimsearch.compression.artifact import STORAGE_LAYOUTS
 from slimsearch.compression.pruning import IMPORTANCE, SPARSITY_PATTERNS, prune_structured
 from slimsearch.compression.quantization import dequantize, quantize_layers_, quantize_per_channel
@@ -119,6 +119,6 @@ def test_storage_layout_round_trips_exactly_and_the_default_is_smallest(tmp_path
     compressed = CompressedModel(model, factory_path(factory), kwargs, quantized=quantized)
     path = save_artifact(compressed, tmp_path / "model.safetensors", layout=layout)
     x = torch.randn(4, *shape)
-    assert torch.equal(load_model(path)(x), model(x))
+    assert torch.equal(load_float_model(path)(x), model(x))
     smallest = save_artifact(compressed, tmp_path / "best.safetensors")
     assert smallest.stat().st_size <= path.stat().st_size + 64  # default picks per tensor

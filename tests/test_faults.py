@@ -133,7 +133,7 @@ def tree(root: Path, *, skip: tuple[Path, ...] = ()) -> dict[str, str]:
 
 def finished_trials(run: Path) -> dict[int, tuple]:
     """The run's finished trials: number -> (state, values), read through the CLI's own path."""
-    from slimsearch.report.data import load_study
+    from slimsearch.run import load_study
 
     return {t.number: (t.state.name, t.values) for t in load_study(run).get_trials()
             if t.state.is_finished()}
@@ -353,7 +353,7 @@ def test_a_layer_whose_forward_fails_pruned_is_left_unpruned_and_the_run_goes_on
     assert "fc1 cannot run pruned" in sensitivity["layers"]["fc1"]["failed"]["sparsity 0.5"]
     assert "prunable" not in sensitivity["layers"]["fc2"]
     assert "layer fc1 failed the model's forward" in capsys.readouterr().out
-    from slimsearch.report.data import load_study
+    from slimsearch.run import load_study
 
     trials = load_study(work / "run").get_trials()
     assert all(t.state.name == "COMPLETE" for t in trials)
@@ -567,8 +567,8 @@ def test_a_storage_password_is_never_printed_stored_or_on_a_command_line(
 def test_storage_urls_lose_their_password_and_get_it_back_only_to_connect(
         work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from slimsearch.errors import ConfigError
-    from slimsearch.search.run_folder import experiment_copy
-    from slimsearch.search.storage import (
+    from slimsearch.run.folder import experiment_copy
+    from slimsearch.run.storage import (
         PASSWORD_ENV,
         _connect_url,
         mask,

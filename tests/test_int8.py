@@ -11,9 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from slimsearch.compression import CompressedModel, load_model, save_artifact
+from slimsearch.compression import CompressedModel, save_artifact
 from slimsearch.compression.quantization import quantize_layers_
-from slimsearch.runtimes import ExecutionPlan, build_executable, engine, int8, plan_execution
+from slimsearch.runtimes import (
+    ExecutionPlan,
+    build_executable,
+    engine,
+    int8,
+    load_model,
+    plan_execution,
+)
 from slimsearch.runtimes.int8 import MARGIN, _calibrate
 from slimsearch.tasks import factory_path
 from slimsearch.tasks.digits import digits_cnn, digits_mlp

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from slimsearch.evaluators import Latency, LatencyCache, measure_latency
-from slimsearch.evaluators.latency import _measure_cpu, _steadiest
-from slimsearch.evaluators.machine_probe import MachineProbe
+from slimsearch.timing.latency import _measure_cpu, _steadiest
+from slimsearch.timing.machine_probe import MachineProbe
 
 
 @pytest.fixture(autouse=True)
@@ -241,7 +241,7 @@ def test_a_disturbed_machine_is_detected_and_its_slowdown_taken_out(tmp_path: Pa
 
 
 def test_the_probe_is_chosen_by_the_kind_of_model_and_keeps_its_own_floor(tmp_path: Path) -> None:
-    from slimsearch.evaluators.machine_probe import kind_for
+    from slimsearch.timing.machine_probe import kind_for
 
     mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(2))
@@ -307,7 +307,7 @@ def test_short_calls_are_grouped_so_a_sample_outlasts_the_clock_resolution(tmp_p
 
 
 def test_forms_compared_in_turns_rank_more_work_slower() -> None:
-    from slimsearch.evaluators.latency import compare_latency
+    from slimsearch.timing.latency import compare_latency
 
     torch.manual_seed(0)
     layer = nn.Linear(256, 256)

@@ -61,7 +61,7 @@ def write_experiment(folder: Path, *, trials: int = 6, distill_epochs: int = 2) 
 
 
 def trials_of(run_dir: Path) -> list:
-    from slimsearch.report.data import load_study
+    from slimsearch.run import load_study
 
     return load_study(run_dir).get_trials(deepcopy=False)
 

@@ -48,7 +48,7 @@ device = "cpu"
 
 
 def study_of(run_dir: Path) -> optuna.Study:
-    from slimsearch.report.data import load_study
+    from slimsearch.run import load_study
 
     return load_study(run_dir)
 
@@ -206,7 +206,7 @@ def test_workers_share_one_journal_and_lose_nothing(workers: int, tmp_path: Path
 
 
 def test_errors_that_differ_only_in_numbers_or_addresses_count_as_the_same() -> None:
-    from slimsearch.search.optuna_backend import error_kind
+    from slimsearch.search.lifecycle import error_kind
 
     assert (error_kind("RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x16 and 32x10)")
             == error_kind("RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x8 and 4x10)"))

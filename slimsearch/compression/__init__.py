@@ -3,8 +3,9 @@
 from slimsearch.compression.artifact import (
     MODEL_FILE,
     CompressedModel,
-    load_model,
+    load_float_model,
     read_header,
+    resolve_model_file,
     save_artifact,
 )
 from slimsearch.compression.pipeline import build
@@ -16,8 +17,9 @@ __all__ = [
     "QuantizedWeight",
     "build",
     "dequantize",
-    "load_model",
+    "load_float_model",
     "quantize_per_channel",
     "read_header",
+    "resolve_model_file",
     "save_artifact",
 ]

@@ -1,4 +1,4 @@
-"""The deployable model file, and ``load_model`` that rebuilds a model from it alone.
+"""The deployable model file, and ``load_float_model`` that rebuilds a model from it alone.
 
 The file is a safetensors archive (no pickled code). Its metadata holds, as JSON, the model
 factory (``"module:function"``, which must carry ``@slimsearch.model_factory``), its keyword
@@ -249,16 +249,15 @@ def resolve_model_file(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, *, int8: bool = True) -> nn.Module:
-    """Rebuild the executable model (eval mode, CPU) from a slimsearch model file or bundle.
+def load_float_model(path: str | Path) -> nn.Module:
+    """Rebuild the model (eval mode, CPU, every layer float) from a slimsearch model file,
+    trial folder or bundle.
 
     Nothing pickled is read: the factory named in the file is imported (and must carry
-    ``@slimsearch.model_factory``), layers are resized to the stored shapes, weights are
-    decoded (bit-unpacked and dequantized) from the file, and the layers the file says run
-    int8 are put on PyTorch's int8 kernels (``runtimes.int8``), exactly as when measured.
-    ``int8=False`` keeps every layer float (dequantized weights), for runtimes such as ONNX
-    Runtime that take a float model. A plan for CUDA kernels (``mode="cuda"``) is applied by
-    the torch runtime once the model is on its GPU and in its dtype; here the model is float.
+    ``@slimsearch.model_factory``), layers are resized to the stored shapes, and weights are
+    decoded (bit-unpacked and dequantized) from the file. Which layers run on which kernels
+    (the file's execution plan, plain data) is the runtime's business: ``slimsearch.load_model``
+    (``runtimes.load_model``) applies it; float is what ONNX export and evaluation start from.
     """
     path = resolve_model_file(path)
     header = read_header(path)
@@ -275,10 +274,4 @@ def load_model(path: str | Path, *, int8: bool = True) -> nn.Module:
     with safe_open(str(path), framework="pt") as reader:
         state = {name: _decode(name, entry, reader) for name, entry in header["tensors"].items()}
     model.load_state_dict(state, strict=True)
-    model.eval()
-    plan = header.get("execution")
-    if int8 and plan and plan["mode"] != "cuda":  # CUDA kernels are put on by the runtime
-        from slimsearch.runtimes import ExecutionPlan, build_executable
-
-        model = build_executable(model, ExecutionPlan.from_dict(plan))
-    return model
+    return model.eval()

@@ -6,7 +6,7 @@ channel. Asymmetric: the channel's [min, max] spread over all ``2**b`` levels, w
 zero point per channel; its codes are kept relative to the zero point, so in both schemes the
 weight is ``codes * scale`` and an exact zero stays code 0 (sparsity survives quantization).
 ``dequantize`` is the only way codes become floats, used both when the trial finalises its
-model and when ``load_model`` reads the file, so the two are bit-identical.
+model and when ``load_float_model`` reads the file, so the two are bit-identical.
 """
 
 from __future__ import annotations

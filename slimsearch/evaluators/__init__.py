@@ -11,8 +11,8 @@ from slimsearch.evaluators._base import (
     majority_accuracy,
     untrained_teacher,
 )
-from slimsearch.evaluators.latency import Latency, measure_latency
 from slimsearch.evaluators.latency_cache import LatencyCache
+from slimsearch.timing.latency import Latency, measure_latency
 
 __all__ = [
     "DEFAULT_EVALUATORS",

@@ -10,20 +10,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from slimsearch.evaluators.latency import measure_latency
 from slimsearch.evaluators.latency_cache import LatencyCache
-from slimsearch.evaluators.machine_probe import kind_for as probe_kind
 from slimsearch.experiment import TargetConfig
+from slimsearch.runtimes import Executable
 from slimsearch.tasks import Split, Task
+from slimsearch.timing.latency import measure_latency
+from slimsearch.timing.machine_probe import kind_for as probe_kind
 from slimsearch.training import full_fp32
-
-if TYPE_CHECKING:  # runtimes import the latency protocol from this package
-    from slimsearch.runtimes import Executable
 
 Metric = float | int | str
 

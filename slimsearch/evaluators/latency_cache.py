@@ -17,8 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from slimsearch.atomic import write_json
-from slimsearch.evaluators.latency import Latency
 from slimsearch.locks import file_lock
+from slimsearch.timing.latency import Latency
 
 
 class LatencyCache:

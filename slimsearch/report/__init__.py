@@ -5,17 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from slimsearch.atomic import write_json, write_text
-from slimsearch.report.data import (
-    ReportData,
-    TrialPoint,
-    load_report_data,
-    load_study,
-    pareto_document,
-)
+from slimsearch.report.data import ReportData, TrialPoint, load_report_data, pareto_document
 from slimsearch.report.html import render_html
+from slimsearch.run import OBJECTIVES, load_study
 
-__all__ = ["ReportData", "TrialPoint", "load_report_data", "load_study", "pareto_document",
-           "render_html", "write_report"]
+__all__ = ["ReportData", "TrialPoint", "load_report_data", "pareto_document", "render_html",
+           "write_report"]
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -23,7 +18,6 @@ def write_report(run_dir: str | Path) -> Path:
 
     Safe to call while a search is running: both files are replaced atomically."""
     from slimsearch.report.analysis import importances
-    from slimsearch.search.objective import OBJECTIVES
 
     data = load_report_data(run_dir)
     write_json(data.run_dir / "pareto.json", pareto_document(data))

@@ -16,9 +16,7 @@ from optuna.trial import TrialState
 
 from slimsearch.atomic import read_json
 from slimsearch.evaluators import untrained_teacher
-from slimsearch.search.run_folder import RunFolder
-from slimsearch.search.sensitivity import SENSITIVITY_FILE
-from slimsearch.search.storage import open_storage
+from slimsearch.run import RunFolder, load_study
 from slimsearch.spaces import Recipe
 
 
@@ -113,14 +111,6 @@ class ReportData:
         return [t for t in self.completed if t.metrics.get("slower_than_teacher")]
 
 
-def load_study(run_dir: str | Path) -> optuna.Study:
-    """Open the run's study read-only in spirit (the report never writes to it)."""
-    folder = RunFolder(Path(run_dir))
-    settings = folder.settings()
-    storage = open_storage(folder.root, settings.get("storage"))
-    return optuna.load_study(study_name=settings["study_name"], storage=storage)
-
-
 def load_report_data(run_dir: str | Path) -> ReportData:
     """Read the study and the run folder into ``ReportData``."""
     folder = RunFolder(Path(run_dir))
@@ -145,7 +135,7 @@ def load_report_data(run_dir: str | Path) -> ReportData:
             pareto=t.number in pareto, seconds=seconds,
             feasible=all(v <= 0 for v in t.constraints.values()),
             stopped=t.user_attrs.get("stopped"), start=t.user_attrs.get("start")))
-    sensitivity_file = folder.root / SENSITIVITY_FILE
+    sensitivity_file = folder.sensitivity
     return ReportData(run_dir=folder.root, name=settings["study_name"], settings=settings,
                       teacher=read_json(teacher_file) if teacher_file.exists() else {},
                       trials=points,

@@ -7,6 +7,7 @@ layers run PyTorch's int8 kernels on the CPU.
 
 from slimsearch.runtimes._base import DTYPES, Executable, Runtime, module_form
 from slimsearch.runtimes.int8 import ExecutionPlan, build_executable, engine, plan_execution
+from slimsearch.runtimes.loading import load_model
 from slimsearch.runtimes.onnx import OnnxRuntime
 from slimsearch.runtimes.torch_runtimes import TorchRuntime, TorchScriptRuntime
 
@@ -20,4 +21,4 @@ def get_runtime(name: str) -> Runtime:
 
 
 __all__ = ["DTYPES", "RUNTIMES", "ExecutionPlan", "Executable", "Runtime", "build_executable",
-           "engine", "get_runtime", "module_form", "plan_execution"]
+           "engine", "get_runtime", "load_model", "module_form", "plan_execution"]

@@ -33,8 +33,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimsearch.errors import ArtifactError
-from slimsearch.evaluators.latency import measure_latency
 from slimsearch.runtimes.int8 import MARGIN, ExecutionPlan
+from slimsearch.timing.latency import measure_latency
 
 FLOAT = "float"
 INT8 = "int8-weight-only"

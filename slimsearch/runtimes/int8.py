@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from slimsearch.errors import ArtifactError
-from slimsearch.evaluators.latency import compare_latency
 from slimsearch.runtimes._base import module_form
+from slimsearch.timing.latency import compare_latency
 
 
 def engine() -> str | None:

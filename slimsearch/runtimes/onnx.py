@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from slimsearch.atomic import write_with
-from slimsearch.compression import load_model, read_header
+from slimsearch.compression import load_float_model, read_header
 from slimsearch.errors import ConfigError, TrialError
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes._base import Executable, module_form
@@ -65,7 +65,7 @@ class OnnxRuntime:
         import onnxruntime
 
         header = read_header(model_file)
-        model = load_model(model_file, int8=False).float().eval()
+        model = load_float_model(model_file).float().eval()
         # Two samples: torch.export specialises a batch dimension of size 1 into a constant.
         x = example[:1].repeat(2, *([1] * (example.dim() - 1))).float()
         try:

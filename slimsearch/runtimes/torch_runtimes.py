@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from slimsearch.atomic import write_with
-from slimsearch.compression import load_model, read_header
+from slimsearch.compression import read_header
 from slimsearch.errors import ConfigError, TrialError
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes._base import DTYPES, Executable, module_form
 from slimsearch.runtimes.cuda import build_cuda_executable
 from slimsearch.runtimes.int8 import ExecutionPlan
+from slimsearch.runtimes.loading import load_model
 
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 

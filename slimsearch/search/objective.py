@@ -18,9 +18,15 @@ from typing import Any
 
 import torch
 
-import slimsearch
+from slimsearch._version import __version__
 from slimsearch.atomic import write_json, write_text
-from slimsearch.compression import MODEL_FILE, CompressedModel, build, load_model, save_artifact
+from slimsearch.compression import (
+    MODEL_FILE,
+    CompressedModel,
+    build,
+    load_float_model,
+    save_artifact,
+)
 from slimsearch.devices import computing, free_memory, step_aside
 from slimsearch.errors import TrialStopped
 from slimsearch.evaluators import EvalContext, LatencyCache, evaluate
@@ -32,14 +38,11 @@ from slimsearch.spaces import Recipe
 from slimsearch.tasks import Task
 from slimsearch.training import accuracy
 
-#: The objectives, in the order the study stores them, with their directions.
-OBJECTIVES = (("val_accuracy", "maximize"), ("size_bytes", "minimize"), ("latency_ms", "minimize"))
-
 
 def environment() -> dict[str, str]:
     """Versions that a rebuilt trial must match to reproduce its numbers."""
     import numpy
-    return {"slimsearch": slimsearch.__version__, "torch": torch.__version__,
+    return {"slimsearch": __version__, "torch": torch.__version__,
             "numpy": numpy.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "processor": platform.processor() or "unknown"}
 
@@ -110,7 +113,7 @@ class TrialRunner:
                 example=self.task.example_inputs(target.batch_size))
             seconds["materialize"] = round(time.perf_counter() - start, 4)
             context = EvalContext(task=self.task, executable=executable,
-                                  model=model or load_model(model_file, int8=False),
+                                  model=model or load_float_model(model_file),
                                   target=target,
                                   device=self.device, latency_cache=self.latency_cache)
             metrics = evaluate(context, seconds=seconds)

@@ -25,25 +25,15 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import optuna
-from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
-
-from slimsearch.errors import ConfigError, TrialStopped
+from slimsearch.errors import ConfigError
 
 INSTALL = 'pip install "slimsearch[ray]"'
-#: The key of a Ray trial's one result: its outcome as JSON (Tune flattens nested results).
-OUTCOME = "slimsearch_outcome"
 #: Tune's own time budget ends this long after the run's deadline: trials stop themselves at
 #: the deadline (between epochs); this only catches one that could not (seconds).
 DEADLINE_GRACE_S = 60.0
-#: Times Ray restarts a trial whose worker process died (a lost node, a killed process).
-MAX_RETRIES = 1
 
 
 def require_ray() -> None:
@@ -137,8 +127,8 @@ def _runner(run_dir: str) -> Any:
         from slimsearch.atomic import read_json
         from slimsearch.devices import resolve_device
         from slimsearch.evaluators import LatencyCache
+        from slimsearch.run import RunFolder
         from slimsearch.search.objective import TrialRunner
-        from slimsearch.search.run_folder import RunFolder
         from slimsearch.search.teacher import prepare_teacher
         from slimsearch.tasks import make_task
 
@@ -159,33 +149,26 @@ def _runner(run_dir: str) -> Any:
 
 
 def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build and measure one trial from the searcher's ``spec``; return its outcome (never
-    raises for the trial's own failures: those are outcomes too)."""
+    """Build and measure one trial from the searcher's ``spec``; return its outcome as plain
+    data (never raises for the trial's own failures: those are outcomes too)."""
     import torch
 
     from slimsearch.atomic import write_text
-    from slimsearch.devices import free_memory
-    from slimsearch.search.run_folder import RunFolder
+    from slimsearch.run import RunFolder
+    from slimsearch.search.lifecycle import Outcome, describe_error, execute
     from slimsearch.spaces import Recipe
 
     torch.set_num_threads(spec["threads"])
     trial_dir = RunFolder(Path(spec["run_dir"])).trial(spec["number"])
     deadline = (None if spec["deadline_unix"] is None
                 else time.monotonic() + spec["deadline_unix"] - time.time())
-    runner = None
     try:
         runner = _runner(spec["run_dir"])
-        metrics = runner(Recipe.from_dict(spec["recipe"]), trial_dir, seed=spec["seed"],
-                         deadline=deadline)
-        return {"state": "COMPLETE", "metrics": metrics}
-    except TrialStopped as exc:
-        return {"state": "PRUNED", "stopped": str(exc), "by_deadline": exc.by_deadline}
-    except Exception as exc:
+    except Exception as exc:  # the run folder or the teacher cannot be read on this node
         write_text(trial_dir / "error.txt", traceback.format_exc())
-        if runner is not None:
-            free_memory(runner.device)
-        return {"state": "FAIL", "error": f"{type(exc).__name__}: {exc}" if str(exc)
-                else type(exc).__name__}
+        return Outcome("FAIL", error=describe_error(exc)).to_dict()
+    return execute(runner, Recipe.from_dict(spec["recipe"]), trial_dir, seed=spec["seed"],
+                   deadline=deadline).to_dict()
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -197,189 +180,12 @@ def _trial_dirname(trial: Any) -> str:
 def _trainable(spec: dict[str, Any]) -> None:
     from ray import tune
 
+    from slimsearch.search.ray_searcher import OUTCOME
+
     tune.report({OUTCOME: json.dumps(run_trial(spec))})
 
 
 # -- on the driver -----------------------------------------------------------------------
-
-@dataclass
-class Tally:
-    """What this session's Ray trials did."""
-
-    completed: int = 0
-    #: Completed trials whose latency came from the run's latency cache.
-    cached: int = 0
-    failed: int = 0
-    pruned: int = 0
-    stopped: str | None = None
-
-
-def _searcher_class() -> type:
-    from ray.tune.search import Searcher
-
-    from slimsearch.search.objective import OBJECTIVES, constraint_values
-    from slimsearch.search.optuna_backend import (
-        SAME_FAILURES_TO_STOP,
-        done_line,
-        error_kind,
-        same_failures_message,
-    )
-    from slimsearch.search.recovery import (
-        OWNER,
-        claimed,
-        enqueue_again,
-        heartbeat,
-        run_lock,
-        this_process,
-    )
-
-    class StudySearcher(Searcher):
-        """Trials asked of and told to the run's Optuna study (see the module docstring)."""
-
-        def __init__(self, study: optuna.Study, space: Any, folder: Any, config: Any, *,
-                     budget: int, deadline_unix: float | None, threads: int,
-                     teacher_metrics: dict[str, Any], say: Callable[[str], None]) -> None:
-            super().__init__()
-            self.study, self.space, self.folder, self.config = study, space, folder, config
-            self.budget, self.deadline_unix, self.threads = budget, deadline_unix, threads
-            self.teacher_metrics, self.say = teacher_metrics, say
-            #: Tune trial id -> (Optuna trial, start, "n/budget", its heartbeat's context)
-            self.pending: dict[str, tuple[optuna.Trial, float, str, Any]] = {}
-            self.tally = Tally()
-            self.failures_in_a_row: list[str] = []
-            self.budget_claimed = False  # until a trial ends: no need to read the study again
-
-        def __getstate__(self) -> dict[str, Any]:
-            # Tune pickles its search algorithm into the experiment folder (for a
-            # Tuner.restore that slimsearch does not use: the study is the state). The study,
-            # the space with its task's data and the printer stay out of that file.
-            return {k: v for k, v in self.__dict__.items()
-                    if k not in ("study", "space", "say", "pending")}
-
-        def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
-            return True  # the objectives and the space are the study's, not Tune's
-
-        def suggest(self, trial_id: str) -> dict | str | None:
-            out_of_time = self.deadline_unix is not None and time.time() >= self.deadline_unix
-            if out_of_time or self.tally.stopped:
-                return None if self.pending else Searcher.FINISHED
-            if self.budget_claimed and self.pending:  # Tune asks ~10 times a second
-                return None
-            with run_lock(self.folder.root):  # the same claim as local workers make
-                taken = claimed(self.study)
-                if taken >= self.budget:  # a running one may yet be re-enqueued: ask later
-                    self.budget_claimed = True
-                    return None if self.pending else Searcher.FINISHED
-                trial = self.study.ask()
-                trial.set_user_attr(OWNER, this_process())  # the driver: it tells the study
-            beat = heartbeat(self.study, trial)  # RDB storages: other hosts see it alive
-            beat.__enter__()
-            trial.set_user_attr("backend", "ray")
-            seed = self.config.seed + trial.number
-            trial.set_user_attr("seed", seed)
-            recipe = self.space.suggest(trial)
-            trial.set_user_attr("recipe", recipe.to_dict())
-            self.pending[trial_id] = (trial, time.perf_counter(), f"{taken + 1}/{self.budget}",
-                                      beat)
-            return {"run_dir": str(self.folder.root), "number": trial.number,
-                    "recipe": recipe.to_dict(), "seed": seed, "threads": self.threads,
-                    "deadline_unix": self.deadline_unix}
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                              error: bool = False) -> None:
-            if trial_id not in self.pending:
-                return
-            trial, start, position, beat = self.pending.pop(trial_id)
-            beat.__exit__(None, None, None)
-            self.budget_claimed = False  # it may have been re-enqueued, or not counted
-            outcome = json.loads(result[OUTCOME]) if result and OUTCOME in result else None
-            seconds = time.perf_counter() - start
-            try:
-                self._tell(trial, outcome, error, seconds, position)
-            except (UpdateFinishedTrialError, ValueError):  # recovered elsewhere meanwhile
-                self.say(f"[{position}] trial {trial.number} was recovered by another worker "
-                         "while it ran on Ray; this result is dropped, the retry counts")
-
-        def _tell(self, trial: optuna.Trial, outcome: dict | None, error: bool, seconds: float,
-                  position: str) -> None:
-            if outcome is None and error:
-                # Its worker process died, again after Ray's retry: most likely this recipe
-                # (out of memory, a crash in native code). Counted, like any failure.
-                outcome = {"state": "FAIL", "error": f"its Ray worker died {MAX_RETRIES + 1} "
-                           "times (out of memory? a crash in native code? see Ray's logs)"}
-            elif outcome is None:  # stopped by Tune before it reported: not its result
-                outcome = {"state": "PRUNED", "by_deadline": True,
-                           "stopped": "Ray Tune stopped it before it finished"}
-            if outcome["state"] == "COMPLETE":
-                metrics = outcome["metrics"]
-                violations = constraint_values(metrics, self.teacher_metrics,
-                                               self.config.constraints)
-                for name, value in violations.items():
-                    trial.set_constraint(name, value)
-                metrics["feasible"] = all(v <= 0 for v in violations.values())
-                trial.set_user_attr("metrics", metrics)
-                self.study.tell(trial, [metrics[name] for name, _ in OBJECTIVES])
-                self.tally.completed += 1
-                self.tally.cached += bool(metrics.get("latency_cached"))
-                self.failures_in_a_row = []
-                self.say(done_line(self.study, trial.number, metrics, seconds=seconds,
-                                   position=position))
-            elif outcome["state"] == "PRUNED":
-                trial.set_user_attr("stopped", outcome["stopped"])
-                if outcome["by_deadline"]:  # not the recipe's fault: it runs again later
-                    trial.set_user_attr("interrupted", True)
-                    enqueue_again(self.study, trial)
-                self.study.tell(trial, state=TrialState.PRUNED)
-                self.tally.pruned += 1
-                self.say(f"[{position}] trial {trial.number} PRUNED after {seconds:.1f} s: "
-                         f"{outcome['stopped']}")
-            else:
-                trial.set_user_attr("error", outcome["error"])
-                self.study.tell(trial, state=TrialState.FAIL)
-                self.tally.failed += 1
-                self.say(f"[{position}] trial {trial.number} FAILED after {seconds:.1f} s: "
-                         f"{outcome['error']}")
-                self.failures_in_a_row.append(error_kind(outcome["error"]))
-                last = self.failures_in_a_row[-SAME_FAILURES_TO_STOP:]
-                if len(last) == SAME_FAILURES_TO_STOP and len(set(last)) == 1:
-                    self.tally.stopped = same_failures_message(outcome["error"], self.folder)
-                    self.say(f"stopping: {self.tally.stopped}")
-
-        def abandon_pending(self) -> None:
-            """Trials Tune never reported back (it stops the running ones at its time budget
-            without telling the searcher; or the run was interrupted): PRUNED by the time
-            budget, else FAIL; not counted either way, and their parameters run again."""
-            out_of_time = self.deadline_unix is not None and time.time() >= self.deadline_unix
-            for trial, start, position, beat in self.pending.values():
-                beat.__exit__(None, None, None)
-                try:
-                    trial.set_user_attr("interrupted", True)
-                    if out_of_time:
-                        trial.set_user_attr("stopped", "the run's time budget ended while it ran")
-                        self.study.tell(trial, state=TrialState.PRUNED)
-                        self.tally.pruned += 1
-                    else:
-                        trial.set_user_attr("error", "the Ray run ended while the trial ran")
-                        self.study.tell(trial, state=TrialState.FAIL)
-                        self.tally.failed += 1
-                    enqueue_again(self.study, trial)
-                except (UpdateFinishedTrialError, ValueError):
-                    continue
-                self.say(f"[{position}] trial {trial.number} "
-                         f"{'PRUNED' if out_of_time else 'FAILED'} after "
-                         f"{time.perf_counter() - start:.1f} s: "
-                         f"{trial.user_attrs.get('stopped') or trial.user_attrs.get('error')} "
-                         "(it runs again when the search continues)")
-            self.pending.clear()
-
-        def save(self, checkpoint_path: str) -> None:
-            """Nothing to save: the study is the state (Tune calls this after each trial)."""
-
-        def restore(self, checkpoint_path: str) -> None:
-            """Nothing to restore: a resumed run starts a new Tuner on the same study."""
-
-    return StudySearcher
-
 
 def _cpus_each(concurrency: int) -> int:
     """The cluster's CPUs shared by ``concurrency`` trials, at most one node's (a trial runs
@@ -391,13 +197,12 @@ def _cpus_each(concurrency: int) -> int:
     return max(1, min(int(total // max(concurrency, 1)), int(max(nodes, default=1))))
 
 
-def run_trials(study: optuna.Study, space: Any, folder: Any, config: Any, *, budget: int,
-               deadline: float, concurrency: int, runner: Any,
-               say: Callable[[str], None]) -> Tally:
+def run_trials(lifecycle: Any, runner: Any, *, deadline: float, concurrency: int) -> None:
     """Run trials on the connected Ray cluster until the budget is claimed, the deadline
     (``time.monotonic()``) passes or the same error stops the run; ``concurrency`` trials at
     once, each with ``search.cpus_per_trial`` CPUs and, on CUDA, one whole GPU (two trials on
-    one GPU would corrupt each other's latency)."""
+    one GPU would corrupt each other's latency). ``lifecycle`` starts and finishes each trial
+    on this driver, as the local backend's does; a Ray worker runs it (``run_trial``)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines, not Tune's tables
     # Ctrl-C interrupts the run as on the local backend (Tune's own handler would end fit()
     # as if the search were done, and the command would exit 0)
@@ -405,13 +210,13 @@ def run_trials(study: optuna.Study, space: Any, folder: Any, config: Any, *, bud
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
+    from slimsearch.search.ray_searcher import MAX_RETRIES, StudySearcher
+
     remaining = deadline - time.monotonic()
     deadline_unix = time.time() + remaining if math.isfinite(remaining) else None
-    cpus = config.search.cpus_per_trial or _cpus_each(concurrency)
+    cpus = lifecycle.config.search.cpus_per_trial or _cpus_each(concurrency)
     gpus = 1 if runner.device.type == "cuda" else 0
-    searcher = _searcher_class()(study, space, folder, config, budget=budget,
-                                 deadline_unix=deadline_unix, threads=cpus,
-                                 teacher_metrics=runner.teacher_metrics, say=say)
+    searcher = StudySearcher(lifecycle, deadline_unix=deadline_unix, threads=cpus)
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": cpus, "gpu": gpus}),
         tune_config=tune.TuneConfig(
@@ -419,10 +224,9 @@ def run_trials(study: optuna.Study, space: Any, folder: Any, config: Any, *, bud
             num_samples=-1, reuse_actors=True, trial_dirname_creator=_trial_dirname,
             time_budget_s=remaining + DEADLINE_GRACE_S if math.isfinite(remaining) else None),
         run_config=tune.RunConfig(
-            name="tune", storage_path=str((folder.root / "ray").resolve()), verbose=0,
+            name="tune", storage_path=str((lifecycle.folder.root / "ray").resolve()), verbose=0,
             failure_config=tune.FailureConfig(max_failures=MAX_RETRIES)))
     try:
         tuner.fit()
     finally:
         searcher.abandon_pending()
-    return searcher.tally

@@ -29,7 +29,6 @@ from slimsearch.spaces import COMPRESSIBLE, LayerRecipe, Recipe, SearchSpace
 from slimsearch.tasks import Split, Task
 from slimsearch.training import accuracy
 
-SENSITIVITY_FILE = "sensitivity.json"
 #: Validation samples used per accuracy pass (the first ones of the split).
 MAX_SAMPLES = 1024
 #: One starting recipe per tolerance: the accuracy (fraction) a layer may lose alone.

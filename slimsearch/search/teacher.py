@@ -16,7 +16,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimsearch.atomic import read_json, write_json
-from slimsearch.compression.artifact import MODEL_FILE, CompressedModel, load_model, save_artifact
+from slimsearch.compression.artifact import (
+    MODEL_FILE,
+    CompressedModel,
+    load_float_model,
+    save_artifact,
+)
 from slimsearch.compression.distill import head_inputs
 from slimsearch.experiment import TrainConfig
 from slimsearch.spaces import compressible_layers
@@ -56,7 +61,7 @@ def prepare_teacher(task: Task, train: TrainConfig, *, seed: int, cache_dir: Pat
            "torch": torch.__version__.split("+")[0], "cache_format": 2}  # 2: head features
     meta_path = cache_dir / "meta.json"
     if meta_path.exists() and read_json(meta_path).get("key") == key:
-        model = load_model(cache_dir / MODEL_FILE)
+        model = load_float_model(cache_dir / MODEL_FILE)
         cached = load_file(cache_dir / "train_logits.safetensors")
         return Teacher(model, cached["logits"], trained_here=False,
                        train_features=cached.get("features"))

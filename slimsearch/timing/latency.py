@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from slimsearch.devices import exclusive
-from slimsearch.evaluators.machine_probe import MachineProbe, kind_for
+from slimsearch.timing.machine_probe import MachineProbe, kind_for
 
 #: A CPU sample lasts at least this long (seconds), so timer resolution and the timer's own
 #: cost (~0.1 us) do not matter. (50 us gave digits-mlp's 31 us calls two per sample: the same

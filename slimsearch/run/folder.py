@@ -24,7 +24,7 @@ from typing import Any
 from slimsearch.atomic import read_json, write_json, write_text
 from slimsearch.errors import ConfigError
 from slimsearch.locks import file_lock
-from slimsearch.search.storage import public_url, shown, without_password
+from slimsearch.run.storage import public_url, shown, without_password
 
 #: Settings that may differ when a run continues (budgets), everything else must match.
 #: (Which backend runs the trials does not change them: a study may mix local and Ray trials.)
@@ -51,6 +51,11 @@ class RunFolder:
     @property
     def teacher(self) -> Path:
         return self.root / "teacher"
+
+    @property
+    def sensitivity(self) -> Path:
+        """The sensitivity pre-pass (``search.sensitivity``), kept for resumes and the report."""
+        return self.root / "sensitivity.json"
 
     @property
     def pareto_json(self) -> Path:

@@ -1,0 +1,8 @@
+"""The bottom layer every command shares: the run folder, where its study is stored, and how
+to read the study. Nothing here trains, measures or searches."""
+
+from slimsearch.run.folder import RunFolder
+from slimsearch.run.storage import open_storage
+from slimsearch.run.study import OBJECTIVES, load_study
+
+__all__ = ["OBJECTIVES", "RunFolder", "load_study", "open_storage"]

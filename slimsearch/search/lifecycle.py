@@ -1,0 +1,256 @@
+"""One trial from its claim on the budget to its record in the study, the same for every backend.
+
+    start()    claim a place in the budget under the run lock (so workers do not overshoot it),
+               ask the study, record the owner first (a killed worker is found by it), start
+               the heartbeat, record the seed and draw the recipe
+    execute()  (in the process that builds the model) the trial runner; the trial's own
+               failures are outcomes, never exceptions
+    finish()   tell the study: COMPLETE with its constraints and figures, PRUNED (run again when
+               the deadline stopped it), FAIL with its error (run again when it was not the
+               recipe's fault: Ctrl-C, the run ending); say the progress line; stop the run
+               after the same error ``SAME_FAILURES_TO_STOP`` times in a row
+
+The local backend runs ``execute`` in its own process between ``start`` and ``finish``; the Ray
+backend calls ``start`` and ``finish`` on the driver and ``execute`` in a Ray worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from slimsearch.atomic import write_text
+from slimsearch.devices import free_memory
+from slimsearch.errors import TrialStopped
+from slimsearch.experiment import ExperimentConfig
+from slimsearch.run import OBJECTIVES, RunFolder
+from slimsearch.search.objective import TrialRunner, constraint_values
+from slimsearch.search.recovery import (
+    OWNER,
+    claimed,
+    enqueue_again,
+    heartbeat,
+    run_lock,
+    this_process,
+)
+from slimsearch.spaces import Recipe, SearchSpace
+
+#: This many trials in a row failing with the same error stop the run: the cause is not the
+#: recipe (they all differ) but something every trial shares, and the night would be wasted.
+SAME_FAILURES_TO_STOP = 5
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial ended; plain data, so it crosses to the Ray driver as JSON."""
+
+    state: str  # "COMPLETE", "PRUNED" or "FAIL"
+    metrics: dict[str, Any] | None = None
+    #: Why a PRUNED trial stopped, and whether it was the run's deadline (then it runs again).
+    stopped: str | None = None
+    by_deadline: bool = False
+    #: A FAIL's error, and whether it was not the recipe's fault (then it runs again and does
+    #: not count toward the budget or the streak of identical failures).
+    error: str | None = None
+    interrupted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Outcome:
+        return cls(**data)
+
+
+@dataclass
+class Started:
+    """A trial asked of the study and not yet told."""
+
+    trial: optuna.Trial
+    seed: int
+    #: "n/budget": where it stands in the budget, for the progress lines.
+    position: str
+    recipe: Recipe | None
+    #: Why drawing its recipe failed (then it is told FAIL at once).
+    error: str | None = None
+    began: float = field(default_factory=time.perf_counter)
+    beat: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+
+def execute(runner: TrialRunner, recipe: Recipe, trial_dir: Path, *, seed: int,
+            deadline: float | None) -> Outcome:
+    """Build and measure one trial; its failures (an exception, NaN loss, out of memory) come
+    back as a FAIL outcome with the traceback in ``trial_dir/error.txt``. Ctrl-C propagates."""
+    try:
+        metrics = runner(recipe, trial_dir, seed=seed, deadline=deadline)
+    except TrialStopped as exc:
+        return Outcome("PRUNED", stopped=str(exc), by_deadline=exc.by_deadline)
+    except Exception as exc:
+        write_text(trial_dir / "error.txt", traceback.format_exc())
+        free_memory(runner.device)  # its tensors went with its traceback
+        return Outcome("FAIL", error=describe_error(exc))
+    return Outcome("COMPLETE", metrics=metrics)
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class TrialLifecycle:
+    """Starts and finishes the trials of one session of a run, and counts them."""
+
+    def __init__(self, study: optuna.Study, space: SearchSpace, folder: RunFolder,
+                 config: ExperimentConfig, *, budget: int, teacher_metrics: dict[str, Any],
+                 say: Callable[[str], None], backend: str = "local") -> None:
+        self.study, self.space, self.folder, self.config = study, space, folder, config
+        self.budget, self.teacher_metrics, self.say, self.backend = (budget, teacher_metrics,
+                                                                     say, backend)
+        self.completed = self.failed = self.pruned = 0
+        #: Completed trials whose latency came from the run's latency cache.
+        self.cached = 0
+        #: Why the run stops early (the same error trial after trial), once it does.
+        self.stopped: str | None = None
+        self._failures: list[str] = []
+
+    def start(self) -> Started | None:
+        """Claim a place in the budget and ask the study for a trial; None when finished and
+        running trials (of every worker) already claim the whole budget."""
+        with run_lock(self.folder.root):  # check and claim at once, or two workers could both
+            taken = claimed(self.study)
+            if taken >= self.budget:
+                return None
+            with warnings.catch_warnings():  # "heartbeat is meant for optimize": we run it
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = self.study.ask()
+            trial.set_user_attr(OWNER, this_process())  # first: a killed worker is found by it
+        started = Started(trial, seed=self.config.seed + trial.number,
+                          position=f"{taken + 1}/{self.budget}", recipe=None)
+        started.beat.enter_context(heartbeat(self.study, trial))  # RDB: others see it alive
+        if self.backend != "local":
+            trial.set_user_attr("backend", self.backend)
+        trial.set_user_attr("seed", started.seed)
+        try:
+            started.recipe = self.space.suggest(trial)
+            trial.set_user_attr("recipe", started.recipe.to_dict())
+        except Exception as exc:  # a bug in the space or the task's factory: a failed trial
+            write_text(self.folder.trial(trial.number) / "error.txt", traceback.format_exc())
+            started.error = describe_error(exc)
+        return started
+
+    def finish(self, started: Started, outcome: Outcome) -> TrialState | None:
+        """Tell the study how ``started`` ended and say so; the state told, or None when
+        another worker had recovered the trial meanwhile (its retry counts, not this)."""
+        started.beat.close()
+        seconds = time.perf_counter() - started.began
+        try:
+            state, metrics = self._tell(started, outcome)
+        except (UpdateFinishedTrialError, ValueError):
+            # Another worker recorded it FAIL and enqueued its parameters again while it ran
+            # here: its heartbeat went missing for longer than the storage's grace period.
+            self.say(f"[{started.position}] trial {started.number} was recovered by another "
+                     "worker while it ran (its heartbeat was missed); this result is dropped, "
+                     "the retry counts")
+            return None
+        if state == TrialState.COMPLETE:
+            self.say(done_line(self.study, started.number, metrics, seconds=seconds,
+                               position=started.position))
+        else:
+            what = "PRUNED" if state == TrialState.PRUNED else "FAILED"
+            again = (" (it runs again when the search continues)"
+                     if outcome.interrupted or outcome.by_deadline else "")
+            self.say(f"[{started.position}] trial {started.number} {what} after {seconds:.1f} "
+                     f"s: {outcome.stopped if state == TrialState.PRUNED else outcome.error}"
+                     f"{again}")
+        self._count(state, outcome)
+        return state
+
+    def _tell(self, started: Started, outcome: Outcome) -> tuple[TrialState, dict[str, Any]]:
+        """Record ``outcome`` in the study; the state and (COMPLETE) the figures as stored."""
+        trial, study = started.trial, self.study
+        if outcome.state == "COMPLETE":
+            metrics = dict(outcome.metrics or {})
+            violations = constraint_values(metrics, self.teacher_metrics, self.config.constraints)
+            for name, value in violations.items():
+                trial.set_constraint(name, value)
+            metrics["feasible"] = all(v <= 0 for v in violations.values())
+            trial.set_user_attr("metrics", metrics)
+            study.tell(trial, [metrics[name] for name, _ in OBJECTIVES])
+            return TrialState.COMPLETE, metrics
+        if outcome.interrupted or outcome.by_deadline:  # not the recipe's fault: it runs again
+            trial.set_user_attr("interrupted", True)
+            enqueue_again(study, trial)
+        if outcome.state == "PRUNED":
+            trial.set_user_attr("stopped", outcome.stopped)
+            study.tell(trial, state=TrialState.PRUNED)
+            return TrialState.PRUNED, {}
+        trial.set_user_attr("error", outcome.error)
+        study.tell(trial, state=TrialState.FAIL)
+        return TrialState.FAIL, {}
+
+    def _count(self, state: TrialState, outcome: Outcome) -> None:
+        """The session's counts, and the streak of identical failures that stops the run
+        (anything else breaks the streak)."""
+        self.completed += state == TrialState.COMPLETE
+        self.cached += state == TrialState.COMPLETE and bool(
+            (outcome.metrics or {}).get("latency_cached"))
+        self.failed += state == TrialState.FAIL
+        self.pruned += state == TrialState.PRUNED
+        if state != TrialState.FAIL or outcome.interrupted:
+            self._failures = []
+            return
+        self._failures.append(error_kind(outcome.error or ""))
+        last = self._failures[-SAME_FAILURES_TO_STOP:]
+        if len(last) == SAME_FAILURES_TO_STOP and len(set(last)) == 1:
+            self.stopped = same_failures_message(outcome.error, self.folder)
+            self.say(f"stopping: {self.stopped}")
+
+
+def done_line(study: optuna.Study, number: int, metrics: dict, *, seconds: float,
+              position: str) -> str:
+    """The progress line of a completed trial: its figures and the front so far."""
+    front = study.best_trials  # feasible trials only, when there are constraints
+    best = max((t.values[0] for t in front), default=None)
+    speed = f"{metrics['speedup']:.2f}x" if "speedup" in metrics else "?"
+    slower = " SLOWER THAN TEACHER" if metrics.get("slower_than_teacher") else ""
+    infeasible = "" if metrics["feasible"] else " INFEASIBLE"
+    best_text = f"best val_accuracy {best:.4f}" if front else "no feasible trial yet"
+    return (f"[{position}] trial {number} done in {seconds:.1f} s: "
+            f"{describe_metrics(metrics)} ({metrics['size_ratio']:.1f}x smaller, {speed} speed"
+            f"{slower}){infeasible} | Pareto front {len(front)}, {best_text}")
+
+
+def describe_metrics(metrics: dict) -> str:
+    notes = ", cached" if metrics.get("latency_cached") else ""
+    notes += ", scaled: machine busy" if metrics.get("latency_disturbed") else ""
+    return (f"val_accuracy {metrics['val_accuracy']:.4f}, {metrics['size_bytes'] / 1e3:.1f} kB, "
+            f"{metrics['latency_ms']:.4f} ms (cv {metrics['latency_cv']:.2f}{notes})")
+
+
+def same_failures_message(error: str | None, folder: RunFolder) -> str:
+    return (f"the last {SAME_FAILURES_TO_STOP} trials all failed with the same error: {error}. "
+            "The recipes differed, so the cause is most likely the task's own code (its model "
+            "factory, forward or data) or the training settings; the traceback is in "
+            f"{folder.root / 'trials'}/<number>/error.txt. Fix it, then continue with: "
+            f"slimsearch resume {folder.root}")
+
+
+def error_kind(message: str) -> str:
+    """An error message with its numbers blanked: the same failure in trials of different
+    shapes (``mat1 and mat2 shapes cannot be multiplied (1x16 and 32x10)``) reads alike, and
+    so does one naming an object by its address (``<Foo object at 0x7f3a...>``)."""
+    return re.sub(r"0x[0-9a-fA-F]+|\d+(\.\d+)?", "#", message)

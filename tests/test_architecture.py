@@ -1,0 +1,117 @@
+"""The import graph of ``slimsearch/`` against the layers ``ARCHITECTURE.md`` writes down: no
+cycles between modules, no import up the layers, every module placed. Imports inside functions
+count: they are dependencies too, only later ones."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "slimsearch"
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The slimsearch modules ``name`` imports (``from pkg import submodule`` counts as the
+    submodule, ``from module import thing`` as the module)."""
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
+                       for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def layers() -> dict[str, int]:
+    """Module prefix -> layer number, from the table in ARCHITECTURE.md."""
+    table = {}
+    for line in (REPO / "ARCHITECTURE.md").read_text().splitlines():
+        row = re.match(r"\|\s*(\d+)\s*\|([^|]*)\|", line)
+        if row:
+            for prefix in re.findall(r"`([\w.]+)`", row.group(2)):
+                table[prefix] = int(row.group(1))
+    return table
+
+
+def layer_of(module: str, table: dict[str, int]) -> int | None:
+    """The layer of the longest prefix of ``module`` that the table names."""
+    candidates = [p for p in table if module == p or module.startswith(p + ".")]
+    return table[max(candidates, key=len)] if candidates else None
+
+
+GRAPH = {name: imports(name, path, modules()) for name, path in modules().items()}
+
+
+def test_every_module_is_placed_in_a_layer() -> None:
+    table = layers()
+    assert len(set(table.values())) >= 8, "ARCHITECTURE.md's layer table was not found"
+    assert not [m for m in GRAPH if layer_of(m, table) is None], \
+        "these modules are in no layer of ARCHITECTURE.md"
+
+
+def test_no_import_goes_up_the_layers() -> None:
+    table = layers()
+    upward = [f"{m} (layer {layer_of(m, table)}) imports {d} (layer {layer_of(d, table)})"
+              for m, deps in GRAPH.items() for d in sorted(deps)
+              if (layer_of(d, table) or 0) > (layer_of(m, table) or 0)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles() -> None:
+    cycles = []
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        stack.append(module)
+        for dependency in sorted(GRAPH[module]):
+            if state.get(dependency) == "open":
+                cycles.append(" -> ".join(stack[stack.index(dependency):] + [dependency]))
+            elif dependency not in state:
+                visit(dependency)
+        stack.pop()
+        state[module] = "done"
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module)
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
+    """The checks above would pass on any graph if ``imports`` found nothing."""
+    assert "slimsearch.runtimes.int8" in GRAPH["slimsearch.runtimes.loading"]
+    assert "slimsearch.timing.latency" in GRAPH["slimsearch.runtimes.int8"]
+    assert "slimsearch.search.ray_searcher" in GRAPH["slimsearch.search.ray_backend"]  # lazy
+    table = layers()
+    assert layer_of("slimsearch.search.lifecycle", table) > layer_of("slimsearch.run.folder",
+                                                                      table)
+    known = {"slimsearch.a": tmp_path / "a.py", "slimsearch.b": tmp_path / "b.py"}
+    known["slimsearch.a"].write_text("from slimsearch.b import thing\n")
+    known["slimsearch.b"].write_text("def f():\n    import slimsearch.a\n")
+    assert imports("slimsearch.a", known["slimsearch.a"], known) == {"slimsearch.b"}
+    assert imports("slimsearch.b", known["slimsearch.b"], known) == {"slimsearch.a"}
