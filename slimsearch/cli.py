@@ -313,15 +313,41 @@ def build_parser() -> argparse.ArgumentParser:
         description="Search student architecture, per-layer sparsity and bit width for a "
                     "PyTorch model; every objective measured on the real model file.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_search_commands(commands)
+    _add_reading_commands(commands)
+    _add_bundle_commands(commands)
+    return parser
 
-    def backend_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--backend", choices=("local", "ray"),
-                             help="who runs the trials (default: search.backend, local); with "
-                                  "ray, --workers is the number of trials at once")
-        command.add_argument("--ray-address",
-                             help="the Ray cluster to join: auto or host:port (default: start "
-                                  "Ray on this machine)")
 
+def _backend_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--backend", choices=("local", "ray"),
+                         help="who runs the trials (default: search.backend, local); with ray, "
+                              "--workers is the number of trials at once")
+    command.add_argument("--ray-address",
+                         help="the Ray cluster to join: auto or host:port (default: start Ray "
+                              "on this machine)")
+
+
+def _budget_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--max-latency-ms", type=float, help="latency budget (ms)")
+    command.add_argument("--max-size-mb", type=float,
+                         help="size budget of the file (MB, 1 MB = 1,000,000 bytes)")
+    command.add_argument("--max-accuracy-drop", type=float,
+                         help="validation accuracy at most this below the teacher's "
+                              "(fraction: 0.01 = one point)")
+    command.add_argument("--prefer", choices=("accuracy", "size", "latency"), default="accuracy",
+                         help="what to maximise under the budget (default: accuracy)")
+
+
+def _tolerance_option(command: argparse.ArgumentParser) -> None:
+    from slimsearch.verification import DEFAULT_TOLERANCE
+
+    command.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                         help="how far the fresh latency may be from the search's (fraction, "
+                              f"default {DEFAULT_TOLERANCE:.2f})")
+
+
+def _add_search_commands(commands: Any) -> None:
     run = commands.add_parser("run", help="run (or continue) a search and write its report")
     run.add_argument("experiment", help="experiment TOML file, e.g. experiments/digits_mlp.toml")
     run.add_argument("--trials", type=int, help="total trial budget (default: search.trials)")
@@ -332,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1,
                      help="processes running trials at once on this machine (default 1); "
                           "they share the CPU cores, and latency is timed one at a time")
-    backend_options(run)
+    _backend_options(run)
     run.add_argument("--as-worker", type=int, default=0, help=argparse.SUPPRESS)
     run.set_defaults(handler=_cmd_run)
 
@@ -344,9 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--timeout", help="no new trial starts after this long, e.g. 30m or 8h")
     resume.add_argument("--workers", type=int, default=1,
                         help="processes running trials at once on this machine (default 1)")
-    backend_options(resume)
+    _backend_options(resume)
     resume.set_defaults(handler=_cmd_resume)
 
+
+def _add_reading_commands(commands: Any) -> None:
     status = commands.add_parser("status", help="how far a run is, what runs now, the best so far")
     status.add_argument("run_dir")
     status.set_defaults(handler=_cmd_status)
@@ -355,22 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.set_defaults(handler=_cmd_report)
 
-    def budget_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--max-latency-ms", type=float, help="latency budget (ms)")
-        command.add_argument("--max-size-mb", type=float,
-                             help="size budget of the file (MB, 1 MB = 1,000,000 bytes)")
-        command.add_argument("--max-accuracy-drop", type=float,
-                             help="validation accuracy at most this below the teacher's "
-                                  "(fraction: 0.01 = one point)")
-        command.add_argument("--prefer", choices=("accuracy", "size", "latency"),
-                             default="accuracy", help="what to maximise under the budget "
-                                                      "(default: accuracy)")
-
     picking = commands.add_parser("pick", help="the best trial under a budget, or the knee "
                                                "point without one")
     picking.add_argument("run_dir")
-    budget_options(picking)
+    _budget_options(picking)
     picking.set_defaults(handler=_cmd_pick)
+
+    listing = commands.add_parser("list", help="built-in tasks and shipped experiments")
+    listing.add_argument("--experiments", default="experiments", help=argparse.SUPPRESS)
+    listing.set_defaults(handler=_cmd_list)
+
+
+def _add_bundle_commands(commands: Any) -> None:
+    from slimsearch.experiment import RUNTIMES
 
     export = commands.add_parser("export", help="a deployable bundle of a trial, re-measured "
                                                 "in a fresh process")
@@ -378,13 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--trial", type=int, help="trial number (see the report)")
     export.add_argument("--pick", action="store_true",
                         help="the trial `slimsearch pick` chooses with the budget options")
-    budget_options(export)
+    _budget_options(export)
     export.add_argument("--out", required=True, help="bundle folder to create")
-    export.add_argument("--runtime", choices=("torch", "torchscript", "onnxruntime"),
+    export.add_argument("--runtime", choices=RUNTIMES,
                         help="the executable form to bundle (default: the one the run searched)")
-    export.add_argument("--tolerance", type=float, default=0.10,
-                        help="how far the fresh latency may be from the search's (fraction, "
-                             "default 0.10)")
+    _tolerance_option(export)
     export.add_argument("--no-verify", action="store_true",
                         help="skip the fresh-process re-measurement")
     export.set_defaults(handler=_cmd_export)
@@ -394,16 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("bundle")
     verify.add_argument("--run-dir", help="the run folder it came from (default: the one its "
                                           "manifest names)")
-    verify.add_argument("--tolerance", type=float, default=0.10,
-                        help="how far the fresh latency may be from the search's (fraction)")
+    _tolerance_option(verify)
     verify.add_argument("--manifest-only", action="store_true",
                         help="check the files' hashes only, without re-measuring")
     verify.set_defaults(handler=_cmd_verify)
-
-    listing = commands.add_parser("list", help="built-in tasks and shipped experiments")
-    listing.add_argument("--experiments", default="experiments", help=argparse.SUPPRESS)
-    listing.set_defaults(handler=_cmd_list)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

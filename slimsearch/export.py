@@ -16,10 +16,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import torch
+
 from slimsearch.atomic import read_json, write_json
 from slimsearch.compression import MODEL_FILE, read_header
 from slimsearch.devices import resolve_device
 from slimsearch.errors import ArtifactError, ConfigError, TrialError
+from slimsearch.experiment import ExperimentConfig, TargetConfig
 from slimsearch.manifest import sha256
 from slimsearch.run import load_study
 from slimsearch.run.folder import RunFolder
@@ -53,33 +56,16 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bo
     differs); the caller reports the failure.
     """
     folder = RunFolder(Path(run_dir))
-    study = load_study(folder.root)
-    numbers = {t.number: t for t in study.get_trials(deepcopy=False)}
-    if trial not in numbers:
-        raise ConfigError(f"--trial {trial}: the run has trials 0 to {len(numbers) - 1}; see the "
-                          "report's table for the Pareto-optimal ones")
-    if numbers[trial].state.name != "COMPLETE":
-        raise ConfigError(f"--trial {trial} is {numbers[trial].state.name}, not COMPLETE; pick a "
-                          "completed trial from the report")
     check_tolerance(tolerance)
-    source = folder.trial(trial)
-    missing = [name for name in BUNDLE_FILES if not (source / name).is_file()]
-    if missing:
-        raise ConfigError(f"--trial {trial}: its folder {source} lacks {', '.join(missing)} (deleted "
-                          "or not copied with the run folder); restore the folder, or export "
-                          "another completed trial")
+    source = _completed_trial(folder, trial)
     metrics = read_json(source / "metrics.json")
     searched = metrics.get("runtime", "torch")
     runtime = runtime or searched
-    artifact = metrics.get("artifact_file", MODEL_FILE) if runtime == searched else None
     config = folder.config()
     target = dataclasses.replace(config.target, runtime=runtime)
     device = resolve_device(target.device)
-    if artifact is None:  # another runtime: refuse what it cannot run before copying anything
+    if runtime != searched:  # another runtime: refuse what it cannot run before copying anything
         get_runtime(runtime).check(target, device)
-    files = list(BUNDLE_FILES)
-    if artifact is not None and artifact not in files:
-        files.append(artifact)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} already exists and is not empty; choose a new folder")
@@ -88,24 +74,10 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bo
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
-        for name in files:
-            shutil.copyfile(source / name, staging / name)
-        if artifact is None:
-            task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
-            executable = get_runtime(runtime).materialize(
-                staging / MODEL_FILE, target=target, device=device, out_dir=staging,
-                example=task.example_inputs(target.batch_size))
-            artifact = executable.artifact.name
-            if artifact not in files:
-                files.append(artifact)
-
-        def write_manifest() -> None:
-            write_json(staging / "manifest.json", {
-                "format": "slimsearch.bundle", "version": 1, "run": str(folder.root.resolve()),
-                "trial": trial, "runtime": runtime, "artifact": artifact,
-                "files": {name: sha256(staging / name) for name in files}})
-
-        write_manifest()
+        files = _stage(staging, source, metrics, runtime == searched, config, target, device)
+        manifest = {"format": "slimsearch.bundle", "version": 1, "run": str(folder.root.resolve()),
+                    "trial": trial, "runtime": runtime, "artifact": files[-1]}
+        _write_manifest(staging, manifest, files)
         verification = None
         if verify:
             verification = verify_in_fresh_process(
@@ -114,8 +86,8 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bo
             files.append("verification.json")
         if runtime != searched:
             write_json(staging / "metrics.json", _other_runtime_metrics(
-                metrics, runtime=runtime, artifact=artifact, verification=verification))
-        write_manifest()
+                metrics, runtime=runtime, artifact=manifest["artifact"], verification=verification))
+        _write_manifest(staging, manifest, files)
     except (TrialError, RuntimeError, subprocess.TimeoutExpired) as exc:
         shutil.rmtree(staging, ignore_errors=True)  # never a half-written bundle
         raise ArtifactError(f"cannot export trial {trial}: {exc}") from exc
@@ -126,6 +98,49 @@ def export_trial(run_dir: str | Path, trial: int, out: str | Path, *, verify: bo
         out.rmdir()
     staging.rename(out)
     return out, verification
+
+
+def _completed_trial(folder: RunFolder, trial: int) -> Path:
+    """The folder of completed trial ``trial``, with every file a bundle takes from it."""
+    numbers = {t.number: t for t in load_study(folder.root).get_trials(deepcopy=False)}
+    if trial not in numbers:
+        raise ConfigError(f"--trial {trial}: the run has trials 0 to {len(numbers) - 1}; see the "
+                          "report's table for the Pareto-optimal ones")
+    if numbers[trial].state.name != "COMPLETE":
+        raise ConfigError(f"--trial {trial} is {numbers[trial].state.name}, not COMPLETE; pick a "
+                          "completed trial from the report")
+    source = folder.trial(trial)
+    missing = [name for name in BUNDLE_FILES if not (source / name).is_file()]
+    if missing:
+        raise ConfigError(f"--trial {trial}: its folder {source} lacks {', '.join(missing)} (deleted "
+                          "or not copied with the run folder); restore the folder, or export "
+                          "another completed trial")
+    return source
+
+
+def _stage(staging: Path, source: Path, metrics: dict, searched: bool, config: ExperimentConfig,
+           target: TargetConfig, device: torch.device) -> list[str]:
+    """Copy the trial's files into ``staging`` with the runtime's executable file: the
+    search's own (``searched``) or, for another runtime, one built here from the model file.
+    Return the bundle's file names, the executable file last."""
+    files = list(BUNDLE_FILES)
+    for name in files:
+        shutil.copyfile(source / name, staging / name)
+    if searched:
+        artifact = metrics.get("artifact_file", MODEL_FILE)
+        if artifact != MODEL_FILE:
+            shutil.copyfile(source / artifact, staging / artifact)
+    else:
+        task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
+        artifact = get_runtime(target.runtime).materialize(
+            staging / MODEL_FILE, target=target, device=device, out_dir=staging,
+            example=task.example_inputs(target.batch_size)).artifact.name
+    return [name for name in files if name != artifact] + [artifact]
+
+
+def _write_manifest(staging: Path, manifest: dict, files: list[str]) -> None:
+    write_json(staging / "manifest.json",
+               {**manifest, "files": {name: sha256(staging / name) for name in files}})
 
 
 def _other_runtime_metrics(searched: dict, *, runtime: str, artifact: str,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +41,47 @@ def _layers(model: nn.Module, recipe: Recipe) -> dict[str, nn.Module]:
     return found
 
 
+@dataclass
+class _Stages:
+    """What every training stage of one build shares (the task's train split, the teacher's
+    logits as distillation targets, the run's optimiser settings, the checks before each
+    epoch), and the record of the stages done so far."""
+
+    task: Task
+    teacher_logits: torch.Tensor
+    train: TrainConfig
+    seed: int
+    device: torch.device
+    temperature: float
+    alpha: float
+    deadline: float | None
+    check: Callable[[nn.Module, str, int, int], None] | None
+    record: dict[str, Any] = field(default_factory=lambda: {"stages": {}})
+    clock: float = field(default_factory=time.perf_counter)
+
+    def done(self, name: str, **info: Any) -> None:
+        """Record stage ``name`` with its seconds since the stage before and ``info``."""
+        now = time.perf_counter()
+        self.record["stages"][name] = {"seconds": round(now - self.clock, 3), **info}
+        self.clock = now
+
+    def tune(self, model: nn.Module, epochs: int, after_step: Any = None,
+             hint: FeatureHint | None = None, *, name: str) -> float:
+        """Train ``model`` for ``epochs`` against the teacher; the last epoch's loss."""
+        def before_epoch(epoch: int) -> None:
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                raise TrialStopped(f"the run's time budget ran out before epoch {epoch + 1}/"
+                                   f"{epochs} of {name}", by_deadline=True)
+            if self.check is not None:
+                self.check(model, name, epoch, epochs)
+        train = self.train
+        return fit(model, self.task.train, epochs=epochs, lr=train.lr,
+                   batch_size=train.batch_size, weight_decay=train.weight_decay, seed=self.seed,
+                   device=self.device, teacher_logits=self.teacher_logits,
+                   temperature=self.temperature, alpha=self.alpha, after_step=after_step,
+                   hint=hint, before_epoch=before_epoch)
+
+
 def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: Recipe, *,
           train: TrainConfig, seed: int, device: torch.device, round_to: int = 1,
           teacher_features: torch.Tensor | None = None,
@@ -52,52 +94,49 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
     (used when the hint weight is > 0). ``deadline`` (``time.monotonic()`` seconds): a
     training stage that would start an epoch after it raises ``TrialStopped``. ``check(model,
     stage, epochs_done, stage_epochs)`` runs before each epoch and may stop the trial the same way."""
-    record: dict[str, Any] = {"stages": {}}
-    clock = time.perf_counter()
-
-    def stage(name: str, **info: Any) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        record["stages"][name] = {"seconds": round(now - clock, 3), **info}
-        clock = now
-
-    temperature = float(recipe.distillation.get("temperature", train.temperature))
-    alpha = float(recipe.distillation.get("alpha", train.alpha))
     distill_epochs = int(recipe.distillation.get("epochs", train.distill_epochs))
     hint_weight = float(recipe.distillation.get("hint_weight", train.hint_weight))
     if hint_weight > 0 and teacher_features is None:
         raise ValueError("a hint weight > 0 needs the teacher's features (teacher_features)")
-
-    def tune(model: nn.Module, epochs: int, after_step: Any = None,
-             hint: FeatureHint | None = None, *, name: str) -> float:
-        def before_epoch(epoch: int) -> None:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TrialStopped(f"the run's time budget ran out before epoch {epoch + 1}/"
-                                   f"{epochs} of {name}", by_deadline=True)
-            if check is not None:
-                check(model, name, epoch, epochs)
-        return fit(model, task.train, epochs=epochs, lr=train.lr, batch_size=train.batch_size,
-                   weight_decay=train.weight_decay, seed=seed, device=device,
-                   teacher_logits=teacher_logits, temperature=temperature, alpha=alpha,
-                   after_step=after_step, hint=hint, before_epoch=before_epoch)
-
+    stages = _Stages(task, teacher_logits, train, seed, device,
+                     temperature=float(recipe.distillation.get("temperature", train.temperature)),
+                     alpha=float(recipe.distillation.get("alpha", train.alpha)),
+                     deadline=deadline, check=check)
     model = build_student(task, teacher, recipe, seed=seed)
     layers = _layers(model, recipe)
-    stage("student", parameters=sum(p.numel() for p in model.parameters()))
-
+    stages.done("student", parameters=sum(p.numel() for p in model.parameters()))
     if not is_teacher_shaped(task, recipe) and distill_epochs > 0:
-        hint = None
-        if hint_weight > 0:
-            head = compressible_layers(model.eval(), task.example_inputs(1))[-1].name
-            hint = FeatureHint(model, head, teacher_features, hint_weight)
-        try:
-            loss = tune(model, distill_epochs, hint=hint, name="distillation")
-        finally:
-            if hint is not None:
-                hint.detach()
-        stage("distill", epochs=distill_epochs, temperature=temperature, alpha=alpha,
-              hint_weight=hint_weight, loss=loss)
+        _distill(model, stages, epochs=distill_epochs, hint_weight=hint_weight,
+                 teacher_features=teacher_features)
+    masks = _prune(model, layers, recipe, stages, round_to=round_to)
+    quantized = _quantize(model, layers, recipe, stages, masks)
+    return CompressedModel(model=model, factory=factory_path(task.make_model),
+                           kwargs=dict(recipe.student), quantized=quantized,
+                           record=stages.record)
 
+
+def _distill(model: nn.Module, stages: _Stages, *, epochs: int, hint_weight: float,
+             teacher_features: torch.Tensor | None) -> None:
+    """Train the student against the teacher's logits (and, with a hint weight, its head's
+    inputs through a learned projection)."""
+    hint = None
+    if hint_weight > 0:
+        head = compressible_layers(model.eval(), stages.task.example_inputs(1))[-1].name
+        hint = FeatureHint(model, head, teacher_features, hint_weight)
+    try:
+        loss = stages.tune(model, epochs, hint=hint, name="distillation")
+    finally:
+        if hint is not None:
+            hint.detach()
+    stages.done("distill", epochs=epochs, temperature=stages.temperature, alpha=stages.alpha,
+                hint_weight=hint_weight, loss=loss)
+
+
+def _prune(model: nn.Module, layers: dict[str, nn.Module], recipe: Recipe, stages: _Stages, *,
+           round_to: int) -> dict[str, torch.Tensor]:
+    """Remove channels (structured), zero weights (unstructured, global, 2:4), fine-tune with
+    the zeros held; return the masks that hold them."""
+    task, train = stages.task, stages.train
     structured = {n: r.sparsity for n, r in recipe.layers.items()
                   if r.sparsity > 0 and r.pruning == "structured"}
     patterns = {method: {n: r.sparsity for n, r in recipe.layers.items()
@@ -116,22 +155,27 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
             info["2:4"] = {n: "stored sparse; executed on the 2:4 semi-structured kernel only on "
                               "CUDA where measured faster (see execution)" for n in patterns["2:4"]}
         if train.finetune_epochs > 0:
-            info["loss"] = tune(model, train.finetune_epochs, lambda: apply_masks(layers, masks),
-                                name="fine-tuning")
-        stage("prune", epochs=train.finetune_epochs, **info)
+            info["loss"] = stages.tune(model, train.finetune_epochs,
+                                       lambda: apply_masks(layers, masks), name="fine-tuning")
+        stages.done("prune", epochs=train.finetune_epochs, **info)
+    return masks
 
+
+def _quantize(model: nn.Module, layers: dict[str, nn.Module], recipe: Recipe, stages: _Stages,
+              masks: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Quantization-aware training where a layer has < 8 bits (the zeros held), then every
+    layer's weights rounded to its bits; return the quantized weights by layer."""
     bits = {n: r.bits for n, r in recipe.layers.items()}
     symmetric = recipe.weight_scheme == "symmetric"
-    if any(b < 8 for b in bits.values()) and train.qat_epochs > 0:
+    if any(b < 8 for b in bits.values()) and stages.train.qat_epochs > 0:
         attach_fake_quant(layers, bits, symmetric=symmetric)
         try:
-            loss = tune(model, train.qat_epochs, lambda: apply_masks(layers, masks),
-                        name="quantization-aware training")
+            loss = stages.tune(model, stages.train.qat_epochs, lambda: apply_masks(layers, masks),
+                               name="quantization-aware training")
         finally:
             detach_fake_quant(layers)
-        stage("qat", epochs=train.qat_epochs, loss=loss)
+        stages.done("qat", epochs=stages.train.qat_epochs, loss=loss)
     model.cpu().eval()
     quantized = quantize_layers_(layers, bits, symmetric=symmetric)
-    stage("quantize", bits={n: b for n, b in bits.items() if b < 32})
-    return CompressedModel(model=model, factory=factory_path(task.make_model),
-                           kwargs=dict(recipe.student), quantized=quantized, record=record)
+    stages.done("quantize", bits={n: b for n, b in bits.items() if b < 32})
+    return quantized

@@ -89,3 +89,26 @@ def module_form(module: nn.Module) -> list[Any]:
             entry.append(sub.code)
         layers.append(entry)
     return layers
+
+
+def layer_inputs(model: nn.Module, names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input tensor each of the layers ``names`` of ``model`` receives when ``model`` runs
+    on ``batch`` (first call; a layer not called with a tensor is missing), to time the layer
+    alone on exactly what it sees in the model."""
+    modules = dict(model.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple, _output: Any) -> None:  # None: output unchanged
+            if args and isinstance(args[0], torch.Tensor):
+                inputs.setdefault(name, args[0].detach())
+        return hook
+
+    hooks = [modules[name].register_forward_hook(keep(name)) for name in names]
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return inputs

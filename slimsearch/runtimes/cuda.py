@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimsearch.errors import ArtifactError
+from slimsearch.runtimes._base import layer_inputs
 from slimsearch.runtimes.int8 import MARGIN, ExecutionPlan
 from slimsearch.timing.latency import measure_latency
 
@@ -311,53 +312,18 @@ def plan_cuda_execution(model: nn.Module, layers: Mapping[str, Any], *, batch: t
     if any(k in TORCHAO_KERNELS for n in candidates for k in wanted[n]):
         quantization, torchao_reason = _torchao()
 
-    inputs: dict[str, torch.Tensor] = {}
-
-    def keep_input(name: str) -> Any:
-        def hook(_module: nn.Module, args: tuple, _output: Any) -> None:  # None: output unchanged
-            if args and isinstance(args[0], torch.Tensor):
-                inputs.setdefault(name, args[0].detach())
-        return hook
-
-    hooks = [modules[n].register_forward_hook(keep_input(n)) for n in candidates]
-    try:
-        with torch.no_grad():
-            model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
-
+    inputs = layer_inputs(model, candidates, batch)
     plan = ExecutionPlan(mode="cuda", layers={}, input_shape=list(batch.shape[1:]), engine="torch")
     plan.decisions["cuda"] = {"device": torch.cuda.get_device_name(device),
                               "capability": list(torch.cuda.get_device_capability(device)),
                               "dtype": _name(dtype), "torch": torch.__version__,
                               "torchao": _torchao_version(quantization) or torchao_reason}
     for name in candidates:
-        layer, record = modules[name], {}
-        plan.layers[name], plan.decisions[name] = FLOAT, record
-        if name not in inputs:
-            record["layer choice"] = FLOAT
-            record["skipped"] = "the layer was not called (with a tensor) on the batch"
-            continue
-        float_ms = _layer_ms(layer, inputs[name], FLOAT, None, device)
-        if isinstance(float_ms, str):
-            record["skipped"], record["layer choice"] = f"float timing {float_ms}", FLOAT
-            continue
-        record["float_ms"] = round(float_ms, 4)
-        timed = {}
-        for kernel in wanted[name]:
-            reason = _impossible(layer, kernel, torchao_reason=torchao_reason)
-            result = reason or _layer_ms(layer, inputs[name], kernel, quantization, device)
-            if isinstance(result, str):
-                record[f"{kernel}_skipped"] = result
-            else:
-                timed[kernel] = result
-                record[f"{kernel}_ms"] = round(result, 4)
-        best = min(timed, key=timed.get, default=FLOAT)
-        if best != FLOAT and timed[best] < (1 - MARGIN) * float_ms:
-            plan.layers[name] = best
-        record["layer choice"] = plan.layers[name]
-
+        record: dict[str, Any] = {}
+        plan.decisions[name] = record
+        plan.layers[name] = _layer_choice(modules[name], inputs.get(name), wanted[name], record,
+                                          quantization=quantization,
+                                          torchao_reason=torchao_reason, device=device)
     if any(how != FLOAT for how in plan.layers.values()):
         _check_whole_model(model, batch, plan, device)
     else:
@@ -365,6 +331,35 @@ def plan_cuda_execution(model: nn.Module, layers: Mapping[str, Any], *, batch: t
     if any(how in TORCHAO_KERNELS for how in plan.layers.values()):
         plan.engine = "torchao"
     return plan
+
+
+def _layer_choice(layer: nn.Linear, x: torch.Tensor | None, kernels: list[str],
+                  record: dict[str, Any], *, quantization: Any, torchao_reason: str | None,
+                  device: torch.device) -> str:
+    """The kernel ``layer`` runs on: the fastest of ``kernels`` when it beats float by the
+    margin on its own input ``x``, else float; every timing and skip is written to ``record``."""
+    if x is None:
+        record["layer choice"] = FLOAT
+        record["skipped"] = "the layer was not called (with a tensor) on the batch"
+        return FLOAT
+    float_ms = _layer_ms(layer, x, FLOAT, None, device)
+    if isinstance(float_ms, str):
+        record["skipped"], record["layer choice"] = f"float timing {float_ms}", FLOAT
+        return FLOAT
+    record["float_ms"] = round(float_ms, 4)
+    timed = {}
+    for kernel in kernels:
+        reason = _impossible(layer, kernel, torchao_reason=torchao_reason)
+        result = reason or _layer_ms(layer, x, kernel, quantization, device)
+        if isinstance(result, str):
+            record[f"{kernel}_skipped"] = result
+        else:
+            timed[kernel] = result
+            record[f"{kernel}_ms"] = round(result, 4)
+    best = min(timed, key=timed.get, default=FLOAT)
+    choice = best if best != FLOAT and timed[best] < (1 - MARGIN) * float_ms else FLOAT
+    record["layer choice"] = choice
+    return choice
 
 
 def _check_whole_model(model: nn.Module, batch: torch.Tensor, plan: ExecutionPlan,

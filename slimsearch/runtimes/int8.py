@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from slimsearch.errors import ArtifactError
-from slimsearch.runtimes._base import module_form
+from slimsearch.runtimes._base import layer_inputs, module_form
 from slimsearch.timing.latency import compare_latency
 
 
@@ -247,56 +247,52 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
     # already decided in this process reuses it (only a static plan's ranges are recalibrated).
     key = (json.dumps(module_form(model)), tuple(candidates), mode, threads, tuple(batch.shape),
            name_of_engine)
+    plan = ExecutionPlan(mode=mode, layers={}, input_shape=list(batch.shape[1:]),
+                         engine=name_of_engine)
     if key in _MODEL_CACHE:
         layers, decisions = _MODEL_CACHE[key]
-        plan = ExecutionPlan(mode=mode, layers=dict(layers), input_shape=list(batch.shape[1:]),
-                             engine=name_of_engine, decisions=copy.deepcopy(decisions))
+        plan.layers, plan.decisions = dict(layers), copy.deepcopy(decisions)
         plan.decisions["model"]["reused"] = "same form decided earlier in this process"
         if plan.int8_layers and mode == "static":
             plan.ranges = _calibrate(model, plan.int8_layers, plan.input_shape, calibration)
         return plan
-    inputs: dict[str, torch.Tensor] = {}
-
-    def keep_input(name: str) -> Any:
-        def hook(_module: nn.Module, args: tuple, _output: Any) -> None:  # None: output unchanged
-            inputs.setdefault(name, args[0].detach())
-        return hook
-
-    hooks = [modules[n].register_forward_hook(keep_input(n)) for n in candidates]
-    try:
-        with torch.no_grad():
-            model.eval()(batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    plan = ExecutionPlan(mode=mode, layers={}, input_shape=list(batch.shape[1:]),
-                         engine=name_of_engine)
+    inputs = layer_inputs(model.eval(), candidates, batch)
     for name in candidates:
         float_ms, int8_ms = _layer_times(modules[name], inputs[name], mode, threads)
         plan.layers[name] = "int8" if int8_ms < (1 - MARGIN) * float_ms else "float"
         plan.decisions[name] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
     if untraceable is not None:
         plan.decisions["static"] = f"not traceable by torch.fx, dynamic int8 instead: {untraceable}"
-    # Static: per-layer timings include a quantize/dequantize at each layer's borders, which
-    # a chain of int8 layers does not pay; so the whole model is timed as well, float vs the
-    # per-layer choice vs every candidate on int8, and the fastest runs. Dynamic layers
-    # quantize their input on every call, chained or not: only the per-layer choice is
-    # checked as a whole, and when no layer won there is nothing to check.
+    _choose_for_the_whole_model(model, plan, candidates, batch=batch, calibration=calibration,
+                                threads=threads)
+    _MODEL_CACHE[key] = (dict(plan.layers), copy.deepcopy(plan.decisions))
+    return plan
+
+
+def _choose_for_the_whole_model(model: nn.Module, plan: ExecutionPlan, candidates: list[str], *,
+                                batch: torch.Tensor, calibration: torch.Tensor,
+                                threads: int) -> None:
+    """Time the whole model on float and on the int8 options and keep the fastest in ``plan``.
+
+    Static: per-layer timings include a quantize/dequantize at each layer's borders, which a
+    chain of int8 layers does not pay; so the whole model is timed float vs the per-layer
+    choice vs every candidate on int8. Dynamic layers quantize their input on every call,
+    chained or not: only the per-layer choice is checked as a whole, and when no layer won
+    there is nothing to check."""
     options = {"per layer": plan.layers}
-    if mode == "static":
+    if plan.mode == "static":
         options["all int8"] = dict.fromkeys(candidates, "int8")
     if "int8" not in (v for layers in options.values() for v in layers.values()):
         plan.decisions["model"] = {"chosen": "float", "why": "no layer was faster on int8"}
-        _MODEL_CACHE[key] = (dict(plan.layers), copy.deepcopy(plan.decisions))
-        return plan
+        return
     built: dict[str, ExecutionPlan] = {}
     forms: dict[str, nn.Module] = {"float": model}
     for label, layers in options.items():
         if "int8" not in layers.values() or any(layers == b.layers for b in built.values()):
             continue
-        option = ExecutionPlan(mode=mode, layers=dict(layers), input_shape=plan.input_shape,
-                               engine=name_of_engine, decisions=plan.decisions)
-        if mode == "static":
+        option = ExecutionPlan(mode=plan.mode, layers=dict(layers), input_shape=plan.input_shape,
+                               engine=plan.engine, decisions=plan.decisions)
+        if plan.mode == "static":
             option.ranges = _calibrate(model, option.int8_layers, plan.input_shape, calibration)
         forms[label] = build_executable(model, option)
         built[label] = option
@@ -310,6 +306,3 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
         plan.layers, plan.ranges = dict.fromkeys(candidates, "float"), {}
     else:
         plan.layers, plan.ranges = built[best].layers, built[best].ranges
-    _MODEL_CACHE[key] = (dict(plan.layers), copy.deepcopy(plan.decisions))
-    return plan
-
