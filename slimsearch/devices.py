@@ -18,7 +18,6 @@ from typing import IO
 import torch
 
 from slimsearch.errors import ConfigError
-from slimsearch.locks import file_lock
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,6 +65,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path``: the turnstile, which ``step_aside`` also tries
+    without blocking on its own handle (so it stays on fcntl, as the device lock does)."""
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @dataclass
 class _Held:
     handle: IO[str]
@@ -91,7 +102,7 @@ def computing(device: torch.device, *, lock_dir: str | Path | None = None) -> It
         yield
         return
     with open(path, "a+") as handle:
-        with file_lock(_lock_file(device, lock_dir, "turnstile")):
+        with _flock(_lock_file(device, lock_dir, "turnstile")):
             pass
         fcntl.flock(handle, fcntl.LOCK_SH)
         _held[path] = _Held(handle, "shared")
@@ -122,7 +133,7 @@ def step_aside(device: torch.device, *, lock_dir: str | Path | None = None) -> N
             fcntl.flock(gate, fcntl.LOCK_UN)
             return
     fcntl.flock(held.handle, fcntl.LOCK_UN)
-    with file_lock(turnstile):  # through once the measurement has the device
+    with _flock(turnstile):  # through once the measurement has the device
         pass
     fcntl.flock(held.handle, fcntl.LOCK_SH)  # back once it is done
 
@@ -146,7 +157,7 @@ def exclusive(device: torch.device, *, lock_dir: str | Path | None = None) -> It
         handle = outer.handle if outer else stack.enter_context(open(path, "a+"))
         if outer:  # let others' waiting measurements and computations see we stopped computing
             fcntl.flock(handle, fcntl.LOCK_UN)
-        with file_lock(_lock_file(device, lock_dir, "turnstile")):
+        with _flock(_lock_file(device, lock_dir, "turnstile")):
             fcntl.flock(handle, fcntl.LOCK_EX)
         _held[path] = _Held(handle, "exclusive")
         try:

@@ -56,6 +56,7 @@ def test_the_experiment_and_the_registry_name_the_same_runtimes() -> None:
     from slimsearch.experiment import RUNTIMES as NAMES
 
     assert tuple(RUNTIMES) == NAMES
+    assert all(r.name == name and r.label for name, r in RUNTIMES.items())  # the report's name
 
 
 @pytest.mark.parametrize("name", list(RUNTIMES))

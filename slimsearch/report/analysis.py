@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 
 from slimsearch.report.data import ReportData
-from slimsearch.report.pareto import hypervolume
+from slimsearch.report.pareto import hypervolume, weakly_dominates
 
 BOX_ACCURACY_DROP = 0.15
 BOX_LATENCY = 2.0
@@ -40,15 +40,11 @@ def hypervolume_history(data: ReportData) -> list[tuple[int, float]]:
         drop = max(0.0, teacher["val_accuracy"] - m["val_accuracy"])
         point = (drop / BOX_ACCURACY_DROP, m["size_bytes"] / teacher["size_bytes"],
                  m["latency_ms"] / teacher["latency_ms"])
-        if not any(_weakly_dominates(q, point) for q in front):
-            front = [q for q in front if not _weakly_dominates(point, q)] + [point]
+        if not any(weakly_dominates(q, point) for q in front):
+            front = [q for q in front if not weakly_dominates(point, q)] + [point]
             volume = hypervolume(front, (1.0, 1.0, BOX_LATENCY))
         history.append((t.number, volume))
     return history
-
-
-def _weakly_dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return all(x <= y for x, y in zip(a, b, strict=True))
 
 
 def layer_grid(data: ReportData) -> tuple[list[str], list[str], list[list[Any]], list[list[Any]]]:

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from slimsearch.atomic import read_json
 from slimsearch.evaluators import untrained_teacher
+from slimsearch.report.pareto import non_dominated
 from slimsearch.run import RunFolder, load_study
 from slimsearch.spaces import Recipe
 
@@ -143,18 +144,11 @@ def load_report_data(run_dir: str | Path) -> ReportData:
 
 
 def _non_dominated(trials: list, directions: list) -> list:
-    """Trials no other trial beats in every objective (ties allowed), by brute force."""
+    """Trials no other trial beats in every objective (ties allowed)."""
     signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in directions]
-
-    def key(t: Any) -> list[float]:
-        return [s * v for s, v in zip(signs, t.values, strict=True)]
-
-    def dominates(a: list[float], b: list[float]) -> bool:
-        return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
-
-    keys = {t.number: key(t) for t in trials}
-    return [t for t in trials
-            if not any(dominates(keys[o.number], keys[t.number]) for o in trials)]
+    keep = non_dominated({t.number: [s * v for s, v in zip(signs, t.values, strict=True)]
+                          for t in trials})
+    return [t for t in trials if t.number in set(keep)]
 
 
 def pareto_document(data: ReportData) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from slimsearch.report.analysis import (
 )
 from slimsearch.report.data import ReportData, TrialPoint
 from slimsearch.report.picks import Budget, pick
+from slimsearch.runtimes import get_runtime
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -268,10 +269,6 @@ def _failures(data: ReportData) -> str:
 #: How far a latency scaled by the machine's slowdown fell from undisturbed re-measurements
 #: (benchmarks/RESULTS.md, the reference 2-core VM).
 _SCALED_ERROR = "up to 15% low or 25% high on a busy test VM"
-_RUNTIMES = {"torch": "PyTorch eager", "torchscript": "TorchScript (traced, frozen)",
-             "onnxruntime": "ONNX Runtime (CPU, float32 weights)"}
-
-
 def _summary(data: ReportData) -> str:
     exp = data.settings["experiment"]
     target = exp["target"]
@@ -306,7 +303,7 @@ def _summary(data: ReportData) -> str:
     return (
         f"<ul><li>task <b>{html.escape(exp['task'])}</b>, seed {exp['seed']}</li>"
         f"<li>target: device {html.escape(data.settings.get('device', target['device']))}, "
-        f"{_RUNTIMES[target.get('runtime', 'torch')]}, {target.get('dtype', 'fp32')}, batch "
+        f"{get_runtime(target.get('runtime', 'torch')).label}, {target.get('dtype', 'fp32')}, batch "
         f"{batches} (the first is the objective), {target['threads']} CPU thread(s)"
         f"{', CUDA graphs' if target.get('cuda_graphs') else ''}{int8}</li>"
         f"<li>teacher (measured in this run on this target): {teacher}{warning}</li>"

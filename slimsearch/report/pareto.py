@@ -1,14 +1,37 @@
-"""The Pareto front's size as one number: the hypervolume, exact, for up to three objectives.
+"""Pareto dominance and the front's size as one number, on plain points.
 
-Objectives are given as values to minimise (negate what is maximised) and a reference point
-that every counted trial must beat in each objective; the hypervolume is the volume of the
-region dominated by the trials and bounded by the reference point. Exact by slicing: sort by
-the first objective, and add each slab's 2-D area (O(n^2 log n), fine for thousands).
+Objectives are given as values to minimise (negate what is maximised). The study's own front
+is Optuna's (``study.best_trials``); this is for the sets Optuna does not hold as a study: the
+completed trials when none is feasible yet, the trials a pick chooses among, the front as it
+grew trial by trial.
+
+The hypervolume is exact for up to three objectives: the volume of the region dominated by
+the points and bounded by a reference point that every counted point must beat in each
+objective. Exact by slicing: sort by the first objective, and add each slab's 2-D area
+(O(n^2 log n), fine for thousands).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TypeVar
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+def weakly_dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` is no worse than ``b`` in any objective."""
+    return all(x <= y for x, y in zip(a, b, strict=True))
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` is no worse than ``b`` in any objective and better in at least one."""
+    return weakly_dominates(a, b) and tuple(a) != tuple(b)
+
+
+def non_dominated(points: Mapping[Key, Sequence[float]]) -> list[Key]:
+    """The keys of the points no other point dominates (equal points all stay), in order."""
+    return [k for k, p in points.items() if not any(dominates(q, p) for q in points.values())]
 
 
 def _area_2d(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:

@@ -8,9 +8,10 @@ brute force). Sizes are bytes, latencies milliseconds, accuracy drops fractions.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from slimsearch.report import pareto
 
 PREFERENCES = ("accuracy", "size", "latency")
 
@@ -100,14 +101,8 @@ def knee_point(trials: dict[int, dict[str, Any]]) -> int:
 
 def non_dominated(trials: dict[int, dict[str, Any]]) -> list[int]:
     """Trial numbers no other trial beats in all of accuracy, size and latency."""
-    def objectives(m: dict[str, Any]) -> tuple[float, float, float]:
-        return (-m["val_accuracy"], float(m["size_bytes"]), m["latency_ms"])
-
-    def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-        return all(x <= y for x, y in zip(a, b, strict=True)) and tuple(a) != tuple(b)
-
-    points = {n: objectives(m) for n, m in trials.items()}
-    return [n for n in trials if not any(dominates(points[o], points[n]) for o in trials)]
+    return pareto.non_dominated({n: (-m["val_accuracy"], float(m["size_bytes"]), m["latency_ms"])
+                                 for n, m in trials.items()})
 
 
 def pick(trials: dict[int, dict[str, Any]], teacher: dict[str, Any], budget: Budget, *,

@@ -1,7 +1,7 @@
 """The run folder: one per search, holding everything the report and export read.
 
     runs/<name>/
-      .slimsearch-run   the marker: slimsearch made this folder (and the lock for setting it up)
+      .slimsearch-run   the marker: slimsearch made this folder (.slimsearch-run.lock: its setup lock)
       experiment.toml   the experiment as given       run.json       settings, versions
       study.journal     the Optuna study (default)    teacher/       model file, logits, metrics
       trials/00012/     recipe, metrics, model file   pareto.json, report.html
@@ -33,9 +33,11 @@ MAY_CHANGE = {("search", "trials"), ("search", "timeout"), ("search", "backend")
               ("search", "ray_address"), ("search", "cpus_per_trial"), ("search", "storage")}
 #: The layout of run folders this code reads and writes; another one is refused.
 RUN_FORMAT = 1
-#: The file that marks a folder as slimsearch's own; it is also the lock held while a run is
-#: set up (run.json, the study, the teacher), so two runs started at once cannot both do it.
+#: The file that marks a folder as slimsearch's own.
 MARKER = ".slimsearch-run"
+#: The lock held while a run is set up (run.json, the study, the teacher), so two runs
+#: started at once cannot both do it; it counts as the marker's (it comes first).
+SETUP_LOCK = ".slimsearch-run.lock"
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class RunFolder:
             raise ConfigError(f"--run-dir {root}: is a file, not a folder; give the path of a "
                               "new folder (slimsearch creates it)")
         if root.is_dir():
-            held = sorted(p.name for p in root.iterdir())
+            held = sorted(p.name for p in root.iterdir() if p.name != SETUP_LOCK)
             if held and not self.is_ours():
                 raise ConfigError(
                     f"--run-dir {root}: this folder holds files slimsearch did not make "
@@ -121,14 +123,13 @@ class RunFolder:
         with contextlib.ExitStack() as stack:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                marker = stack.enter_context(file_lock(self.root / MARKER, on_wait=waiting))
+                stack.enter_context(file_lock(self.root / SETUP_LOCK, on_wait=waiting))
             except OSError as exc:
                 raise ConfigError(f"--run-dir {self.root}: cannot create the run folder: "
                                   f"{exc.strerror}; give a folder you may write in") from exc
-            if not os.fstat(marker.fileno()).st_size:  # new: say what it is
-                marker.write("This folder is a slimsearch run folder; slimsearch may rewrite "
-                             "any file in it.\n")
-                marker.flush()
+            if not (self.root / MARKER).is_file():
+                write_text(self.root / MARKER, "This folder is a slimsearch run folder; "
+                           "slimsearch may rewrite any file in it.\n")
             yield
 
     def config(self) -> Any:

@@ -63,7 +63,9 @@ class Executable:
 
 
 class Runtime(Protocol):
+    #: ``target.runtime``'s value for it, and how the report names it.
     name: str
+    label: str
 
     def check(self, target: TargetConfig, device: torch.device) -> None: ...
 

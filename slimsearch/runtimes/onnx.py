@@ -48,6 +48,7 @@ class OnnxRuntime:
     """ONNX export (torch.export based, dynamic batch) + ONNX Runtime on the CPU."""
 
     name = "onnxruntime"
+    label = "ONNX Runtime (CPU, float32 weights)"
 
     def check(self, target: TargetConfig, device: torch.device) -> None:
         missing = [m for m in ("onnxruntime", "onnx", "onnxscript")

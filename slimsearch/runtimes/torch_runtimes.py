@@ -50,6 +50,7 @@ class TorchRuntime:
     """PyTorch eager execution of the model rebuilt from the slimsearch model file."""
 
     name = "torch"
+    label = "PyTorch eager"
 
     def check(self, target: TargetConfig, device: torch.device) -> None:
         if target.dtype == "fp16" and device.type == "cpu":
@@ -82,6 +83,7 @@ class TorchScriptRuntime(TorchRuntime):
     (the same checks as the torch runtime)."""
 
     name = "torchscript"
+    label = "TorchScript (traced, frozen)"
 
     def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
                     example: torch.Tensor, out_dir: Path) -> Executable:

@@ -1,0 +1,108 @@
+"""The one trial lifecycle that every backend uses: the claim on the budget, what a trial
+records, how each outcome is told, and the streak of identical failures that stops a run.
+A backend only dispatches, so what is checked here holds for the local and the Ray backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from slimsearch.experiment import ExperimentConfig, SpaceConfig
+from slimsearch.run import OBJECTIVES, RunFolder
+from slimsearch.search.lifecycle import SAME_FAILURES_TO_STOP, Outcome, TrialLifecycle
+from slimsearch.search.recovery import OWNER
+from slimsearch.spaces import SearchSpace
+from slimsearch.tasks import Task
+
+METRICS = {"val_accuracy": 0.9, "size_bytes": 1000, "latency_ms": 0.05, "latency_cv": 0.01,
+           "size_ratio": 3.0, "speedup": 1.5}
+
+
+@pytest.fixture
+def said() -> list[str]:
+    """The progress lines the lifecycle says."""
+    return []
+
+
+@pytest.fixture
+def lifecycle(tmp_path: Path, digits_mlp_task: Task, said: list[str]) -> TrialLifecycle:
+    config = ExperimentConfig(name="t", task="digits-mlp", seed=7,
+                              space=SpaceConfig(bits=(8, 32), sparsity=(0.0, 0.5)))
+    study = optuna.create_study(directions=[d for _, d in OBJECTIVES],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    return TrialLifecycle(study, SearchSpace(digits_mlp_task, config.space), RunFolder(tmp_path),
+                          config, budget=3, teacher_metrics=dict(METRICS), say=said.append)
+
+
+def test_a_started_trial_records_its_owner_seed_and_recipe(lifecycle: TrialLifecycle,
+                                                         said: list[str]) -> None:
+    started = lifecycle.start()
+    assert started is not None and started.recipe is not None and started.error is None
+    attrs = started.trial.user_attrs
+    assert attrs[OWNER]["pid"] and attrs["seed"] == 7 + started.number == started.seed
+    assert attrs["recipe"] == started.recipe.to_dict() and started.position == "1/3"
+    assert lifecycle.finish(started, Outcome("COMPLETE", metrics=dict(METRICS))) \
+        == TrialState.COMPLETE
+    trial = lifecycle.study.trials[0]
+    assert trial.values == [METRICS[name] for name, _ in OBJECTIVES]
+    assert trial.user_attrs["metrics"]["feasible"] is True
+    assert "[1/3] trial 0 done" in said[-1]
+
+
+def test_the_budget_counts_running_trials_and_not_interrupted_ones(
+        lifecycle: TrialLifecycle) -> None:
+    running = [lifecycle.start() for _ in range(3)]
+    assert lifecycle.start() is None  # three running claim the budget of three
+    lifecycle.finish(running[0], Outcome("FAIL", error="KeyboardInterrupt", interrupted=True))
+    again = lifecycle.start()  # the interrupted one does not count, and runs again
+    assert again is not None and again.trial.params == running[0].trial.params
+    assert again.trial.user_attrs["retry_of"] == running[0].number
+
+
+def test_a_trial_stopped_by_the_deadline_is_pruned_and_runs_again(
+        lifecycle: TrialLifecycle, said: list[str]) -> None:
+    started = lifecycle.start()
+    state = lifecycle.finish(started, Outcome("PRUNED", stopped="the run's time budget ran out",
+                                              by_deadline=True))
+    assert state == TrialState.PRUNED and lifecycle.pruned == 1
+    trial = lifecycle.study.trials[0]
+    assert trial.user_attrs["interrupted"] and trial.user_attrs["stopped"]
+    assert "it runs again" in said[-1]
+    assert lifecycle.study.trials[-1].state == TrialState.WAITING  # enqueued again
+
+
+def test_the_same_error_in_a_row_stops_the_run_and_anything_else_breaks_the_streak(
+        lifecycle: TrialLifecycle) -> None:
+    lifecycle.budget = 100
+
+    def fail(message: str) -> None:
+        lifecycle.finish(lifecycle.start(), Outcome("FAIL", error=message))
+
+    for i in range(SAME_FAILURES_TO_STOP - 1):
+        fail(f"RuntimeError: shapes (1x{i} and 32x10)")  # the same error, other numbers
+    lifecycle.finish(lifecycle.start(), Outcome("PRUNED", stopped="hopeless"))
+    assert lifecycle.stopped is None  # a PRUNED trial broke the streak (local and Ray alike)
+    for i in range(SAME_FAILURES_TO_STOP):
+        assert lifecycle.stopped is None
+        fail(f"RuntimeError: shapes (1x{i} and 32x10)")
+    assert lifecycle.stopped and "the same error" in lifecycle.stopped
+    assert lifecycle.failed == 2 * SAME_FAILURES_TO_STOP - 1
+
+
+def test_a_trial_told_by_another_worker_meanwhile_is_dropped(lifecycle: TrialLifecycle,
+                                                            said: list[str]) -> None:
+    started = lifecycle.start()
+    lifecycle.study.tell(started.trial, state=TrialState.FAIL)  # recovered elsewhere
+    assert lifecycle.finish(started, Outcome("COMPLETE", metrics=dict(METRICS))) is None
+    assert "recovered by another worker" in said[-1]
+    assert lifecycle.completed == 0
+
+
+def test_an_outcome_crosses_to_the_driver_as_plain_data() -> None:
+    import json
+
+    outcome = Outcome("PRUNED", stopped="x", by_deadline=True)
+    assert Outcome.from_dict(json.loads(json.dumps(outcome.to_dict()))) == outcome
