@@ -118,9 +118,10 @@ def test_export_and_load_model_in_a_fresh_process(finished_run: Path, tmp_path: 
     entry = min(pareto["trials"], key=lambda t: t["metrics"]["size_bytes"])
     bundle = tmp_path / "bundle"
     # a generous latency tolerance: this checks the export, not how quiet the machine is (the
-    # 10% default is measured on a real run by benchmarks/morning_after.py)
+    # 10% default is measured on a real run by benchmarks/morning_after.py; a figure of a few
+    # microseconds moved 1.68x between a search and a fresh process in CI of 2026-12-02)
     assert main(["export", str(finished_run), "--trial", str(entry["number"]), "--out", str(bundle),
-                 "--tolerance", "0.5"]) == 0
+                 "--tolerance", "1.0"]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert set(manifest["files"]) >= {"model.safetensors", "recipe.json", "metrics.json",
                                       "verification.json"}
@@ -496,9 +497,13 @@ def test_export_to_another_runtime_builds_and_measures_its_file(finished_run: Pa
     assert metrics["size_bytes"] == verification["fresh"]["size_bytes"]
     assert metrics["search"]["runtime"] == "torch"
     assert metrics["search"]["size_bytes"] != metrics["size_bytes"]
-    # and `verify` holds the bundle to them
-    assert main(["verify", str(bundle), "--tolerance", "0.5"]) == 0
-    assert "re-measured in a fresh process" in capsys.readouterr().out
+    # and `verify` holds the bundle to them: the ONNX file's size, not the search's torch one.
+    # A generous latency tolerance: this model takes ~5 us a call, where a busy second moved
+    # the fresh figure 1.68x from the export's (CI of this change, at 0.5)
+    assert main(["verify", str(bundle), "--tolerance", "2.0"]) == 0
+    out = capsys.readouterr().out
+    assert "re-measured in a fresh process" in out
+    assert f"ok   size_bytes {metrics['size_bytes']} -> {metrics['size_bytes']}" in out
 
     unmeasured = tmp_path / "onnx-unverified"
     assert main(["export", str(finished_run), "--trial", "0", "--runtime", "onnxruntime",
