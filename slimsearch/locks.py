@@ -19,7 +19,9 @@ def file_lock(path: str | Path, *, on_wait: Callable[[], None] | None = None) ->
     """Hold an exclusive lock on ``path`` (created if missing; its content is not kept)
     while the block runs. ``on_wait`` is called once if another process holds it, to say why
     nothing happens. The lock goes with the process if it dies."""
-    lock = FileLock(str(path))
+    # No soft (marker-file) fallback where flock is missing: such a lock would outlive a
+    # process killed while holding it.
+    lock = FileLock(str(path), fallback_to_soft=False)
     try:
         lock.acquire(timeout=0)
     except Timeout:

@@ -22,7 +22,8 @@ def modules() -> dict[str, Path]:
 
 def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """The slimsearch modules ``name`` imports (``from pkg import submodule`` counts as the
-    submodule, ``from module import thing`` as the module)."""
+    submodule, ``from module import thing`` as the module), and the packages whose
+    ``__init__`` that runs first (those ``name`` itself lies in aside: they are running)."""
     found = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
@@ -42,6 +43,10 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
                 target = target.rpartition(".")[0]
             if target and target != name:
                 found.add(target)
+    own = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    for target in list(found):
+        parts = target.split(".")
+        found |= {".".join(parts[:i]) for i in range(1, len(parts))} - own - {name}
     return found
 
 
@@ -57,8 +62,10 @@ def layers() -> dict[str, int]:
 
 
 def layer_of(module: str, table: dict[str, int]) -> int | None:
-    """The layer of the longest prefix of ``module`` that the table names."""
-    candidates = [p for p in table if module == p or module.startswith(p + ".")]
+    """The layer of the longest prefix of ``module`` that the table names (the package's own
+    ``__init__``, ``slimsearch``, is only itself)."""
+    candidates = [p for p in table
+                  if module == p or (module.startswith(p + ".") and p != "slimsearch")]
     return table[max(candidates, key=len)] if candidates else None
 
 
@@ -102,6 +109,25 @@ def test_no_import_cycles() -> None:
     assert not cycles, "\n".join(cycles)
 
 
+#: Layers that know no search engine: only slimsearch.search imports optuna and ray (the run
+#: folder and the report read the study through Optuna's storage, above these).
+ENGINE_FREE = ("slimsearch.compression", "slimsearch.runtimes", "slimsearch.evaluators",
+               "slimsearch.spaces", "slimsearch.tasks", "slimsearch.timing", "slimsearch.training")
+
+
+def test_no_engine_below_the_search() -> None:
+    engines = []
+    for name, path in modules().items():
+        if not name.startswith(ENGINE_FREE):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            engines += [f"{name} imports {n}" for n in names
+                        if n.split(".")[0] in ("optuna", "ray")]
+    assert not engines, "\n".join(engines)
+
+
 def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
     """The checks above would pass on any graph if ``imports`` found nothing."""
     assert "slimsearch.runtimes.int8" in GRAPH["slimsearch.runtimes.loading"]
@@ -115,3 +141,10 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
     known["slimsearch.b"].write_text("def f():\n    import slimsearch.a\n")
     assert imports("slimsearch.a", known["slimsearch.a"], known) == {"slimsearch.b"}
     assert imports("slimsearch.b", known["slimsearch.b"], known) == {"slimsearch.a"}
+    # importing q.c runs q/__init__ first: a cycle through it counts
+    known.update({"slimsearch.q": tmp_path / "q.py", "slimsearch.q.c": tmp_path / "c.py"})
+    known["slimsearch.q.c"].write_text("")
+    (tmp_path / "qa.py").write_text("import slimsearch.q.c\n")
+    assert imports("slimsearch.a", tmp_path / "qa.py", known) == {"slimsearch.q",
+                                                                  "slimsearch.q.c"}
+    assert layer_of("slimsearch.brand_new", table) is None  # placed by no prefix

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from slimsearch.compression import CompressedModel, load_float_model, save_artifact
-from slimsearch.evaluators import DEFAULT_EVALUATORS, EvalContext, Evaluator, evaluate
+from slimsearch.evaluators import (
+    DEFAULT_EVALUATORS,
+    EvalContext,
+    Evaluator,
+    SizeEvaluator,
+    evaluate,
+)
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes import RUNTIMES
 from slimsearch.tasks import Task, factory_path
@@ -63,4 +69,4 @@ def test_evaluate_merges_the_figures_and_refuses_a_clash(tmp_path: Path,
     assert {e.name for e in DEFAULT_EVALUATORS} <= set(metrics)
     assert metrics["parameters"] == sum(p.numel() for p in context.model.parameters())
     with pytest.raises(ValueError, match="reports .* again"):
-        evaluate(context, [DEFAULT_EVALUATORS[2], DEFAULT_EVALUATORS[2]])
+        evaluate(context, [SizeEvaluator(), SizeEvaluator()])

@@ -146,9 +146,9 @@ def load_report_data(run_dir: str | Path) -> ReportData:
 def _non_dominated(trials: list, directions: list) -> list:
     """Trials no other trial beats in every objective (ties allowed)."""
     signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in directions]
-    keep = non_dominated({t.number: [s * v for s, v in zip(signs, t.values, strict=True)]
-                          for t in trials})
-    return [t for t in trials if t.number in set(keep)]
+    keep = set(non_dominated({t.number: [s * v for s, v in zip(signs, t.values, strict=True)]
+                              for t in trials}))
+    return [t for t in trials if t.number in keep]
 
 
 def pareto_document(data: ReportData) -> dict[str, Any]:

@@ -91,7 +91,7 @@ class RunFolder:
             raise ConfigError(f"--run-dir {root}: is a file, not a folder; give the path of a "
                               "new folder (slimsearch creates it)")
         if root.is_dir():
-            held = sorted(p.name for p in root.iterdir() if p.name != SETUP_LOCK)
+            held = sorted(p.name for p in root.iterdir() if p.name not in (SETUP_LOCK, MARKER))
             if held and not self.is_ours():
                 raise ConfigError(
                     f"--run-dir {root}: this folder holds files slimsearch did not make "
@@ -127,9 +127,10 @@ class RunFolder:
             except OSError as exc:
                 raise ConfigError(f"--run-dir {self.root}: cannot create the run folder: "
                                   f"{exc.strerror}; give a folder you may write in") from exc
-            if not (self.root / MARKER).is_file():
-                write_text(self.root / MARKER, "This folder is a slimsearch run folder; "
-                           "slimsearch may rewrite any file in it.\n")
+            if not (self.root / MARKER).is_file():  # in place: a temp file beside it would
+                # look like a stranger's file to another process checking the folder now
+                (self.root / MARKER).write_text("This folder is a slimsearch run folder; "
+                                                "slimsearch may rewrite any file in it.\n")
             yield
 
     def config(self) -> Any:

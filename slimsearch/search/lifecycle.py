@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from slimsearch.atomic import write_text
@@ -97,14 +96,22 @@ def execute(runner: TrialRunner, recipe: Recipe, trial_dir: Path, *, seed: int,
     """Build and measure one trial; its failures (an exception, NaN loss, out of memory) come
     back as a FAIL outcome with the traceback in ``trial_dir/error.txt``. Ctrl-C propagates."""
     try:
-        metrics = runner(recipe, trial_dir, seed=seed, deadline=deadline)
+        return Outcome("COMPLETE", metrics=runner(recipe, trial_dir, seed=seed,
+                                                  deadline=deadline))
     except TrialStopped as exc:
         return Outcome("PRUNED", stopped=str(exc), by_deadline=exc.by_deadline)
     except Exception as exc:
-        write_text(trial_dir / "error.txt", traceback.format_exc())
-        free_memory(runner.device)  # its tensors went with its traceback
-        return Outcome("FAIL", error=describe_error(exc))
-    return Outcome("COMPLETE", metrics=metrics)
+        failed = Outcome("FAIL", error=failure(exc, trial_dir))
+    # out of the except block: its traceback, and with it the trial's tensors, is gone now
+    free_memory(runner.device)
+    return failed
+
+
+def failure(exc: BaseException, trial_dir: Path) -> str:
+    """The error of a failed trial, in one line; its traceback goes to ``trial_dir/error.txt``.
+    Call it while ``exc`` is being handled."""
+    write_text(trial_dir / "error.txt", traceback.format_exc())
+    return describe_error(exc)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -148,8 +155,10 @@ class TrialLifecycle:
             started.recipe = self.space.suggest(trial)
             trial.set_user_attr("recipe", started.recipe.to_dict())
         except Exception as exc:  # a bug in the space or the task's factory: a failed trial
-            write_text(self.folder.trial(trial.number) / "error.txt", traceback.format_exc())
-            started.error = describe_error(exc)
+            started.recipe, started.error = None, failure(exc, self.folder.trial(trial.number))
+        except KeyboardInterrupt:  # not the trial's fault: it runs again
+            self.finish(started, Outcome("FAIL", error="KeyboardInterrupt", interrupted=True))
+            raise
         return started
 
     def finish(self, started: Started, outcome: Outcome) -> TrialState | None:
@@ -159,13 +168,18 @@ class TrialLifecycle:
         seconds = time.perf_counter() - started.began
         try:
             state, metrics = self._tell(started, outcome)
-        except (UpdateFinishedTrialError, ValueError):
-            # Another worker recorded it FAIL and enqueued its parameters again while it ran
-            # here: its heartbeat went missing for longer than the storage's grace period.
-            self.say(f"[{started.position}] trial {started.number} was recovered by another "
-                     "worker while it ran (its heartbeat was missed); this result is dropped, "
-                     "the retry counts")
-            return None
+        except Exception as exc:
+            if self._told_elsewhere(started):
+                # Another worker recorded it FAIL and enqueued its parameters again while it
+                # ran here: its heartbeat went missing for longer than the grace period.
+                self.say(f"[{started.position}] trial {started.number} was recovered by "
+                         "another worker while it ran (its heartbeat was missed); this result "
+                         "is dropped, the retry counts")
+                return None
+            # a figure the study refuses (a NaN constraint) or a missing one: a failed trial
+            outcome = Outcome("FAIL", error=f"its outcome could not be recorded: "
+                                            f"{describe_error(exc)}")
+            state, metrics = self._tell(started, outcome)
         if state == TrialState.COMPLETE:
             self.say(done_line(self.study, started.number, metrics, seconds=seconds,
                                position=started.position))
@@ -178,6 +192,11 @@ class TrialLifecycle:
                      f"{again}")
         self._count(state, outcome)
         return state
+
+    def _told_elsewhere(self, started: Started) -> bool:
+        """Whether the storage holds ``started`` as finished already (by another worker)."""
+        storage, trial = self.study._storage, started.trial  # the storage's own record
+        return storage.get_trial(trial._trial_id).state.is_finished()
 
     def _tell(self, started: Started, outcome: Outcome) -> tuple[TrialState, dict[str, Any]]:
         """Record ``outcome`` in the study; the state and (COMPLETE) the figures as stored."""

@@ -8,12 +8,10 @@ import math
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from slimsearch.atomic import write_text
-from slimsearch.search.lifecycle import Outcome, Started, TrialLifecycle, execute
+from slimsearch.search.lifecycle import Outcome, Started, TrialLifecycle, execute, failure
 from slimsearch.search.objective import TrialRunner
 from slimsearch.search.recovery import recover_stale_trials
 from slimsearch.spaces import Recipe
@@ -40,9 +38,9 @@ def _run(lifecycle: TrialLifecycle, runner: TrialRunner, started: Started, recip
     try:
         return execute(runner, recipe, trial_dir, seed=started.seed,
                        deadline=deadline if math.isfinite(deadline) else None)
-    except KeyboardInterrupt:  # not the trial's fault: it runs again when the search continues
-        write_text(trial_dir / "error.txt", traceback.format_exc())
-        lifecycle.finish(started, Outcome("FAIL", error="KeyboardInterrupt", interrupted=True))
+    except KeyboardInterrupt as exc:  # not the trial's fault: it runs again when it continues
+        lifecycle.finish(started, Outcome("FAIL", error=failure(exc, trial_dir),
+                                          interrupted=True))
         raise
 
 

@@ -24,7 +24,6 @@ import math
 import os
 import socket
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -153,22 +152,19 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     data (never raises for the trial's own failures: those are outcomes too)."""
     import torch
 
-    from slimsearch.atomic import write_text
     from slimsearch.run import RunFolder
-    from slimsearch.search.lifecycle import Outcome, describe_error, execute
+    from slimsearch.search.lifecycle import Outcome, execute, failure
     from slimsearch.spaces import Recipe
 
     torch.set_num_threads(spec["threads"])
     trial_dir = RunFolder(Path(spec["run_dir"])).trial(spec["number"])
     deadline = (None if spec["deadline_unix"] is None
                 else time.monotonic() + spec["deadline_unix"] - time.time())
-    try:
-        runner = _runner(spec["run_dir"])
-    except Exception as exc:  # the run folder or the teacher cannot be read on this node
-        write_text(trial_dir / "error.txt", traceback.format_exc())
-        return Outcome("FAIL", error=describe_error(exc)).to_dict()
-    return execute(runner, Recipe.from_dict(spec["recipe"]), trial_dir, seed=spec["seed"],
-                   deadline=deadline).to_dict()
+    try:  # the run folder, the teacher or the recipe cannot be read on this node
+        runner, recipe = _runner(spec["run_dir"]), Recipe.from_dict(spec["recipe"])
+    except Exception as exc:
+        return Outcome("FAIL", error=failure(exc, trial_dir)).to_dict()
+    return execute(runner, recipe, trial_dir, seed=spec["seed"], deadline=deadline).to_dict()
 
 
 def _trial_dirname(trial: Any) -> str:
