@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _backend_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--backend", choices=("local", "ray"),
+    from slimsearch.search.backends import BACKENDS
+
+    command.add_argument("--backend", choices=tuple(BACKENDS),
                          help="who runs the trials (default: search.backend, local); with ray, "
                               "--workers is the number of trials at once")
     command.add_argument("--ray-address",
@@ -395,7 +397,7 @@ def _add_reading_commands(commands: Any) -> None:
 
 
 def _add_bundle_commands(commands: Any) -> None:
-    from slimsearch.experiment import RUNTIMES
+    from slimsearch.runtimes import RUNTIMES
 
     export = commands.add_parser("export", help="a deployable bundle of a trial, re-measured "
                                                 "in a fresh process")
@@ -405,7 +407,7 @@ def _add_bundle_commands(commands: Any) -> None:
                         help="the trial `slimsearch pick` chooses with the budget options")
     _budget_options(export)
     export.add_argument("--out", required=True, help="bundle folder to create")
-    export.add_argument("--runtime", choices=RUNTIMES,
+    export.add_argument("--runtime", choices=tuple(RUNTIMES),
                         help="the executable form to bundle (default: the one the run searched)")
     _tolerance_option(export)
     export.add_argument("--no-verify", action="store_true",

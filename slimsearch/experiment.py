@@ -46,8 +46,6 @@ PRUNING_METHODS = ("structured", "unstructured", "global", "2:4")
 IMPORTANCE_CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 STUDENT_INITS = ("slice", "scratch")
 SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random")
-BACKENDS = ("local", "ray")
-RUNTIMES = ("torch", "torchscript", "onnxruntime")
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -67,7 +65,8 @@ class SearchConfig:
     #: it in the report and start the search from recipes it suggests (search.sensitivity).
     sensitivity: bool = True
     #: "local": trials in processes on this machine; "ray": on a Ray cluster, told to the same
-    #: study (pip install "slimsearch[ray]").
+    #: study (pip install "slimsearch[ray]"). The names are search.backends.BACKENDS'; the
+    #: search checks this one before anything runs.
     backend: str = "local"
     #: The Ray cluster to join ("auto" or "host:port"); None starts Ray on this machine.
     ray_address: str | None = None
@@ -78,11 +77,6 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         _require(self.trials >= 1, "search.trials", self.trials, "an integer >= 1")
-        _require(self.backend in BACKENDS, "search.backend", self.backend, f"one of {BACKENDS}")
-        if self.ray_address is not None and self.backend != "ray":
-            raise ConfigError(f"search.ray_address = {self.ray_address!r} is only used with "
-                              f"search.backend = \"ray\", but search.backend = {self.backend!r}; "
-                              "set search.backend = \"ray\" too, or remove ray_address")
         _require(self.cpus_per_trial is None or self.cpus_per_trial >= 1,
                  "search.cpus_per_trial", self.cpus_per_trial, "an integer >= 1")
         _require(self.sampler in SAMPLERS, "search.sampler", self.sampler, f"one of {SAMPLERS}")
@@ -200,7 +194,8 @@ class TargetConfig:
     #: Precision the model executes in: fp32, or fp16/bf16 (weights and activations cast).
     dtype: str = "fp32"
     #: torch (eager), torchscript (traced and frozen) or onnxruntime (CPU): what is sized,
-    #: timed and exported is this runtime's own file.
+    #: timed and exported is this runtime's own file. The names are runtimes.RUNTIMES', which
+    #: also checks what each can serve (device, dtype) before anything runs.
     runtime: str = "torch"
     #: torch intra-op threads (or onnxruntime intra-op threads) while timing on CPU.
     threads: int = 1
@@ -232,18 +227,11 @@ class TargetConfig:
                  "target.batch_sizes", list(self.batch_sizes),
                  "a list of distinct integers >= 1, the objective's first, e.g. [1, 256]")
         _require(self.dtype in DTYPES, "target.dtype", self.dtype, f"one of {DTYPES}")
-        _require(self.runtime in RUNTIMES, "target.runtime", self.runtime, f"one of {RUNTIMES}")
         _require(self.threads >= 1, "target.threads", self.threads, "an integer >= 1")
         _require(0 < self.max_cv, "target.max_cv", self.max_cv, "a fraction > 0, e.g. 0.1")
         _require(self.max_repeats >= 0, "target.max_repeats", self.max_repeats, "an integer >= 0")
         _require(self.quiet_wait_s >= 0, "target.quiet_wait_s", self.quiet_wait_s,
                  "a number of seconds >= 0")
-        if self.runtime == "onnxruntime":
-            _require(self.dtype == "fp32", "target.dtype", self.dtype,
-                     "'fp32' with runtime = 'onnxruntime' (its CPU provider runs float32)")
-            _require(not self.device.startswith("cuda"), "target.device", self.device,
-                     "'cpu' or 'auto' with runtime = 'onnxruntime' (slimsearch runs its CPU "
-                     "provider); use runtime = 'torch' or 'torchscript' on CUDA")
 
     @property
     def batch_size(self) -> int:

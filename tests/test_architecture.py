@@ -148,3 +148,28 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
     assert imports("slimsearch.a", tmp_path / "qa.py", known) == {"slimsearch.q",
                                                                   "slimsearch.q.c"}
     assert layer_of("slimsearch.brand_new", table) is None  # placed by no prefix
+
+
+#: Longer functions hide several steps in one; split them into named steps instead.
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - start + 1 > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {node.end_lineno - start + 1} lines")
+    assert not long, long
+
+
+def test_no_class_is_defined_inside_a_function() -> None:
+    inner = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                inner += [f"{name}.{node.name}: class {c.name}" for c in ast.walk(node)
+                          if isinstance(c, ast.ClassDef)]
+    assert not inner, inner

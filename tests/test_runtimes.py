@@ -14,7 +14,7 @@ from torch import nn
 from slimsearch.compression import MODEL_FILE, CompressedModel, save_artifact
 from slimsearch.errors import ConfigError, TrialError
 from slimsearch.experiment import TargetConfig
-from slimsearch.runtimes import RUNTIMES, module_form
+from slimsearch.runtimes import RUNTIMES, get_runtime, module_form
 from slimsearch.runtimes.onnx import OnnxRuntime
 from slimsearch.tasks import factory_path, model_factory
 from slimsearch.tasks.digits import digits_cnn, digits_mlp
@@ -52,11 +52,16 @@ def private_lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLIMSEARCH_LOCK_DIR", str(tmp_path / "locks"))
 
 
-def test_the_experiment_and_the_registry_name_the_same_runtimes() -> None:
-    from slimsearch.experiment import RUNTIMES as NAMES
+def test_the_registry_is_the_one_list_of_runtimes(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    from slimsearch.cli import main
 
-    assert tuple(RUNTIMES) == NAMES
     assert all(r.name == name and r.label for name, r in RUNTIMES.items())  # the report's name
+    experiment = tmp_path / "e.toml"  # a name the registry lacks: refused before anything runs
+    experiment.write_text('name = "e"\ntask = "digits-mlp"\n[target]\nruntime = "onnx"\n')
+    assert main(["run", str(experiment), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "target.runtime = 'onnx' is not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("name", list(RUNTIMES))
@@ -149,16 +154,17 @@ def test_onnxruntime_not_installed_names_the_install_command(monkeypatch: pytest
 
 
 def test_targets_a_runtime_cannot_serve_are_refused() -> None:
-    with pytest.raises(ConfigError, match="target.device.*onnxruntime"):
-        TargetConfig(device="cuda", runtime="onnxruntime")
-    with pytest.raises(ConfigError, match="target.dtype.*onnxruntime"):
-        TargetConfig(dtype="bf16", runtime="onnxruntime")
+    onnx = RUNTIMES["onnxruntime"]
+    with pytest.raises(ConfigError, match="onnxruntime.*target.device = 'cpu'"):
+        onnx.check(TargetConfig(device="cuda", runtime="onnxruntime"), torch.device("cuda"))
+    with pytest.raises(ConfigError, match="target.dtype = 'bf16': runtime = 'onnxruntime'"):
+        onnx.check(TargetConfig(dtype="bf16", runtime="onnxruntime"), CPU)
     with pytest.raises(ConfigError, match="fp16"):
         RUNTIMES["torch"].check(TargetConfig(device="cpu", dtype="fp16"), CPU)
     with pytest.raises(ConfigError, match="target.batch_sizes"):
         TargetConfig(batch_sizes=(1, 1))
-    with pytest.raises(ConfigError, match="target.runtime"):
-        TargetConfig(runtime="tensorrt")
+    with pytest.raises(ConfigError, match="'torchscrip' is not allowed.*Did you mean 'torchscript'"):
+        get_runtime("torchscrip")
 
 
 def test_bf16_on_cpu_executes_in_bf16(tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
 """Runtimes: how a compressed model executes where it is deployed.
 
-``RUNTIMES`` maps each ``target.runtime`` name to the object that materializes a model file
-into its executable form (``Executable``); ``runtimes.int8`` decides, by measurement, which
-layers run PyTorch's int8 kernels on the CPU.
+``RUNTIMES`` is the one registry of them: each ``target.runtime`` name and the object that
+plans a model's kernels and materializes its model file into the executable form
+(``Executable``). A new runtime is a module here and one entry in ``RUNTIMES``; the
+experiment, the CLI and the report take the names and labels from it, and
+``tests/test_runtimes.py`` checks every entry.
 """
 
+from slimsearch.errors import ConfigError, did_you_mean
 from slimsearch.runtimes._base import DTYPES, Executable, Runtime, module_form
 from slimsearch.runtimes.int8 import ExecutionPlan, build_executable, engine, plan_execution
 from slimsearch.runtimes.loading import load_model
@@ -16,7 +19,11 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (TorchRuntime(), TorchScriptR
 
 
 def get_runtime(name: str) -> Runtime:
-    """The runtime called ``name`` (the experiment validated it is one of ``RUNTIMES``)."""
+    """The runtime called ``name``; ``ConfigError`` naming ``target.runtime`` when there is
+    none."""
+    if name not in RUNTIMES:
+        raise ConfigError(f"target.runtime = {name!r} is not allowed; expected one of "
+                          f"{tuple(RUNTIMES)}{did_you_mean(name, RUNTIMES)}")
     return RUNTIMES[name]
 
 

@@ -1,13 +1,18 @@
 """What a runtime is: it turns a model file into the executable form that is sized, timed and
 exported, and says in a signature exactly what executes.
 
-A runtime is an object with a ``name`` and two methods:
+A runtime is an object with a ``name``, a ``label`` and three methods:
 
 - ``check(target, device)``: raise ``ConfigError`` before any work when it cannot serve the
   target (not installed, wrong device or dtype);
-- ``materialize(model_file, target=..., device=..., example=..., out_dir=...) -> Executable``.
+- ``plan(model, recipe, target=..., device=..., batch=..., calibration=...)``: which layers of a
+  compressed model run on which kernels, decided by timing them (``slimsearch.timing``), as
+  plain data the model file stores; None to run the float layers as they are;
+- ``materialize(model_file, target=..., device=..., example=..., out_dir=...) -> Executable``:
+  the model file (with its plan) in the form this runtime executes and a deployment ships.
 
-``RUNTIMES`` holds the built-in ones (``torch``, ``torchscript``, ``onnxruntime``).
+``RUNTIMES`` in ``slimsearch.runtimes`` registers them (``torch``, ``torchscript``,
+``onnxruntime``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from torch import nn
 
 from slimsearch.experiment import TargetConfig
+from slimsearch.spaces import Recipe
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -68,6 +74,10 @@ class Runtime(Protocol):
     label: str
 
     def check(self, target: TargetConfig, device: torch.device) -> None: ...
+
+    def plan(self, model: nn.Module, recipe: Recipe, *, target: TargetConfig,
+             device: torch.device, batch: torch.Tensor,
+             calibration: torch.Tensor) -> dict[str, Any] | None: ...
 
     def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
                     example: torch.Tensor, out_dir: Path) -> Executable: ...

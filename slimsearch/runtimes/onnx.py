@@ -17,14 +17,17 @@ import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from slimsearch.atomic import write_with
 from slimsearch.compression import load_float_model, read_header
 from slimsearch.errors import ConfigError, TrialError
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes._base import Executable, module_form
+from slimsearch.spaces import Recipe
 
 ONNX_FILE = "model.onnx"
 INSTALL = 'pip install "slimsearch[onnx]"  (onnxruntime, onnx and onnxscript)'
@@ -51,6 +54,10 @@ class OnnxRuntime:
     label = "ONNX Runtime (CPU, float32 weights)"
 
     def check(self, target: TargetConfig, device: torch.device) -> None:
+        if target.dtype != "fp32":
+            raise ConfigError(f"target.dtype = {target.dtype!r}: runtime = 'onnxruntime' runs "
+                              "float32 (its CPU provider); set target.dtype = 'fp32', or use "
+                              "runtime = 'torch'")
         missing = [m for m in ("onnxruntime", "onnx", "onnxscript")
                    if importlib.util.find_spec(m) is None]
         if missing:
@@ -60,6 +67,12 @@ class OnnxRuntime:
             raise ConfigError(f"target.runtime = 'onnxruntime' runs on the CPU, but the target "
                               f"device is {str(device)!r}; set target.device = 'cpu', or use "
                               "runtime = 'torch' or 'torchscript' on CUDA")
+
+    def plan(self, model: nn.Module, recipe: Recipe, *, target: TargetConfig,
+             device: torch.device, batch: torch.Tensor,
+             calibration: torch.Tensor) -> dict[str, Any] | None:
+        """None: ONNX Runtime runs the float graph (its own quantization is not used)."""
+        return None
 
     def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
                     example: torch.Tensor, out_dir: Path) -> Executable:

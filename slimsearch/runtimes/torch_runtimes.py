@@ -12,6 +12,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +22,10 @@ from slimsearch.compression import read_header
 from slimsearch.errors import ConfigError, TrialError
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes._base import DTYPES, Executable, module_form
-from slimsearch.runtimes.cuda import build_cuda_executable
-from slimsearch.runtimes.int8 import ExecutionPlan
+from slimsearch.runtimes.cuda import build_cuda_executable, plan_cuda_execution
+from slimsearch.runtimes.int8 import ExecutionPlan, plan_execution
 from slimsearch.runtimes.loading import load_model
+from slimsearch.spaces import Recipe
 
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 
@@ -59,6 +61,17 @@ class TorchRuntime:
                               "time a form nobody deploys; use 'fp32' or 'bf16' on CPU, or a "
                               "CUDA device")
 
+    def plan(self, model: nn.Module, recipe: Recipe, *, target: TargetConfig,
+             device: torch.device, batch: torch.Tensor,
+             calibration: torch.Tensor) -> dict[str, Any] | None:
+        """On CUDA, torchao's weight-only and 2:4 semi-structured kernels; on the CPU in
+        float32, PyTorch's int8 kernels; each layer where it was measured faster."""
+        if device.type == "cuda":
+            plan = plan_cuda_execution(model, recipe.layers, batch=batch,
+                                       dtype=DTYPES[target.dtype], device=device)
+            return plan.to_dict() if plan else None
+        return _int8_plan(model, recipe, target=target, batch=batch, calibration=calibration)
+
     def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
                     example: torch.Tensor, out_dir: Path) -> Executable:
         module, header = _executable_module(model_file, target, device)
@@ -67,6 +80,17 @@ class TorchRuntime:
                           native=lambda x: x.to(device=device, dtype=dtype),
                           to_tensor=lambda y: y, module=module,
                           form=_form(self.name, module, header, target, device))
+
+
+def _int8_plan(model: nn.Module, recipe: Recipe, *, target: TargetConfig, batch: torch.Tensor,
+               calibration: torch.Tensor) -> dict[str, Any] | None:
+    """PyTorch's int8 CPU kernels where they were measured faster (float32 targets only)."""
+    if target.dtype != "fp32":
+        return None
+    plan = plan_execution(model, {n: r.bits for n, r in recipe.layers.items()}, batch=batch,
+                          calibration=calibration, activation_bits=recipe.activation_bits,
+                          threads=target.threads, symmetric=recipe.weight_scheme == "symmetric")
+    return plan.to_dict() if plan else None
 
 
 @contextlib.contextmanager
@@ -84,6 +108,15 @@ class TorchScriptRuntime(TorchRuntime):
 
     name = "torchscript"
     label = "TorchScript (traced, frozen)"
+
+    def plan(self, model: nn.Module, recipe: Recipe, *, target: TargetConfig,
+             device: torch.device, batch: torch.Tensor,
+             calibration: torch.Tensor) -> dict[str, Any] | None:
+        """PyTorch's int8 CPU kernels (they trace); on CUDA the float layers, because
+        torchao's tensor subclasses do not trace."""
+        if device.type == "cuda":
+            return None
+        return _int8_plan(model, recipe, target=target, batch=batch, calibration=calibration)
 
     def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
                     example: torch.Tensor, out_dir: Path) -> Executable:

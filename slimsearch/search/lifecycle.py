@@ -10,8 +10,9 @@
                recipe's fault: Ctrl-C, the run ending); say the progress line; stop the run
                after the same error ``SAME_FAILURES_TO_STOP`` times in a row
 
-The local backend runs ``execute`` in its own process between ``start`` and ``finish``; the Ray
-backend calls ``start`` and ``finish`` on the driver and ``execute`` in a Ray worker.
+A backend (``Backend``, registered in ``search.backends``) only dispatches: the local backend
+runs ``execute`` in its own process between ``start`` and ``finish``; the Ray backend calls
+``start`` and ``finish`` on the driver and ``execute`` in a Ray worker.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from slimsearch.atomic import write_text
@@ -70,6 +72,45 @@ class Outcome:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Outcome:
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What a backend is given to run one session's trials."""
+
+    lifecycle: TrialLifecycle
+    #: This process's trial runner (the teacher loaded, its metrics measured).
+    runner: TrialRunner
+    #: Builds the same runner in another process, from the run folder (picklable).
+    make_runner: Callable[[], TrialRunner]
+    #: No trial starts after it (``time.monotonic()``; ``math.inf``: none).
+    deadline: float
+    #: Trials at once (``--workers``), and which local worker process this is (0: the main).
+    workers: int = 1
+    worker: int = 0
+    #: How to start another ``slimsearch run`` on this run (local worker processes).
+    experiment_file: Path | None = None
+    storage_url: str | None = None
+
+
+class Backend(Protocol):
+    """A way to dispatch trials. It lets ``TrialLifecycle`` start and finish every trial, so the
+    claim on the budget, the records, the telling and the failure streak are the same on all."""
+
+    #: The ``search.backend`` value that selects it.
+    name: str
+
+    def check(self, config: ExperimentConfig, device: torch.device) -> None:
+        """Raise ``ConfigError`` if this backend cannot run ``config`` (before anything is
+        written or trained)."""
+
+    def describe(self, workers: int) -> str:
+        """How trials run, for the run's first line (", 2 workers"; "" for the plain case)."""
+
+    def run(self, dispatch: Dispatch) -> None:
+        """Run trials until the budget is claimed, the deadline passes or the lifecycle stops
+        the run. Ctrl-C: the running trials are told (FAIL, interrupted) and
+        KeyboardInterrupt goes on."""
 
 
 @dataclass

@@ -11,10 +11,48 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from slimsearch.search.lifecycle import Outcome, Started, TrialLifecycle, execute, failure
+import torch
+
+from slimsearch.errors import ConfigError
+from slimsearch.experiment import ExperimentConfig
+from slimsearch.search.lifecycle import (
+    Dispatch,
+    Outcome,
+    Started,
+    TrialLifecycle,
+    execute,
+    failure,
+)
 from slimsearch.search.objective import TrialRunner
 from slimsearch.search.recovery import recover_stale_trials
 from slimsearch.spaces import Recipe
+
+
+class LocalBackend:
+    """Trials in this process and, with ``--workers N``, in N - 1 more on this machine."""
+
+    name = "local"
+
+    def check(self, config: ExperimentConfig, device: torch.device) -> None:
+        if config.search.ray_address is not None:
+            raise ConfigError(f"search.ray_address = {config.search.ray_address!r} is only used "
+                              "with search.backend = \"ray\", but search.backend = \"local\"; "
+                              "set search.backend = \"ray\" too, or remove ray_address")
+
+    def describe(self, workers: int) -> str:
+        return f", {workers} workers" if workers > 1 else ""
+
+    def run(self, dispatch: Dispatch) -> None:
+        children = []
+        try:
+            if dispatch.workers > 1 and not dispatch.worker:
+                children = start_workers(dispatch.workers - 1, dispatch.experiment_file,
+                                         dispatch.lifecycle.folder.root,
+                                         dispatch.lifecycle.budget, dispatch.deadline,
+                                         dispatch.storage_url)
+            run_local(dispatch.lifecycle, dispatch.runner, deadline=dispatch.deadline)
+        finally:
+            wait_for_workers(children, dispatch.lifecycle.say)
 
 
 def run_local(lifecycle: TrialLifecycle, runner: TrialRunner, *, deadline: float) -> None:

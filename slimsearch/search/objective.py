@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from slimsearch._version import __version__
-from slimsearch.atomic import write_json, write_text
+from slimsearch.atomic import read_json, write_json, write_text
 from slimsearch.compression import (
     MODEL_FILE,
     CompressedModel,
@@ -27,15 +27,15 @@ from slimsearch.compression import (
     load_float_model,
     save_artifact,
 )
-from slimsearch.devices import computing, free_memory, step_aside
+from slimsearch.devices import computing, free_memory, resolve_device, step_aside
 from slimsearch.errors import TrialStopped
 from slimsearch.evaluators import EvalContext, LatencyCache, evaluate
 from slimsearch.experiment import ConstraintsConfig, ExperimentConfig
-from slimsearch.runtimes import DTYPES, Runtime, get_runtime, plan_execution
-from slimsearch.runtimes.cuda import plan_cuda_execution
-from slimsearch.search.teacher import Teacher
+from slimsearch.run import RunFolder
+from slimsearch.runtimes import Runtime, get_runtime
+from slimsearch.search.teacher import Teacher, prepare_teacher
 from slimsearch.spaces import Recipe
-from slimsearch.tasks import Task
+from slimsearch.tasks import Task, make_task
 from slimsearch.training import accuracy
 
 
@@ -156,26 +156,12 @@ class TrialRunner:
                                f"{rules.early_stop_margin})")
 
     def plan_execution(self, compressed: CompressedModel, recipe: Recipe) -> dict[str, Any] | None:
-        """Which layers run on low-precision or sparse kernels, measured per layer at the
-        target batch: PyTorch's int8 kernels on CPU (torch and torchscript runtimes, fp32),
-        torchao weight-only and 2:4 semi-structured kernels on CUDA (torch runtime). ONNX
-        Runtime takes a float model."""
+        """Which layers run on which kernels, as the target's runtime decides by timing them
+        at the target batch (None: the float layers as they are)."""
         target = self.config.target
-        batch = self.task.example_inputs(target.batch_size)
-        if self.device.type == "cuda":
-            if target.runtime != "torch":  # torchao's tensor subclasses do not trace
-                return None
-            plan = plan_cuda_execution(compressed.model, recipe.layers, batch=batch,
-                                       dtype=DTYPES[target.dtype], device=self.device)
-            return plan.to_dict() if plan else None
-        if target.dtype != "fp32" or target.runtime not in ("torch", "torchscript"):
-            return None
-        plan = plan_execution(compressed.model, {n: r.bits for n, r in recipe.layers.items()},
-                              batch=batch, calibration=self.task.train.x[:512],
-                              activation_bits=recipe.activation_bits,
-                              threads=target.threads,
-                              symmetric=recipe.weight_scheme == "symmetric")
-        return plan.to_dict() if plan else None
+        return self.runtime.plan(compressed.model, recipe, target=target, device=self.device,
+                                 batch=self.task.example_inputs(target.batch_size),
+                                 calibration=self.task.train.x[:512])
 
     def __call__(self, recipe: Recipe, trial_dir: Path, *, seed: int,
                  deadline: float | None = None) -> dict[str, Any]:
@@ -210,3 +196,20 @@ class TrialRunner:
         write_json(trial_dir / "build.json", compressed.record)
         write_json(trial_dir / "metrics.json", metrics)
         return metrics
+
+
+def runner_for_run(run_dir: str) -> TrialRunner:
+    """The run's ``TrialRunner`` in another process (a Ray worker), from the run folder: its
+    experiment, the cached teacher and its measured metrics."""
+    folder = RunFolder(Path(run_dir))
+    if not (folder.teacher / "metrics.json").exists():
+        raise RuntimeError(f"the run folder {run_dir} is not visible on {platform.node()}: put "
+                           "it on a filesystem every node mounts at the same path")
+    config = folder.config()
+    task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
+    device = resolve_device(config.target.device)
+    teacher = prepare_teacher(task, config.train, seed=config.seed, cache_dir=folder.teacher,
+                              device=device)  # cached by the driver: loads, never trains
+    return TrialRunner(config=config, task=task, teacher=teacher, device=device,
+                       latency_cache=LatencyCache(folder.root / "latency_cache.json"),
+                       teacher_metrics=read_json(folder.teacher / "metrics.json"))

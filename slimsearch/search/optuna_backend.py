@@ -5,8 +5,8 @@ space against the task, the device, the storage URL, the Ray cluster when the ba
 and (for an existing run folder) that the experiment did not change. Then, one process at a
 time, the run is created, the teacher trained or loaded and measured like every trial, and the
 baselines and starting recipes enqueued. Trials then run until the budget or the deadline,
-each through the one trial lifecycle (``lifecycle``), dispatched here and in worker processes
-(``local_backend``) or on Ray (``ray_backend``), into the same study. A failing trial is
+each through the one trial lifecycle (``lifecycle``), dispatched by the experiment's backend
+(``backends``: here and in worker processes, or on Ray), into the same study. A failing trial is
 recorded FAIL with its error; the search goes on.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import math
 import os
 import time
@@ -42,9 +43,9 @@ from slimsearch.run.storage import (
     shown,
 )
 from slimsearch.runtimes import get_runtime
-from slimsearch.search.lifecycle import TrialLifecycle, describe_metrics
-from slimsearch.search.local_backend import run_local, start_workers, wait_for_workers
-from slimsearch.search.objective import TrialRunner, environment
+from slimsearch.search.backends import get_backend
+from slimsearch.search.lifecycle import Dispatch, TrialLifecycle, describe_metrics
+from slimsearch.search.objective import TrialRunner, environment, runner_for_run
 from slimsearch.search.recovery import (
     counted,
     recover_stale_trials,
@@ -98,6 +99,8 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
     if config.search.storage is not None:
         config = config.with_overrides(search=dataclasses.replace(
             config.search, storage=public_url(config.search.storage)[0]))
+    runtime = get_runtime(config.target.runtime)  # the names first: they cost nothing
+    backend = get_backend(config.search.backend)
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
     space = SearchSpace(task, config.space)
     task.check_labels()
@@ -109,13 +112,8 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
             f"and the highest sparsity, take {smallest} bytes. Raise the limit above that, or "
             "allow smaller students (space.student), fewer bits or more sparsity")
     device = resolve_device(config.target.device)
-    get_runtime(config.target.runtime).check(config.target, device)
-    if config.search.backend == "ray":  # before any training: the cluster must be usable
-        from slimsearch.search.ray_backend import check_resources, connect
-
-        connect(config.search.ray_address)
-        check_resources(cpus_per_trial=config.search.cpus_per_trial or 1,
-                        gpus_per_trial=1 if device.type == "cuda" else 0)
+    runtime.check(config.target, device)
+    backend.check(config, device)  # e.g. that the Ray cluster is there and large enough
     if storage_url is not None:
         check_storage_url(storage_url)
         if not folder.exists() and config.name in optuna.get_all_study_names(open_storage(
@@ -181,10 +179,10 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     """Run (or continue) the search until ``trials`` trials exist or ``timeout_s`` passes;
     the caller writes the report.
 
-    ``workers > 1``: once the teacher is ready, ``workers - 1`` more processes run trials on
-    the same study, each with its share of the CPU threads for training (latency is still
-    measured one at a time, under the device lock); on the Ray backend, that many trials run
-    at once. ``worker`` (1, 2, ...): this process is one of those local workers (it enqueues
+    ``workers > 1``: once the teacher is ready, the local backend starts ``workers - 1`` more
+    processes on the same study, each with its share of the CPU threads for training (latency
+    is still measured one at a time, under the device lock); on the Ray backend, that many
+    trials run at once. ``worker`` (1, 2, ...): this process is one of those local workers (it enqueues
     nothing); its sampler is seeded apart from the others', or they would propose the same
     trials."""
     config, folder = prepared.config, prepared.folder
@@ -197,7 +195,7 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     finished = counted(study)
     say = _start_session(prepared, study, finished=finished, trials=trials, workers=workers,
                          worker=worker, say=say)
-    interrupted, lifecycle, children = False, None, []
+    interrupted, lifecycle = False, None
     with registered_worker(folder.root):  # so a later worker can tell we are alive
         try:
             recover_stale_trials(study, folder.root, say=say)
@@ -209,23 +207,16 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             lifecycle = TrialLifecycle(study, prepared.space, folder, config, budget=trials,
                                        teacher_metrics=runner.teacher_metrics, say=say,
                                        backend=config.search.backend)
-            if config.search.backend == "ray":  # the same lifecycle, trials dispatched by Tune
-                from slimsearch.search.ray_backend import run_trials
-
-                run_trials(lifecycle, runner, deadline=deadline, concurrency=workers)
-            else:
-                if workers > 1 and not worker:
-                    children = start_workers(workers - 1, experiment_file, folder.root, trials,
-                                             deadline, prepared.storage_url)
-                run_local(lifecycle, runner, deadline=deadline)
+            get_backend(config.search.backend).run(Dispatch(
+                lifecycle, runner, functools.partial(runner_for_run, str(folder.root)),
+                deadline=deadline, workers=workers, worker=worker,
+                experiment_file=experiment_file, storage_url=prepared.storage_url))
             if time.monotonic() >= deadline:
                 say("time budget reached: no new trial starts")
         except KeyboardInterrupt:
             interrupted = True
             say("interrupted: the running trial is recorded FAIL (not counted in the budget; it "
                 "runs again when the search continues); finished trials are kept")
-        finally:
-            wait_for_workers(children, say)
     if lifecycle is None:  # interrupted while the run was set up
         return RunResult(folder.root, 0, 0, interrupted)
     cached = (f"; latency cache: {lifecycle.cached} of {lifecycle.completed} completed trials "
@@ -250,8 +241,7 @@ def _start_session(prepared: Prepared, study: optuna.Study, *, finished: int, tr
         return _prefixed(say, f"[worker {os.getpid()}] ")
     study.set_user_attr(f"sampler_from_trial_{finished}", sampler_settings)
     study.set_user_attr("budget", trials)  # what `slimsearch status` counts against
-    on = (f", Ray backend, {workers} trial{'s' if workers > 1 else ''} at once"
-          if config.search.backend == "ray" else f", {workers} workers" if workers > 1 else "")
+    on = get_backend(config.search.backend).describe(workers)
     say(f"run folder: {prepared.folder.root} (sampler: {sampler_settings['sampler']}{on})")
     return say
 

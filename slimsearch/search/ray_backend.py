@@ -24,10 +24,18 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slimsearch.errors import ConfigError
+
+if TYPE_CHECKING:  # a Ray worker imports this module for run_trial: it stays light
+    import torch
+
+    from slimsearch.experiment import ExperimentConfig
+    from slimsearch.search.lifecycle import Dispatch, TrialLifecycle
+    from slimsearch.search.objective import TrialRunner
 
 INSTALL = 'pip install "slimsearch[ray]"'
 #: Tune's own time budget ends this long after the run's deadline: trials stop themselves at
@@ -117,39 +125,20 @@ def check_resources(*, cpus_per_trial: int, gpus_per_trial: int) -> None:
 
 # -- in the Ray worker -------------------------------------------------------------------
 
-_RUNNERS: dict[str, Any] = {}
+_RUNNERS: dict[str, TrialRunner] = {}
 
 
-def _runner(run_dir: str) -> Any:
+def _runner(run_dir: str, make_runner: Callable[[], TrialRunner]) -> TrialRunner:
     """The run's ``TrialRunner``, built once per worker process (Tune reuses the process)."""
     if run_dir not in _RUNNERS:
-        from slimsearch.atomic import read_json
-        from slimsearch.devices import resolve_device
-        from slimsearch.evaluators import LatencyCache
-        from slimsearch.run import RunFolder
-        from slimsearch.search.objective import TrialRunner
-        from slimsearch.search.teacher import prepare_teacher
-        from slimsearch.tasks import make_task
-
-        folder = RunFolder(Path(run_dir))
-        if not (folder.teacher / "metrics.json").exists():
-            raise RuntimeError(f"the run folder {run_dir} is not visible on {socket.gethostname()}"
-                               ": put it on a filesystem every Ray node mounts at the same path")
-        config = folder.config()
-        task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
-        device = resolve_device(config.target.device)
-        teacher = prepare_teacher(task, config.train, seed=config.seed, cache_dir=folder.teacher,
-                                  device=device)  # cached by the driver: loads, never trains
-        runner = TrialRunner(config=config, task=task, teacher=teacher, device=device,
-                             latency_cache=LatencyCache(folder.root / "latency_cache.json"))
-        runner.teacher_metrics = read_json(folder.teacher / "metrics.json")
-        _RUNNERS[run_dir] = runner
+        _RUNNERS[run_dir] = make_runner()
     return _RUNNERS[run_dir]
 
 
-def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build and measure one trial from the searcher's ``spec``; return its outcome as plain
-    data (never raises for the trial's own failures: those are outcomes too)."""
+def run_trial(spec: dict[str, Any], make_runner: Callable[[], TrialRunner]) -> dict[str, Any]:
+    """Build and measure one trial from the searcher's ``spec`` with the runner
+    ``make_runner`` builds; return its outcome as plain data (never raises for the trial's own
+    failures: those are outcomes too)."""
     import torch
 
     from slimsearch.run import RunFolder
@@ -161,7 +150,8 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     deadline = (None if spec["deadline_unix"] is None
                 else time.monotonic() + spec["deadline_unix"] - time.time())
     try:  # the run folder, the teacher or the recipe cannot be read on this node
-        runner, recipe = _runner(spec["run_dir"]), Recipe.from_dict(spec["recipe"])
+        runner = _runner(spec["run_dir"], make_runner)
+        recipe = Recipe.from_dict(spec["recipe"])
     except Exception as exc:
         return Outcome("FAIL", error=failure(exc, trial_dir)).to_dict()
     return execute(runner, recipe, trial_dir, seed=spec["seed"], deadline=deadline).to_dict()
@@ -173,12 +163,12 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial-{trial.config['number']:05d}"
 
 
-def _trainable(spec: dict[str, Any]) -> None:
+def _trainable(spec: dict[str, Any], make_runner: Callable[[], TrialRunner]) -> None:
     from ray import tune
 
     from slimsearch.search.ray_searcher import OUTCOME
 
-    tune.report({OUTCOME: json.dumps(run_trial(spec))})
+    tune.report({OUTCOME: json.dumps(run_trial(spec, make_runner))})
 
 
 # -- on the driver -----------------------------------------------------------------------
@@ -193,12 +183,32 @@ def _cpus_each(concurrency: int) -> int:
     return max(1, min(int(total // max(concurrency, 1)), int(max(nodes, default=1))))
 
 
-def run_trials(lifecycle: Any, runner: Any, *, deadline: float, concurrency: int) -> None:
+class RayBackend:
+    """Trials on a Ray cluster (``search.ray_address``, or Ray started on this machine)."""
+
+    name = "ray"
+
+    def check(self, config: ExperimentConfig, device: torch.device) -> None:
+        connect(config.search.ray_address)  # before any training: the cluster must be usable
+        check_resources(cpus_per_trial=config.search.cpus_per_trial or 1,
+                        gpus_per_trial=1 if device.type == "cuda" else 0)
+
+    def describe(self, workers: int) -> str:
+        return f", Ray backend, {workers} trial{'s' if workers > 1 else ''} at once"
+
+    def run(self, dispatch: Dispatch) -> None:
+        run_trials(dispatch.lifecycle, dispatch.make_runner, device=dispatch.runner.device,
+                   deadline=dispatch.deadline, concurrency=dispatch.workers)
+
+
+def run_trials(lifecycle: TrialLifecycle, make_runner: Callable[[], TrialRunner], *,
+               device: torch.device, deadline: float, concurrency: int) -> None:
     """Run trials on the connected Ray cluster until the budget is claimed, the deadline
     (``time.monotonic()``) passes or the same error stops the run; ``concurrency`` trials at
-    once, each with ``search.cpus_per_trial`` CPUs and, on CUDA, one whole GPU (two trials on
-    one GPU would corrupt each other's latency). ``lifecycle`` starts and finishes each trial
-    on this driver, as the local backend's does; a Ray worker runs it (``run_trial``)."""
+    once, each with ``search.cpus_per_trial`` CPUs and, on CUDA (``device``), one whole GPU
+    (two trials on one GPU would corrupt each other's latency). ``lifecycle`` starts and
+    finishes each trial on this driver, as the local backend's does; a Ray worker runs it
+    (``run_trial``) with the runner ``make_runner`` builds there."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines, not Tune's tables
     # Ctrl-C interrupts the run as on the local backend (Tune's own handler would end fit()
     # as if the search were done, and the command would exit 0)
@@ -211,10 +221,11 @@ def run_trials(lifecycle: Any, runner: Any, *, deadline: float, concurrency: int
     remaining = deadline - time.monotonic()
     deadline_unix = time.time() + remaining if math.isfinite(remaining) else None
     cpus = lifecycle.config.search.cpus_per_trial or _cpus_each(concurrency)
-    gpus = 1 if runner.device.type == "cuda" else 0
+    gpus = 1 if device.type == "cuda" else 0
     searcher = StudySearcher(lifecycle, deadline_unix=deadline_unix, threads=cpus)
     tuner = tune.Tuner(
-        tune.with_resources(_trainable, {"cpu": cpus, "gpu": gpus}),
+        tune.with_resources(tune.with_parameters(_trainable, make_runner=make_runner),
+                            {"cpu": cpus, "gpu": gpus}),
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
             num_samples=-1, reuse_actors=True, trial_dirname_creator=_trial_dirname,
