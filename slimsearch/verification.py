@@ -4,7 +4,9 @@
 interpreter (nothing cached from the search) loads the run's task and target, materializes the
 bundle's model file with the bundle's runtime into a temporary folder, checks that this gives
 the bundled executable file byte for byte (so what it then measures *is* that file), and
-measures validation and test accuracy, the file's bytes and latency exactly as the search did.
+measures validation and test accuracy, the file's bytes and latency exactly as the search did:
+on the CPU, timed against the run's teacher in the same moments, and multiplied by the
+teacher's latency at rest measured anew in this process (``timing.paired``).
 Accuracy and size must be equal; latency may differ by ``tolerance`` (a fraction of the
 search's figure). A fresh latency outside it is measured again in another fresh process, up
 to ``LATENCY_ATTEMPTS`` in all, since a shared machine can be disturbed for seconds; every
@@ -44,7 +46,7 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
 
     from slimsearch.compression import MODEL_FILE, load_float_model
     from slimsearch.devices import computing, resolve_device
-    from slimsearch.evaluators import EvalContext, evaluate
+    from slimsearch.evaluators import EvalContext, evaluate, reference_at_rest
     from slimsearch.manifest import check_bundle, sha256
     from slimsearch.run.folder import RunFolder
     from slimsearch.runtimes import get_runtime
@@ -63,9 +65,16 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
                                          out_dir=Path(folder),
                                          example=task.example_inputs(target.batch_size))
         same_file = sha256(executable.artifact) == manifest["files"][manifest["artifact"]]
+        reference = None
+        if device.type == "cpu":  # the run's teacher, as the search timed every trial
+            teacher = RunFolder(run_dir).teacher / MODEL_FILE
+            (Path(folder) / "teacher").mkdir()
+            reference = reference_at_rest(runtime.materialize(
+                teacher, target=target, device=device, out_dir=Path(folder) / "teacher",
+                example=task.example_inputs(target.batch_size)), task, target)
         context = EvalContext(task=task, executable=executable,
                               model=load_float_model(model_file), target=target,
-                              device=device, latency_cache=None)
+                              device=device, latency_cache=None, reference=reference)
         metrics = evaluate(context)
     return {**{k: metrics[k] for k in COMPARED}, "latency_cv": metrics["latency_cv"],
             "latency_disturbed": metrics.get("latency_disturbed"),

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -95,21 +96,81 @@ def test_report_command_rewrites_the_report(finished_run: Path, capsys: pytest.C
 
 
 @pytest.mark.slow
-def test_latency_scaled_on_a_busy_machine_is_flagged(finished_run: Path) -> None:
+def test_latency_is_timed_against_the_teacher_and_an_unsettled_ratio_is_flagged(
+        finished_run: Path) -> None:
     from slimsearch.report.data import load_report_data
     from slimsearch.report.html import render_html
     from slimsearch.search.lifecycle import describe_metrics
 
     data = load_report_data(finished_run)
+    timed = [t for t in data.completed if not t.metrics["latency_cached"]]
+    assert timed and all(t.metrics["latency_ratio"] for t in timed)
+    for t in timed:  # the figure is its ratio to the teacher times the teacher's at rest
+        m = t.metrics
+        assert m["latency_anchor_ms"] == data.teacher["latency_ms"]
+        expected = m["latency_ratio_high" if m["latency_unstable"] else "latency_ratio"]
+        assert m["latency_ms"] == pytest.approx(expected * data.teacher["latency_ms"])
+        assert m["latency_ratio_low"] <= m["latency_ratio"] <= m["latency_ratio_high"]
     for trial in data.completed:  # whatever this machine did during the run
-        trial.metrics["latency_disturbed"] = False
-    assert "timed on an undisturbed machine" in render_html(data, {})
-    busy = data.pareto[0]
-    busy.metrics["latency_disturbed"] = True
+        trial.metrics["latency_unstable"] = False
     page = render_html(data, {})
-    assert f"1 of {len(data.completed)} completed trials were timed while the machine was busy" in page
-    assert page.count(">scaled</span>") == 1
-    assert "scaled: machine busy" in describe_metrics(busy.metrics)
+    assert "timed against the teacher in the same moments" in page and ">unstable<" not in page
+    shaky = next(t for t in data.pareto if t.metrics.get("latency_ratio"))
+    shaky.metrics["latency_unstable"] = True
+    page = render_html(data, {})
+    assert "1 ratio did not settle even measured again later" in page
+    assert page.count(">unstable</span>") == 1
+    assert "UNSTABLE: the slow end of its interval" in describe_metrics(shaky.metrics)
+    old = data.pareto[0]  # a run from before the ratio: scaled by the probe
+    old.metrics["latency_disturbed"] = True
+    assert ">scaled</span>" in render_html(data, {})
+
+
+@pytest.mark.slow
+def test_the_front_is_confirmed_at_the_end_of_a_search(finished_run: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    from slimsearch.report.data import load_report_data
+
+    data = load_report_data(finished_run)
+    confirmed = data.confirmed
+    assert confirmed and set(confirmed["trials"]) == {str(t.number) for t in data.pareto}
+    for number, c in confirmed["trials"].items():
+        trial = next(t for t in data.pareto if t.number == int(number))
+        assert c["search_latency_ms"] == trial.metrics["latency_ms"]  # the study is unchanged
+        assert c["latency_ms"] > 0 and c["flag"] in (None, "off the front", "order by latency")
+    page = (finished_run / "report.html").read_text()
+    assert "confirmed ms" in page and "confirmed in one session" in page
+    before = confirmed["confirmed"]
+    time.sleep(1)
+    assert main(["report", str(finished_run), "--confirm"]) == 0
+    assert "Pareto trials keep their place" in capsys.readouterr().out
+    assert load_report_data(finished_run).confirmed["confirmed"] != before
+
+
+@pytest.mark.slow
+def test_an_export_that_differs_only_in_latency_takes_the_fresh_figure_unless_strict(
+        finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    import slimsearch.verification
+
+    monkeypatch.setattr(slimsearch.verification, "LATENCY_ATTEMPTS", 1)  # one fresh process
+    pareto = json.loads((finished_run / "pareto.json").read_text())
+    entry = min(pareto["trials"], key=lambda t: t["metrics"]["size_bytes"])
+    trial = str(entry["number"])
+    # tolerance 0: no two timings agree to the last digit, so only the latency differs
+    assert main(["export", str(finished_run), "--trial", trial, "--out", str(tmp_path / "a"),
+                 "--tolerance", "0"]) == 0
+    assert "only the latency differs" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    verification = json.loads((tmp_path / "a" / "verification.json").read_text())
+    assert verification["latency_adopted"] and not verification["passed"]
+    assert metrics["latency_ms"] == verification["fresh"]["latency_ms"]
+    assert metrics["latency_search_ms"] == entry["metrics"]["latency_ms"]
+    assert "re-measured at export" in metrics["latency_note"]
+    assert main(["verify", str(tmp_path / "a"), "--tolerance", "2.0"]) == 0  # a sound bundle
+    assert main(["export", str(finished_run), "--trial", trial, "--out", str(tmp_path / "b"),
+                 "--tolerance", "0", "--strict"]) == 1
+    assert "does not reproduce the search's numbers" in capsys.readouterr().err
 
 
 @pytest.mark.slow

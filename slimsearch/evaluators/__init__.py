@@ -6,9 +6,11 @@ from slimsearch.evaluators._base import (
     EvalContext,
     Evaluator,
     LatencyEvaluator,
+    Reference,
     SizeEvaluator,
     evaluate,
     majority_accuracy,
+    reference_at_rest,
     untrained_teacher,
 )
 from slimsearch.evaluators.latency_cache import LatencyCache
@@ -22,9 +24,11 @@ __all__ = [
     "Latency",
     "LatencyCache",
     "LatencyEvaluator",
+    "Reference",
     "SizeEvaluator",
     "evaluate",
     "majority_accuracy",
     "measure_latency",
+    "reference_at_rest",
     "untrained_teacher",
 ]

@@ -19,17 +19,39 @@ from slimsearch.evaluators.latency_cache import LatencyCache
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes import Executable
 from slimsearch.tasks import Split, Task
-from slimsearch.timing.latency import measure_latency
+from slimsearch.timing.latency import Latency, measure_latency
 from slimsearch.timing.machine_probe import kind_for as probe_kind
+from slimsearch.timing.paired import paired_latency, rested_latency
 from slimsearch.training import full_fp32
 
 Metric = float | int | str
 
 
 @dataclass(frozen=True)
+class Reference:
+    """What a model's CPU latency is timed against (``timing.paired``): the run's teacher in
+    the same runtime, and its latency (ms per call) by batch size, measured at the start of
+    the run (the anchor every trial's ratio is multiplied by)."""
+
+    executable: Executable
+    anchor_ms: dict[int, float]
+
+
+def reference_at_rest(executable: Executable, task: Task, target: TargetConfig) -> Reference:
+    """``executable`` as the reference, with its latency at rest measured now for each of the
+    target's batch sizes (``timing.rested_latency``; CPU)."""
+    return Reference(executable, {
+        batch: rested_latency(executable.run, executable.native(task.example_inputs(batch)),
+                              threads=target.threads).median_ms
+        for batch in target.batch_sizes})
+
+
+@dataclass(frozen=True)
 class EvalContext:
     """What every evaluator may look at: the task, the executable form of the model (with the
-    artifact file its runtime ships), and the float model it was made from."""
+    artifact file its runtime ships), and the float model it was made from. ``reference``:
+    time the model against it (on the CPU); None times it alone (the reference itself, a
+    bundle's fresh check, CUDA)."""
 
     task: Task
     executable: Executable
@@ -37,6 +59,9 @@ class EvalContext:
     target: TargetConfig
     device: torch.device
     latency_cache: LatencyCache | None = None
+    reference: Reference | None = None
+    #: This model is the run's reference: timed alone, at rest (``timing.rested_latency``).
+    is_reference: bool = False
 
     @property
     def artifact(self) -> Path:
@@ -106,8 +131,13 @@ class SizeEvaluator:
 class LatencyEvaluator:
     """``latency_ms`` (median per call), its spread, p90, samples and peak memory at the
     target's first batch size; the same as ``latency_b<N>_*`` for its other batch sizes.
-    An executed form already measured in this run is taken from the cache
-    (``latency_cached``)."""
+
+    On the CPU with a reference, each figure is the model's time as a ratio to the
+    reference's in the same moments, times the reference's latency at the start of the run
+    (``timing.paired``); a ratio that does not settle is measured again after a pause, and if
+    it never does, reported at the slow end of its interval (``latency_unstable``). Alone (the
+    reference itself, CUDA), the figure of ``timing.latency``. An executed form already
+    measured in this run is taken from the cache (``latency_cached``)."""
 
     name: str = "latency_ms"
     warmup: int = 100
@@ -123,20 +153,32 @@ class LatencyEvaluator:
             result = cache.get(key) if cache is not None else None
             cached = result is not None
             if result is None:
-                inputs = executable.native(context.task.example_inputs(batch))
-                result = measure_latency(executable.run, inputs, device=context.device,
-                                         threads=target.threads, warmup=self.warmup,
-                                         samples=self.samples, max_cv=target.max_cv,
-                                         max_repeats=target.max_repeats,
-                                         quiet_wait_s=target.quiet_wait_s,
-                                         cuda_graph=target.cuda_graphs,
-                                         probe=probe_kind(context.model))
+                result = self._measure(context, batch)
                 if cache is not None:
                     cache.put(key, result)
             metrics.update(result.as_metrics(suffix))
             metrics[f"latency{suffix}_cached"] = cached
             metrics[f"latency{suffix}_signature"] = key
         return metrics
+
+    def _measure(self, context: EvalContext, batch: int) -> Latency:
+        target, executable = context.target, context.executable
+        reference = context.reference
+        inputs = executable.native(context.task.example_inputs(batch))
+        if (reference is not None and context.device.type == "cpu"
+                and batch in reference.anchor_ms):
+            return paired_latency(executable.run, inputs, reference.executable.run,
+                                  reference.executable.native(context.task.example_inputs(batch)),
+                                  anchor_ms=reference.anchor_ms[batch], batch_size=batch,
+                                  threads=target.threads)
+        if context.is_reference and context.device.type == "cpu":
+            return rested_latency(executable.run, inputs, threads=target.threads)
+        return measure_latency(executable.run, inputs, device=context.device,
+                               threads=target.threads, warmup=self.warmup,
+                               samples=self.samples, max_cv=target.max_cv,
+                               max_repeats=target.max_repeats,
+                               quiet_wait_s=target.quiet_wait_s,
+                               cuda_graph=target.cuda_graphs, probe=probe_kind(context.model))
 
 
 DEFAULT_EVALUATORS: tuple[Evaluator, ...] = (

@@ -56,6 +56,9 @@ class ReportData:
     trials: list[TrialPoint]
     #: The run's sensitivity pre-pass (``search.sensitivity``), if it ran.
     sensitivity: dict[str, Any] | None = None
+    #: The last confirmation pass (``slimsearch.confirm``): the Pareto trials' latencies
+    #: measured again in one session, by trial number (as a string), if one ran.
+    confirmed: dict[str, Any] | None = None
 
     @property
     def completed(self) -> list[TrialPoint]:
@@ -103,6 +106,13 @@ class ReportData:
         return [t for t in self.completed if t.metrics.get("latency_disturbed")]
 
     @property
+    def unstable_latency(self) -> list[TrialPoint]:
+        """Completed trials whose latency ratio to the teacher never settled, even measured
+        again later (``latency_unstable``): their figure is the slow end of its interval."""
+        return [t for t in self.completed
+                if t.metrics.get("latency_unstable") and t.metrics.get("latency_ratio")]
+
+    @property
     def teacher_warning(self) -> str | None:
         """Why the teacher is no yardstick (no better than the most common class), or None."""
         return untrained_teacher(self.teacher)
@@ -136,11 +146,14 @@ def load_report_data(run_dir: str | Path) -> ReportData:
             pareto=t.number in pareto, seconds=seconds,
             feasible=all(v <= 0 for v in t.constraints.values()),
             stopped=t.user_attrs.get("stopped"), start=t.user_attrs.get("start")))
-    sensitivity_file = folder.sensitivity
     return ReportData(run_dir=folder.root, name=settings["study_name"], settings=settings,
                       teacher=read_json(teacher_file) if teacher_file.exists() else {},
-                      trials=points,
-                      sensitivity=read_json(sensitivity_file) if sensitivity_file.exists() else None)
+                      trials=points, sensitivity=_optional(folder.sensitivity),
+                      confirmed=_optional(folder.confirmed))
+
+
+def _optional(path: Path) -> dict[str, Any] | None:
+    return read_json(path) if path.exists() else None
 
 
 def _non_dominated(trials: list, directions: list) -> list:

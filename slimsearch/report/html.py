@@ -194,7 +194,9 @@ def _pareto_table(data: ReportData) -> str:
         scaled = (" <span class='flag' title='measured while the machine was busy and scaled by "
                   f"its measured slowdown: {_SCALED_ERROR}'>scaled</span>"
                   if m.get("latency_disturbed") else "")
-        spread = m["latency_cv"] * m["latency_ms"]
+        scaled += (" <span class='flag' title='its ratio to the teacher did not settle, even "
+                   "measured again later: the slow end of its interval'>unstable</span>"
+                   if m.get("latency_unstable") and m.get("latency_ratio") else "")
         extra = "".join(f"<td>{m[f'speedup_b{b}']:.2f}x</td>" if f"speedup_b{b}" in m
                         else "<td>?</td>" for b in extra_batches)
         command = f"slimsearch export {run_dir} --trial {t.number} --out exported/trial-{t.number}"
@@ -205,7 +207,8 @@ def _pareto_table(data: ReportData) -> str:
             f"<tr><td>{t.number}{label}{infeasible}</td>"
             f"<td>{m['val_accuracy']:.4f}</td><td>{m['test_accuracy']:.4f}</td>"
             f"<td data-v='{m['size_bytes']}'>{m['size_bytes']:,}</td><td>{ratio:.1f}x</td>"
-            f"<td data-v='{m['latency_ms']}'>{m['latency_ms']:.4f} &plusmn; {spread:.4f}{scaled}</td>"
+            f"<td data-v='{m['latency_ms']}'>{m['latency_ms']:.4f} {_latency_spread(m)}{scaled}</td>"
+            f"{_confirmed_cell(data, t.number)}"
             f"<td data-v='{m['latency_p90_ms']}'>{m['latency_p90_ms']:.4f}</td>"
             f"<td data-v='{speedup}'>{speedup:.2f}x{slower}</td>{extra}"
             f"<td>{m.get('int8_layers', 0)}/{len(t.recipe['layers'])}</td>"
@@ -213,7 +216,8 @@ def _pareto_table(data: ReportData) -> str:
             f"<td class='l'><code>{html.escape(command)}</code></td></tr>")
     extra_head = "".join(f"<th>speedup at batch {b}</th>" for b in extra_batches)
     head = ("<tr><th>trial</th><th>val acc</th><th>test acc</th><th>size (bytes)</th>"
-            "<th>smaller</th><th>latency ms (p50 &plusmn; std)</th><th>p90 ms</th>"
+            "<th>smaller</th><th>latency ms (p50, interval)</th>"
+            f"{'<th>confirmed ms</th>' if data.confirmed else ''}<th>p90 ms</th>"
             f"<th>speedup</th>{extra_head}<th>int8 layers</th>"
             "<th class='l'>recipe</th><th class='l'>export</th></tr>")
     return (f"<table class='sortable'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>")
@@ -266,9 +270,64 @@ def _failures(data: ReportData) -> str:
     return "".join(parts)
 
 
+def _confirmed_cell(data: ReportData, number: int) -> str:
+    """The trial's latency from the last confirmation pass, flagged where it would move the
+    trial on the front; nothing when no pass ran."""
+    if not data.confirmed:
+        return ""
+    found = data.confirmed["trials"].get(str(number))
+    if found is None:
+        return "<td title='on the front since the last confirmation pass'>-</td>"
+    flag = (f" <span class='flag' title='the confirmed latency would change its place: "
+            f"{found['flag']}'>moves: {found['flag']}</span>" if found["flag"] else "")
+    unstable = " <span class='flag'>unstable</span>" if found.get("unstable") else ""
+    return (f"<td data-v='{found['latency_ms']}'>{found['latency_ms']:.4f}"
+            f" <small>({found['latency_ms'] / found['search_latency_ms'] - 1:+.1%})</small>"
+            f"{unstable}{flag}</td>")
+
+
+def _latency_spread(m: dict) -> str:
+    """A figure timed against the teacher: its ~95% interval; one timed alone: +- one
+    standard deviation of its samples."""
+    if m.get("latency_ratio"):
+        anchor = m["latency_anchor_ms"]
+        return (f"<small title='~95% interval of its ratio to the teacher, times the teacher&#39;s "
+                f"latency at rest'>[{m['latency_ratio_low'] * anchor:.4f}, "
+                f"{m['latency_ratio_high'] * anchor:.4f}]</small>")
+    return f"&plusmn; {m['latency_cv'] * m['latency_ms']:.4f}"
+
+
 #: How far a latency scaled by the machine's slowdown fell from undisturbed re-measurements
 #: (benchmarks/RESULTS.md, the reference 2-core VM).
 _SCALED_ERROR = "up to 15% low or 25% high on a busy test VM"
+def _how_timed(data: ReportData, scaled: int) -> str:
+    """How the trials' latencies were measured, and how many cannot be trusted as fast."""
+    paired = sum(bool(t.metrics.get("latency_ratio")) for t in data.completed)
+    parts = []
+    if paired:
+        unstable = len(data.unstable_latency)
+        parts.append(
+            f"{paired} of {len(data.completed)} completed trials were timed against the teacher "
+            "in the same moments: each latency is its ratio to the teacher times the teacher's "
+            "latency at rest, so a busy machine slows both sides alike"
+            + (f"; {unstable} ratio{'s' if unstable > 1 else ''} did not settle even measured "
+               "again later, shown at the slow end of the interval (flagged 'unstable')"
+               if unstable else ""))
+    if scaled:  # runs from before the ratio (timing.paired)
+        parts.append(f"{scaled} of {len(data.completed)} completed trials were timed while the "
+                     "machine was busy and scaled by its measured slowdown (flagged 'scaled' "
+                     f"in the table: {_SCALED_ERROR}; an export re-measures it)")
+    if data.confirmed:
+        moved = [n for n, c in data.confirmed["trials"].items() if c["flag"]]
+        parts.append(
+            f"the front's latencies were confirmed in one session on "
+            f"{html.escape(data.confirmed['confirmed'])} (column 'confirmed ms'; the search's "
+            "own figures stay what the study holds)"
+            + (f": trials {', '.join(moved)} would move on the front" if moved
+               else ": every trial keeps its place"))
+    return "; ".join(parts) or "every completed trial was timed on an undisturbed machine"
+
+
 def _summary(data: ReportData) -> str:
     exp = data.settings["experiment"]
     target = exp["target"]
@@ -285,10 +344,7 @@ def _summary(data: ReportData) -> str:
             "(column 'int8 layers')" if target.get("runtime", "torch") != "onnxruntime" else "")
     slower = len(data.slower_than_teacher)
     scaled = len(data.scaled_latency)
-    busy = (f"{scaled} of {len(data.completed)} completed trials were timed while the machine "
-            "was busy and scaled by its measured slowdown (flagged 'scaled' in the table: "
-            f"{_SCALED_ERROR}; an export re-measures it)"
-            if scaled else "every completed trial was timed on an undisturbed machine")
+    busy = _how_timed(data, scaled)
     warning = (f" &mdash; <b class='warn'>warning: {html.escape(data.teacher_warning)}</b>"
                if data.teacher_warning else "")
     rules = data.constraints

@@ -67,6 +67,11 @@ class RunFolder:
     def report_html(self) -> Path:
         return self.root / "report.html"
 
+    @property
+    def confirmed(self) -> Path:
+        """The confirmation pass's re-measurements of the Pareto trials (``slimsearch.confirm``)."""
+        return self.root / "confirmed.json"
+
     def trial(self, number: int) -> Path:
         return self.root / "trials" / f"{number:05d}"
 

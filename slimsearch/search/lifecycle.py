@@ -297,8 +297,15 @@ def done_line(study: optuna.Study, number: int, metrics: dict, *, seconds: float
 def describe_metrics(metrics: dict) -> str:
     notes = ", cached" if metrics.get("latency_cached") else ""
     notes += ", scaled: machine busy" if metrics.get("latency_disturbed") else ""
+    if metrics.get("latency_unstable"):
+        notes += (", UNSTABLE: the slow end of its interval" if metrics.get("latency_ratio")
+                  else ", unstable")
+    if metrics.get("latency_ratio"):  # timed against the teacher (timing.paired)
+        spread = f"+-{metrics['latency_window_cv']:.1%} against the teacher"
+    else:
+        spread = f"cv {metrics['latency_cv']:.2f}"
     return (f"val_accuracy {metrics['val_accuracy']:.4f}, {metrics['size_bytes'] / 1e3:.1f} kB, "
-            f"{metrics['latency_ms']:.4f} ms (cv {metrics['latency_cv']:.2f}{notes})")
+            f"{metrics['latency_ms']:.4f} ms ({spread}{notes})")
 
 
 def same_failures_message(error: str | None, folder: RunFolder) -> str:

@@ -11,8 +11,9 @@ to rebuild and re-measure that model: recipe, seed, metrics, versions and the fi
 from __future__ import annotations
 
 import platform
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from slimsearch.compression import (
 )
 from slimsearch.devices import computing, free_memory, resolve_device, step_aside
 from slimsearch.errors import TrialStopped
-from slimsearch.evaluators import EvalContext, LatencyCache, evaluate
+from slimsearch.evaluators import EvalContext, LatencyCache, Reference, evaluate
 from slimsearch.experiment import ConstraintsConfig, ExperimentConfig
 from slimsearch.run import RunFolder
 from slimsearch.runtimes import Runtime, get_runtime
@@ -47,13 +48,19 @@ def environment() -> dict[str, str]:
             "machine": platform.machine(), "processor": platform.processor() or "unknown"}
 
 
+def _suffix(position: int, batch: int) -> str:
+    """How the metrics of the target's ``position``-th batch size are named: ``latency_ms``
+    for the first (the objective), ``latency_b<batch>_ms`` for the others."""
+    return "" if position == 0 else f"_b{batch}"
+
+
 def relative_to_teacher(metrics: dict[str, Any], teacher: dict[str, Any],
                         batch_sizes: tuple[int, ...]) -> dict[str, Any]:
     """Speedup (teacher latency / latency, per batch size) and size ratio against the teacher
     measured in the same run on the same target, and the "slower than teacher" flag."""
     relative: dict[str, Any] = {"size_ratio": round(teacher["size_bytes"] / metrics["size_bytes"], 4)}
     for position, batch in enumerate(batch_sizes):
-        suffix = "" if position == 0 else f"_b{batch}"
+        suffix = _suffix(position, batch)
         ours, theirs = metrics.get(f"latency{suffix}_ms"), teacher.get(f"latency{suffix}_ms")
         if ours and theirs:
             relative[f"speedup{suffix}"] = round(theirs / ours, 4)
@@ -92,18 +99,43 @@ class TrialRunner:
     latency_cache: LatencyCache | None = None
     #: The teacher's metrics on this target, once measured: trials are reported relative to it.
     teacher_metrics: dict[str, Any] | None = None
+    #: The teacher's model file: on the CPU, every trial's latency is timed against it
+    #: (``timing.paired``), and multiplied by its latency in ``teacher_metrics``.
+    teacher_file: Path | None = None
+    _reference: Reference | None = field(default=None, init=False, repr=False)
+    _reference_dir: tempfile.TemporaryDirectory | None = field(default=None, init=False,
+                                                               repr=False)
 
     @property
     def runtime(self) -> Runtime:
         return get_runtime(self.config.target.runtime)
 
+    def reference(self) -> Reference | None:
+        """The teacher in the target's runtime and its latencies at the start of the run,
+        which CPU latencies are timed against; built once per process. None on CUDA, and
+        before the teacher is measured."""
+        if (self._reference is None and self.device.type == "cpu"
+                and self.teacher_file is not None and self.teacher_metrics is not None):
+            target = self.config.target
+            self._reference_dir = tempfile.TemporaryDirectory(prefix="slimsearch-reference-")
+            executable = self.runtime.materialize(
+                self.teacher_file, target=target, device=self.device,
+                out_dir=Path(self._reference_dir.name),
+                example=self.task.example_inputs(target.batch_size))
+            anchors = {batch: self.teacher_metrics.get(f"latency{_suffix(i, batch)}_ms")
+                       for i, batch in enumerate(target.batch_sizes)}
+            self._reference = Reference(executable, {b: ms for b, ms in anchors.items() if ms})
+        return self._reference
+
     def measure(self, model_file: Path, *, model: torch.nn.Module | None = None,
-                seconds: dict[str, float] | None = None) -> dict[str, Any]:
+                seconds: dict[str, float] | None = None,
+                is_reference: bool = False) -> dict[str, Any]:
         """Materialize ``model_file`` in the target's runtime (its artifact is written beside
         it) and measure that executable form: accuracy, the artifact's bytes, latency.
         ``model``: the float model the file was written from, if at hand (its parameters are
         counted; else the file is loaded once more for that). ``seconds`` (if given)
-        receives how long materializing and each evaluator took."""
+        receives how long materializing and each evaluator took. ``is_reference``: this is
+        the teacher, timed alone at rest; every other model is timed against it."""
         target = self.config.target
         seconds = {} if seconds is None else seconds
         with computing(self.device):
@@ -114,8 +146,10 @@ class TrialRunner:
             seconds["materialize"] = round(time.perf_counter() - start, 4)
             context = EvalContext(task=self.task, executable=executable,
                                   model=model or load_float_model(model_file),
-                                  target=target,
-                                  device=self.device, latency_cache=self.latency_cache)
+                                  target=target, device=self.device,
+                                  latency_cache=self.latency_cache,
+                                  reference=None if is_reference else self.reference(),
+                                  is_reference=is_reference)
             metrics = evaluate(context, seconds=seconds)
         metrics.update(runtime=executable.runtime, artifact_file=executable.artifact.name,
                        dtype=target.dtype)
@@ -212,4 +246,5 @@ def runner_for_run(run_dir: str) -> TrialRunner:
                               device=device)  # cached by the driver: loads, never trains
     return TrialRunner(config=config, task=task, teacher=teacher, device=device,
                        latency_cache=LatencyCache(folder.root / "latency_cache.json"),
-                       teacher_metrics=read_json(folder.teacher / "metrics.json"))
+                       teacher_metrics=read_json(folder.teacher / "metrics.json"),
+                       teacher_file=folder.teacher / MODEL_FILE)

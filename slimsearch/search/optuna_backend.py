@@ -256,12 +256,14 @@ def _set_up(prepared: Prepared, study: optuna.Study, device: torch.device, *, fi
         teacher = prepare_teacher(task, config.train, seed=config.seed,
                                   cache_dir=folder.teacher, device=device)
     runner = TrialRunner(config=config, task=task, teacher=teacher, device=device,
-                         latency_cache=LatencyCache(folder.root / "latency_cache.json"))
+                         latency_cache=LatencyCache(folder.root / "latency_cache.json"),
+                         teacher_file=folder.teacher / MODEL_FILE)
     metrics_file = folder.teacher / "metrics.json"
-    # Measured once per run, on the same target and runtime as every trial: trials are
-    # compared with one teacher measurement, not with whichever session ran last.
+    # Measured once per run, at rest, on the same target and runtime as every trial: the
+    # anchor every trial's latency ratio to the teacher is multiplied by (timing.paired).
     if teacher.trained_here or not metrics_file.exists():
-        metrics = runner.measure(folder.teacher / MODEL_FILE, model=teacher.model)
+        metrics = runner.measure(folder.teacher / MODEL_FILE, model=teacher.model,
+                                 is_reference=True)
         metrics["val_majority_accuracy"] = majority_accuracy(task.val)
         write_json(metrics_file, metrics)
     teacher_metrics = read_json(metrics_file)

@@ -99,6 +99,16 @@ class Latency:
     #: Above ``max_cv`` the measurement is repeated. (Single samples of a few microseconds
     #: jitter by 10-30% on any machine, so their own CV would repeat every measurement.)
     window_cv: float = 0.0
+    #: CPU, timed against the run's reference (``timing.paired``): the median ratio of this
+    #: model's time to the reference's in the same moments, its ~95% interval, the rounds it
+    #: took, the reference's median in those moments and its latency at the start of the run
+    #: (``anchor_ms``; ``median_ms`` = ``ratio`` x ``anchor_ms``). None when timed alone.
+    ratio: float | None = None
+    ratio_low: float | None = None
+    ratio_high: float | None = None
+    rounds: int | None = None
+    reference_ms: float | None = None
+    anchor_ms: float | None = None
 
     def as_metrics(self, suffix: str = "") -> dict[str, Any]:
         """Flat metric names for a trial: ``latency_ms`` is the objective, the rest extras.

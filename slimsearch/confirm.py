@@ -1,0 +1,106 @@
+"""The confirmation pass: every Pareto trial's latency measured again, in one session.
+
+During a search each trial is timed when it finishes, against the teacher in the same moments
+(``timing.paired``). At the end of a search (and with ``slimsearch report --confirm``) every
+trial on the front is timed again the same way, one after another, so that the figures the
+front is drawn from are compared in one sitting and on the same footing. The confirmed figure
+is the trial's ratio to the teacher, measured now, times the teacher's latency at rest from
+the start of the run: the same anchor as the search's, so the two differ only by what the
+ratio did.
+
+The study stays the record of what the search saw: its objectives are not rewritten (the
+sampler learned from them, and ``resume`` continues from them). The confirmed figures go to
+``confirmed.json`` in the run folder; the report shows them beside the search's, and flags a
+trial whose confirmed latency would take it off the front or change its place in the front's
+order by latency. Only the latency objective (the first batch size) is confirmed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from slimsearch.atomic import write_json
+from slimsearch.compression import MODEL_FILE
+from slimsearch.devices import computing, resolve_device
+from slimsearch.report.data import ReportData, load_report_data
+from slimsearch.report.pareto import non_dominated
+from slimsearch.run import RunFolder
+from slimsearch.runtimes import get_runtime
+from slimsearch.tasks import make_task
+from slimsearch.timing.latency import measure_latency
+from slimsearch.timing.paired import TRUSTED, paired_latency
+
+
+def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time every Pareto trial of the run again against its teacher, one after another;
+    write and return ``confirmed.json``'s contents."""
+    data = load_report_data(run_dir)
+    folder = RunFolder(data.run_dir)
+    config = folder.config()
+    target = config.target
+    device = resolve_device(target.device)
+    runtime = get_runtime(target.runtime)
+    task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
+    batch, anchor = target.batch_size, data.teacher["latency_ms"]
+    say(f"confirming the latency of {len(data.pareto)} Pareto trials against the teacher")
+    found: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="slimsearch-confirm-") as scratch, computing(device):
+        def executable(model_file: Path, name: str) -> Any:
+            (Path(scratch) / name).mkdir()
+            return runtime.materialize(model_file, target=target, device=device,
+                                       out_dir=Path(scratch) / name,
+                                       example=task.example_inputs(batch))
+
+        teacher = executable(folder.teacher / MODEL_FILE, "teacher")
+        teacher_input = teacher.native(task.example_inputs(batch))
+        for t in data.pareto:
+            ours = executable(folder.trial(t.number) / MODEL_FILE, f"trial-{t.number}")
+            x = ours.native(task.example_inputs(batch))
+            if device.type == "cpu":
+                latency = paired_latency(ours.run, x, teacher.run, teacher_input,
+                                         anchor_ms=anchor, batch_size=batch,
+                                         threads=target.threads)
+            else:  # CUDA events time the device alone; no neighbour shares it
+                latency = measure_latency(ours.run, x, device=device, threads=target.threads,
+                                          cuda_graph=target.cuda_graphs)
+            found[str(t.number)] = {
+                "latency_ms": latency.median_ms, "search_latency_ms": t.metrics["latency_ms"],
+                "ratio": latency.ratio, "ratio_low": latency.ratio_low,
+                "ratio_high": latency.ratio_high, "unstable": latency.unstable}
+    document = {"confirmed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "batch_size": batch, "anchor_ms": anchor,
+                "trials": _flagged(data, found)}
+    write_json(folder.confirmed, document)
+    moved = [n for n, c in document["trials"].items() if c["flag"]]
+    say(f"confirmed: {len(found) - len(moved)} of {len(found)} Pareto trials keep their place"
+        + (f"; trials {', '.join(moved)} would move (see the report)" if moved else ""))
+    return document
+
+
+def _flagged(data: ReportData, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each confirmed trial with ``flag``: why its confirmed latency would change its place,
+    or None. "off the front": another trial would dominate it; "order by latency": its rank
+    among the front's latencies changed and its figure moved by more than a trusted ratio's
+    interval (``TRUSTED``), not just within the noise between two near-equal trials."""
+    def objectives(latency: dict[int, float]) -> dict[int, tuple[float, float, float]]:
+        return {t.number: (-t.metrics["val_accuracy"], float(t.metrics["size_bytes"]),
+                           latency.get(t.number, t.metrics["latency_ms"]))
+                for t in data.candidates}
+
+    confirmed = {int(n): c["latency_ms"] for n, c in found.items()}
+    front_now = set(non_dominated(objectives(confirmed)))
+    searched_order = sorted(confirmed, key=lambda n: (found[str(n)]["search_latency_ms"], n))
+    confirmed_order = sorted(confirmed, key=lambda n: (confirmed[n], n))
+    flagged = {}
+    for n, c in found.items():
+        number = int(n)
+        moved = abs(c["latency_ms"] / c["search_latency_ms"] - 1) > TRUSTED
+        flag = ("off the front" if number not in front_now
+                else "order by latency" if moved and searched_order.index(number)
+                != confirmed_order.index(number) else None)
+        flagged[n] = {**c, "flag": flag}
+    return flagged
