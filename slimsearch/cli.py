@@ -96,10 +96,13 @@ def _after_search(result: Any, storage: str | None) -> int:
     from slimsearch.report import write_report
     from slimsearch.run.storage import PASSWORD_ENV
 
-    if not result.interrupted and result.completed:
-        _confirm(result.run_dir)
+    interrupted = result.interrupted
+    if not interrupted and result.completed:
+        interrupted = _confirm(result.run_dir)
     report = write_report(result.run_dir)
     print(f"report.html: {report.resolve()}")
+    if interrupted and not result.interrupted:  # Ctrl-C in the confirmation pass
+        return 130
     if result.interrupted:  # its storage is in run.json, without the password used here
         password = (f" (with the storage password in {PASSWORD_ENV} or PGPASSFILE)"
                     if storage and os.environ.get(PASSWORD_ENV) else "")
@@ -111,18 +114,22 @@ def _after_search(result: Any, storage: str | None) -> int:
     return 0
 
 
-def _confirm(run_dir: Path) -> None:
-    """The confirmation pass; if it cannot run, the report is still written without it."""
+def _confirm(run_dir: Path) -> bool:
+    """The confirmation pass; if it cannot run, the report is still written without it.
+    True when it was interrupted (Ctrl-C)."""
     from slimsearch.confirm import confirm_front
 
     try:
         confirm_front(run_dir)
     except KeyboardInterrupt:
-        print("confirmation pass interrupted: the report shows the search's figures alone")
+        print("confirmation pass interrupted: the report shows the search's figures without "
+              f"it; run it with: slimsearch report {run_dir} --confirm")
+        return True
     except Exception as exc:  # noqa: BLE001 - the search's results stand without it
         print(f"the confirmation pass failed ({type(exc).__name__}: {exc}); the report shows "
-              f"the search's figures alone; run it again with: slimsearch report {run_dir} "
-              "--confirm")
+              f"the search's figures without it; run it again with: slimsearch report "
+              f"{run_dir} --confirm")
+    return False
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 from slimsearch.atomic import write_json
 from slimsearch.compression import MODEL_FILE
 from slimsearch.devices import computing, resolve_device
+from slimsearch.errors import ConfigError
 from slimsearch.report.data import ReportData, load_report_data
 from slimsearch.report.pareto import non_dominated
 from slimsearch.run import RunFolder
@@ -45,6 +46,15 @@ def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[
     device = resolve_device(target.device)
     runtime = get_runtime(target.runtime)
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
+    if "latency_ms" not in data.teacher or not data.pareto:
+        raise ConfigError(f"{data.run_dir}: nothing to confirm yet (no measured teacher or no "
+                          "completed trial); see: slimsearch status " + str(data.run_dir))
+    missing = [str(p) for p in [folder.teacher / MODEL_FILE,
+                                *(folder.trial(t.number) / MODEL_FILE for t in data.pareto)]
+               if not p.is_file()]
+    if missing:
+        raise ConfigError(f"cannot confirm the front: {', '.join(missing)} missing (deleted, or "
+                          "the run folder was copied without it)")
     batch, anchor = target.batch_size, data.teacher["latency_ms"]
     say(f"confirming the latency of {len(data.pareto)} Pareto trials against the teacher")
     found: dict[str, dict[str, Any]] = {}
@@ -66,11 +76,13 @@ def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[
                                          threads=target.threads)
             else:  # CUDA events time the device alone; no neighbour shares it
                 latency = measure_latency(ours.run, x, device=device, threads=target.threads,
-                                          cuda_graph=target.cuda_graphs)
+                                          cuda_graph=target.cuda_graphs, max_cv=target.max_cv,
+                                          max_repeats=target.max_repeats)
             found[str(t.number)] = {
                 "latency_ms": latency.median_ms, "search_latency_ms": t.metrics["latency_ms"],
                 "ratio": latency.ratio, "ratio_low": latency.ratio_low,
                 "ratio_high": latency.ratio_high, "unstable": latency.unstable}
+    # the trials are the front it confirmed: the report ignores the file once the front moved
     document = {"confirmed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "batch_size": batch, "anchor_ms": anchor,
                 "trials": _flagged(data, found)}

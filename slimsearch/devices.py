@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,23 @@ def step_aside(device: torch.device, *, lock_dir: str | Path | None = None) -> N
     with _flock(turnstile):  # through once the measurement has the device
         pass
     fcntl.flock(held.handle, fcntl.LOCK_SH)  # back once it is done
+
+
+def wait_apart(device: torch.device, seconds: float, *,
+               lock_dir: str | Path | None = None) -> None:
+    """Sleep ``seconds`` without holding ``device`` (a measurement waiting for a quieter
+    moment): inside ``computing``, its shared hold is let go meanwhile, so other processes'
+    measurements and training go on, and taken again after."""
+    path = _lock_file(device, lock_dir, "device")
+    held = _held.get(path)
+    if held is None or held.mode != "shared":
+        time.sleep(seconds)
+        return
+    fcntl.flock(held.handle, fcntl.LOCK_UN)
+    try:
+        time.sleep(seconds)
+    finally:
+        fcntl.flock(held.handle, fcntl.LOCK_SH)
 
 
 @contextlib.contextmanager

@@ -34,3 +34,35 @@ def test_a_confirmed_latency_that_moves_a_trial_is_flagged_and_noise_is_not() ->
     # the order by latency changed by far more than the noise
     order = _flagged(data, found(t0=0.30, t1=0.40, t2=0.08))
     assert order["1"]["flag"] == "order by latency" and order["2"]["flag"] is None
+
+
+def test_a_confirmation_of_an_earlier_front_is_ignored(tmp_path: Path) -> None:
+    from slimsearch.atomic import write_json
+    from slimsearch.report.data import _confirmed
+    from slimsearch.run import RunFolder
+
+    folder = RunFolder(tmp_path)
+    write_json(folder.confirmed, {"confirmed": "t", "trials": {"1": {}, "2": {}}})
+    assert _confirmed(folder, {1, 2}) is not None
+    assert _confirmed(folder, {1, 2, 5}) is None  # a resumed search moved the front since
+
+
+def test_a_cached_latency_is_reused_only_on_the_same_footing() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from slimsearch.evaluators import Latency, LatencyEvaluator
+
+    def latency(anchor: float | None) -> Latency:
+        return Latency(median_ms=1.0, p90_ms=1.0, cv=0.0, samples=1, calls_per_sample=1,
+                       warmup_calls=0, device="cpu", batch_size=1, threads=1, anchor_ms=anchor)
+
+    cpu = torch.device("cpu")
+    paired = SimpleNamespace(reference=SimpleNamespace(anchor_ms={1: 0.5}), device=cpu)
+    alone = SimpleNamespace(reference=None, device=cpu)
+    same = LatencyEvaluator._same_footing
+    assert same(latency(0.5), paired, 1)
+    assert not same(latency(0.4), paired, 1)  # another run's anchor
+    assert not same(latency(None), paired, 1)  # probe-scaled, from before the ratio
+    assert same(latency(None), alone, 1) and not same(latency(0.5), alone, 1)

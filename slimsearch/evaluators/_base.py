@@ -149,8 +149,14 @@ class LatencyEvaluator:
         for position, batch in enumerate(target.batch_sizes):
             suffix = "" if position == 0 else f"_b{batch}"
             key = executable.signature(batch)
+            # the reference is timed at rest, never taken from the cache (but put in it: a
+            # trial of the same form is the reference); a figure cached against another
+            # anchor (a run from before the ratio) is measured again
             cache = context.latency_cache
-            result = cache.get(key) if cache is not None else None
+            result = (cache.get(key) if cache is not None and not context.is_reference
+                      else None)
+            if result is not None and not self._same_footing(result, context, batch):
+                result = None
             cached = result is not None
             if result is None:
                 result = self._measure(context, batch)
@@ -160,6 +166,15 @@ class LatencyEvaluator:
             metrics[f"latency{suffix}_cached"] = cached
             metrics[f"latency{suffix}_signature"] = key
         return metrics
+
+    @staticmethod
+    def _same_footing(cached: Latency, context: EvalContext, batch: int) -> bool:
+        """Whether a cached figure was measured the way this one would be: against the same
+        anchor when there is a reference (on the CPU), else alone."""
+        reference = context.reference
+        paired = (reference is not None and context.device.type == "cpu"
+                  and batch in reference.anchor_ms)
+        return cached.anchor_ms == (reference.anchor_ms[batch] if paired else None)
 
     def _measure(self, context: EvalContext, batch: int) -> Latency:
         target, executable = context.target, context.executable

@@ -149,7 +149,16 @@ def load_report_data(run_dir: str | Path) -> ReportData:
     return ReportData(run_dir=folder.root, name=settings["study_name"], settings=settings,
                       teacher=read_json(teacher_file) if teacher_file.exists() else {},
                       trials=points, sensitivity=_optional(folder.sensitivity),
-                      confirmed=_optional(folder.confirmed))
+                      confirmed=_confirmed(folder, pareto))
+
+
+def _confirmed(folder: RunFolder, pareto: set[int]) -> dict[str, Any] | None:
+    """The last confirmation pass, if it confirmed today's front (a front that changed since,
+    by a resumed search, makes it stale: then None)."""
+    found = _optional(folder.confirmed)
+    if found is None or set(found["trials"]) != {str(n) for n in pareto}:
+        return None
+    return found
 
 
 def _optional(path: Path) -> dict[str, Any] | None:

@@ -300,7 +300,9 @@ def describe_metrics(metrics: dict) -> str:
     if metrics.get("latency_unstable"):
         notes += (", UNSTABLE: the slow end of its interval" if metrics.get("latency_ratio")
                   else ", unstable")
-    if metrics.get("latency_ratio"):  # timed against the teacher (timing.paired)
+    if metrics.get("latency_ratio") and metrics.get("latency_rounds") is None:
+        spread = f"the teacher at rest: fastest of {metrics['latency_attempts']} bursts"
+    elif metrics.get("latency_ratio"):  # timed against the teacher (timing.paired)
         spread = f"+-{metrics['latency_window_cv']:.1%} against the teacher"
     else:
         spread = f"cv {metrics['latency_cv']:.2f}"

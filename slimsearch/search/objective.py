@@ -117,11 +117,15 @@ class TrialRunner:
         if (self._reference is None and self.device.type == "cpu"
                 and self.teacher_file is not None and self.teacher_metrics is not None):
             target = self.config.target
-            self._reference_dir = tempfile.TemporaryDirectory(prefix="slimsearch-reference-")
-            executable = self.runtime.materialize(
-                self.teacher_file, target=target, device=self.device,
-                out_dir=Path(self._reference_dir.name),
-                example=self.task.example_inputs(target.batch_size))
+            scratch = tempfile.TemporaryDirectory(prefix="slimsearch-reference-")
+            try:
+                executable = self.runtime.materialize(
+                    self.teacher_file, target=target, device=self.device,
+                    out_dir=Path(scratch.name), example=self.task.example_inputs(target.batch_size))
+            except BaseException:
+                scratch.cleanup()
+                raise
+            self._reference_dir = scratch  # removed with the runner (its files are in use)
             anchors = {batch: self.teacher_metrics.get(f"latency{_suffix(i, batch)}_ms")
                        for i, batch in enumerate(target.batch_sizes)}
             self._reference = Reference(executable, {b: ms for b, ms in anchors.items() if ms})
