@@ -10,7 +10,10 @@ is recorded PRUNED.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class SlimsearchError(Exception):
@@ -43,3 +46,13 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or ``""`` when none is close."""
     close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def registered(registry: Mapping[str, T], field_name: str, name: str) -> T:
+    """``registry[name]``, or ``ConfigError`` naming the experiment field ``field_name``, the
+    value, the registered names and the closest of them."""
+    if name not in registry:
+        raise ConfigError(f"{field_name} = {name!r} is not allowed; expected one of "
+                          f"{tuple(registry)}{did_you_mean(name, registry)}")
+    return registry[name]
+

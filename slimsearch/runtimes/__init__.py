@@ -7,7 +7,7 @@ experiment, the CLI and the report take the names and labels from it, and
 ``tests/test_runtimes.py`` checks every entry.
 """
 
-from slimsearch.errors import ConfigError, did_you_mean
+from slimsearch.errors import registered
 from slimsearch.runtimes._base import DTYPES, Executable, Runtime, module_form
 from slimsearch.runtimes.int8 import ExecutionPlan, build_executable, engine, plan_execution
 from slimsearch.runtimes.loading import load_model
@@ -21,10 +21,7 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (TorchRuntime(), TorchScriptR
 def get_runtime(name: str) -> Runtime:
     """The runtime called ``name``; ``ConfigError`` naming ``target.runtime`` when there is
     none."""
-    if name not in RUNTIMES:
-        raise ConfigError(f"target.runtime = {name!r} is not allowed; expected one of "
-                          f"{tuple(RUNTIMES)}{did_you_mean(name, RUNTIMES)}")
-    return RUNTIMES[name]
+    return registered(RUNTIMES, "target.runtime", name)
 
 
 __all__ = ["DTYPES", "RUNTIMES", "ExecutionPlan", "Executable", "Runtime", "build_executable",

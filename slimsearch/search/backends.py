@@ -7,7 +7,7 @@ A backend dispatches trials and lets the trial lifecycle start and finish each o
 
 from __future__ import annotations
 
-from slimsearch.errors import ConfigError, did_you_mean
+from slimsearch.errors import registered
 from slimsearch.search.lifecycle import Backend
 from slimsearch.search.local_backend import LocalBackend
 from slimsearch.search.ray_backend import RayBackend
@@ -18,7 +18,4 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (LocalBackend(), RayBackend()
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; ``ConfigError`` naming ``search.backend`` when there is
     none."""
-    if name not in BACKENDS:
-        raise ConfigError(f"search.backend = {name!r} is not allowed; expected one of "
-                          f"{tuple(BACKENDS)}{did_you_mean(name, BACKENDS)}")
-    return BACKENDS[name]
+    return registered(BACKENDS, "search.backend", name)
