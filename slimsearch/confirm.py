@@ -89,15 +89,17 @@ def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[
     write_json(folder.confirmed, document)
     moved = [n for n, c in document["trials"].items() if c["flag"]]
     say(f"confirmed: {len(found) - len(moved)} of {len(found)} Pareto trials keep their place"
-        + (f"; trials {', '.join(moved)} would move (see the report)" if moved else ""))
+        + (f"; trial{'s' if len(moved) > 1 else ''} {', '.join(moved)} would move (see the "
+           "report)" if moved else ""))
     return document
 
 
 def _flagged(data: ReportData, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each confirmed trial with ``flag``: why its confirmed latency would change its place,
-    or None. "off the front": another trial would dominate it; "order by latency": its rank
-    among the front's latencies changed and its figure moved by more than a trusted ratio's
-    interval (``TRUSTED``), not just within the noise between two near-equal trials."""
+    or None. Only a figure that moved by more than a trusted ratio's interval (``TRUSTED``)
+    is flagged: within it, two near-equal trials trade places by noise alone. "off the front":
+    another trial would dominate it; "order by latency": its rank among the front's latencies
+    changed."""
     def objectives(latency: dict[int, float]) -> dict[int, tuple[float, float, float]]:
         return {t.number: (-t.metrics["val_accuracy"], float(t.metrics["size_bytes"]),
                            latency.get(t.number, t.metrics["latency_ms"]))
@@ -111,8 +113,8 @@ def _flagged(data: ReportData, found: dict[str, dict[str, Any]]) -> dict[str, di
     for n, c in found.items():
         number = int(n)
         moved = abs(c["latency_ms"] / c["search_latency_ms"] - 1) > TRUSTED
-        flag = ("off the front" if number not in front_now
-                else "order by latency" if moved and searched_order.index(number)
+        flag = (None if not moved else "off the front" if number not in front_now
+                else "order by latency" if searched_order.index(number)
                 != confirmed_order.index(number) else None)
         flagged[n] = {**c, "flag": flag}
     return flagged
