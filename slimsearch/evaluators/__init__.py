@@ -10,6 +10,7 @@ from slimsearch.evaluators._base import (
     SizeEvaluator,
     evaluate,
     majority_accuracy,
+    metric_suffix,
     reference_at_rest,
     untrained_teacher,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "evaluate",
     "majority_accuracy",
     "measure_latency",
+    "metric_suffix",
     "reference_at_rest",
     "untrained_teacher",
 ]

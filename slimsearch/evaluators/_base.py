@@ -27,6 +27,12 @@ from slimsearch.training import full_fp32
 Metric = float | int | str
 
 
+def metric_suffix(position: int, batch: int) -> str:
+    """How the figures of the target's ``position``-th batch size are named: ``latency_ms``
+    for the first (the objective), ``latency_b<batch>_ms`` for the others."""
+    return "" if position == 0 else f"_b{batch}"
+
+
 @dataclass(frozen=True)
 class Reference:
     """What a model's CPU latency is timed against (``timing.paired``): the run's teacher in
@@ -147,7 +153,7 @@ class LatencyEvaluator:
         target, executable = context.target, context.executable
         metrics: dict[str, Metric] = {}
         for position, batch in enumerate(target.batch_sizes):
-            suffix = "" if position == 0 else f"_b{batch}"
+            suffix = metric_suffix(position, batch)
             key = executable.signature(batch)
             # the reference is timed at rest, never taken from the cache (but put in it: a
             # trial of the same form is the reference); a figure cached against another
@@ -168,24 +174,28 @@ class LatencyEvaluator:
         return metrics
 
     @staticmethod
-    def _same_footing(cached: Latency, context: EvalContext, batch: int) -> bool:
-        """Whether a cached figure was measured the way this one would be: against the same
-        anchor when there is a reference (on the CPU), else alone."""
+    def _anchor(context: EvalContext, batch: int) -> float | None:
+        """The reference's latency at rest at ``batch`` when this figure is timed against it
+        (on the CPU, with a reference measured at that batch); None when timed alone."""
         reference = context.reference
-        paired = (reference is not None and context.device.type == "cpu"
-                  and batch in reference.anchor_ms)
-        return cached.anchor_ms == (reference.anchor_ms[batch] if paired else None)
+        if reference is None or context.device.type != "cpu":
+            return None
+        return reference.anchor_ms.get(batch)
+
+    @classmethod
+    def _same_footing(cls, cached: Latency, context: EvalContext, batch: int) -> bool:
+        """Whether a cached figure was measured the way this one would be: against the same
+        anchor, or alone."""
+        return cached.anchor_ms == cls._anchor(context, batch)
 
     def _measure(self, context: EvalContext, batch: int) -> Latency:
         target, executable = context.target, context.executable
-        reference = context.reference
         inputs = executable.native(context.task.example_inputs(batch))
-        if (reference is not None and context.device.type == "cpu"
-                and batch in reference.anchor_ms):
-            return paired_latency(executable.run, inputs, reference.executable.run,
-                                  reference.executable.native(context.task.example_inputs(batch)),
-                                  anchor_ms=reference.anchor_ms[batch], batch_size=batch,
-                                  threads=target.threads)
+        if (anchor := self._anchor(context, batch)) is not None:
+            reference = context.reference.executable
+            return paired_latency(executable.run, inputs, reference.run,
+                                  reference.native(context.task.example_inputs(batch)),
+                                  anchor_ms=anchor, batch_size=batch, threads=target.threads)
         if context.is_reference and context.device.type == "cpu":
             return rested_latency(executable.run, inputs, threads=target.threads)
         return measure_latency(executable.run, inputs, device=context.device,

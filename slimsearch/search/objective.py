@@ -30,7 +30,13 @@ from slimsearch.compression import (
 )
 from slimsearch.devices import computing, free_memory, resolve_device, step_aside
 from slimsearch.errors import TrialStopped
-from slimsearch.evaluators import EvalContext, LatencyCache, Reference, evaluate
+from slimsearch.evaluators import (
+    EvalContext,
+    LatencyCache,
+    Reference,
+    evaluate,
+    metric_suffix,
+)
 from slimsearch.experiment import ConstraintsConfig, ExperimentConfig
 from slimsearch.run import RunFolder
 from slimsearch.runtimes import Runtime, get_runtime
@@ -48,19 +54,13 @@ def environment() -> dict[str, str]:
             "machine": platform.machine(), "processor": platform.processor() or "unknown"}
 
 
-def _suffix(position: int, batch: int) -> str:
-    """How the metrics of the target's ``position``-th batch size are named: ``latency_ms``
-    for the first (the objective), ``latency_b<batch>_ms`` for the others."""
-    return "" if position == 0 else f"_b{batch}"
-
-
 def relative_to_teacher(metrics: dict[str, Any], teacher: dict[str, Any],
                         batch_sizes: tuple[int, ...]) -> dict[str, Any]:
     """Speedup (teacher latency / latency, per batch size) and size ratio against the teacher
     measured in the same run on the same target, and the "slower than teacher" flag."""
     relative: dict[str, Any] = {"size_ratio": round(teacher["size_bytes"] / metrics["size_bytes"], 4)}
     for position, batch in enumerate(batch_sizes):
-        suffix = _suffix(position, batch)
+        suffix = metric_suffix(position, batch)
         ours, theirs = metrics.get(f"latency{suffix}_ms"), teacher.get(f"latency{suffix}_ms")
         if ours and theirs:
             relative[f"speedup{suffix}"] = round(theirs / ours, 4)
@@ -126,7 +126,7 @@ class TrialRunner:
                 scratch.cleanup()
                 raise
             self._reference_dir = scratch  # removed with the runner (its files are in use)
-            anchors = {batch: self.teacher_metrics.get(f"latency{_suffix(i, batch)}_ms")
+            anchors = {batch: self.teacher_metrics.get(f"latency{metric_suffix(i, batch)}_ms")
                        for i, batch in enumerate(target.batch_sizes)}
             self._reference = Reference(executable, {b: ms for b, ms in anchors.items() if ms})
         return self._reference

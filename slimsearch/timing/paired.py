@@ -41,7 +41,8 @@ PRECISION = 0.02
 #: ... and at least this many rounds ran (the interval of fewer is not worth its name).
 MIN_ROUNDS = 12
 #: Give up after this long (seconds) or this many rounds, and report the interval reached
-#: (a batch-256 CNN on the reference VM reached 2-3% in 3-6 s under load: trusted).
+#: (a small two-conv CNN at batch 256 against a 2.7x wider one reached +-2-3% in 3-6 s on
+#: the reference VM with two busy processes: trusted).
 MAX_SECONDS = 4.0
 MAX_ROUNDS = 400
 #: Warm-up of each side before the first round (seconds, and at least 10 calls each).
