@@ -6,7 +6,8 @@ bundle's model file with the bundle's runtime into a temporary folder, checks th
 the bundled executable file byte for byte (so what it then measures *is* that file), and
 measures validation and test accuracy, the file's bytes and latency exactly as the search did:
 on the CPU, timed against the run's teacher in the same moments, and multiplied by the
-teacher's latency at rest measured anew in this process (``timing.paired``).
+teacher's latency at rest from the start of the run (``timing.paired``; for a runtime the
+search did not measure, the teacher's latency at rest is measured anew here).
 Accuracy and size must be equal; latency may differ by ``tolerance`` (a fraction of the
 search's figure). A fresh latency outside it is measured again in another fresh process, up
 to ``LATENCY_ATTEMPTS`` in all, since a shared machine can be disturbed for seconds; every
@@ -68,11 +69,14 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
         same_file = sha256(executable.artifact) == manifest["files"][manifest["artifact"]]
         reference = None
         if device.type == "cpu":  # the run's teacher, as the search timed every trial
-            teacher = RunFolder(run_dir).teacher / MODEL_FILE
+            teacher = RunFolder(run_dir).teacher
             (Path(folder) / "teacher").mkdir()
-            reference = reference_at_rest(runtime.materialize(
-                teacher, target=target, device=device, out_dir=Path(folder) / "teacher",
-                example=task.example_inputs(target.batch_size)), task, target)
+            teacher_exe = runtime.materialize(
+                teacher / MODEL_FILE, target=target, device=device,
+                out_dir=Path(folder) / "teacher", example=task.example_inputs(target.batch_size))
+            reference = _run_anchor(teacher, teacher_exe, target, manifest["runtime"])
+            if reference is None:  # another runtime than the search's: its teacher anew
+                reference = reference_at_rest(teacher_exe, task, target)
         context = EvalContext(task=task, executable=executable,
                               model=load_float_model(model_file), target=target,
                               device=device, latency_cache=None, reference=reference)
@@ -84,6 +88,23 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
             "latency_disturbed": metrics.get("latency_disturbed"),
             "same_executable_file": same_file, "runtime": manifest["runtime"],
             "device": str(device)}
+
+
+def _run_anchor(teacher: Path, executable: Any, target: Any, runtime: str) -> Any:
+    """The run's teacher as the reference, with its latencies at rest from the start of the
+    run, when the search measured them on this runtime (else None). Like every trial and the
+    confirmation pass, the fresh figure is then a ratio measured now times the run's one
+    anchor: timed alone in another process, the same file read 1.5x apart on this VM."""
+    from slimsearch.atomic import read_json
+    from slimsearch.evaluators import Reference, metric_suffix
+
+    metrics_file = teacher / "metrics.json"
+    metrics = read_json(metrics_file) if metrics_file.is_file() else {}
+    if metrics.get("runtime", "torch") != runtime or "latency_ms" not in metrics:
+        return None
+    anchors = {b: metrics.get(f"latency{metric_suffix(i, b)}_ms")
+               for i, b in enumerate(target.batch_sizes)}
+    return Reference(executable, {b: ms for b, ms in anchors.items() if ms})
 
 
 def _fresh(bundle: Path, run_dir: Path) -> dict[str, Any]:
