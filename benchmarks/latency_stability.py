@@ -2,8 +2,9 @@
 
     python benchmarks/latency_stability.py [--model digits_mlp|digits_cnn] [--repeats 30]
 
-Each repeat is one full `measure_latency` call (100 warm-up calls, 500 timed samples, median),
-exactly what a trial does. Prints every median (microseconds) and the max/min ratio: on a
+Each repeat is one full `measure_latency` call (on the CPU, the model's latency at rest: the
+fastest of a few bursts; a trial is timed against the teacher instead, see
+`latency_under_load.py`). Prints every median (microseconds) and the max/min ratio: on a
 shared machine the same model can move between regimes from one repeat to the next.
 """
 

@@ -1,6 +1,7 @@
 """Does a busy machine put a wrong latency on the front? (issue 16)
 
-    python benchmarks/latency_under_load.py [--runs digits_mlp:20 digits_cnn:10] [--out DIR]
+    python benchmarks/latency_under_load.py [--runs digits_mlp:20 digits_cnn:10]
+        [--batch-sizes 256 1] [--out DIR]
 
 Each shipped experiment is searched twice through the command line, in fresh run folders:
 ``quiet`` (nothing else of ours running) and ``loaded``: from the moment the teacher has been
@@ -8,7 +9,9 @@ measured at rest until the search ends, one busy process (a pure-Python loop, pi
 second core) runs for 10 s, pauses for 10 s, and so on: half of the run under load. Then, with
 the machine quiet again, every Pareto trial of each run is measured once more the way the
 search defines a latency: its ratio to the teacher, timed in the same moments, times the
-teacher's latency at rest from the start of that run.
+teacher's latency at rest from the start of that run, to a 2% interval (the confirmation
+pass's). ``--batch-sizes`` replaces the experiments' target batch sizes (the first is the
+objective, the one compared).
 
 It prints, per run: each Pareto trial's search latency and quiet re-measurement, the largest
 relative error (goal: none more than 10% below), and whether the front's order by latency
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,11 +50,25 @@ def _busy_cycle(stop: threading.Event) -> None:
         stop.wait(BUSY_OFF_S)
 
 
-def search(experiment: str, trials: int, run_dir: Path, *, loaded: bool) -> float:
+def experiment_file(experiment: str, batch_sizes: list[int] | None, out: Path) -> Path:
+    """The shipped experiment, or a copy in ``out`` with its target batch sizes replaced."""
+    shipped = ROOT / "experiments" / f"{experiment}.toml"
+    if not batch_sizes:
+        return shipped
+    text, count = re.subn(r"(?m)^batch_sizes = \[[^\]]*\]", f"batch_sizes = {batch_sizes}",
+                          shipped.read_text())
+    if count != 1:
+        raise SystemExit(f"{shipped}: no single 'batch_sizes = [...]' line to replace")
+    copy = out / f"{experiment}-b{'-'.join(map(str, batch_sizes))}.toml"
+    copy.write_text(text)
+    return copy
+
+
+def search(experiment: Path, trials: int, run_dir: Path, *, loaded: bool) -> float:
     """Run the search (with the load from the teacher's line on); its wall-clock seconds."""
     begin = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, "-m", "slimsearch", "run", str(ROOT / "experiments" / f"{experiment}.toml"),
+        [sys.executable, "-m", "slimsearch", "run", str(experiment),
          "--trials", str(trials), "--run-dir", str(run_dir)],
         stdout=subprocess.PIPE, text=True, cwd=run_dir.parent)
     stop, cycle = threading.Event(), None
@@ -74,6 +92,8 @@ def remeasure(run_dir: Path) -> list[dict]:
     (quiet) times the run's anchor."""
     import torch
 
+    from slimsearch.confirm import PRECISION
+    from slimsearch.evaluators import reference_from_metrics
     from slimsearch.report.data import load_report_data
     from slimsearch.runtimes import load_model
     from slimsearch.tasks import make_task
@@ -82,20 +102,34 @@ def remeasure(run_dir: Path) -> list[dict]:
     data = load_report_data(run_dir)
     config = json.loads((run_dir / "run.json").read_text())["experiment"]
     task = make_task(config["task"], seed=config["seed"])
-    x = task.example_inputs(config["target"]["batch_sizes"][0])
+    batch_sizes = config["target"]["batch_sizes"]
+    x = task.example_inputs(batch_sizes[0])
     teacher = load_model(run_dir / "teacher" / "model.safetensors").eval()
-    anchor = data.teacher["latency_ms"]
+    # the teacher, or a slice of its batch, and its latency there at the start of the run
+    reference = reference_from_metrics(_Plain(teacher), data.teacher, batch_sizes)
+    anchor, teacher_x = reference.anchor_ms[batch_sizes[0]], reference.inputs(task, batch_sizes[0])
     rows = []
     for t in data.pareto:
         model = load_model(run_dir / "trials" / f"{t.number:05d}" / "model.safetensors").eval()
         with torch.inference_mode():
-            quiet = measure_paired(model, x, teacher, x).ratio * anchor
+            quiet = measure_paired(model, x, teacher, teacher_x,
+                                   precision=PRECISION).ratio * anchor
         rows.append({"trial": t.number, "search_ms": t.metrics["latency_ms"], "quiet_ms": quiet,
                      "error": t.metrics["latency_ms"] / quiet - 1,
                      "unstable": bool(t.metrics.get("latency_unstable")),
                      "confirmed_ms": (data.confirmed or {}).get("trials", {}).get(
                          str(t.number), {}).get("latency_ms")})
     return rows
+
+
+class _Plain:
+    """A loaded model as ``reference_from_metrics`` takes an executable."""
+
+    def __init__(self, model: object) -> None:
+        self.run = model
+
+    def native(self, x: object) -> object:
+        return x
 
 
 def order_changed(rows: list[dict]) -> bool:
@@ -126,6 +160,7 @@ def export_fastest(run_dir: Path, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", nargs="+", default=["digits_mlp:20", "digits_cnn:10"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="latency-under-load-"))
@@ -133,9 +168,10 @@ def main() -> None:
     summary = {}
     for spec in args.runs:
         experiment, trials = spec.split(":")
+        toml = experiment_file(experiment, args.batch_sizes, out)
         for mode in ("quiet", "loaded"):
             run_dir = out / f"{experiment}-{mode}"
-            seconds = search(experiment, int(trials), run_dir, loaded=mode == "loaded")
+            seconds = search(toml, int(trials), run_dir, loaded=mode == "loaded")
             time.sleep(2)
             rows = remeasure(run_dir)
             worst = min(rows, key=lambda r: r["error"])

@@ -2,8 +2,9 @@
 
 During a search each trial is timed when it finishes, against the teacher in the same moments
 (``timing.paired``). At the end of a search (and with ``slimsearch report --confirm``) every
-trial on the front is timed again the same way, one after another, so that the figures the
-front is drawn from are compared in one sitting and on the same footing. The confirmed figure
+trial on the front is timed again the same way, one after another and to a tighter interval
+(2% instead of 5%), so that the figures the front is drawn from are compared in one sitting
+and on the same footing. The confirmed figure
 is the trial's ratio to the teacher, measured now, times the teacher's latency at rest from
 the start of the run: the same anchor as the search's, so the two differ only by what the
 ratio did.
@@ -27,6 +28,7 @@ from slimsearch.atomic import write_json
 from slimsearch.compression import MODEL_FILE
 from slimsearch.devices import computing, resolve_device
 from slimsearch.errors import ConfigError
+from slimsearch.evaluators import reference_from_metrics
 from slimsearch.report.data import ReportData, load_report_data
 from slimsearch.report.pareto import non_dominated
 from slimsearch.run import RunFolder
@@ -34,6 +36,10 @@ from slimsearch.runtimes import get_runtime
 from slimsearch.tasks import make_task
 from slimsearch.timing.latency import measure_latency
 from slimsearch.timing.paired import TRUSTED, paired_latency
+
+#: The front is timed more tightly than a trial during the search (``timing.paired``'s 5%):
+#: a handful of trials, and the figures the report and ``pick`` put side by side.
+PRECISION = 0.02
 
 
 def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -55,7 +61,7 @@ def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[
     if missing:
         raise ConfigError(f"cannot confirm the front: {', '.join(missing)} missing (deleted, or "
                           "the run folder was copied without it)")
-    batch, anchor = target.batch_size, data.teacher["latency_ms"]
+    batch = target.batch_size
     say(f"confirming the latency of {len(data.pareto)} Pareto trials against the teacher")
     found: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="slimsearch-confirm-") as scratch, computing(device):
@@ -65,15 +71,18 @@ def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[
                                        out_dir=Path(scratch) / name,
                                        example=task.example_inputs(batch))
 
-        teacher = executable(folder.teacher / MODEL_FILE, "teacher")
-        teacher_input = teacher.native(task.example_inputs(batch))
+        reference = reference_from_metrics(executable(folder.teacher / MODEL_FILE, "teacher"),
+                                           data.teacher, target.batch_sizes)
+        anchor = reference.anchor_ms[batch]
+        teacher_input = reference.inputs(task, batch)
         for t in data.pareto:
             ours = executable(folder.trial(t.number) / MODEL_FILE, f"trial-{t.number}")
             x = ours.native(task.example_inputs(batch))
             if device.type == "cpu":
-                latency = paired_latency(ours.run, x, teacher.run, teacher_input,
+                latency = paired_latency(ours.run, x, reference.executable.run, teacher_input,
                                          anchor_ms=anchor, batch_size=batch,
-                                         threads=target.threads)
+                                         threads=target.threads, precision=PRECISION,
+                                         reference_batch=reference.batch[batch])
             else:  # CUDA events time the device alone; no neighbour shares it
                 latency = measure_latency(ours.run, x, device=device, threads=target.threads,
                                           cuda_graph=target.cuda_graphs, max_cv=target.max_cv,

@@ -12,8 +12,7 @@ space as soon as the task is built, still before any training.
     [search]   trials, sampler, timeout, storage, sensitivity, backend, ray_address, cpus_per_trial
     [space]    bits, sparsity, pruning, student_init, [space.student] knob = [choices]
     [train]    teacher_epochs, distill_epochs, finetune_epochs, qat_epochs, batch_size, lr, ...
-    [target]   device, batch_sizes, dtype, runtime, threads, cuda_graphs, max_cv, max_repeats,
-               quiet_wait_s
+    [target]   device, batch_sizes, dtype, runtime, threads, cuda_graphs, max_cv, max_repeats
     [constraints]  max_accuracy_drop, max_size_bytes, max_latency_ms, early_stop_margin, ...
 """
 
@@ -25,6 +24,7 @@ import re
 import tomllib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,18 +202,12 @@ class TargetConfig:
     #: Replay the model as a captured CUDA graph (torch runtime on CUDA; saves the launch
     #: overhead that dominates small models). Ignored on CPU.
     cuda_graphs: bool = False
-    #: A latency measurement whose median moved more than this between its windows
-    #: (coefficient of variation of the window medians, a fraction) is repeated, up to
-    #: ``max_repeats`` times; the steadiest one is kept.
+    #: CUDA: a latency measurement whose median moved more than this between its blocks of
+    #: samples (coefficient of variation of the block medians, a fraction) is repeated, up to
+    #: ``max_repeats`` times; the steadiest one is kept. (On the CPU every model is timed
+    #: against the teacher, to an interval of its own: timing.paired.)
     max_cv: float = 0.1
     max_repeats: int = 1
-    #: CPU: how long (seconds) one measurement may keep sampling to collect its samples in
-    #: undisturbed moments on a shared machine, before it makes do with fewer or scales the
-    #: disturbed ones by the measured slowdown. On the reference VM disturbances came two
-    #: thirds of the time or more, for up to ~5 s; waiting 1 s bought little there (CNN: none)
-    #: for 10x the time per measurement, which also holds up every other local worker
-    #: (benchmarks/RESULTS.md). 0 = never wait.
-    quiet_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         _require(
@@ -230,8 +224,6 @@ class TargetConfig:
         _require(self.threads >= 1, "target.threads", self.threads, "an integer >= 1")
         _require(0 < self.max_cv, "target.max_cv", self.max_cv, "a fraction > 0, e.g. 0.1")
         _require(self.max_repeats >= 0, "target.max_repeats", self.max_repeats, "an integer >= 0")
-        _require(self.quiet_wait_s >= 0, "target.quiet_wait_s", self.quiet_wait_s,
-                 "a number of seconds >= 0")
 
     @property
     def batch_size(self) -> int:
@@ -375,6 +367,14 @@ def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{field_name} = {value!r} is not allowed; expected {allowed}")
 
 
+#: Keys that once had a meaning and no longer do: an experiment (or a run folder) that still
+#: sets one loads, with a warning that says why it is ignored.
+RETIRED_KEYS = {
+    "target.quiet_wait_s": "CPU latency is timed against the teacher in the same moments now "
+                           "(timing.paired), so no measurement waits for a quiet machine",
+}
+
+
 def _build(cls: type, table: Any, *, prefix: str, nested: dict[str, type] | None = None,
            skip: set[str] | None = None) -> Any:
     """Instantiate dataclass ``cls`` from ``table``, checking unknown keys and types."""
@@ -383,8 +383,12 @@ def _build(cls: type, table: Any, *, prefix: str, nested: dict[str, type] | None
         raise ConfigError(f"{where} must be a table, got {table!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name not in (skip or set())]
-    for key in table:
-        if key not in names:
+    for key in list(table):
+        if f"{prefix}{key}" in RETIRED_KEYS:
+            warnings.warn(f"{prefix}{key} is ignored: {RETIRED_KEYS[prefix + key]}; remove it "
+                          "from the experiment file", stacklevel=2)
+            table = {k: v for k, v in table.items() if k != key}
+        elif key not in names:
             raise ConfigError(f"unknown key '{prefix}{key}' in {where}."
                               f"{did_you_mean(key, names)} Valid keys: {', '.join(names)}")
     kwargs: dict[str, Any] = {}

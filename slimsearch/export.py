@@ -122,7 +122,10 @@ def _fresh_latency_metrics(metrics: dict, verification: dict, fresh: dict) -> di
                "latency_note": (f"re-measured at export: {new:.4g} ms against the search's "
                                 f"{searched:.4g} ms ({new / searched - 1:+.0%}); accuracy, size "
                                 "and the executable file were reproduced exactly")}
-    teacher_ms = fresh.get("latency_anchor_ms")  # the teacher at rest, measured with it
+    # the teacher at rest, measured with it (when it ran at the same batch, not a slice)
+    teacher_ms = (fresh.get("latency_anchor_ms")
+                  if fresh.get("latency_reference_batch") == fresh.get("latency_batch_size")
+                  else None)
     if "speedup" in metrics:
         adopted["speedup"] = round(teacher_ms / new if teacher_ms
                                    else metrics["speedup"] * searched / new, 4)

@@ -85,7 +85,6 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
                    if k.startswith("latency_") and not re.match(r"latency_b\d+_", k)}
     return {**{k: metrics[k] for k in COMPARED}, "latency_cv": metrics["latency_cv"],
             "latency": first_batch,
-            "latency_disturbed": metrics.get("latency_disturbed"),
             "same_executable_file": same_file, "runtime": manifest["runtime"],
             "device": str(device)}
 
@@ -96,15 +95,13 @@ def _run_anchor(teacher: Path, executable: Any, target: Any, runtime: str) -> An
     confirmation pass, the fresh figure is then a ratio measured now times the run's one
     anchor: timed alone in another process, the same file read 1.5x apart on this VM."""
     from slimsearch.atomic import read_json
-    from slimsearch.evaluators import Reference, metric_suffix
+    from slimsearch.evaluators import reference_from_metrics
 
     metrics_file = teacher / "metrics.json"
     metrics = read_json(metrics_file) if metrics_file.is_file() else {}
     if metrics.get("runtime", "torch") != runtime or "latency_ms" not in metrics:
         return None
-    anchors = {b: metrics.get(f"latency{metric_suffix(i, b)}_ms")
-               for i, b in enumerate(target.batch_sizes)}
-    return Reference(executable, {b: ms for b, ms in anchors.items() if ms})
+    return reference_from_metrics(executable, metrics, target.batch_sizes)
 
 
 def _fresh(bundle: Path, run_dir: Path) -> dict[str, Any]:

@@ -63,6 +63,13 @@ def test_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
     assert str(path) in message
 
 
+def test_a_retired_key_is_ignored_with_a_warning_that_says_why(tmp_path: Path) -> None:
+    # experiment files (and run folders) from before the ratio to the teacher set it
+    with pytest.warns(UserWarning, match="target.quiet_wait_s is ignored: CPU latency is timed"):
+        config = load_experiment(write(tmp_path, MINIMAL + "[target]\nquiet_wait_s = 1.0\n"))
+    assert not hasattr(config.target, "quiet_wait_s")
+
+
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="seeds.*Did you mean 'seed'"):
         load_experiment(write(tmp_path, MINIMAL + "seeds = 3\n"))

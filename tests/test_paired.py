@@ -19,13 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimsearch.timing.paired import (
-    TRUSTED,
-    measure_paired,
-    median_interval,
-    paired_latency,
-    rested_latency,
-)
+from slimsearch.timing.latency import rested_latency
+from slimsearch.timing.paired import TRUSTED, measure_paired, median_interval, paired_latency
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +90,67 @@ def test_the_anchor_at_rest_is_the_undisturbed_speed() -> None:
                              bursts=5, pause_s=0.3)
     assert latency.median_ms == pytest.approx(1.0, rel=0.02)  # ms per call, at rest
     assert latency.slowdown == pytest.approx(2.0, rel=0.05)  # the busiest burst's
+
+
+def test_the_first_call_after_the_other_side_ran_is_not_timed() -> None:
+    # at batch 256 a call right after the other model ran was 1.3x slower (caches, allocator):
+    # timing it made the ratio depend on the order of the round
+    machine = FakeMachine(jitter=0.01)
+    last = {}
+
+    def cold_after_switch(name: str, cost_s: float):
+        def call(_x: object) -> None:
+            machine.now += cost_s * (3.0 if last.get("side") not in (None, name) else 1.0)
+            last["side"] = name
+        return call
+
+    paired = measure_paired(cold_after_switch("student", 1e-3), X,
+                            cold_after_switch("teacher", 4e-3), X, clock=machine.clock,
+                            window_s=0.0, warmup_s=0.0)
+    assert paired.ratio == pytest.approx(0.25, rel=0.01)
+    assert paired.settled and paired.rounds == 6  # MIN_ROUNDS: nothing left to settle
+
+
+class SleepyExecutable:
+    """A model whose call sleeps 0.5 ms per example: 128 ms at batch 256."""
+
+    def native(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def run(self, x: torch.Tensor) -> None:
+        time.sleep(len(x) * 0.0005)
+
+
+class Examples:
+    def example_inputs(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, 1)
+
+
+def test_a_slow_reference_runs_a_slice_of_the_batch() -> None:
+    from slimsearch.evaluators._base import REFERENCE_CALL_MS, reference_batch
+
+    assert REFERENCE_CALL_MS == 5.0  # 256 -> 128 -> 64 -> 32 -> 16 -> 8 (4 ms)
+    assert reference_batch(SleepyExecutable(), Examples(), 256, threads=1) == 8
+    assert reference_batch(SleepyExecutable(), Examples(), 4, threads=1) == 4
+
+
+def test_the_teacher_at_a_slice_is_timed_like_a_trial_and_recorded_for_the_run() -> None:
+    from slimsearch.evaluators import reference_from_metrics
+    from slimsearch.evaluators._base import teacher_at_rest
+
+    at, anchor = teacher_at_rest(SleepyExecutable(), Examples(), 64, threads=1)
+    assert at == 8 and anchor.reference_batch == 8
+    assert anchor.median_ms == pytest.approx(4.0, rel=0.5)  # sleep() overshoots a little
+    metrics = {"latency_ms": 33.0, "latency_anchor_ms": anchor.median_ms,
+               "latency_reference_batch": at, "latency_b1_ms": 0.6,
+               "latency_b1_anchor_ms": 0.6, "latency_b1_reference_batch": 1}
+    reference = reference_from_metrics(SleepyExecutable(), metrics, [64, 1])
+    assert reference.batch == {64: 8, 1: 1}
+    assert reference.anchor_ms == {64: anchor.median_ms, 1: 0.6}
+    assert len(reference.inputs(Examples(), 64)) == 8
+    # a run from before reference batches: the anchor is the figure, at the same batch
+    old = reference_from_metrics(SleepyExecutable(), {"latency_ms": 2.0}, [64])
+    assert old.batch == {64: 64} and old.anchor_ms == {64: 2.0}
 
 
 def test_the_interval_of_a_median_holds_it_about_95_percent_of_the_time() -> None:

@@ -12,6 +12,7 @@ from slimsearch.evaluators._base import (
     majority_accuracy,
     metric_suffix,
     reference_at_rest,
+    reference_from_metrics,
     untrained_teacher,
 )
 from slimsearch.evaluators.latency_cache import LatencyCache
@@ -32,5 +33,6 @@ __all__ = [
     "measure_latency",
     "metric_suffix",
     "reference_at_rest",
+    "reference_from_metrics",
     "untrained_teacher",
 ]

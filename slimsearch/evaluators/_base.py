@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -19,9 +19,8 @@ from slimsearch.evaluators.latency_cache import LatencyCache
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes import Executable
 from slimsearch.tasks import Split, Task
-from slimsearch.timing.latency import Latency, measure_latency
-from slimsearch.timing.machine_probe import kind_for as probe_kind
-from slimsearch.timing.paired import paired_latency, rested_latency
+from slimsearch.timing.latency import Latency, measure_latency, rested_latency
+from slimsearch.timing.paired import paired_latency
 from slimsearch.training import full_fp32
 
 Metric = float | int | str
@@ -36,20 +35,80 @@ def metric_suffix(position: int, batch: int) -> str:
 @dataclass(frozen=True)
 class Reference:
     """What a model's CPU latency is timed against (``timing.paired``): the run's teacher in
-    the same runtime, and its latency (ms per call) by batch size, measured at the start of
-    the run (the anchor every trial's ratio is multiplied by)."""
+    the same runtime. By target batch size: the batch the teacher runs at beside the model
+    (``batch``: the same one, or a slice of it when the teacher's call at the target batch is
+    long, see ``reference_batch``) and its latency there at rest (``anchor_ms``, ms per call,
+    measured at the start of the run: the figure every ratio is multiplied by)."""
 
     executable: Executable
     anchor_ms: dict[int, float]
+    batch: dict[int, int]
+
+    def inputs(self, task: Task, batch: int) -> object:
+        """The reference's input beside a model timed at ``batch``."""
+        return self.executable.native(task.example_inputs(self.batch[batch]))
+
+
+#: The reference's call beside a model should take at most about this long (ms): at the
+#: digits-cnn teacher's 55 ms per call at batch 256, the teacher's side took 4/5 of every
+#: round, and of every trial's measuring time. Disturbances hit a slice of the same model on
+#: the same core alike; the slice only has to last longer than the disturbance is short.
+REFERENCE_CALL_MS = 5.0
+
+
+def reference_batch(executable: Executable, task: Task, batch: int, *, threads: int) -> int:
+    """The batch the reference runs at beside models timed at ``batch``: ``batch`` halved
+    until one call of it takes at most REFERENCE_CALL_MS (a choice, recorded with the
+    teacher's figures and reused by the run's every measurement; not a figure)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            while batch > 1:
+                x = executable.native(task.example_inputs(batch))
+                executable.run(x)  # warm
+                start = time.perf_counter()
+                executable.run(x)
+                if (time.perf_counter() - start) * 1e3 <= REFERENCE_CALL_MS:
+                    break
+                batch //= 2
+    finally:
+        torch.set_num_threads(previous)
+    return batch
+
+
+def teacher_at_rest(executable: Executable, task: Task, batch: int, *,
+                    threads: int) -> tuple[int, Latency]:
+    """The reference batch for ``batch`` and the teacher's latency there at rest (its
+    anchor; ``timing.rested_latency``)."""
+    at = reference_batch(executable, task, batch, threads=threads)
+    rested = rested_latency(executable.run, executable.native(task.example_inputs(at)),
+                            threads=threads)
+    return at, replace(rested, reference_batch=at)
 
 
 def reference_at_rest(executable: Executable, task: Task, target: TargetConfig) -> Reference:
-    """``executable`` as the reference, with its latency at rest measured now for each of the
-    target's batch sizes (``timing.rested_latency``; CPU)."""
-    return Reference(executable, {
-        batch: rested_latency(executable.run, executable.native(task.example_inputs(batch)),
-                              threads=target.threads).median_ms
-        for batch in target.batch_sizes})
+    """``executable`` as the reference, with its anchors measured now for each of the
+    target's batch sizes (CPU)."""
+    found = {b: teacher_at_rest(executable, task, b, threads=target.threads)
+             for b in target.batch_sizes}
+    return Reference(executable, anchor_ms={b: r.median_ms for b, (_, r) in found.items()},
+                     batch={b: at for b, (at, _) in found.items()})
+
+
+def reference_from_metrics(executable: Executable, teacher: dict[str, Metric],
+                           batch_sizes: Sequence[int]) -> Reference:
+    """``executable`` (the teacher) as the reference, with the anchors its measurement at the
+    start of the run recorded in ``teacher`` (its metrics); batch sizes it has none for are
+    left out (their figures are timed alone)."""
+    anchors, batches = {}, {}
+    for position, batch in enumerate(batch_sizes):
+        suffix = metric_suffix(position, batch)
+        anchor = teacher.get(f"latency{suffix}_anchor_ms") or teacher.get(f"latency{suffix}_ms")
+        if anchor:
+            anchors[batch] = float(anchor)
+            batches[batch] = int(teacher.get(f"latency{suffix}_reference_batch") or batch)
+    return Reference(executable, anchor_ms=anchors, batch=batches)
 
 
 @dataclass(frozen=True)
@@ -185,25 +244,34 @@ class LatencyEvaluator:
     @classmethod
     def _same_footing(cls, cached: Latency, context: EvalContext, batch: int) -> bool:
         """Whether a cached figure was measured the way this one would be: against the same
-        anchor, or alone."""
-        return cached.anchor_ms == cls._anchor(context, batch)
+        anchor, or alone (a figure at rest is its own anchor)."""
+        anchor = cls._anchor(context, batch)
+        if anchor is None:
+            return cached.anchor_ms in (None, cached.median_ms)
+        return cached.anchor_ms == anchor
 
     def _measure(self, context: EvalContext, batch: int) -> Latency:
-        target, executable = context.target, context.executable
-        inputs = executable.native(context.task.example_inputs(batch))
+        target, executable, task = context.target, context.executable, context.task
+        inputs = executable.native(task.example_inputs(batch))
         if (anchor := self._anchor(context, batch)) is not None:
-            reference = context.reference.executable
-            return paired_latency(executable.run, inputs, reference.run,
-                                  reference.native(context.task.example_inputs(batch)),
-                                  anchor_ms=anchor, batch_size=batch, threads=target.threads)
+            reference = context.reference
+            return paired_latency(executable.run, inputs, reference.executable.run,
+                                  reference.inputs(task, batch), anchor_ms=anchor,
+                                  batch_size=batch, threads=target.threads,
+                                  reference_batch=reference.batch[batch])
         if context.is_reference and context.device.type == "cpu":
-            return rested_latency(executable.run, inputs, threads=target.threads)
+            at, rested = teacher_at_rest(executable, task, batch, threads=target.threads)
+            if at == batch:
+                return rested
+            # timed against a slice of itself, like every trial: the same footing
+            return paired_latency(executable.run, inputs, executable.run,
+                                  executable.native(task.example_inputs(at)),
+                                  anchor_ms=rested.median_ms, batch_size=batch,
+                                  threads=target.threads, reference_batch=at)
         return measure_latency(executable.run, inputs, device=context.device,
                                threads=target.threads, warmup=self.warmup,
                                samples=self.samples, max_cv=target.max_cv,
-                               max_repeats=target.max_repeats,
-                               quiet_wait_s=target.quiet_wait_s,
-                               cuda_graph=target.cuda_graphs, probe=probe_kind(context.model))
+                               max_repeats=target.max_repeats, cuda_graph=target.cuda_graphs)
 
 
 DEFAULT_EVALUATORS: tuple[Evaluator, ...] = (

@@ -178,10 +178,12 @@ def _calibrate(model: nn.Module, layers: list[str], input_shape: list[int],
 def _time(forms: dict[str, nn.Module], x: torch.Tensor, threads: int,
           **protocol: float) -> dict[str, float]:
     """Median milliseconds per call of each form on ``x`` on CPU, timed in turns so that a
-    machine slowing down meanwhile cannot decide between them (a choice, not an objective).
-    ``protocol``: compare_latency's rounds and window_s, when not its defaults."""
+    machine slowing down meanwhile cannot decide between them (a choice, not an objective),
+    and only until the choice is clear: the fastest form beat float by MARGIN in every round
+    so far, or none did in any. ``protocol``: compare_latency's rounds and window_s, when not
+    its defaults."""
     return compare_latency({k: torch.no_grad()(f) for k, f in forms.items()}, x, threads=threads,
-                           **protocol)
+                           decided_at=1 - MARGIN, **protocol)
 
 
 #: int8 must beat float by this fraction to run: a tie in a quick timing is not a win.

@@ -296,7 +296,6 @@ def done_line(study: optuna.Study, number: int, metrics: dict, *, seconds: float
 
 def describe_metrics(metrics: dict) -> str:
     notes = ", cached" if metrics.get("latency_cached") else ""
-    notes += ", scaled: machine busy" if metrics.get("latency_disturbed") else ""
     if metrics.get("latency_unstable"):
         notes += (", UNSTABLE: the slow end of its interval" if metrics.get("latency_ratio")
                   else ", unstable")

@@ -36,6 +36,7 @@ from slimsearch.evaluators import (
     Reference,
     evaluate,
     metric_suffix,
+    reference_from_metrics,
 )
 from slimsearch.experiment import ConstraintsConfig, ExperimentConfig
 from slimsearch.run import RunFolder
@@ -126,9 +127,8 @@ class TrialRunner:
                 scratch.cleanup()
                 raise
             self._reference_dir = scratch  # removed with the runner (its files are in use)
-            anchors = {batch: self.teacher_metrics.get(f"latency{metric_suffix(i, batch)}_ms")
-                       for i, batch in enumerate(target.batch_sizes)}
-            self._reference = Reference(executable, {b: ms for b, ms in anchors.items() if ms})
+            self._reference = reference_from_metrics(executable, self.teacher_metrics,
+                                                     target.batch_sizes)
         return self._reference
 
     def measure(self, model_file: Path, *, model: torch.nn.Module | None = None,

@@ -1,59 +1,59 @@
-"""Latency of the executable model, measured the way it will be deployed.
+"""A model timed alone, the way it will be deployed, and forms compared in turns.
 
-CPU: threads fixed (default 1), >= 100 warm-up calls (and >= 10 ms), then >= 500 timed
-samples, each of a few calls so that a sample is long enough for the clock, taken in 5 ms
-windows between readings of a reference workload (``machine_probe``). A window is
-undisturbed when the probe read near its floor on both sides and the window's own median is
-near the fastest such window's. The median per call of the samples of undisturbed windows is
-the result, once 500 came, or once ``quiet_wait_s`` passed with at least 100 of them; with
-fewer, the samples of disturbed windows are scaled by the machine's measured slowdown and
-counted too, and the result says so (``disturbed``).
-CUDA: CUDA events around each call on an idle queue; warm-up continues until the median of
-successive rounds stops moving; optionally the call is replayed as a captured CUDA graph; the
-peak memory the device allocated is recorded.
+CPU (``rested_latency``): the model's latency at rest, as near as the moment allows: a few
+bursts of samples, a fraction of a second apart, and the fastest burst's median. A disturbance
+only ever slows a model down, so the fastest burst is the least disturbed; nothing is scaled.
+This is the anchor a run's every ratio is multiplied by (``timing.paired`` times every other
+model against it, in the same moments).
+CUDA (``measure_latency``): CUDA events around each call on an idle queue; warm-up continues
+until the median of successive rounds stops moving; optionally the call is replayed as a
+captured CUDA graph; the peak memory the device allocated is recorded. A measurement whose
+spread is above ``max_cv`` is repeated (up to ``max_repeats`` times) and the steadiest kept.
+``compare_latency`` times forms of one model in turns, to choose between them.
 
-Either way the device is held exclusively (``devices.exclusive``): no other measurement and no
-local trial's training runs on it meanwhile. A measurement whose coefficient of variation is
-above ``max_cv`` is repeated (up to ``max_repeats`` times) and the steadiest one is kept; it
-says how many it took and whether it ever got below the threshold.
+The device is held exclusively meanwhile (``devices.exclusive``): no other measurement and no
+local trial's training runs on it, and Python's garbage collector waits.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import gc
 import math
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
 
-from slimsearch.devices import exclusive
-from slimsearch.timing.machine_probe import MachineProbe, kind_for
+from slimsearch.devices import exclusive, wait_apart
 
 #: A CPU sample lasts at least this long (seconds), so timer resolution and the timer's own
 #: cost (~0.1 us) do not matter. (50 us gave digits-mlp's 31 us calls two per sample: the same
 #: median within 0.3%, at 1.5x the time per measurement.)
 MIN_SAMPLE_S = 25e-6
 MAX_CALLS_PER_SAMPLE = 16
-#: CPU warm-up lasts at least this long (seconds) as well as ``warmup`` calls.
-WARMUP_MIN_S = 0.01
-#: CPU samples are taken in windows of this many seconds between two probe readings.
-WINDOW_S = 0.005
-#: An undisturbed window's median is at most this fraction above the fastest undisturbed
-#: window's: some disturbances slow a model without slowing the probe (seen on the CNN).
-WINDOW_TOLERANCE = 0.05
-#: ... or three standard errors of a window's median, when that is wider: a slow model's
-#: 5 ms window holds a few samples whose median is noisy, and keeping only the windows near
-#: the fastest of many noisy medians would bias the result low.
-WINDOW_STANDARD_ERRORS = 3.0
-#: When the wait for undisturbed moments ran out, this many undisturbed samples still make
-#: the measurement (fewer than asked for, but unscaled: scaling by the probe's slowdown was
-#: 5-18% off the model's own on the reference VM); with fewer, the disturbed windows are
-#: scaled instead.
-MIN_UNDISTURBED = 100
+#: CPU warm-up: at least this long (seconds) and this many calls (the first call of a new
+#: shape builds its kernels; a 55 ms call needs no ten more)...
+WARMUP_S = 0.02
+WARMUP_CALLS = 3
+#: ... and then on while it still speeds up by more than SETTLED from one group of calls to
+#: the next (each at least WARMUP_CALLS calls and WARMUP_GROUP_S seconds, so that a group of
+#: fast calls is not mostly clock noise), for at most WARMUP_MAX_S seconds.
+SETTLED = 0.02
+WARMUP_GROUP_S = 0.005
+WARMUP_MAX_S = 0.5
+#: At rest: this many bursts, this many seconds apart, each of at least BURST_S seconds and
+#: BURST_SAMPLES samples; the fastest burst's median is the figure. The reference VM ran the
+#: same model 1.6x slower for several seconds at a time with nothing else running, so the
+#: bursts span a few seconds (~3 s: the anchor is measured once per run and once per export,
+#: and a slow anchor only makes every trial of the run read slower alike).
+REST_BURSTS = 6
+REST_PAUSE_S = 0.5
+BURST_S = 0.1
+BURST_SAMPLES = 20
 #: CUDA warm-up runs in rounds of this many calls until two successive round medians agree
 #: within STABLE_FRACTION (and at least ``warmup`` calls ran), at most MAX_WARMUP_ROUNDS rounds.
 WARMUP_ROUND = 20
@@ -83,32 +83,31 @@ class Latency:
     #: Most bytes the device had allocated during the measurement (CUDA only; None on CPU,
     #: where no per-model figure exists).
     peak_memory_bytes: int | None = None
-    #: CPU: fraction of the samples taken while the machine was undisturbed (see
-    #: ``machine_probe``), the machine's slowdown during the measurement (1.0 = undisturbed),
-    #: whether too few undisturbed samples came and the result was scaled by that slowdown
-    #: instead, and the plain median of every sample, whatever the machine was doing.
-    quiet_fraction: float | None = None
+    #: CPU: how much slower than at rest the machine ran meanwhile (timed against a
+    #: reference: the reference's median in those moments / its latency at rest; at rest:
+    #: the slowest burst's median / the fastest's), and the plain median of every sample,
+    #: whatever the machine was doing.
     slowdown: float | None = None
-    disturbed: bool = False
     raw_median_ms: float | None = None
-    #: CPU: the machine probe's kind (``linear`` or ``conv``: the workload whose slowdown
-    #: judges and scales the windows).
-    probe: str | None = None
-    #: Coefficient of variation of the medians of successive windows (CPU: the 5 ms windows
-    #: used; CUDA: blocks of 50 samples): how steady the median was over the measurement.
-    #: Above ``max_cv`` the measurement is repeated. (Single samples of a few microseconds
-    #: jitter by 10-30% on any machine, so their own CV would repeat every measurement.)
+    #: How steady the figure was: CUDA, the coefficient of variation of the medians of blocks
+    #: of 50 samples (above ``max_cv`` the measurement is repeated); CPU at rest, that of the
+    #: bursts' medians; CPU against a reference, the ratio's interval's half-width (a
+    #: fraction of it). (Single samples of a few microseconds jitter by 10-30% on any
+    #: machine, so their own CV says little.)
     window_cv: float = 0.0
     #: CPU, timed against the run's reference (``timing.paired``): the median ratio of this
     #: model's time to the reference's in the same moments, its ~95% interval, the rounds it
     #: took, the reference's median in those moments and its latency at the start of the run
-    #: (``anchor_ms``; ``median_ms`` = ``ratio`` x ``anchor_ms``). None when timed alone.
+    #: (``anchor_ms``; ``median_ms`` = ``ratio`` x ``anchor_ms``), and the batch size the
+    #: reference ran at (a slice of this one when its call at this one is long). None when
+    #: timed alone.
     ratio: float | None = None
     ratio_low: float | None = None
     ratio_high: float | None = None
     rounds: int | None = None
     reference_ms: float | None = None
     anchor_ms: float | None = None
+    reference_batch: int | None = None
 
     def as_metrics(self, suffix: str = "") -> dict[str, Any]:
         """Flat metric names for a trial: ``latency_ms`` is the objective, the rest extras.
@@ -120,7 +119,10 @@ class Latency:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Latency:
-        return cls(**data)
+        """A recorded figure; fields it no longer has (``disturbed``, ``quiet_fraction`` and
+        ``probe`` of the probe protocol before 0.6's ratio) are left out."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def _summarise(per_call_ms: list[float], *, calls: int, warmup: int, device: torch.device,
@@ -128,7 +130,7 @@ def _summarise(per_call_ms: list[float], *, calls: int, warmup: int, device: tor
     ordered = sorted(per_call_ms)
     return Latency(median_ms=statistics.median(ordered),
                    p90_ms=ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)],
-                   cv=_cv(ordered),
+                   cv=spread(ordered),
                    samples=len(ordered), calls_per_sample=calls, warmup_calls=warmup,
                    device=str(device), batch_size=batch_size, threads=threads)
 
@@ -137,13 +139,12 @@ def _summarise(per_call_ms: list[float], *, calls: int, warmup: int, device: tor
 def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.device,
                     threads: int = 1, warmup: int = 100, samples: int = 500,
                     max_cv: float = math.inf, max_repeats: int = 0,
-                    cuda_graph: bool = False, quiet_wait_s: float = 0.0,
-                    warmup_s: float = WARMUP_MIN_S, probe: str | None = None) -> Latency:
-    """Median per-call latency (ms) of ``model(inputs)`` on ``device``; ``inputs`` is one batch
-    in the form the model takes (a tensor already on ``device``, or e.g. a numpy array for
-    onnxruntime). ``model`` may be an ``nn.Module`` or any callable. ``probe``: the machine
-    probe's kind on CPU (default: ``machine_probe.kind_for(model)``; pass it for a callable
-    that wraps a module, e.g. an onnxruntime session)."""
+                    cuda_graph: bool = False) -> Latency:
+    """Median per-call latency (ms) of ``model(inputs)`` on ``device``, timed alone; ``inputs``
+    is one batch in the form the model takes (a tensor already on ``device``, or e.g. a numpy
+    array for onnxruntime). ``model`` may be an ``nn.Module`` or any callable. On the CPU, its
+    latency at rest (``rested_latency``; ``warmup``, ``samples``, ``max_cv`` and
+    ``max_repeats`` are CUDA's)."""
     if isinstance(model, torch.nn.Module):
         # Moved only when it is not there yet: a runtime may have put tensor subclasses
         # (sparse or quantized weights) on the device that should not be copied again.
@@ -153,41 +154,149 @@ def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.d
         model = model.eval()
     if isinstance(inputs, torch.Tensor):
         inputs = inputs.to(device)
+    if device.type != "cuda":
+        return rested_latency(model, inputs, threads=threads)
     batch = int(len(inputs))
+    with exclusive(device), garbage_collection_paused():
+        once = lambda: _measure_cuda(model, inputs, device=device, warmup=warmup,  # noqa: E731
+                                     samples=samples, batch=batch, graph=cuda_graph)
+        return _steadiest(once, max_cv=max_cv, max_repeats=max_repeats)
+
+
+def wait_apart_cpu(seconds: float) -> None:
+    wait_apart(torch.device("cpu"), seconds)  # other processes may use the CPU meanwhile
+
+
+@torch.inference_mode()
+def rested_latency(model: Callable[[Any], Any], inputs: Any, *, threads: int = 1,
+                   bursts: int = REST_BURSTS, pause_s: float = REST_PAUSE_S,
+                   burst_s: float = BURST_S, burst_samples: int = BURST_SAMPLES,
+                   warmup_s: float = WARMUP_S, clock: Callable[[], float] = time.perf_counter,
+                   sleep: Callable[[float], None] | None = None) -> Latency:
+    """The CPU latency of ``model(inputs)`` at rest, as near as this moment allows:
+    ``bursts`` bursts of samples ``pause_s`` apart, and the fastest burst's median (a
+    disturbance only ever slows a model down, so the fastest burst is the least disturbed;
+    nothing is scaled). The anchor of every ratio to this model (the run's reference): its
+    ``ratio`` is 1 and its ``anchor_ms`` its own median."""
+    sleep = sleep or wait_apart_cpu
+    batch = int(len(inputs))
+    found: list[list[float]] = []
+    warm = 0
     previous_threads = torch.get_num_threads()
-    with exclusive(device):
-        try:
-            if device.type == "cuda":
-                once = lambda: _measure_cuda(model, inputs, device=device, warmup=warmup,  # noqa: E731
-                                             samples=samples, batch=batch, graph=cuda_graph)
-            else:
+    for burst in range(bursts):
+        if burst:
+            sleep(pause_s)
+        with exclusive(torch.device("cpu")), garbage_collection_paused():
+            try:
                 torch.set_num_threads(threads)
-                # A repeat follows the first attempt at once: the model and the core are warm,
-                # so only the first waits out warmup_s (the warm-up calls still run each time).
-                attempt = itertools.count()
-                machine = MachineProbe(threads, kind=probe or kind_for(model))
-                once = lambda: _measure_cpu(model, inputs, warmup=warmup, samples=samples,  # noqa: E731
-                                            batch=batch, threads=threads,
-                                            quiet_wait_s=quiet_wait_s,
-                                            warmup_s=warmup_s if next(attempt) == 0 else 0.0,
-                                            probe=machine)
-            return _steadiest(once, max_cv=max_cv, max_repeats=max_repeats)
-        finally:
-            torch.set_num_threads(previous_threads)
+                side, calls = warm_up(model, inputs, clock, warmup_s if burst == 0 else 0.0)
+                warm += calls
+                times, start = [], clock()
+                while len(times) < burst_samples or clock() - start < burst_s:
+                    times += side.window(clock, 0.0, switched=False)
+                found.append(times)
+            finally:
+                torch.set_num_threads(previous_threads)
+    medians = [statistics.median(t) for t in found]
+    fastest = sorted(found[medians.index(min(medians))])
+    return Latency(median_ms=min(medians), p90_ms=p90(fastest), cv=spread(fastest),
+                   samples=sum(len(t) for t in found), calls_per_sample=side.calls,
+                   warmup_calls=warm, device="cpu", batch_size=batch, threads=threads,
+                   attempts=bursts, raw_median_ms=statistics.median(t for f in found for t in f),
+                   slowdown=round(max(medians) / min(medians), 4),
+                   window_cv=round(spread(medians), 5),
+                   # the reference against itself: the anchor of every ratio to it
+                   ratio=1.0, ratio_low=1.0, ratio_high=1.0, anchor_ms=min(medians))
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a pair: a callable, its input, and how many calls make one sample."""
+
+    fn: Callable[[Any], Any]
+    x: Any
+    calls: int
+
+    def window(self, clock: Callable[[], float], window_s: float, *,
+               switched: bool = True) -> list[float]:
+        """Samples (ms per call) for at least ``window_s`` seconds, at least one. ``switched``
+        (another model ran just before): after one call that is not timed, since that call
+        finds the caches and the allocator as the other model left them, and a deployed
+        model runs after itself. (At batch 256 the digits-cnn teacher took 56 ms right after
+        a student and 44 ms right after itself; timing that call made the per-round ratios
+        bimodal, 0.33 and 0.44 for a student that ran at 0.34 of the teacher on its own.)"""
+        if switched:
+            self.fn(self.x)
+        times, start = [], clock()
+        while not times or clock() - start < window_s:
+            began = clock()
+            for _ in range(self.calls):
+                self.fn(self.x)
+            times.append((clock() - began) / self.calls * 1e3)
+        return times
+
+
+def warm_up(fn: Callable[[Any], Any], x: Any, clock: Callable[[], float],
+          warmup_s: float) -> tuple[Side, int]:
+    """Warm ``fn`` up and size its samples so a sample lasts at least MIN_SAMPLE_S; the side
+    and the warm-up calls. At least WARMUP_CALLS calls and ``warmup_s`` seconds, then on in
+    groups while a group is still more than SETTLED faster than the one before (at most
+    WARMUP_MAX_S): a new int8 executable at batch 256 ran 21, 13, 9 ms and then drifted from
+    10.2 to 8.2 ms over 25 more calls, and ratios timed during that drift never settle."""
+    start, calls = clock(), 0
+    while calls < WARMUP_CALLS or clock() - start < warmup_s:
+        fn(x)
+        calls += 1
+    previous = math.inf
+    while clock() - start < WARMUP_MAX_S:
+        began, group = clock(), 0
+        while group < WARMUP_CALLS or clock() - began < WARMUP_GROUP_S:
+            fn(x)
+            group += 1
+        calls += group
+        per_call = (clock() - began) / group
+        if per_call >= (1 - SETTLED) * previous:
+            break
+        previous = per_call
+    per_call = (clock() - start) / calls
+    return Side(fn, x, max(1, min(MAX_CALLS_PER_SAMPLE,
+                                   math.ceil(MIN_SAMPLE_S / max(per_call, 1e-9))))), calls
+
+
+@contextlib.contextmanager
+def garbage_collection_paused() -> Iterator[None]:
+    """Python's garbage collector off while timing (as ``timeit`` does): after a trial's
+    training the process holds many objects, and a collection that lands in one side's window
+    slows that side alone. Collections run at the end."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @torch.inference_mode()
 def compare_latency(forms: dict[str, Callable[[Any], Any]], inputs: Any, *, threads: int = 1,
-                    rounds: int = 10, window_s: float = 0.0015,
-                    warmup_s: float = 0.005) -> dict[str, float]:
+                    rounds: int = 10, window_s: float = 0.0015, warmup_s: float = 0.005,
+                    decided_at: float | None = None, min_rounds: int = 3) -> dict[str, float]:
     """Median milliseconds per call of each of ``forms`` on ``inputs`` (CPU), for choosing
     between them: they are timed in turns, a short window each per round with the order
     rotating, and each is reported as the first one's median times its median ratio to the
     first within a round. Both sides of every ratio saw the same machine moments, so a
-    machine that slows down 1.5x for a second does not decide the choice."""
+    machine that slows down 1.5x for a second does not decide the choice. Each window starts
+    with an untimed call (the first call after another form ran is slower, see
+    ``timing.paired``).
+
+    ``decided_at``: the ratio to the first form that the choice turns on (e.g. 0.95: "5%
+    faster"); after ``min_rounds`` rounds, timing stops as soon as the choice is clear: the
+    fastest form so far was below it in every round, or every form was at or above it in
+    every round. (A form beaten by the fastest need not be placed against the first: while
+    a mixed int8/float form hovered at 0.97 of float, its rounds ran to the end.)"""
     names = list(forms)
     previous_threads = torch.get_num_threads()
-    with exclusive(torch.device("cpu")):
+    with exclusive(torch.device("cpu")), garbage_collection_paused():
         try:
             torch.set_num_threads(threads)
             for fn in forms.values():
@@ -196,15 +305,11 @@ def compare_latency(forms: dict[str, Callable[[Any], Any]], inputs: Any, *, thre
                     fn(inputs)
             per_round: list[dict[str, float]] = []
             for r in range(rounds):
-                medians = {}
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    times, start = [], time.perf_counter()
-                    while not times or time.perf_counter() - start < window_s:
-                        sample_start = time.perf_counter()
-                        forms[name](inputs)
-                        times.append((time.perf_counter() - sample_start) * 1e3)
-                    medians[name] = statistics.median(times)
-                per_round.append(medians)
+                per_round.append(_one_round(forms, names[r % len(names):] + names[:r % len(names)],
+                                            inputs, window_s))
+                if decided_at is not None and r + 1 >= min_rounds and _decided(
+                        per_round, names, decided_at):
+                    break
         finally:
             torch.set_num_threads(previous_threads)
     base = names[0]
@@ -213,154 +318,51 @@ def compare_latency(forms: dict[str, Callable[[Any], Any]], inputs: Any, *, thre
             for name in names}
 
 
-def _steadiest(once: Callable[[], Latency], *, max_cv: float, max_repeats: int) -> Latency:
-    """Measure until an attempt is undisturbed with a window CV of at most ``max_cv`` (or
-    ``max_repeats`` repeats ran); keep the steadiest undisturbed attempt, or the steadiest of
-    all when none was. A disturbed attempt (too few undisturbed samples, so the rest were
-    scaled by the probe's slowdown: 15-20% off on the CNN) is repeated too: on the reference
-    VM disturbances come and go within a second, and a repeat is often undisturbed."""
-    def settled(attempt: Latency) -> bool:
-        return not attempt.disturbed and attempt.window_cv <= max_cv
+def _one_round(forms: dict[str, Callable[[Any], Any]], order: list[str], inputs: Any,
+               window_s: float) -> dict[str, float]:
+    """Each form's median ms per call in one window of at least ``window_s`` seconds."""
+    medians = {}
+    for name in order:
+        forms[name](inputs)  # untimed: the caches still hold the form before
+        times, start = [], time.perf_counter()
+        while not times or time.perf_counter() - start < window_s:
+            sample_start = time.perf_counter()
+            forms[name](inputs)
+            times.append((time.perf_counter() - sample_start) * 1e3)
+        medians[name] = statistics.median(times)
+    return medians
 
+
+def _decided(per_round: list[dict[str, float]], names: list[str], at: float) -> bool:
+    """Whether the fastest form (by median ratio to the first) was below ``at`` in every
+    round, or every form was at or above it in every round."""
+    base = names[0]
+    ratios = {name: [m[name] / m[base] for m in per_round] for name in names[1:]}
+    fastest = min(ratios, key=lambda name: statistics.median(ratios[name]))
+    return (all(r < at for r in ratios[fastest])
+            or all(r >= at for values in ratios.values() for r in values))
+
+
+def _steadiest(once: Callable[[], Latency], *, max_cv: float, max_repeats: int) -> Latency:
+    """Measure until an attempt's window CV is at most ``max_cv`` (or ``max_repeats``
+    repeats ran); keep the steadiest attempt."""
     attempts = [once()]
-    while not settled(attempts[-1]) and len(attempts) <= max_repeats:
+    while attempts[-1].window_cv > max_cv and len(attempts) <= max_repeats:
         attempts.append(once())
-    undisturbed = [a for a in attempts if not a.disturbed]
-    best = min(undisturbed or attempts, key=lambda a: a.window_cv)
+    best = min(attempts, key=lambda a: a.window_cv)
     return replace(best, attempts=len(attempts), unstable=best.window_cv > max_cv)
 
 
-def _cv(values: list[float]) -> float:
+
+def p90(ordered: list[float]) -> float:
+    return ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+
+
+def spread(values: list[float]) -> float:
     if len(values) < 2:
         return 0.0
     mean = statistics.fmean(values)
     return statistics.pstdev(values) / mean if mean > 0 else 0.0
-
-
-@dataclass
-class _Window:
-    """Samples (ms per call) taken between two probe readings (us)."""
-
-    before_us: float
-    times_ms: list[float]
-    after_us: float
-    median_ms: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.median_ms = statistics.median(self.times_ms)
-
-
-def _undisturbed(windows: list[_Window], probe: MachineProbe) -> list[bool]:
-    """Which windows saw an undisturbed machine: the probe read near its floor before and
-    after, and the window's own median is near the fastest such windows' (a disturbance only
-    ever slows a window down, and not every one slows the probe as much as the model).
-
-    "The fastest" is the 10th percentile of the window medians, and "near" is within 5% or
-    three standard errors of a window's median, whichever is wider: a slow model's 5 ms window
-    holds a few samples whose median is noisy, and keeping only the windows near the single
-    fastest of many noisy medians would bias the result low."""
-    probe_quiet = [probe.is_quiet(w.before_us) and probe.is_quiet(w.after_us) for w in windows]
-    quiet_windows = [w for w, quiet in zip(windows, probe_quiet, strict=True) if quiet]
-    if not quiet_windows:
-        return probe_quiet
-    medians = sorted(w.median_ms for w in quiet_windows)
-    fastest = medians[int(0.1 * (len(medians) - 1))]
-    tolerance = max(WINDOW_TOLERANCE, WINDOW_STANDARD_ERRORS * _median_standard_error(quiet_windows))
-    return [quiet and w.median_ms <= fastest * (1 + tolerance)
-            for w, quiet in zip(windows, probe_quiet, strict=True)]
-
-
-def _median_standard_error(windows: list[_Window]) -> float:
-    """Standard error of a window's median, relative to it: the spread of samples inside a
-    window times 1.25 / sqrt(samples per window), the standard error of a median. The spread
-    comes from differences between successive samples (their median is 0.954 standard
-    deviations for normal noise), pooled over the windows: unbiased for windows of 3 samples
-    as of 300, robust to the odd slow call, and not inflated by a disturbance that slows
-    whole windows."""
-    per_window = statistics.median(len(w.times_ms) for w in windows)
-    if per_window >= 3:
-        steps = [abs(a - b) / w.median_ms for w in windows if w.median_ms > 0
-                 for a, b in itertools.pairwise(w.times_ms)]
-    else:  # a model slower than a window holds one or two samples: successive ones across
-        # windows (probe-quiet ones, in time order), their spread alike
-        times = [t for w in windows for t in w.times_ms]
-        middle = statistics.median(times)
-        steps = [abs(a - b) / middle for a, b in itertools.pairwise(times)] if middle > 0 else []
-    if not steps:
-        return 0.0
-    return 1.25 * statistics.median(steps) / 0.954 / math.sqrt(per_window)
-
-
-def _chosen_samples(windows: list[_Window], probe: MachineProbe,
-                    samples: int) -> tuple[list[list[float]], int, bool]:
-    """The samples (ms per call) that make the measurement, by window; how many samples were
-    undisturbed; and whether too few were, so that the rest were scaled.
-
-    Enough undisturbed samples (all that were asked for, or at least MIN_UNDISTURBED when the
-    wait ran out): they alone are the measurement. Otherwise every window counts, and those
-    taken while the machine was disturbed are scaled by floor / reading, which is only as good
-    as the probe's slowdown matches the model's (within 5-18% measured)."""
-    undisturbed = _undisturbed(windows, probe)
-    quiet = sum(len(w.times_ms) for w, q in zip(windows, undisturbed, strict=True) if q)
-    disturbed = quiet < min(samples, MIN_UNDISTURBED)
-    chosen = [w.times_ms if q else [t * probe.floor_us / ((w.before_us + w.after_us) / 2)
-                                    for t in w.times_ms]
-              for w, q in zip(windows, undisturbed, strict=True) if disturbed or q]
-    return chosen, quiet, disturbed
-
-
-def _measure_cpu(model: Callable[[Any], Any], x: Any, *, warmup: int, samples: int, batch: int,
-                 threads: int, quiet_wait_s: float = 0.0, warmup_s: float = WARMUP_MIN_S,
-                 clock: Callable[[], float] = time.perf_counter,
-                 probe: MachineProbe | None = None) -> Latency:
-    """Windows of samples between probe readings, until ``samples`` samples were taken in
-    undisturbed windows (both readings near the floor) or, after ``quiet_wait_s`` seconds,
-    with whatever the windows hold: then the samples of disturbed windows are scaled by
-    floor / reading (the machine's slowdown at that moment; a pure-Python loop, a matmul and
-    these models all slowed by 1.45-1.6x together on the reference VM) and the result is
-    flagged ``disturbed``."""
-    probe = probe or MachineProbe(threads, clock=clock)
-    start = clock()
-    calls_done = 0
-    while calls_done < warmup or clock() - start < warmup_s:  # also: a core waking up
-        model(x)
-        calls_done += 1
-    start = clock()
-    for _ in range(10):
-        model(x)
-    per_call = (clock() - start) / 10
-    calls = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_S / max(per_call, 1e-9))))
-    windows: list[_Window] = []
-    total = 0
-    before = probe.burst()
-    begin = clock()
-    while True:
-        window_start, times = clock(), []
-        while not times or clock() - window_start < WINDOW_S:
-            sample_start = clock()
-            for _ in range(calls):
-                model(x)
-            times.append((clock() - sample_start) / calls * 1e3)
-        after = probe.burst()
-        windows.append(_Window(before, times, after))
-        before, total = after, total + len(times)
-        if sum(len(w.times_ms) for w, quiet in zip(windows, _undisturbed(windows, probe),
-                                                    strict=True) if quiet) >= samples:
-            break
-        if total >= samples and clock() - begin >= quiet_wait_s:
-            break
-    probe.save()
-    chosen_windows, quiet, disturbed = _chosen_samples(windows, probe, samples)
-    chosen = [t for times in chosen_windows for t in times]
-    every = [t for w in windows for t in w.times_ms]
-    readings = [windows[0].before_us, *(w.after_us for w in windows)]
-    result = _summarise(chosen, calls=calls, warmup=calls_done + 10, device=torch.device("cpu"),
-                        batch_size=batch, threads=threads)
-    return replace(result, disturbed=disturbed, probe=probe.kind,
-                   quiet_fraction=round(quiet / len(every), 4),
-                   slowdown=round(statistics.median(readings) / probe.floor_us, 4),
-                   raw_median_ms=statistics.median(every),
-                   window_cv=_cv([statistics.median(t) for t in chosen_windows if t]))
 
 
 def _capture(model: Callable[[Any], Any], x: torch.Tensor) -> Callable[[Any], Any] | None:
@@ -416,4 +418,4 @@ def _measure_cuda(model: Callable[[Any], Any], x: Any, *, device: torch.device, 
                             threads=torch.get_num_threads())
         peak = int(torch.cuda.max_memory_allocated(device))
     blocks = [statistics.median(times[i:i + 50]) for i in range(0, len(times) - 49, 50)]
-    return replace(result, cuda_graph=captured, peak_memory_bytes=peak, window_cv=_cv(blocks))
+    return replace(result, cuda_graph=captured, peak_memory_bytes=peak, window_cv=spread(blocks))
