@@ -235,6 +235,12 @@ def _pick(args: argparse.Namespace, *, say: bool) -> int:
         print(f"  why: {chosen.reason}")
         for number in chosen.runner_ups:
             print(f"  runner-up {line(number)}")
+        for t, beaten_by in data.against_baselines:
+            shown = ", ".join(str(n) for n in beaten_by[:5]) + (", ..." if len(beaten_by) > 5
+                                                                 else "")
+            print(f"  baseline {t.baseline} (trial {t.number}): "
+                  + (f"strictly dominated by trial{'s' if len(beaten_by) > 1 else ''} {shown}"
+                     if beaten_by else "no searched trial dominates it"))
         print(f"export it with: slimsearch export {data.run_dir} --trial {chosen.trial} "
               f"--out exported/trial-{chosen.trial}")
     return chosen.trial

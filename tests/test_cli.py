@@ -72,6 +72,7 @@ def test_run_writes_report_pareto_and_trial_folders(finished_run: Path) -> None:
     html = (finished_run / "report.html").read_text()
     assert "Plotly.newPlot" in html and "<script src=" not in html  # drawn, and works offline
     assert "slimsearch export" in html and "int8 layers" in html
+    assert "Against the baselines" in html and "(trial 0:" in html  # the teacher, seeded first
     # the baselines were enqueued: trial 0 is the teacher itself
     trial0 = json.loads((finished_run / "trials" / "00000" / "metrics.json").read_text())
     assert trial0["size_bytes"] == pareto["teacher"]["size_bytes"]
@@ -265,7 +266,17 @@ def test_pick_matches_brute_force_and_export_pick_exports_it(finished_run: Path,
     out = capsys.readouterr().out
     assert out.startswith(f"picked trial {best.number}:") and "why:" in out
     assert main(["pick", str(finished_run)]) == 0  # no budget: the knee
-    assert "knee" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "knee" in out
+    # every seeded baseline is named, with the searched trials that beat it, or none
+    data = load_report_data(finished_run)
+    for t, beaten_by in data.against_baselines:
+        verdict = (f"strictly dominated by trial{'s' if len(beaten_by) > 1 else ''} "
+                   if beaten_by else "no searched trial dominates it")
+        assert f"baseline {t.baseline} (trial {t.number}): {verdict}" in out
+    assert {t.baseline for t, _ in data.against_baselines} >= {"teacher"}
+    document = json.loads((finished_run / "pareto.json").read_text())
+    assert set(document["baselines"]) == {t.baseline for t, _ in data.against_baselines}
     assert main(["pick", str(finished_run), "--max-size-mb", "0.000001"]) == 2
     err = capsys.readouterr().err
     assert "no completed trial meets size <= 1 bytes" in err and "Closest: trial" in err

@@ -223,3 +223,15 @@ def test_a_figure_recorded_by_the_probe_protocol_still_loads() -> None:
     old = {**_latency(0.05).__dict__, "disturbed": True, "quiet_fraction": 0.3,
            "probe": "conv"}
     assert Latency.from_dict(old) == _latency(0.05)
+
+
+def test_a_measuring_process_pins_the_allocator() -> None:
+    # glibc's default thresholds made the same model run at 44 or 60 ms by heap state
+    import platform
+
+    from slimsearch.timing.latency import pin_allocator
+
+    described = pin_allocator()
+    if platform.libc_ver()[0] == "glibc":
+        assert described == "glibc, mmap threshold 32 MB, trim threshold 64 MB"
+    assert pin_allocator() is described  # once per process

@@ -7,7 +7,15 @@ import random
 
 import pytest
 
-from slimsearch.report.picks import Budget, knee_point, non_dominated, pick, ranking_key
+from slimsearch.report.picks import (
+    Budget,
+    dominating,
+    knee_point,
+    non_dominated,
+    pick,
+    ranking_key,
+    strictly_better,
+)
 
 TEACHER = {"val_accuracy": 0.95, "size_bytes": 100_000, "latency_ms": 1.0}
 
@@ -148,3 +156,21 @@ def test_hypervolume_history_is_the_hypervolume_of_every_trial_so_far() -> None:
     assert [n for n, _ in history] == list(range(60))
     assert [v for _, v in history] == pytest.approx(brute)
     assert brute[-1] > brute[0]  # the figures move, so the comparison means something
+
+
+def test_a_baseline_is_strictly_dominated_only_by_trials_better_in_all_three() -> None:
+    baseline = {"val_accuracy": 0.95, "size_bytes": 40_000, "latency_ms": 0.5}
+    trials = {1: {"val_accuracy": 0.96, "size_bytes": 30_000, "latency_ms": 0.4},  # better in all
+              2: {"val_accuracy": 0.95, "size_bytes": 10_000, "latency_ms": 0.1},  # a tie: no
+              3: {"val_accuracy": 0.97, "size_bytes": 20_000, "latency_ms": 0.6},  # slower
+              4: {"val_accuracy": 0.98, "size_bytes": 39_999, "latency_ms": 0.49}}
+    assert dominating(trials, baseline) == [4, 1]  # most accurate first
+    assert not strictly_better(baseline, baseline)
+    # brute force over random trials: exactly those better in every objective
+    for seed in range(5):
+        many = random_trials(seed)
+        for m in many.values():
+            expected = [k for k, o in many.items() if all(
+                (o[key] > m[key]) if key == "val_accuracy" else (o[key] < m[key])
+                for key in ("val_accuracy", "size_bytes", "latency_ms"))]
+            assert sorted(dominating(many, m)) == sorted(expected)

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from slimsearch.atomic import read_json
 from slimsearch.evaluators import untrained_teacher
 from slimsearch.report.pareto import non_dominated
+from slimsearch.report.picks import dominating
 from slimsearch.run import RunFolder, load_study
 from slimsearch.spaces import Recipe
 
@@ -118,6 +119,15 @@ class ReportData:
         return untrained_teacher(self.teacher)
 
     @property
+    def against_baselines(self) -> list[tuple[TrialPoint, list[int]]]:
+        """Each completed seeded baseline (``teacher``, ``uniform-int8``, ...) with the
+        searched trials (every completed trial that is not a baseline) that strictly dominate
+        it: better in validation accuracy, size and latency alike. An empty list says plainly
+        that the search has not beaten that baseline."""
+        searched = {t.number: t.metrics for t in self.completed if not t.baseline}
+        return [(t, dominating(searched, t.metrics)) for t in self.completed if t.baseline]
+
+    @property
     def slower_than_teacher(self) -> list[TrialPoint]:
         return [t for t in self.completed if t.metrics.get("slower_than_teacher")]
 
@@ -183,4 +193,7 @@ def pareto_document(data: ReportData) -> dict[str, Any]:
             "feasible_trials": len(data.feasible),
             "teacher": data.teacher,
             "trials": [{"number": t.number, "baseline": t.baseline, "feasible": t.feasible,
-                        "recipe": t.recipe, "metrics": t.metrics} for t in data.pareto]}
+                        "recipe": t.recipe, "metrics": t.metrics} for t in data.pareto],
+            # each seeded baseline and the searched trials better in all three objectives
+            "baselines": {t.baseline: {"trial": t.number, "strictly_dominated_by": beaten_by}
+                          for t, beaten_by in data.against_baselines}}

@@ -300,6 +300,27 @@ def _latency_spread(m: dict) -> str:
 #: How far a latency scaled by the machine's slowdown fell from undisturbed re-measurements
 #: (benchmarks/RESULTS.md, the reference 2-core VM).
 _SCALED_ERROR = "up to 15% low or 25% high on a busy test VM"
+
+
+def _baselines(data: ReportData) -> str:
+    """Each seeded baseline and the searched trials that beat it in all three objectives."""
+    items = []
+    for t, beaten_by in data.against_baselines:
+        m = t.metrics
+        shown = ", ".join(str(n) for n in beaten_by[:10]) + (", ..." if len(beaten_by) > 10 else "")
+        verdict = (f"strictly dominated by {len(beaten_by)} searched "
+                   f"trial{'s' if len(beaten_by) > 1 else ''}: {shown}" if beaten_by
+                   else "<b>no searched trial dominates it</b>")
+        items.append(f"<li><b>{html.escape(t.baseline)}</b> (trial {t.number}: val "
+                     f"{m['val_accuracy']:.4f}, {m['size_bytes']:,} bytes, "
+                     f"{m['latency_ms']:.4g} ms): {verdict}</li>")
+    if not items:
+        return ""
+    return ("<h2>Against the baselines</h2><p class='muted'>The recipes seeded into every "
+            "study, and the searched trials better than each in validation accuracy, size and "
+            f"latency alike.</p><ul>{''.join(items)}</ul>")
+
+
 def _how_timed(data: ReportData, scaled: int) -> str:
     """How the trials' latencies were measured, and how many cannot be trusted as fast."""
     paired = sum(bool(t.metrics.get("latency_ratio")) for t in data.completed)
@@ -401,6 +422,7 @@ same run.</p>
 balanced trade-off (<code>slimsearch pick</code> without a budget); pick under your own budget
 with <code>slimsearch pick {html.escape(shlex.quote(str(data.run_dir)))} --max-latency-ms X
 --max-size-mb Y</code>.</p>{_pareto_table(data)}
+{_baselines(data)}
 {f"<h2>All three objectives</h2>{_view_3d(data)}" if data.completed else ""}
 <h2>Search progress</h2>{_hypervolume(data) or "<p>No trial has completed yet.</p>"}
 <h2>Per-layer choices of the Pareto trials</h2>{_layers(data) or "<p>None yet.</p>"}

@@ -105,6 +105,20 @@ def non_dominated(trials: dict[int, dict[str, Any]]) -> list[int]:
                                  for n, m in trials.items()})
 
 
+def strictly_better(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """``a`` beats ``b`` in every objective: higher validation accuracy, fewer bytes and lower
+    latency (not merely no worse in one of them)."""
+    return (a["val_accuracy"] > b["val_accuracy"] and a["size_bytes"] < b["size_bytes"]
+            and a["latency_ms"] < b["latency_ms"])
+
+
+def dominating(trials: dict[int, dict[str, Any]], target: dict[str, Any]) -> list[int]:
+    """The trials of ``trials`` (number -> metrics) that strictly dominate ``target``'s
+    metrics, most accurate first (ties: smaller, then faster)."""
+    return sorted((n for n, m in trials.items() if strictly_better(m, target)),
+                  key=lambda n: ranking_key(trials[n], "accuracy"))
+
+
 def pick(trials: dict[int, dict[str, Any]], teacher: dict[str, Any], budget: Budget, *,
          prefer: str = "accuracy", runner_ups: int = 3) -> Pick:
     """The best trial under ``budget`` by ``prefer`` (ties: smaller, then faster), or the knee

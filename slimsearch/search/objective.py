@@ -44,15 +44,18 @@ from slimsearch.runtimes import Runtime, get_runtime
 from slimsearch.search.teacher import Teacher, prepare_teacher
 from slimsearch.spaces import Recipe
 from slimsearch.tasks import Task, make_task
+from slimsearch.timing.latency import pin_allocator
 from slimsearch.training import accuracy
 
 
 def environment() -> dict[str, str]:
-    """Versions that a rebuilt trial must match to reproduce its numbers."""
+    """Versions that a rebuilt trial must match to reproduce its numbers, and the memory
+    allocator's settings its latency was measured with (``timing.latency.pin_allocator``)."""
     import numpy
     return {"slimsearch": __version__, "torch": torch.__version__,
             "numpy": numpy.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor() or "unknown"}
+            "machine": platform.machine(), "processor": platform.processor() or "unknown",
+            "allocator": pin_allocator()}
 
 
 def relative_to_teacher(metrics: dict[str, Any], teacher: dict[str, Any],

@@ -18,6 +18,8 @@ local trial's training runs on it, and Python's garbage collector waits.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import gc
 import math
 import statistics
@@ -54,6 +56,15 @@ REST_BURSTS = 6
 REST_PAUSE_S = 0.5
 BURST_S = 0.1
 BURST_SAMPLES = 20
+#: glibc's malloc maps a large buffer fresh (and faults it in) or serves it from its heap,
+#: and trims the heap, by rules that depend on what was freed before: the digits-cnn teacher
+#: at batch 256 (a 16.8 MB activation) ran at 44 or at 60 ms by that state, from one process
+#: to the next and within one. A measuring process pins it (``pin_allocator``): buffers up to
+#: 32 MB (glibc's largest setting) come from the heap, which keeps 64 MB before trimming.
+#: That is the steady state of a long-running server, and the figure no longer depends on
+#: what ran before: 46-49 ms in every process.
+MMAP_THRESHOLD_BYTES = 32 * 2**20
+TRIM_THRESHOLD_BYTES = 64 * 2**20
 #: CUDA warm-up runs in rounds of this many calls until two successive round medians agree
 #: within STABLE_FRACTION (and at least ``warmup`` calls ran), at most MAX_WARMUP_ROUNDS rounds.
 WARMUP_ROUND = 20
@@ -135,6 +146,27 @@ def _summarise(per_call_ms: list[float], *, calls: int, warmup: int, device: tor
                    device=str(device), batch_size=batch_size, threads=threads)
 
 
+@functools.cache
+def pin_allocator() -> str:
+    """Pin glibc's malloc thresholds in this process (see MMAP_THRESHOLD_BYTES), once; what
+    the process allocates with, as the latency record says it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        pinned = (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+                  and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its own allocator, as is
+        return "the system's allocator"
+    if not pinned:
+        return "glibc, default thresholds (mallopt refused)"
+    return (f"glibc, mmap threshold {MMAP_THRESHOLD_BYTES // 2**20} MB, trim threshold "
+            f"{TRIM_THRESHOLD_BYTES // 2**20} MB")
+
+
+#: mallopt's parameter numbers (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
 @torch.inference_mode()
 def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.device,
                     threads: int = 1, warmup: int = 100, samples: int = 500,
@@ -157,7 +189,7 @@ def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.d
     if device.type != "cuda":
         return rested_latency(model, inputs, threads=threads)
     batch = int(len(inputs))
-    with exclusive(device), garbage_collection_paused():
+    with exclusive(device), steady_process():
         once = lambda: _measure_cuda(model, inputs, device=device, warmup=warmup,  # noqa: E731
                                      samples=samples, batch=batch, graph=cuda_graph)
         return _steadiest(once, max_cv=max_cv, max_repeats=max_repeats)
@@ -186,7 +218,7 @@ def rested_latency(model: Callable[[Any], Any], inputs: Any, *, threads: int = 1
     for burst in range(bursts):
         if burst:
             sleep(pause_s)
-        with exclusive(torch.device("cpu")), garbage_collection_paused():
+        with exclusive(torch.device("cpu")), steady_process():
             try:
                 torch.set_num_threads(threads)
                 side, calls = warm_up(model, inputs, clock, warmup_s if burst == 0 else 0.0)
@@ -264,10 +296,12 @@ def warm_up(fn: Callable[[Any], Any], x: Any, clock: Callable[[], float],
 
 
 @contextlib.contextmanager
-def garbage_collection_paused() -> Iterator[None]:
-    """Python's garbage collector off while timing (as ``timeit`` does): after a trial's
-    training the process holds many objects, and a collection that lands in one side's window
-    slows that side alone. Collections run at the end."""
+def steady_process() -> Iterator[None]:
+    """The process as every timing needs it: its allocator pinned (``pin_allocator``, once
+    and for good) and Python's garbage collector off meanwhile, as ``timeit`` does (after a
+    trial's training the process holds many objects, and a collection that lands in one
+    side's window slows that side alone; collections run at the end)."""
+    pin_allocator()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -296,7 +330,7 @@ def compare_latency(forms: dict[str, Callable[[Any], Any]], inputs: Any, *, thre
     a mixed int8/float form hovered at 0.97 of float, its rounds ran to the end.)"""
     names = list(forms)
     previous_threads = torch.get_num_threads()
-    with exclusive(torch.device("cpu")), garbage_collection_paused():
+    with exclusive(torch.device("cpu")), steady_process():
         try:
             torch.set_num_threads(threads)
             for fn in forms.values():

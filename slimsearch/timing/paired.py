@@ -34,9 +34,9 @@ from slimsearch.timing.latency import (
     WARMUP_S,
     Latency,
     Side,
-    garbage_collection_paused,
     p90,
     spread,
+    steady_process,
     wait_apart_cpu,
     warm_up,
 )
@@ -125,7 +125,7 @@ def measure_paired(candidate: Callable[[Any], Any], candidate_input: Any,
     with ``threads`` threads, in alternating windows, until the ratio's interval is within
     ``precision`` (see the module's doc). Holds the CPU exclusively (``devices.exclusive``)."""
     previous_threads = torch.get_num_threads()
-    with exclusive(torch.device("cpu")), garbage_collection_paused():
+    with exclusive(torch.device("cpu")), steady_process():
         try:
             torch.set_num_threads(threads)
             ours, warm = warm_up(candidate, candidate_input, clock, warmup_s)
