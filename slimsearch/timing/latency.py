@@ -60,7 +60,8 @@ BURST_SAMPLES = 20
 #: and trims the heap, by rules that depend on what was freed before: the digits-cnn teacher
 #: at batch 256 (a 16.8 MB activation) ran at 44 or at 60 ms by that state, from one process
 #: to the next and within one. A measuring process pins it (``pin_allocator``): buffers up to
-#: 32 MB (glibc's largest setting) come from the heap, which keeps 64 MB before trimming.
+#: 32 MB (the most glibc's manual allows for this setting on 64-bit) come from the heap,
+#: which keeps 64 MB before trimming.
 #: That is the steady state of a long-running server, and the figure no longer depends on
 #: what ran before: 46-49 ms in every process.
 MMAP_THRESHOLD_BYTES = 32 * 2**20
@@ -131,7 +132,7 @@ class Latency:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Latency:
         """A recorded figure; fields it no longer has (``disturbed``, ``quiet_fraction`` and
-        ``probe`` of the probe protocol before 0.6's ratio) are left out."""
+        ``probe``, of the machine-probe protocol that came before the ratio) are left out."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -139,8 +140,7 @@ class Latency:
 def _summarise(per_call_ms: list[float], *, calls: int, warmup: int, device: torch.device,
                batch_size: int, threads: int) -> Latency:
     ordered = sorted(per_call_ms)
-    return Latency(median_ms=statistics.median(ordered),
-                   p90_ms=ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)],
+    return Latency(median_ms=statistics.median(ordered), p90_ms=p90(ordered),
                    cv=spread(ordered),
                    samples=len(ordered), calls_per_sample=calls, warmup_calls=warmup,
                    device=str(device), batch_size=batch_size, threads=threads)
@@ -354,17 +354,11 @@ def compare_latency(forms: dict[str, Callable[[Any], Any]], inputs: Any, *, thre
 
 def _one_round(forms: dict[str, Callable[[Any], Any]], order: list[str], inputs: Any,
                window_s: float) -> dict[str, float]:
-    """Each form's median ms per call in one window of at least ``window_s`` seconds."""
-    medians = {}
-    for name in order:
-        forms[name](inputs)  # untimed: the caches still hold the form before
-        times, start = [], time.perf_counter()
-        while not times or time.perf_counter() - start < window_s:
-            sample_start = time.perf_counter()
-            forms[name](inputs)
-            times.append((time.perf_counter() - sample_start) * 1e3)
-        medians[name] = statistics.median(times)
-    return medians
+    """Each form's median ms per call in one window of at least ``window_s`` seconds, after
+    an untimed call (``Side.window``: the caches still hold the form before)."""
+    return {name: statistics.median(Side(forms[name], inputs, 1).window(time.perf_counter,
+                                                                         window_s))
+            for name in order}
 
 
 def _decided(per_round: list[dict[str, float]], names: list[str], at: float) -> bool:
@@ -385,7 +379,6 @@ def _steadiest(once: Callable[[], Latency], *, max_cv: float, max_repeats: int) 
         attempts.append(once())
     best = min(attempts, key=lambda a: a.window_cv)
     return replace(best, attempts=len(attempts), unstable=best.window_cv > max_cv)
-
 
 
 def p90(ordered: list[float]) -> float:
