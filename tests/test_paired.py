@@ -64,6 +64,19 @@ def test_a_slow_stretch_slows_both_sides_and_leaves_the_ratio() -> None:
     assert paired.candidate_ms > 1.4 * 0.1
 
 
+def test_a_short_reference_fills_as_much_time_as_a_long_model_takes() -> None:
+    # a 20 ms model beside a 2.5 ms reference: the model takes one sample a round, the
+    # reference as many as fill about the same time (not one sample after its untimed call)
+    machine = FakeMachine(jitter=0.01)
+    paired = measure_paired(machine.model(0.02), X, machine.model(0.0025), X,
+                            clock=machine.clock, min_rounds=6, max_seconds=2.0)
+    assert paired.ratio == pytest.approx(8.0, rel=0.03)
+    assert paired.samples == paired.rounds  # one sample of the model a round
+    # a round: the model's untimed and timed call, the reference's untimed call, its window
+    reference_window_s = paired.seconds / paired.rounds - 2 * 0.02 - 0.0025
+    assert reference_window_s >= 0.8 * 0.02
+
+
 def test_a_ratio_that_never_settles_is_slow_and_unstable() -> None:
     machine = FakeMachine(jitter=2.0)  # each call costs 1-3x its price: no stable ratio
     latency = paired_latency(machine.model(1e-4), X, machine.model(2e-4), X, anchor_ms=0.2,

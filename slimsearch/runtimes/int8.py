@@ -140,8 +140,6 @@ def build_executable(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
             return quantize_dynamic(copy.deepcopy(model).eval(),
                                     {name: _dynamic_qconfig() for name in layers},
                                     dtype=torch.qint8)
-        from torch.ao.quantization.quantize_fx import convert_fx
-
         prepared = _prepare_static(model, layers, plan.input_shape)
         observers = _observers(prepared)
         if set(observers) != set(plan.ranges):
@@ -152,36 +150,57 @@ def build_executable(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
             low, high = plan.ranges[name]
             observer.min_val = torch.tensor(low)
             observer.max_val = torch.tensor(high)
-        return convert_fx(prepared).eval()
+    return _converted(prepared)
 
 
-def _fx_trace_error(model: nn.Module, input_shape: list[int]) -> str | None:
-    """None when torch.fx can trace ``model`` (static int8 needs its graph), else the reason."""
+def _static_graph_or_why(model: nn.Module, layers: list[str],
+                         input_shape: list[int]) -> tuple[nn.Module | None, str | None]:
+    """``model`` prepared for static int8 of ``layers`` (observers in place), or None and why
+    torch.fx cannot trace it: static int8 needs its graph. The tracing check is the first
+    preparation a plan needs anyway."""
     try:
         with _quiet():
-            _prepare_static(model, [], input_shape)
+            return _prepare_static(model, layers, input_shape), None
     except Exception as exc:  # torch.fx raises TraceError, TypeError, ... on dynamic code
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return None
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _calibrated(prepared: nn.Module, data: torch.Tensor) -> nn.Module:
+    """``prepared`` after its observers have seen ``data`` (in place)."""
+    with _quiet(), torch.no_grad():
+        for start in range(0, len(data), 256):
+            prepared(data[start:start + 256])
+    return prepared
+
+
+def _ranges(calibrated: nn.Module) -> dict[str, list[float]]:
+    return {n: [float(o.min_val), float(o.max_val)] for n, o in _observers(calibrated).items()}
+
+
+def _converted(calibrated: nn.Module) -> nn.Module:
+    """The int8 model a calibrated one makes: what ``build_executable`` builds from its
+    ranges, without preparing the model again (a preparation traces the whole model: 35 ms
+    for a digits-cnn student, and a plan made four to eight of them)."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    with _quiet():
+        return convert_fx(calibrated).eval()
 
 
 def _calibrate(model: nn.Module, layers: list[str], input_shape: list[int],
                data: torch.Tensor) -> dict[str, list[float]]:
     with _quiet():
         prepared = _prepare_static(model, layers, input_shape)
-        with torch.no_grad():
-            for start in range(0, len(data), 256):
-                prepared(data[start:start + 256])
-        return {n: [float(o.min_val), float(o.max_val)] for n, o in _observers(prepared).items()}
+    return _ranges(_calibrated(prepared, data))
 
 
 def _time(forms: dict[str, nn.Module], x: torch.Tensor, threads: int,
           **protocol: float) -> dict[str, float]:
     """Median milliseconds per call of each form on ``x`` on CPU, timed in turns so that a
     machine slowing down meanwhile cannot decide between them (a choice, not an objective),
-    and only until the choice is clear: the fastest form beat float by MARGIN in every round
-    so far, or none did in any. ``protocol``: compare_latency's rounds and window_s, when not
-    its defaults."""
+    and only until the choice is clear (``compare_latency``'s ``decided_at``: does the
+    fastest form beat float by MARGIN?). ``protocol``: compare_latency's rounds and
+    window_s, when not its defaults."""
     return compare_latency({k: torch.no_grad()(f) for k, f in forms.items()}, x, threads=threads,
                            decided_at=1 - MARGIN, **protocol)
 
@@ -190,15 +209,20 @@ def _time(forms: dict[str, nn.Module], x: torch.Tensor, threads: int,
 MARGIN = 0.05
 #: A single layer is timed in fewer, shorter rounds than a whole model (a layer call takes
 #: microseconds, so a 1 ms window still holds dozens of calls). A layer's timing only
-#: proposes: no model runs int8 unless its whole form, timed at compare_latency's defaults,
-#: beat float; a near-tie misjudged here costs at most a missed speedup. New layer shapes
-#: come with most trials, so this was most of the plan's time: 44.6 -> 25.8 ms per new
-#: dynamic Linear shape (median of 8, measured on the reference VM).
+#: proposes: no model runs int8 unless its whole form beat float; a near-tie misjudged here
+#: costs at most a missed speedup. New layer shapes come with most trials, so this was most
+#: of the plan's time: 44.6 -> 25.8 ms per new dynamic Linear shape (median of 8, measured
+#: on the reference VM).
 LAYER_PROTOCOL = {"rounds": 6, "window_s": 0.001}
+#: The whole model's forms are timed for at most this many rounds: a choice the rounds have
+#: not made by then is a near-tie (a form within a few percent of the margin), and either
+#: answer is as fast as the other within that. (At 10, one dynamic student at 0.99 of float
+#: took 2 s of its trial's 4.)
+MODEL_PROTOCOL = {"rounds": 6}
 
 _LAYER_CACHE: dict[tuple, tuple[float, float]] = {}
-#: Whole-model decisions by form (see plan_execution): (layers, decisions).
-_MODEL_CACHE: dict[tuple, tuple[dict[str, str], dict[str, Any]]] = {}
+#: Whole-model decisions by form (see plan_execution): (mode, layers, decisions).
+_MODEL_CACHE: dict[tuple, tuple[str, dict[str, str], dict[str, Any]]] = {}
 
 
 def _layer_times(layer: nn.Module, x: torch.Tensor, mode: str, threads: int) -> tuple[float, float]:
@@ -210,12 +234,15 @@ def _layer_times(layer: nn.Module, x: torch.Tensor, mode: str, threads: int) -> 
            torch.backends.quantized.engine, threads)
     if key not in _LAYER_CACHE:
         single = nn.Sequential(copy.deepcopy(layer)).eval()
-        plan = ExecutionPlan(mode=mode, layers={"0": "int8"}, input_shape=list(x.shape[1:]),
-                             engine=torch.backends.quantized.engine)
         if mode == "static":
-            plan.ranges = _calibrate(single, ["0"], plan.input_shape, x)
-        timed = _time({"float": single, "int8": build_executable(single, plan)}, x, threads,
-                      **LAYER_PROTOCOL)
+            with _quiet():
+                int8_form = _converted(_calibrated(_prepare_static(single, ["0"],
+                                                                   list(x.shape[1:])), x))
+        else:
+            int8_form = build_executable(single, ExecutionPlan(
+                mode=mode, layers={"0": "int8"}, input_shape=list(x.shape[1:]),
+                engine=torch.backends.quantized.engine))
+        timed = _time({"float": single, "int8": int8_form}, x, threads, **LAYER_PROTOCOL)
         _LAYER_CACHE[key] = (timed["float"], timed["int8"])
     return _LAYER_CACHE[key]
 
@@ -234,30 +261,34 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
     if name_of_engine is None or not symmetric:
         return None
     torch.backends.quantized.engine = name_of_engine
-    mode = "static" if activation_bits == 8 else "dynamic"
-    untraceable = None
-    if mode == "static":
-        untraceable = _fx_trace_error(model, list(batch.shape[1:]))
-        if untraceable is not None:  # e.g. data-dependent control flow in forward
-            mode = "dynamic"
-    kinds = (nn.Conv2d, nn.Linear) if mode == "static" else (nn.Linear,)
     modules = dict(model.named_modules())
-    candidates = [n for n, b in layer_bits.items() if b <= 8 and isinstance(modules.get(n), kinds)]
-    if not candidates:
-        return None
-    # The decision depends on shapes and kernels, not on weight values: a model of a form
-    # already decided in this process reuses it (only a static plan's ranges are recalibrated).
-    key = (json.dumps(module_form(model)), tuple(candidates), mode, threads, tuple(batch.shape),
+    low_bits = [n for n, b in layer_bits.items()
+                if b <= 8 and isinstance(modules.get(n), nn.Conv2d | nn.Linear)]
+    asked = "static" if activation_bits == 8 else "dynamic"
+    input_shape = list(batch.shape[1:])
+    # The decision depends on shapes, code and kernels, not on weight values: a model of a
+    # form already decided in this process reuses it (a static plan's ranges are calibrated
+    # on the model itself). Whether torch.fx traces it is a matter of its code, in the form.
+    key = (json.dumps(module_form(model)), tuple(low_bits), asked, threads, tuple(batch.shape),
            name_of_engine)
-    plan = ExecutionPlan(mode=mode, layers={}, input_shape=list(batch.shape[1:]),
-                         engine=name_of_engine)
     if key in _MODEL_CACHE:
-        layers, decisions = _MODEL_CACHE[key]
-        plan.layers, plan.decisions = dict(layers), copy.deepcopy(decisions)
+        mode, layers, decisions = _MODEL_CACHE[key]
+        plan = ExecutionPlan(mode=mode, layers=dict(layers), input_shape=input_shape,
+                             engine=name_of_engine, decisions=copy.deepcopy(decisions))
         plan.decisions["model"]["reused"] = "same form decided earlier in this process"
         if plan.int8_layers and mode == "static":
-            plan.ranges = _calibrate(model, plan.int8_layers, plan.input_shape, calibration)
+            plan.ranges = _calibrate(model, plan.int8_layers, input_shape, calibration)
         return plan
+    mode, untraceable, all_int8 = asked, None, None
+    if asked == "static" and low_bits:
+        all_int8, untraceable = _static_graph_or_why(model, low_bits, input_shape)
+        if all_int8 is None:  # e.g. data-dependent control flow in forward
+            mode = "dynamic"
+    kinds = nn.Conv2d | nn.Linear if mode == "static" else nn.Linear
+    candidates = [n for n in low_bits if isinstance(modules[n], kinds)]
+    if not candidates:
+        return None
+    plan = ExecutionPlan(mode=mode, layers={}, input_shape=input_shape, engine=name_of_engine)
     inputs = layer_inputs(model.eval(), candidates, batch)
     for name in candidates:
         float_ms, int8_ms = _layer_times(modules[name], inputs[name], mode, threads)
@@ -266,21 +297,21 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
     if untraceable is not None:
         plan.decisions["static"] = f"not traceable by torch.fx, dynamic int8 instead: {untraceable}"
     _choose_for_the_whole_model(model, plan, candidates, batch=batch, calibration=calibration,
-                                threads=threads)
-    _MODEL_CACHE[key] = (dict(plan.layers), copy.deepcopy(plan.decisions))
+                                threads=threads, all_int8=all_int8)
+    _MODEL_CACHE[key] = (mode, dict(plan.layers), copy.deepcopy(plan.decisions))
     return plan
 
 
 def _choose_for_the_whole_model(model: nn.Module, plan: ExecutionPlan, candidates: list[str], *,
-                                batch: torch.Tensor, calibration: torch.Tensor,
-                                threads: int) -> None:
+                                batch: torch.Tensor, calibration: torch.Tensor, threads: int,
+                                all_int8: nn.Module | None = None) -> None:
     """Time the whole model on float and on the int8 options and keep the fastest in ``plan``.
 
     Static: per-layer timings include a quantize/dequantize at each layer's borders, which a
     chain of int8 layers does not pay; so the whole model is timed float vs the per-layer
-    choice vs every candidate on int8. Dynamic layers quantize their input on every call,
-    chained or not: only the per-layer choice is checked as a whole, and when no layer won
-    there is nothing to check."""
+    choice vs every candidate on int8 (``all_int8``: the model already prepared for that).
+    Dynamic layers quantize their input on every call, chained or not: only the per-layer
+    choice is checked as a whole, and when no layer won there is nothing to check."""
     options = {"per layer": plan.layers}
     if plan.mode == "static":
         options["all int8"] = dict.fromkeys(candidates, "int8")
@@ -295,10 +326,17 @@ def _choose_for_the_whole_model(model: nn.Module, plan: ExecutionPlan, candidate
         option = ExecutionPlan(mode=plan.mode, layers=dict(layers), input_shape=plan.input_shape,
                                engine=plan.engine, decisions=plan.decisions)
         if plan.mode == "static":
-            option.ranges = _calibrate(model, option.int8_layers, plan.input_shape, calibration)
-        forms[label] = build_executable(model, option)
+            everything = all_int8 is not None and set(option.int8_layers) == set(candidates)
+            with _quiet():
+                prepared = (all_int8 if everything
+                            else _prepare_static(model, option.int8_layers, plan.input_shape))
+            calibrated = _calibrated(prepared, calibration)
+            option.ranges = _ranges(calibrated)
+            forms[label] = _converted(calibrated)
+        else:
+            forms[label] = build_executable(model, option)
         built[label] = option
-    timings = _time(forms, batch, threads)
+    timings = _time(forms, batch, threads, **MODEL_PROTOCOL)
     best = min(timings, key=timings.get)
     if timings[best] >= (1 - MARGIN) * timings["float"]:
         best = "float"

@@ -45,6 +45,9 @@ from slimsearch.timing.latency import (
 #: long enough for a robust median of a fast model, short enough that the machine rarely
 #: changes between the two sides of a round.
 WINDOW_S = 0.002
+#: ... or for this fraction of the longer side's sample, if that is longer: the longer side
+#: then takes one sample a window, and the shorter one as many as fill the same time.
+EVEN_WINDOWS = 0.8
 #: Stop once the ratio's interval is within this fraction of it (each side), i.e. once it can
 #: be trusted (TRUSTED)... A trial needs its place among the others, not a third digit: on the
 #: reference VM, at 4-6% noise per round, a digits-cnn student at batch 256 took 20-120
@@ -140,6 +143,11 @@ def measure_paired(candidate: Callable[[Any], Any], candidate_input: Any,
 def _rounds(ours: Side, theirs: Side, warm: int, *, precision: float, min_rounds: int,
             max_seconds: float, max_rounds: int, window_s: float,
             clock: Callable[[], float]) -> Paired:
+    # Both sides sample for about as long as the longer side's sample lasts: a 2.8 ms
+    # reference beside a 20 ms model took one sample a round, just after its untimed call;
+    # its median then read 3-4% slower than at rest and swung more, and the ratio took 11-14
+    # rounds to settle instead of 6 (digits-cnn at batch 256, reference VM).
+    window_s = max(window_s, EVEN_WINDOWS * max(ours.sample_ms, theirs.sample_ms) / 1e3)
     ratios: list[float] = []
     every_ours: list[float] = []
     every_theirs: list[float] = []
