@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from slimsearch.compression import MODEL_FILE, build, load_model, save_artifact
+from slimsearch.compression import MODEL_FILE, build, save_artifact
 from slimsearch.evaluators import measure_latency
 from slimsearch.experiment import SpaceConfig, TrainConfig
-from slimsearch.runtimes import plan_execution
+from slimsearch.runtimes import load_model, plan_execution
 from slimsearch.search.teacher import prepare_teacher
 from slimsearch.spaces import SearchSpace
 from slimsearch.spaces.recipe import LayerRecipe, Recipe

@@ -9,7 +9,8 @@ space as soon as the task is built, still before any training.
     task = "digits-mlp"          # a built-in name, or "my_package.my_module:make_task"
     seed = 0
 
-    [search]   trials, sampler, timeout, storage, sensitivity, backend, ray_address, cpus_per_trial
+    [search]   trials, sampler, timeout, storage, sensitivity, refine, backend, ray_address,
+               cpus_per_trial
     [space]    bits, sparsity, pruning, student_init, [space.student] knob = [choices]
     [train]    teacher_epochs, distill_epochs, finetune_epochs, qat_epochs, batch_size, lr, ...
     [target]   device, batch_sizes, dtype, runtime, threads, cuda_graphs, max_cv, max_repeats
@@ -49,6 +50,11 @@ SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random")
 DTYPES = ("fp32", "fp16", "bf16")
 
 
+#: search.refine when the experiment does not say (measured: benchmarks/RESULTS.md, "Search
+#: around the best").
+REFINE_DEFAULT = 0.0
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """How long and how the search runs."""
@@ -64,6 +70,10 @@ class SearchConfig:
     #: Before the first trial, measure each layer's accuracy drop when compressed alone, show
     #: it in the report and start the search from recipes it suggests (search.sensitivity).
     sensitivity: bool = True
+    #: The share of trials (a fraction, after the first 10 completed) that refine the front:
+    #: a Pareto trial with one layer's bits, sparsity or pruning method changed, guided by
+    #: the sensitivity pre-pass (search.refine); the sampler proposes the others.
+    refine: float = REFINE_DEFAULT
     #: "local": trials in processes on this machine; "ray": on a Ray cluster, told to the same
     #: study (pip install "slimsearch[ray]"). The names are search.backends.BACKENDS'; the
     #: search checks this one before anything runs.
@@ -77,6 +87,8 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         _require(self.trials >= 1, "search.trials", self.trials, "an integer >= 1")
+        _require(isinstance(self.refine, int | float) and 0 <= self.refine < 1, "search.refine",
+                 self.refine, "a fraction of the trials, >= 0 and < 1 (0: the sampler alone)")
         _require(self.cpus_per_trial is None or self.cpus_per_trial >= 1,
                  "search.cpus_per_trial", self.cpus_per_trial, "an integer >= 1")
         _require(self.sampler in SAMPLERS, "search.sampler", self.sampler, f"one of {SAMPLERS}")

@@ -118,43 +118,75 @@ def test_suggest_gives_valid_recipes_that_params_of_reproduces(digits_mlp_task: 
         assert space.suggest(fresh.ask()) == recipe
 
 
-@pytest.mark.parametrize("config", [SpaceConfig(), SpaceConfig(bits=(4, 8, 32), sparsity=(0.0, 0.5),
-                                                               student_init=("slice",))],
-                         ids=["default", "narrow"])
-def test_baselines_round_trip_through_params_of(digits_mlp_task: Task, config: SpaceConfig) -> None:
+EXPERT = ["teacher", "uniform-int8", "structured-50%-int8", "structured-75%-int8",
+          "4-bit-weights", "half-width-student"]
+
+
+def _round_trips(space: SearchSpace, recipe: Recipe) -> bool:
+    study = optuna.create_study()
+    study.enqueue_trial(space.params_of(recipe))
+    return space.suggest(study.ask()) == recipe
+
+
+@pytest.mark.parametrize(("config", "names"), [
+    (SpaceConfig(), EXPERT),
+    # 75% is not offered: the nearest sparsity is 50%, a recipe already there
+    (SpaceConfig(bits=(4, 8, 32), sparsity=(0.0, 0.5), student_init=("slice",)),
+     ["teacher", "uniform-int8", "structured-50%-int8", "4-bit-weights", "half-width-student"]),
+], ids=["default", "narrow"])
+def test_the_experts_first_recipes_are_baselines_that_round_trip(
+        digits_mlp_task: Task, config: SpaceConfig, names: list[str]) -> None:
     space = SearchSpace(digits_mlp_task, config)
-    baselines = list(space.baselines().values())
-    assert [set(r.layers) for r in baselines] == [set(MLP_LAYERS)] * 2
-    assert {layer.bits for layer in baselines[0].layers.values()} == {32}
-    assert {layer.bits for layer in baselines[1].layers.values()} == {8}
-    for recipe in baselines:
-        assert recipe.student == dict(digits_mlp_task.teacher_kwargs)
-        study = optuna.create_study()
-        study.enqueue_trial(space.params_of(recipe))
-        assert space.suggest(study.ask()) == recipe
+    baselines = space.baselines()
+    assert list(baselines) == names
+    teacher = dict(digits_mlp_task.teacher_kwargs)
+    for name, recipe in baselines.items():
+        assert _round_trips(space, recipe), name
+        assert recipe.student_init == "slice"
+        assert set(recipe.layers) == {i.name for i in space.layers_for(recipe.student)}
+    layers = {name: list(r.layers.values()) for name, r in baselines.items()}
+    assert {x.bits for x in layers["teacher"]} == {32} and baselines["teacher"].student == teacher
+    assert {x.bits for x in layers["uniform-int8"]} == {8}
+    assert {x.bits for x in layers["4-bit-weights"]} == {4}
+    # structured 50%: every layer that may lose outputs does, the class outputs stay
+    structured = baselines["structured-50%-int8"].layers
+    assert structured["head"] == LayerRecipe(bits=8)
+    assert all(structured[n] == LayerRecipe(sparsity=0.5, pruning="structured", bits=8)
+               for n in ("hidden.0", "hidden.1"))
+    half = baselines["half-width-student"]
+    assert half.student == {**teacher, "width": 0.5}  # depth kept: a width knob exists
+    assert {x.bits for x in half.layers.values()} == {32}
+
+
+def test_with_int8_activations_the_expert_recipes_run_int8_throughout(digits_mlp_task: Task) -> None:
+    space = SearchSpace(digits_mlp_task, SpaceConfig(activations=(32, 8)))
+    acts = {name: r.activation_bits for name, r in space.baselines().items()}
+    assert acts == {"teacher": 32, "uniform-int8": 8, "structured-50%-int8": 8,
+                    "structured-75%-int8": 8, "4-bit-weights": 8, "half-width-student": 32}
 
 
 def test_no_int8_baseline_without_8_bits(digits_mlp_task: Task) -> None:
-    assert list(SearchSpace(digits_mlp_task, SpaceConfig(bits=(4, 32))).baselines()) == ["teacher"]
+    assert list(SearchSpace(digits_mlp_task, SpaceConfig(bits=(4, 32))).baselines()) == [
+        "teacher", "4-bit-weights", "half-width-student"]
 
 
-@pytest.mark.parametrize(("config", "expected_bits"), [
-    (SpaceConfig(), [32, 8]),
-    (SpaceConfig(bits=(4, 8)), [8]),
+@pytest.mark.parametrize(("config", "names"), [
+    (SpaceConfig(), EXPERT),
+    (SpaceConfig(bits=(4, 8)), ["uniform-int8", "structured-50%-int8", "structured-75%-int8",
+                                "4-bit-weights"]),
     (SpaceConfig(sparsity=(0.25, 0.5)), []),
     (SpaceConfig(student_init=("scratch",)), []),
-    (SpaceConfig(student={"width": (0.25, 0.5)}), []),
-], ids=["default", "no-32-bits", "no-zero-sparsity", "scratch-only", "teacher-width-not-offered"])
+    (SpaceConfig(pruning=("unstructured",)), ["teacher", "uniform-int8", "4-bit-weights",
+                                              "half-width-student"]),
+    (SpaceConfig(student={"width": (0.25, 0.5)}), ["half-width-student"]),
+], ids=["default", "no-32-bits", "no-zero-sparsity", "scratch-only", "no-structured",
+        "teacher-width-not-offered"])
 def test_baselines_are_only_those_the_space_can_express(digits_mlp_task: Task, config: SpaceConfig,
-                                                        expected_bits: list[int]) -> None:
+                                                        names: list[str]) -> None:
     space = SearchSpace(digits_mlp_task, config)
     baselines = space.baselines()
-    assert [next(iter(r.layers.values())).bits for r in baselines.values()] == expected_bits
-    assert list(baselines) == [{32: "teacher", 8: "uniform-int8"}[b] for b in expected_bits]
-    for recipe in baselines.values():
-        study = optuna.create_study()
-        study.enqueue_trial(space.params_of(recipe))
-        assert space.suggest(study.ask()) == recipe
+    assert list(baselines) == names
+    assert all(_round_trips(space, recipe) for recipe in baselines.values())
 
 
 def test_suggested_recipes_are_contained_in_their_space(digits_mlp_task: Task) -> None:
@@ -274,3 +306,21 @@ def test_the_size_bound_is_below_every_file_the_space_can_build(digits_mlp_task:
                            device=torch.device("cpu"))
         size = save_artifact(compressed, tmp_path / f"{number}.safetensors").stat().st_size
         assert size >= bound, recipe.summary()
+
+
+def test_seeded_trials_put_the_sensitivity_starts_before_the_experts_and_leave_half() -> None:
+    from slimsearch.search.optuna_backend import seeded
+
+    def recipe(bits: int) -> Recipe:
+        return Recipe(student={}, layers={"fc": LayerRecipe(bits=bits)})
+
+    baselines = {"teacher": recipe(32), "uniform-int8": recipe(8), "4-bit-weights": recipe(4),
+                 "expert": recipe(2)}
+    starts = {"within 0.5%": recipe(6), "within 2%": recipe(4)}  # the second is a baseline
+    order = [(kind, name) for kind, name, _ in seeded(baselines, starts, budget=100)]
+    assert order == [("baseline", "teacher"), ("baseline", "uniform-int8"),
+                     ("start", "within 0.5%"), ("baseline", "4-bit-weights"),
+                     ("baseline", "expert")]
+    assert [name for _, name, _ in seeded(baselines, starts, budget=5)] == [
+        "teacher", "uniform-int8", "within 0.5%"]
+

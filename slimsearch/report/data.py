@@ -40,6 +40,8 @@ class TrialPoint:
     stopped: str | None = None
     #: The starting recipe it ran, when the sensitivity pre-pass enqueued it.
     start: str | None = None
+    #: What it changed in which front trial, when it refined the front (search.refine).
+    refine: str | None = None
 
     @property
     def summary(self) -> str:
@@ -155,7 +157,8 @@ def load_report_data(run_dir: str | Path) -> ReportData:
             baseline=t.user_attrs.get("baseline"), error=t.user_attrs.get("error"),
             pareto=t.number in pareto, seconds=seconds,
             feasible=all(v <= 0 for v in t.constraints.values()),
-            stopped=t.user_attrs.get("stopped"), start=t.user_attrs.get("start")))
+            stopped=t.user_attrs.get("stopped"), start=t.user_attrs.get("start"),
+            refine=t.user_attrs.get("refine")))
     return ReportData(run_dir=folder.root, name=settings["study_name"], settings=settings,
                       teacher=read_json(teacher_file) if teacher_file.exists() else {},
                       trials=points, sensitivity=_optional(folder.sensitivity),

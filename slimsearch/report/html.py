@@ -200,7 +200,8 @@ def _pareto_table(data: ReportData) -> str:
         extra = "".join(f"<td>{m[f'speedup_b{b}']:.2f}x</td>" if f"speedup_b{b}" in m
                         else "<td>?</td>" for b in extra_batches)
         command = f"slimsearch export {run_dir} --trial {t.number} --out exported/trial-{t.number}"
-        label = f" ({t.baseline or t.start})" if t.baseline or t.start else ""
+        origin = t.baseline or t.start or (t.refine and f"refines {t.refine}")
+        label = f" ({origin})" if origin else ""
         if t.number == knee:
             label += " <span class='flag'>knee</span>"
         rows.append(

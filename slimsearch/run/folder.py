@@ -30,7 +30,8 @@ from slimsearch.run.storage import public_url, shown, without_password
 #: (Which backend runs the trials does not change them: a study may mix local and Ray trials.)
 #: (The storage is compared as the URL the run opens, not as the experiment spells it.)
 MAY_CHANGE = {("search", "trials"), ("search", "timeout"), ("search", "backend"),
-              ("search", "ray_address"), ("search", "cpus_per_trial"), ("search", "storage")}
+              ("search", "ray_address"), ("search", "cpus_per_trial"), ("search", "storage"),
+              ("search", "refine")}
 #: The layout of run folders this code reads and writes; another one is refused.
 RUN_FORMAT = 1
 #: The file that marks a folder as slimsearch's own.

@@ -18,6 +18,7 @@ runs ``execute`` in its own process between ``start`` and ``finish``; the Ray ba
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 import time
 import traceback
@@ -31,11 +32,12 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from slimsearch.atomic import write_text
+from slimsearch.atomic import read_json, write_text
 from slimsearch.devices import free_memory
 from slimsearch.errors import TrialStopped
 from slimsearch.experiment import ExperimentConfig
 from slimsearch.run import OBJECTIVES, RunFolder
+from slimsearch.search import refine
 from slimsearch.search.objective import TrialRunner, constraint_values
 from slimsearch.search.recovery import (
     OWNER,
@@ -174,6 +176,8 @@ class TrialLifecycle:
         #: Why the run stops early (the same error trial after trial), once it does.
         self.stopped: str | None = None
         self._failures: list[str] = []
+        #: The sensitivity pre-pass, read when refinement first needs it.
+        self._sensitivity: dict[str, Any] | None = None
 
     def start(self) -> Started | None:
         """Claim a place in the budget and ask the study for a trial; None when finished and
@@ -182,6 +186,7 @@ class TrialLifecycle:
             taken = claimed(self.study)
             if taken >= self.budget:
                 return None
+            self._refine_if_due(taken)
             with warnings.catch_warnings():  # "heartbeat is meant for optimize": we run it
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
                 trial = self.study.ask()
@@ -201,6 +206,24 @@ class TrialLifecycle:
             self.finish(started, Outcome("FAIL", error="KeyboardInterrupt", interrupted=True))
             raise
         return started
+
+    def _refine_if_due(self, taken: int) -> None:
+        """When the ``taken``-th trial of the budget is one of ``search.refine``'s share and
+        nothing waits in the queue, enqueue a neighbour of the front (``refine.propose``);
+        the next ``ask`` takes it."""
+        share = self.config.search.refine
+        if share <= 0 or self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return
+        completed = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if not refine.due(taken, completed, share):
+            return
+        if self._sensitivity is None and self.folder.sensitivity.exists():
+            self._sensitivity = read_json(self.folder.sensitivity)
+        proposal = refine.propose(self.study, self.space, self._sensitivity,
+                                  rng=random.Random(self.config.seed * 1_000_003 + taken))
+        if proposal is not None:
+            params, change = proposal
+            self.study.enqueue_trial(params, user_attrs={"refine": change})
 
     def finish(self, started: Started, outcome: Outcome) -> TrialState | None:
         """Tell the study how ``started`` ended and say so; the state told, or None when

@@ -59,7 +59,7 @@ from slimsearch.search.sensitivity import (
     starting_recipes,
 )
 from slimsearch.search.teacher import prepare_teacher
-from slimsearch.spaces import SearchSpace
+from slimsearch.spaces import Recipe, SearchSpace
 from slimsearch.tasks import Task, make_task
 
 
@@ -203,7 +203,7 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
             # enqueues the first trials; the others then find them done.
             with folder.setting_up(say=say):
                 runner = _set_up(prepared, study, device, finished=finished, worker=worker,
-                                 say=say)
+                                 budget=trials, say=say)
             lifecycle = TrialLifecycle(study, prepared.space, folder, config, budget=trials,
                                        teacher_metrics=runner.teacher_metrics, say=say,
                                        backend=config.search.backend)
@@ -247,10 +247,10 @@ def _start_session(prepared: Prepared, study: optuna.Study, *, finished: int, tr
 
 
 def _set_up(prepared: Prepared, study: optuna.Study, device: torch.device, *, finished: int,
-            worker: int, say: Callable[[str], None]) -> TrialRunner:
+            worker: int, budget: int, say: Callable[[str], None]) -> TrialRunner:
     """Train (or load) the teacher and measure it, run the sensitivity pre-pass and, in a new
-    study, enqueue the baselines and starting recipes; return the trial runner. Call it
-    inside ``folder.setting_up()``, so it runs in one process at a time."""
+    study, enqueue the baselines and starting recipes (``seeded``); return the trial runner.
+    Call it inside ``folder.setting_up()``, so it runs in one process at a time."""
     config, task, space, folder = prepared.config, prepared.task, prepared.space, prepared.folder
     with computing(device):
         teacher = prepare_teacher(task, config.train, seed=config.seed,
@@ -291,13 +291,23 @@ def _set_up(prepared: Prepared, study: optuna.Study, device: torch.device, *, fi
                 study.set_user_attr(f"sampler_from_trial_{finished}", sampler_settings)
         starts = starting_recipes(sensitivity, space)
     if not study.trials and not worker:
-        baselines = space.baselines()
-        for name, recipe in baselines.items():
-            study.enqueue_trial(space.params_of(recipe), user_attrs={"baseline": name})
-        for name, recipe in starts.items():  # then where the sensitivities point
-            if recipe not in baselines.values():
-                study.enqueue_trial(space.params_of(recipe), user_attrs={"start": name})
+        for kind, name, recipe in seeded(space.baselines(), starts, budget=budget):
+            study.enqueue_trial(space.params_of(recipe), user_attrs={kind: name})
     return runner
+
+
+def seeded(baselines: dict[str, Recipe], starts: dict[str, Recipe], *,
+           budget: int) -> list[tuple[str, str, Recipe]]:
+    """The trials a new study starts with, as (user attribute, name, recipe): the teacher
+    and uniform int8 (the first two baselines), then where the sensitivities point (the
+    starts; one that is also a baseline runs as the baseline), then the other baselines
+    (the recipes an expert tries first); at most half the ``budget`` (rounded up): the
+    search keeps the other half."""
+    first, rest = list(baselines.items())[:2], list(baselines.items())[2:]
+    order = ([("baseline", n, r) for n, r in first]
+             + [("start", n, r) for n, r in starts.items() if r not in baselines.values()]
+             + [("baseline", n, r) for n, r in rest])
+    return order[:math.ceil(budget / 2)]
 
 
 def _prefixed(say: Callable[[str], None], prefix: str) -> Callable[[str], None]:

@@ -194,17 +194,59 @@ class SearchSpace:
         return f"{self._key(info.name)}.pruning[{','.join(methods)}]", methods
 
     def baselines(self) -> dict[str, Recipe]:
-        """``teacher`` (as-is) and ``uniform-int8`` (every layer at 8 bits): those of the two
-        that this space can express (a space without 32 bits cannot enqueue the teacher)."""
+        """The recipes an expert tries first, by name, in this order: ``teacher`` (as-is),
+        ``uniform-int8`` (every layer at 8 bits), structured pruning of every layer that
+        allows it at the space's sparsities nearest 50% and 75% with 8-bit weights
+        (``structured-50%-int8``, ...), ``4-bit-weights``, all with int8 activations where
+        the space has them, and ``half-width-student``: the teacher sliced to the width
+        choices nearest half its own, float. Derived from this space's choices; only those it
+        can express, without repeats (a space without 32 bits cannot enqueue the teacher)."""
+        config = self.config
         teacher = dict(self.task.teacher_kwargs)
-        names = [i.name for i in self.layers_for(teacher)]
-        distillation = {k: c[0] for k, c in self.config.distillation.items()}
-        candidates = {label: Recipe(student=teacher, layers={n: LayerRecipe(bits=b) for n in names},
-                                    activation_bits=acts, distillation=distillation,
-                                    weight_scheme=self.config.weight_scheme[0])
-                      for label, b, acts in (("teacher", 32, 32),
-                                             ("uniform-int8", 8, min(self.config.activations)))}
-        return {label: r for label, r in candidates.items() if self.contains(r)}
+        int8_acts = 8 if 8 in config.activations else min(config.activations)
+
+        def uniform(*, bits: int, acts: int, sparsity: float = 0.0, student: dict | None = None,
+                    pruning: str = "unstructured") -> Recipe:
+            student = student or teacher
+            layers = {}
+            for info in self.layers_for(student):
+                pruned = (sparsity > 0 and info.name not in self.not_prunable
+                          and pruning in self._methods(info))
+                layers[info.name] = LayerRecipe(sparsity=sparsity if pruned else 0.0,
+                                                pruning=pruning if pruned else "unstructured",
+                                                bits=bits)
+            return Recipe(student=student, student_init="slice", layers=layers,
+                          activation_bits=acts, importance=config.importance[0],
+                          distillation={k: c[0] for k, c in config.distillation.items()},
+                          weight_scheme=config.weight_scheme[0])
+
+        candidates = {"teacher": uniform(bits=32, acts=32),
+                      "uniform-int8": uniform(bits=8, acts=min(config.activations))}
+        for target in (0.5, 0.75):
+            sparsity = min((s for s in config.sparsity if s > 0),
+                           key=lambda s: abs(s - target), default=0.0)
+            candidates[f"structured-{sparsity:.0%}-int8"] = uniform(
+                bits=8, acts=int8_acts, sparsity=sparsity, pruning="structured")
+        candidates["4-bit-weights"] = uniform(bits=4, acts=int8_acts)
+        if (half := self._half_width(teacher)) is not None:
+            candidates["half-width-student"] = uniform(bits=32, acts=32, student=half)
+        chosen: dict[str, Recipe] = {}
+        for label, recipe in candidates.items():
+            if self.contains(recipe) and recipe not in chosen.values():
+                chosen[label] = recipe
+        return chosen
+
+    def _half_width(self, teacher: dict[str, Any]) -> dict[str, Any] | None:
+        """The teacher's knobs with each width knob (a numeric knob named ``*width*``; every
+        numeric knob when none is) at its choice nearest half the teacher's value; None when
+        that is the teacher itself."""
+        numeric = {k: v for k, v in self.student_choices.items()
+                   if isinstance(teacher.get(k), int | float)
+                   and all(isinstance(c, int | float) for c in v)}
+        widths = {k: v for k, v in numeric.items() if "width" in k} or numeric
+        half = dict(teacher, **{k: min(v, key=lambda c: abs(c - teacher[k] / 2))
+                                for k, v in widths.items()})
+        return None if half == teacher else half
 
     def contains(self, recipe: Recipe) -> bool:
         """True when ``suggest`` can return ``recipe`` (every value is one of the choices)."""

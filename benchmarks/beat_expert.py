@@ -1,0 +1,157 @@
+"""Does the search beat the expert? The hand-made recipes against a search (issue 17).
+
+    python benchmarks/beat_expert.py [--seeds 0 1 2] [--trials 100] [--refine 0.3]
+        [--minutes 60] [--out DIR]
+
+For each seed: a search of experiments/digits_cnn.toml with that seed and batch 256 as the
+latency objective (``batch_sizes = [256, 1]``), at most ``--trials`` trials and
+``--minutes`` minutes; then the hand-made recipes of benchmarks/compression.py, built and
+measured by the same run's trial runner (the run's training settings, its teacher as the
+reference, the same protocol: their figures are comparable with the trials') into
+DIR/seed-N/hand-made/. Prints each hand-made recipe's figures and the searched trials that
+strictly dominate it (higher validation accuracy, fewer bytes, lower latency at batch 256),
+and whether the front holds a searched trial at least 25x smaller and 8x faster at batch 256
+than the teacher within 1 point of its test accuracy. "Searched": every trial but the seeded
+baselines (the sensitivity starts and the refinements are the search's own; each is labelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from compression import recipes
+
+from slimsearch.experiment import load_experiment
+from slimsearch.report.data import load_report_data
+from slimsearch.report.picks import dominating
+from slimsearch.search import prepare, run_search
+from slimsearch.search.objective import runner_for_run
+from slimsearch.spaces import SearchSpace
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = ROOT / "experiments" / "digits_cnn.toml"
+#: The goal of issue 17: at least this much smaller and faster (batch 256) than the teacher,
+#: within this much test accuracy (a fraction).
+SMALLER, FASTER, DROP = 25.0, 8.0, 0.01
+
+
+def experiment_for(folder: Path, *, seed: int, trials: int, refine: float | None) -> Path:
+    """experiments/digits_cnn.toml with this seed, budget and refinement share, and batch 256
+    as the latency objective, written into ``folder`` (the run folder keeps a copy of it, and
+    the trial runner of the hand-made recipes reads that copy)."""
+    text = EXPERIMENT.read_text()
+    changes = {"seed = 0": f"seed = {seed}", "trials = 100": f"trials = {trials}",
+               "batch_sizes = [1] ": "batch_sizes = [256, 1] "}
+    if refine is not None:
+        changes['sampler = "tpe"'] = f'sampler = "tpe"\nrefine = {refine}'
+    for old, new in changes.items():
+        if old not in text:
+            raise SystemExit(f"{EXPERIMENT} has no line {old!r} to change")
+        text = text.replace(old, new, 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "experiment.toml").write_text(text)
+    return folder / "experiment.toml"
+
+
+def search(experiment: Path, run_dir: Path, *, minutes: float) -> float:
+    """The search into ``run_dir``; its wall-clock seconds (teacher included)."""
+    config = load_experiment(experiment)
+    prepared = prepare(config, run_dir=run_dir, storage_url=None)
+    start = time.perf_counter()
+    run_search(prepared, experiment, trials=config.search.trials, timeout_s=minutes * 60,
+               say=lambda _line: None)
+    return time.perf_counter() - start
+
+
+def hand_made(run_dir: Path, out: Path, *, seed: int) -> dict[str, dict[str, Any]]:
+    """Each hand-made recipe's metrics, measured by the run's trial runner."""
+    runner = runner_for_run(str(run_dir))
+    measured = {}
+    for i, (label, recipe) in enumerate(recipes(runner.task, SearchSpace(
+            runner.task, runner.config.space)).items()):
+        try:
+            measured[label] = runner(recipe, out / f"{i:02d}", seed=seed)
+        except Exception as exc:  # a recipe this space's training cannot build: say so
+            print(f"  {label}: FAILED {type(exc).__name__}: {exc}")
+    return measured
+
+
+def origin(trial: Any) -> str:
+    if trial.start:
+        return f"start {trial.start}"
+    if trial.refine:
+        return f"refines {trial.refine}"
+    return "sampler"
+
+
+def report(run_dir: Path, made: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Print the comparison; what it found, as plain data."""
+    data = load_report_data(run_dir)
+    teacher = data.teacher
+    searched = {t.number: t for t in data.completed if t.baseline is None}
+    figures = {n: t.metrics for n, t in searched.items()}
+    print(f"  {len(data.completed)} completed trials, {len(searched)} searched; teacher "
+          f"val {teacher['val_accuracy']:.4f}, test {teacher['test_accuracy']:.4f}, "
+          f"{teacher['size_bytes']:,} bytes, {teacher['latency_ms']:.2f} ms at batch 256")
+    beaten = {}
+    for label, m in made.items():
+        by = dominating(figures, m)
+        beaten[label] = by
+        print(f"  {label}: val {m['val_accuracy']:.4f}, {m['size_ratio']:.1f}x smaller, "
+              f"{m['speedup']:.2f}x faster -> "
+              + (f"strictly dominated by {len(by)} searched trials, e.g. "
+                 + ", ".join(f"{n} ({origin(searched[n])})" for n in by[:5])
+                 if by else "NOT dominated by any searched trial"))
+    goal = {n: t for n, t in searched.items()
+            if t.metrics["size_ratio"] >= SMALLER and t.metrics["speedup"] >= FASTER
+            and teacher["test_accuracy"] - t.metrics["test_accuracy"] <= DROP}
+    on_front = sorted((n for n, t in goal.items() if t.pareto),
+                      key=lambda n: -goal[n].metrics["test_accuracy"])
+    within = [t for t in searched.values()
+              if teacher["test_accuracy"] - t.metrics["test_accuracy"] <= DROP]
+    closest = max(within, key=lambda t: min(t.metrics["size_ratio"] / SMALLER,
+                                            t.metrics["speedup"] / FASTER), default=None)
+    if on_front:
+        best = goal[on_front[0]].metrics
+        print(f"  goal met: Pareto trial {on_front[0]} ({origin(goal[on_front[0]])}) is "
+              f"{best['size_ratio']:.1f}x smaller and {best['speedup']:.2f}x faster at "
+              f"{(teacher['test_accuracy'] - best['test_accuracy']) * 100:.2f} points test drop "
+              f"({len(on_front)} front trials meet it)")
+    elif closest is not None:
+        m = closest.metrics
+        print(f"  goal NOT met; closest within 1 point: trial {closest.number} "
+              f"({origin(closest)}), {m['size_ratio']:.1f}x smaller, {m['speedup']:.2f}x faster")
+    return {"goal_trials_on_front": on_front,
+            "undominated": [label for label, by in beaten.items() if not by],
+            "dominated_by": beaten}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--refine", type=float, help="search.refine (default: the shipped one)")
+    parser.add_argument("--minutes", type=float, default=60.0, help="per search, at most")
+    parser.add_argument("--out", type=Path, help="folder to create (default: a temporary one)")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        out = args.out or Path(scratch)
+        for seed in args.seeds:
+            run_dir = out / f"seed-{seed}" / "run"
+            experiment = experiment_for(out / f"seed-{seed}", seed=seed, trials=args.trials,
+                                        refine=args.refine)
+            seconds = search(experiment, run_dir, minutes=args.minutes)
+            print(f"seed {seed}: search of {args.trials} trials in {seconds / 60:.1f} min")
+            made = hand_made(run_dir, out / f"seed-{seed}" / "hand-made", seed=seed)
+            results[seed] = report(run_dir, made)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

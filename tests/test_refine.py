@@ -1,0 +1,111 @@
+"""Search around the best (``search.refine``): a front trial with one layer's choice changed."""
+
+from __future__ import annotations
+
+import random
+
+import optuna
+import pytest
+
+from slimsearch.experiment import SpaceConfig
+from slimsearch.search import refine
+from slimsearch.spaces import SearchSpace
+from slimsearch.tasks import Task
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPACE = SpaceConfig(bits=(4, 8, 32), sparsity=(0.0, 0.5), student_init=("slice",),
+                    student={"width": (1.0,), "depth": (2,)})
+# the teacher lost much with hidden.0 at 4 bits, nothing with hidden.1 or the head
+SENSITIVITY = {"layers": {
+    "hidden.0": {"bits": {"4": 0.20, "8": 0.001}, "sparsity": {"0.5": 0.30}},
+    "hidden.1": {"bits": {"4": 0.0, "8": 0.0}, "sparsity": {"0.5": 0.01}},
+    "head": {"bits": {"4": 0.0, "8": 0.0}, "sparsity": {"0.5": 0.02}}}}
+
+
+def _study_with(space: SearchSpace, recipes_and_values: list[tuple[dict, list[float]]]) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for params, values in recipes_and_values:
+        study.enqueue_trial(params)
+        trial = study.ask()
+        space.suggest(trial)
+        study.tell(trial, values)
+    return study
+
+
+def _params(bits: dict[str, int]) -> dict:
+    return {**{f"{n}.bits": b for n, b in bits.items()},
+            **{f"{n}.sparsity": 0.0 for n in bits}}
+
+
+@pytest.fixture
+def space(digits_mlp_task: Task) -> SearchSpace:
+    return SearchSpace(digits_mlp_task, SPACE)
+
+
+def test_smaller_goes_first_where_the_teacher_lost_least(space: SearchSpace) -> None:
+    start = _params({"hidden.0": 8, "hidden.1": 8, "head": 8})
+    study = _study_with(space, [(start, [0.95, 1000, 0.1])])
+    moves = refine._moves(study.trials[0].params, space, SENSITIVITY, "smaller")
+    ranked = [(name, value) for _, name, value in sorted(moves, key=lambda m: m[0])]
+    assert ranked[-1] == ("hidden.0.sparsity", 0.5)  # cost 0.30: tried last
+    assert ranked[0] in {("hidden.1.bits", 4), ("head.bits", 4)}  # cost 0
+
+
+def test_more_accurate_gives_back_bits_where_the_teacher_lost_most(space: SearchSpace) -> None:
+    start = _params({"hidden.0": 4, "hidden.1": 4, "head": 8})
+    study = _study_with(space, [(start, [0.8, 500, 0.1])])
+    moves = sorted(refine._moves(study.trials[0].params, space, SENSITIVITY, "more accurate"),
+                   key=lambda m: m[0])
+    assert (moves[0][1], moves[0][2]) == ("hidden.0.bits", 8)
+
+
+def test_a_proposal_is_a_neighbour_of_the_front_never_tried_before(space: SearchSpace) -> None:
+    start = _params({"hidden.0": 8, "hidden.1": 8, "head": 8})
+    study = _study_with(space, [(start, [0.95, 1000, 0.1])])
+    seen = [study.trials[0].params]
+    for _ in range(40):
+        proposal = refine.propose(study, space, SENSITIVITY, rng=random.Random(len(seen)))
+        if proposal is None:  # every neighbour of the front was tried
+            break
+        params, change = proposal
+        assert change.startswith("trial ")
+        assert not any(all(s.get(k) == v for k, v in params.items()) for s in seen)
+        study.enqueue_trial(params)
+        trial = study.ask()
+        space.suggest(trial)
+        study.tell(trial, [0.95, 1000, 0.1])  # a tie: every trial stays on the front
+        seen.append(trial.params)
+    # 3 layers x 3 bit widths x 2 sparsities x 2 methods: many neighbours, none twice
+    assert len(seen) > 10
+    assert len({tuple(sorted(s.items())) for s in seen}) == len(seen)
+
+
+def test_refinement_is_due_for_its_share_after_the_first_trials() -> None:
+    assert not any(refine.due(n, completed=n, share=0.5) for n in range(refine.START_AFTER))
+    after = [refine.due(n, completed=n, share=0.25)
+             for n in range(refine.START_AFTER, refine.START_AFTER + 40)]
+    assert sum(after) == 10
+    assert not any(refine.due(n, completed=n, share=0.0) for n in range(100))
+
+
+@pytest.mark.slow
+def test_a_search_refines_its_front_for_its_share(tmp_path, monkeypatch) -> None:
+    from slimsearch.cli import main
+    from slimsearch.run import load_study
+
+    monkeypatch.setattr(refine, "START_AFTER", 3)
+    experiment = tmp_path / "refine.toml"
+    experiment.write_text('name = "refine"\ntask = "digits-mlp"\nseed = 0\n\n'
+                          '[search]\ntrials = 9\nrefine = 0.5\n\n'
+                          '[space]\nbits = [4, 8, 32]\nsparsity = [0.0, 0.5]\n\n'
+                          '[train]\nteacher_epochs = 4\ndistill_epochs = 1\nfinetune_epochs = 1\n'
+                          'qat_epochs = 1\n\n[target]\ndevice = "cpu"\n')
+    assert main(["run", str(experiment), "--run-dir", str(tmp_path / "run")]) == 0
+    trials = load_study(tmp_path / "run").trials
+    refined = [t for t in trials if "refine" in t.user_attrs]
+    assert len(refined) >= 2 and all(t.number >= 3 for t in refined)
+    for t in refined:  # one parameter away from the trial it names
+        source = trials[int(t.user_attrs["refine"].split()[1].rstrip(":"))]
+        differ = {k for k in t.params if source.params.get(k) != t.params[k]}
+        assert len(differ - {k for k in t.params if ".pruning" in k}) <= 1, differ
