@@ -109,3 +109,17 @@ def test_a_search_refines_its_front_for_its_share(tmp_path, monkeypatch) -> None
         source = trials[int(t.user_attrs["refine"].split()[1].rstrip(":"))]
         differ = {k for k in t.params if source.params.get(k) != t.params[k]}
         assert len(differ - {k for k in t.params if ".pruning" in k}) <= 1, differ
+
+
+def test_an_interrupted_refinement_runs_again_as_a_refinement() -> None:
+    from optuna.trial import TrialState
+
+    from slimsearch.search.recovery import RETRY_OF, enqueue_again
+
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 1}, user_attrs={"refine": "trial 3: fc.bits 8 -> 4"})
+    trial = study.ask()
+    trial.suggest_categorical("x", [1, 2])
+    enqueue_again(study, trial)
+    waiting = study.get_trials(states=(TrialState.WAITING,))[0]
+    assert waiting.user_attrs == {RETRY_OF: trial.number, "refine": "trial 3: fc.bits 8 -> 4"}

@@ -79,12 +79,13 @@ def _stale_by_heartbeat(study: optuna.Study) -> set[int]:
 
 def enqueue_again(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial) -> None:
     """Run an interrupted trial's parameters once more (a retry's are not: once is enough);
-    a baseline stays a baseline."""
+    a baseline stays a baseline, a starting recipe or a refinement stays what it was."""
     if RETRY_OF in trial.user_attrs:
         return
     attrs = {RETRY_OF: trial.number}
-    if "baseline" in trial.user_attrs:
-        attrs["baseline"] = trial.user_attrs["baseline"]
+    for origin in ("baseline", "start", "refine"):
+        if origin in trial.user_attrs:
+            attrs[origin] = trial.user_attrs[origin]
     study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
 
 
