@@ -203,7 +203,7 @@ class SearchSpace:
         can express, without repeats (a space without 32 bits cannot enqueue the teacher)."""
         config = self.config
         teacher = dict(self.task.teacher_kwargs)
-        int8_acts = 8 if 8 in config.activations else min(config.activations)
+        int8_acts = min(config.activations)  # 8 where the space has it (ACTIVATION_BITS)
 
         def uniform(*, bits: int, acts: int, sparsity: float = 0.0, student: dict | None = None,
                     pruning: str = "unstructured") -> Recipe:
@@ -221,7 +221,7 @@ class SearchSpace:
                           weight_scheme=config.weight_scheme[0])
 
         candidates = {"teacher": uniform(bits=32, acts=32),
-                      "uniform-int8": uniform(bits=8, acts=min(config.activations))}
+                      "uniform-int8": uniform(bits=8, acts=int8_acts)}
         for target in (0.5, 0.75):
             sparsity = min((s for s in config.sparsity if s > 0),
                            key=lambda s: abs(s - target), default=0.0)

@@ -316,7 +316,7 @@ def steady_process() -> Iterator[None]:
 #: compare_latency's choice is clear after only two rounds when the fastest form was this
 #: far below ``decided_at`` in both: at 4-6% noise per round, a form at the margin reads 15%
 #: below it about once in a thousand rounds. (At batch 256 an int8 form at a third of float
-#: spent a third round, a tenth of its trial's time, confirming what two had shown.)
+#: spent a third round, about 0.15 s of a 4-5 s trial, confirming what two had shown.)
 CLEAR_BY = 0.15
 
 
