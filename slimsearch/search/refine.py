@@ -46,8 +46,9 @@ def propose(study: optuna.Study, space: SearchSpace, sensitivity: dict[str, Any]
              if t.state != TrialState.FAIL]
     front = list(study.best_trials)  # feasible trials only, when there are constraints
     rng.shuffle(front)
-    toward = rng.choice(("smaller", "more accurate"))
-    for trial in front:
+    directions = ["smaller", "more accurate"]
+    rng.shuffle(directions)  # the other direction only when the first has no untried move
+    for trial, toward in ((t, d) for d in directions for t in front):
         moves = sorted(_moves(trial.params, space, sensitivity, toward), key=lambda m: m[0])
         for _, name, value in moves:
             params = dict(trial.params, **{name: value})
