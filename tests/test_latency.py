@@ -167,6 +167,44 @@ def test_the_evaluator_measures_an_executed_form_once_per_batch(tmp_path: Path) 
     assert (cache.hits, cache.misses) == (2, 2)
 
 
+def test_reported_batch_sizes_are_timed_to_a_looser_interval_than_the_objective(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The objective's ratio is timed to paired.PRECISION; the other batch sizes, reported
+    only, to REPORTED_PRECISION, and trusted within it (their figures say so)."""
+    from slimsearch.compression import MODEL_FILE, CompressedModel, save_artifact
+    from slimsearch.evaluators import EvalContext, LatencyEvaluator, _base
+    from slimsearch.evaluators._base import REPORTED_PRECISION, Reference
+    from slimsearch.experiment import TargetConfig
+    from slimsearch.runtimes import RUNTIMES
+    from slimsearch.tasks import factory_path, make_task
+    from slimsearch.tasks.digits import digits_mlp
+    from slimsearch.timing import paired
+
+    task = make_task("digits-mlp", seed=0)
+    model = digits_mlp(width=0.25, depth=1)
+    path = save_artifact(CompressedModel(model=model, factory=factory_path(digits_mlp),
+                                         kwargs={"width": 0.25, "depth": 1}), tmp_path / MODEL_FILE)
+    target = TargetConfig(device="cpu", batch_sizes=(8, 1))
+    cpu = torch.device("cpu")
+    executable = RUNTIMES["torch"].materialize(path, target=target, device=cpu, out_dir=tmp_path,
+                                               example=task.example_inputs(1))
+    asked: dict[int, dict] = {}
+
+    def spy(*args, batch_size: int, **protocol):
+        asked[batch_size] = protocol
+        return paired.paired_latency(*args, batch_size=batch_size, **protocol)
+
+    monkeypatch.setattr(_base, "paired_latency", spy)
+    reference = Reference(executable, anchor_ms={8: 0.05, 1: 0.02}, batch={8: 8, 1: 1})
+    context = EvalContext(task=task, executable=executable, model=model, target=target,
+                          device=cpu, latency_cache=None, reference=reference)
+    metrics = LatencyEvaluator()(context)
+    assert "precision" not in asked[8] and "trusted" not in asked[8]  # paired's defaults
+    assert asked[1]["precision"] == asked[1]["trusted"] == REPORTED_PRECISION
+    assert REPORTED_PRECISION > paired.PRECISION
+    assert metrics["latency_b1_window_cv"] <= REPORTED_PRECISION or metrics["latency_b1_unstable"]
+
+
 def test_forms_compared_in_turns_rank_more_work_slower() -> None:
     from slimsearch.timing.latency import compare_latency
 

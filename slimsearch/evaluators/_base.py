@@ -25,6 +25,13 @@ from slimsearch.training import full_fp32
 
 Metric = float | int | str
 
+#: The target's other batch sizes are reported, not searched on: their ratio is timed to this
+#: fraction (each side of its ~95% interval; the objective's is ``paired.PRECISION``) and
+#: trusted within it. At batch 1 a digits-cnn student's per-round ratio swung by +-15% on the
+#: reference VM, and reaching 5% took a median 43 rounds: a twentieth of every trial, for a
+#: figure that decides nothing.
+REPORTED_PRECISION = 0.10
+
 
 def metric_suffix(position: int, batch: int) -> str:
     """How the figures of the target's ``position``-th batch size are named: ``latency_ms``
@@ -224,7 +231,7 @@ class LatencyEvaluator:
                 result = None
             cached = result is not None
             if result is None:
-                result = self._measure(context, batch)
+                result = self._measure(context, batch, objective=position == 0)
                 if cache is not None:
                     cache.put(key, result)
             metrics.update(result.as_metrics(suffix))
@@ -250,15 +257,17 @@ class LatencyEvaluator:
             return cached.anchor_ms in (None, cached.median_ms)
         return cached.anchor_ms == anchor
 
-    def _measure(self, context: EvalContext, batch: int) -> Latency:
+    def _measure(self, context: EvalContext, batch: int, *, objective: bool = True) -> Latency:
         target, executable, task = context.target, context.executable, context.task
         inputs = executable.native(task.example_inputs(batch))
         if (anchor := self._anchor(context, batch)) is not None:
             reference = context.reference
+            looser = {} if objective else {"precision": REPORTED_PRECISION,
+                                           "trusted": REPORTED_PRECISION}
             return paired_latency(executable.run, inputs, reference.executable.run,
                                   reference.inputs(task, batch), anchor_ms=anchor,
                                   batch_size=batch, threads=target.threads,
-                                  reference_batch=reference.batch[batch])
+                                  reference_batch=reference.batch[batch], **looser)
         if context.is_reference and context.device.type == "cpu":
             at, rested = teacher_at_rest(executable, task, batch, threads=target.threads)
             if at == batch:
