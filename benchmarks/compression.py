@@ -89,7 +89,7 @@ def run_task(name: str, train: TrainConfig, cache: Path, samples_256: int) -> No
     rows: dict[str, dict[int, tuple]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, recipe in recipes(task, space).items():
-            compressed = build(task, teacher.model, teacher.train_logits, recipe, train=train,
+            compressed = build(task, teacher.model, teacher.targets, recipe, train=train,
                                seed=0, device=CPU, round_to=8 if "structured" in label else 1)
             rows[label] = {}
             for batch in BATCHES:

@@ -1,22 +1,33 @@
 """The training loop shared by the teacher, distillation, fine-tuning and QAT.
 
-One loop, plain mini-batch SGD with Adam: the data sets here are small tensors that fit in
-memory, so there is no DataLoader. With ``teacher_logits`` the loss is knowledge distillation
-(Hinton et al.): ``alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE(labels)``.
+One loop, plain mini-batch SGD with Adam, over the batches of a task's training split
+(``tasks.data``: tensors in memory, a Dataset, or the user's own DataLoader). With a
+teacher the loss is knowledge distillation (Hinton et al.):
+``alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE(labels)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slimsearch.errors import TrialError
-from slimsearch.tasks._base import Split
+from slimsearch.tasks.data import (
+    Data,
+    DataSource,
+    Inputs,
+    as_data,
+    call_model,
+    inputs_to,
+    output_tensor,
+)
 
 
 def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
@@ -28,21 +39,87 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits
     return alpha * kd + (1.0 - alpha) * F.cross_entropy(logits, labels)
 
 
-def fit(model: nn.Module, data: Split, *, epochs: int, lr: float, batch_size: int, seed: int,
-        device: torch.device, weight_decay: float = 0.0, teacher_logits: torch.Tensor | None = None,
-        temperature: float = 4.0, alpha: float = 0.7,
+@dataclass(frozen=True)
+class TeacherTargets:
+    """What the teacher gives each training batch: its outputs (the distillation targets) and
+    the inputs of its classifier head (the hint targets).
+
+    On an in-memory split they are computed once and looked up by sample (``logits``,
+    ``features``: one row per sample of the split); on a user's DataLoader, whose order and
+    batches slimsearch does not know, the teacher (``model``, its head named ``head``) runs
+    on each batch instead."""
+
+    logits: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    model: nn.Module | None = None
+    head: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.logits is None and self.model is None:
+            raise ValueError("TeacherTargets needs the teacher's logits or the teacher")
+
+    def on(self, inputs: Inputs, index: torch.Tensor | None,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, head inputs or None) of the samples ``index`` of the split, or of
+        ``inputs`` (already on ``device``) when they were not computed once."""
+        if index is not None and self.logits is not None:
+            features = (self.features[index].to(device) if self.features is not None
+                        else None)
+            return self.logits[index].to(device), features
+        if self.model is None:
+            raise ValueError("the teacher's outputs were computed on an in-memory split; "
+                             "this batch has no sample index into it")
+        captured: list[torch.Tensor] = []
+        hook = (self.model.get_submodule(self.head).register_forward_pre_hook(
+            lambda _m, args: captured.append(args[0].flatten(1)))
+            if self.head is not None else None)
+        try:
+            with torch.no_grad():
+                logits = output_tensor(call_model(self.model, inputs)).float()
+        finally:
+            if hook is not None:
+                hook.remove()
+        return logits, (captured[0].float() if captured else None)
+
+    @property
+    def head_width(self) -> int | None:
+        """How many features the teacher's head takes (the hint's target width)."""
+        if self.features is not None:
+            return int(self.features.shape[1])
+        if self.model is not None and self.head is not None:
+            return int(self.model.get_submodule(self.head).weight[0].numel())
+        return None
+
+    def to(self, device: torch.device) -> TeacherTargets:
+        """These targets with the teacher (if it runs per batch) on ``device``, in eval mode;
+        a copy when it has to move, so that the caller's teacher stays where it is."""
+        model = self.model
+        if model is not None:
+            if any(p.device != device for p in model.parameters()):
+                model = copy.deepcopy(model).to(device)
+            model.eval()
+        return TeacherTargets(self.logits, self.features, model, self.head)
+
+
+def fit(model: nn.Module, data: Data | DataSource, *, epochs: int, lr: float, batch_size: int,
+        seed: int, device: torch.device, weight_decay: float = 0.0,
+        teacher: TeacherTargets | None = None, temperature: float = 4.0, alpha: float = 0.7,
         after_step: Callable[[], None] | None = None, hint: nn.Module | None = None,
         before_epoch: Callable[[int], None] | None = None) -> float:
-    """Train ``model`` in place for ``epochs`` epochs; return the last epoch's mean loss.
+    """Train ``model`` in place for ``epochs`` epochs on ``data`` (a split; ``batch_size`` and
+    the shuffling by ``seed`` apply where slimsearch batches it); return the last epoch's
+    mean loss.
 
-    ``after_step`` runs after every optimiser step (pruning uses it to keep zeros at zero);
-    ``before_epoch(epoch)`` before every epoch (the run's deadline stops a trial there).
-    ``hint`` (a ``compression.distill.FeatureHint``) adds its feature loss and trains its
-    projection along with the model.
-    Raises ``TrialError`` when the loss stops being finite, so the search records why.
+    ``teacher``: distill against its outputs. ``after_step`` runs after every optimiser step
+    (pruning uses it to keep zeros at zero); ``before_epoch(epoch)`` before every epoch (the
+    run's deadline stops a trial there). ``hint`` (a ``compression.distill.FeatureHint``)
+    adds its feature loss on the teacher's head inputs and trains its projection along with
+    the model. Raises ``TrialError`` when the loss stops being finite, so the search records
+    why.
     """
     if epochs == 0:
         return float("nan")
+    data = as_data(data, "train")
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
     parameters = list(model.parameters())
@@ -50,24 +127,24 @@ def fit(model: nn.Module, data: Split, *, epochs: int, lr: float, batch_size: in
         hint.to(device)
         parameters += list(hint.parameters())
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    x, y = data.x.to(device), data.y.to(device)
-    soft = teacher_logits.to(device) if teacher_logits is not None else None
+    teacher = teacher.to(device) if teacher is not None else None
     mean_loss = float("nan")
     for epoch in range(epochs):
         if before_epoch is not None:
             before_epoch(epoch)
-        order = torch.randperm(len(y), generator=generator).to(device)
         total, batches = 0.0, 0
-        for start in range(0, len(y), batch_size):
-            idx = order[start:start + batch_size]
-            logits = model(x[idx])
-            if soft is None:
-                loss = F.cross_entropy(logits, y[idx])
+        for inputs, y, index in data.batches(batch_size=batch_size, shuffle=generator):
+            inputs, y = inputs_to(inputs, device), y.to(device)
+            logits = output_tensor(call_model(model, inputs))
+            if teacher is None:
+                loss = F.cross_entropy(logits, y)
             else:
-                loss = distillation_loss(logits, y[idx], soft[idx], temperature=temperature,
-                                         alpha=alpha)
-            if hint is not None:
-                loss = loss + hint.loss(idx)
+                soft, features = teacher.on(inputs, index, device)
+                loss = distillation_loss(logits, y, soft, temperature=temperature, alpha=alpha)
+                if hint is not None:
+                    if features is None:
+                        raise TrialError("hint distillation needs the teacher's head inputs")
+                    loss = loss + hint.loss(features)
             if not torch.isfinite(loss):
                 raise TrialError(f"training loss became {loss.item()} at epoch {epoch + 1}/{epochs}")
             optimizer.zero_grad(set_to_none=True)
@@ -77,6 +154,8 @@ def fit(model: nn.Module, data: Split, *, epochs: int, lr: float, batch_size: in
                 after_step()
             total += loss.item()
             batches += 1
+        if batches == 0:
+            raise TrialError(f"the training split gave no batch in epoch {epoch + 1}")
         mean_loss = total / batches
     model.eval()
     if not math.isfinite(mean_loss):
@@ -85,22 +164,37 @@ def fit(model: nn.Module, data: Split, *, epochs: int, lr: float, batch_size: in
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device,
+def predict(model: Callable[..., object], data: Data | DataSource, *,
+            device: torch.device | None = None,
+            batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, targets) of ``model`` over a split, in the split's order, on the CPU as
+    float32 outputs; a module runs in eval mode on ``device``."""
+    data = as_data(data, "data")
+    if isinstance(model, nn.Module) and device is not None:
+        model.to(device).eval()
+    outputs, targets = [], []
+    for inputs, y, _ in data.batches(batch_size=batch_size):
+        if device is not None:
+            inputs = inputs_to(inputs, device)
+        outputs.append(output_tensor(call_model(model, inputs)).float().cpu())
+        targets.append(y)
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def predict_logits(model: nn.Module, data: Data | DataSource, *, device: torch.device,
                    batch_size: int = 512) -> torch.Tensor:
-    """Logits of ``model`` on ``x`` in eval mode, computed in batches, returned on the CPU."""
-    model.to(device).eval()
-    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(x), batch_size)])
+    """Logits of ``model`` on a split in eval mode, computed in batches, on the CPU."""
+    return predict(model, data, device=device, batch_size=batch_size)[0]
 
 
-def accuracy(model: nn.Module, data: Split, *, device: torch.device) -> float:
+def accuracy(model: nn.Module, data: Data | DataSource, *, device: torch.device) -> float:
     """Top-1 accuracy on ``data`` as a fraction 0-1.
 
     On CUDA, TF32 is switched off while evaluating: with it, the same model file can classify
     a borderline sample differently from one process (or GPU) to the next."""
     with full_fp32():
-        predictions = predict_logits(model, data.x, device=device).argmax(dim=1)
-    return float((predictions == data.y).float().mean())
+        logits, targets = predict(model, data, device=device)
+    return float((logits.argmax(dim=1) == targets).float().mean())
 
 
 @contextlib.contextmanager

@@ -12,48 +12,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimsearch.errors import TrialError
+from slimsearch.tasks.data import Data, DataSource, as_data, call_model, inputs_to
 
 
 @torch.no_grad()
-def head_inputs(model: nn.Module, head: str, x: torch.Tensor, *, device: torch.device,
+def head_inputs(model: nn.Module, head: str, data: Data | DataSource, *, device: torch.device,
                 batch_size: int = 512) -> torch.Tensor:
-    """The (flattened) inputs of layer ``head`` for every sample of ``x``, on the CPU."""
+    """The (flattened) inputs of layer ``head`` for every sample of a split, in its order, on
+    the CPU."""
     captured: list[torch.Tensor] = []
     hook = model.get_submodule(head).register_forward_pre_hook(
         lambda _m, args: captured.append(args[0].flatten(1).float().cpu()))
     try:
         model.to(device).eval()
-        for start in range(0, len(x), batch_size):
-            model(x[start:start + batch_size].to(device))
+        for inputs, _, _ in as_data(data, "train").batches(batch_size=batch_size):
+            call_model(model, inputs_to(inputs, device))
     finally:
         hook.remove()
     return torch.cat(captured)
 
 
 class FeatureHint(nn.Module):
-    """While attached, remembers the student's head input each forward; ``loss(idx)`` is
-    ``weight * MSE(projection(features), teacher_features[idx])``. Its projection is trained
-    along with the student and thrown away afterwards."""
+    """While attached, remembers the student's head input each forward; ``loss(target)`` is
+    ``weight * MSE(projection(features), target)``, the target being the teacher's head
+    inputs on the same samples (``training.TeacherTargets``). Its projection is trained along
+    with the student and thrown away afterwards."""
 
-    def __init__(self, student: nn.Module, head: str, teacher_features: torch.Tensor,
+    def __init__(self, student: nn.Module, head: str, teacher_width: int,
                  weight: float) -> None:
         super().__init__()
         self.weight = weight
-        self.teacher_features = teacher_features
         layer = student.get_submodule(head)
         width = layer.in_features if isinstance(layer, nn.Linear) else None
         if width is None:
             raise TrialError(f"hint distillation needs a Linear classifier head; layer {head!r} is "
                              f"{type(layer).__name__}: set hint_weight to 0 for this model")
-        self.projection = nn.Linear(width, teacher_features.shape[1], bias=False)
+        self.projection = nn.Linear(width, teacher_width, bias=False)
         self._features: torch.Tensor | None = None
         self._hook = layer.register_forward_pre_hook(self._remember)
 
     def _remember(self, _module: nn.Module, args: tuple) -> None:
         self._features = args[0].flatten(1)
 
-    def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        target = self.teacher_features[idx.cpu()].to(self._features.device)
+    def loss(self, target: torch.Tensor) -> torch.Tensor:
         return self.weight * F.mse_loss(self.projection(self._features), target)
 
     def detach(self) -> None:

@@ -29,7 +29,7 @@ from slimsearch.errors import TrialStopped
 from slimsearch.experiment import TrainConfig
 from slimsearch.spaces import COMPRESSIBLE, Recipe, compressible_layers
 from slimsearch.tasks import Task, factory_path
-from slimsearch.training import fit
+from slimsearch.training import TeacherTargets, fit
 
 
 def _layers(model: nn.Module, recipe: Recipe) -> dict[str, nn.Module]:
@@ -48,7 +48,7 @@ class _Stages:
     epoch), and the record of the stages done so far."""
 
     task: Task
-    teacher_logits: torch.Tensor
+    teacher: TeacherTargets
     train: TrainConfig
     seed: int
     device: torch.device
@@ -75,30 +75,29 @@ class _Stages:
             if self.check is not None:
                 self.check(model, name, epoch, epochs)
         train = self.train
-        return fit(model, self.task.train, epochs=epochs, lr=train.lr,
+        return fit(model, self.task.data("train"), epochs=epochs, lr=train.lr,
                    batch_size=train.batch_size, weight_decay=train.weight_decay, seed=self.seed,
-                   device=self.device, teacher_logits=self.teacher_logits,
+                   device=self.device, teacher=self.teacher,
                    temperature=self.temperature, alpha=self.alpha, after_step=after_step,
                    hint=hint, before_epoch=before_epoch)
 
 
-def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: Recipe, *,
+def build(task: Task, teacher: nn.Module, targets: TeacherTargets, recipe: Recipe, *,
           train: TrainConfig, seed: int, device: torch.device, round_to: int = 1,
-          teacher_features: torch.Tensor | None = None,
           deadline: float | None = None,
           check: Callable[[nn.Module, str, int, int], None] | None = None) -> CompressedModel:
     """Run every stage of ``recipe`` and return the compressed model (CPU, eval mode).
 
-    ``round_to``: structured pruning keeps a multiple of this many channels per layer.
-    ``teacher_features``: the teacher's head inputs on the train split, for the hint loss
-    (used when the hint weight is > 0). ``deadline`` (``time.monotonic()`` seconds): a
+    ``targets``: what the teacher gives each training batch (its outputs, and its head's
+    inputs for the hint loss when the hint weight is > 0). ``round_to``: structured pruning
+    keeps a multiple of this many channels per layer. ``deadline`` (``time.monotonic()`` seconds): a
     training stage that would start an epoch after it raises ``TrialStopped``. ``check(model,
     stage, epochs_done, stage_epochs)`` runs before each epoch and may stop the trial the same way."""
     distill_epochs = int(recipe.distillation.get("epochs", train.distill_epochs))
     hint_weight = float(recipe.distillation.get("hint_weight", train.hint_weight))
-    if hint_weight > 0 and teacher_features is None:
-        raise ValueError("a hint weight > 0 needs the teacher's features (teacher_features)")
-    stages = _Stages(task, teacher_logits, train, seed, device,
+    if hint_weight > 0 and targets.head_width is None:
+        raise ValueError("a hint weight > 0 needs the teacher's head inputs (targets)")
+    stages = _Stages(task, targets, train, seed, device,
                      temperature=float(recipe.distillation.get("temperature", train.temperature)),
                      alpha=float(recipe.distillation.get("alpha", train.alpha)),
                      deadline=deadline, check=check)
@@ -106,8 +105,7 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
     layers = _layers(model, recipe)
     stages.done("student", parameters=sum(p.numel() for p in model.parameters()))
     if not is_teacher_shaped(task, recipe) and distill_epochs > 0:
-        _distill(model, stages, epochs=distill_epochs, hint_weight=hint_weight,
-                 teacher_features=teacher_features)
+        _distill(model, stages, epochs=distill_epochs, hint_weight=hint_weight)
     masks = _prune(model, layers, recipe, stages, round_to=round_to)
     quantized = _quantize(model, layers, recipe, stages, masks)
     return CompressedModel(model=model, factory=factory_path(task.make_model),
@@ -115,14 +113,13 @@ def build(task: Task, teacher: nn.Module, teacher_logits: torch.Tensor, recipe: 
                            record=stages.record)
 
 
-def _distill(model: nn.Module, stages: _Stages, *, epochs: int, hint_weight: float,
-             teacher_features: torch.Tensor | None) -> None:
+def _distill(model: nn.Module, stages: _Stages, *, epochs: int, hint_weight: float) -> None:
     """Train the student against the teacher's logits (and, with a hint weight, its head's
     inputs through a learned projection)."""
     hint = None
     if hint_weight > 0:
         head = compressible_layers(model.eval(), stages.task.example_inputs(1))[-1].name
-        hint = FeatureHint(model, head, teacher_features, hint_weight)
+        hint = FeatureHint(model, head, stages.teacher.head_width, hint_weight)
     try:
         loss = stages.tune(model, epochs, hint=hint, name="distillation")
     finally:
@@ -144,7 +141,7 @@ def _prune(model: nn.Module, layers: dict[str, nn.Module], recipe: Recipe, stage
     model.cpu().eval()
     channels = prune_structured(model, structured, task.example_inputs(1), round_to=round_to,
                                 importance=recipe.importance,
-                                gradient_batch=(task.train.x[:256], task.train.y[:256]))
+                                gradient_batch=task.data("train").head(256))
     masks: dict[str, torch.Tensor] = {}
     for method, fractions in patterns.items():
         masks.update(SPARSITY_PATTERNS[method](layers, fractions))

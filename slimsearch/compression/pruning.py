@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimsearch.errors import TrialError
+from slimsearch.tasks.data import Inputs, call_model, output_tensor
 
 #: Channel-importance criteria by name; each makes a Torch-Pruning importance object.
 IMPORTANCE: dict[str, Callable[[], Any]] = {
@@ -38,9 +39,9 @@ def _channels(layer: nn.Module) -> int:
     return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
-def prune_structured(model: nn.Module, fractions: dict[str, float], example_input: torch.Tensor,
+def prune_structured(model: nn.Module, fractions: dict[str, float], example_input: Inputs,
                      *, round_to: int = 1, importance: str = "l2",
-                     gradient_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     gradient_batch: tuple[Inputs, torch.Tensor] | None = None,
                      ) -> dict[str, dict[str, Any]]:
     """Remove ``fractions[name]`` of the output channels of each named layer, lowest L2 norm
     of the coupled group first. Returns per layer what happened (channels before/after, or
@@ -65,8 +66,9 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
     original = {name: _channels(modules[name]) for name in fractions}
     # (no torch.no_grad here: the dependency graph is traced through autograd)
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
-                                                      verbose=False)
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_input, forward_fn=call_model,
+            output_transform=output_tensor, verbose=False)
     except Exception as exc:  # Torch-Pruning traces autograd; exotic ops raise many types
         raise TrialError(f"structured pruning of {sorted(fractions)} needs the model's dependency "
                          f"graph, which Torch-Pruning could not trace: {type(exc).__name__}: {exc}. "
@@ -107,11 +109,11 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
     return record
 
 
-def _gradients(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+def _gradients(model: nn.Module, inputs: Inputs, labels: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
     was_training = model.training
     model.eval()
-    F.cross_entropy(model(inputs), labels).backward()
+    F.cross_entropy(output_tensor(call_model(model, inputs)), labels).backward()
     model.train(was_training)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from slimsearch.evaluators.latency_cache import LatencyCache
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes import Executable
-from slimsearch.tasks import Split, Task
+from slimsearch.tasks import Data, Task
 from slimsearch.timing.latency import Latency, measure_latency, rested_latency
 from slimsearch.timing.paired import paired_latency
 from slimsearch.training import full_fp32
@@ -159,11 +159,10 @@ class AccuracyEvaluator:
         return f"{self.split}_accuracy"
 
     def __call__(self, context: EvalContext) -> dict[str, Metric]:
-        data = getattr(context.task, self.split)
         with full_fp32():  # TF32 would let one file classify a borderline sample two ways
-            predictions = context.executable.logits(data.x).argmax(dim=1)
-        return {self.name: float((predictions == data.y).float().mean()),
-                f"{self.split}_samples": len(data)}
+            logits, targets = context.executable.predict(context.task.data(self.split))
+        return {self.name: float((logits.argmax(dim=1) == targets).float().mean()),
+                f"{self.split}_samples": len(targets)}
 
 
 #: A teacher whose validation accuracy is no more than this (a fraction) above always
@@ -171,9 +170,10 @@ class AccuracyEvaluator:
 CHANCE_MARGIN = 0.01
 
 
-def majority_accuracy(data: Split) -> float:
+def majority_accuracy(data: Data) -> float:
     """The accuracy (fraction) of always predicting ``data``'s most common class."""
-    return float(torch.bincount(data.y).max()) / len(data)
+    targets = data.targets()
+    return float(torch.bincount(targets).max()) / len(targets)
 
 
 def untrained_teacher(teacher: dict[str, Metric]) -> str | None:

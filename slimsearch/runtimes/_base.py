@@ -31,6 +31,7 @@ from torch import nn
 
 from slimsearch.experiment import TargetConfig
 from slimsearch.spaces import Recipe
+from slimsearch.tasks.data import Data, Inputs, batch_len, call_model, take
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,14 +42,16 @@ class Executable:
 
     ``artifact`` is the file a deployment ships (its length is the size objective); ``run``
     executes one batch given in the runtime's own input form, which ``native`` makes from a
-    CPU float tensor; ``form`` describes what executes, layer by layer, for the latency cache.
+    batch's CPU inputs (a tensor, a tuple or a dict of tensors, ``tasks.data``), and
+    ``to_tensor`` takes the output tensor from what it returns; ``form`` describes what
+    executes, layer by layer, for the latency cache.
     """
 
     runtime: str
     artifact: Path
     device: torch.device
     run: Callable[[Any], Any]
-    native: Callable[[torch.Tensor], Any]
+    native: Callable[[Inputs], Any]
     to_tensor: Callable[[Any], torch.Tensor]
     form: dict[str, Any]
     #: The torch module behind ``run`` (torch and torchscript runtimes), e.g. for CUDA graphs.
@@ -56,10 +59,18 @@ class Executable:
     notes: list[str] = field(default_factory=list)
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
-        """Float32 CPU logits of the executable on ``x``, computed in batches."""
-        return torch.cat([self.to_tensor(self.run(self.native(x[i:i + batch_size]))).float().cpu()
-                          for i in range(0, len(x), batch_size)])
+    def logits(self, x: Inputs, *, batch_size: int = 512) -> torch.Tensor:
+        """Float32 CPU outputs of the executable on the inputs ``x``, computed in batches."""
+        return torch.cat([self.to_tensor(self.run(self.native(take(x, slice(i, i + batch_size)))))
+                          .float().cpu() for i in range(0, batch_len(x), batch_size)])
+
+    def predict(self, data: Data, *, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+        """(outputs, targets) of the executable over the split ``data``, in its order."""
+        outputs, targets = [], []
+        for inputs, y, _ in data.batches(batch_size=batch_size):
+            outputs.append(self.logits(inputs, batch_size=batch_size))
+            targets.append(y)
+        return torch.cat(outputs), torch.cat(targets)
 
     def signature(self, batch_size: int) -> str:
         """A key for the latency of this executed form at ``batch_size``: equal keys run the
@@ -103,7 +114,7 @@ def module_form(module: nn.Module) -> list[Any]:
     return layers
 
 
-def layer_inputs(model: nn.Module, names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+def layer_inputs(model: nn.Module, names: list[str], batch: Inputs) -> dict[str, torch.Tensor]:
     """The input tensor each of the layers ``names`` of ``model`` receives when ``model`` runs
     on ``batch`` (first call; a layer not called with a tensor is missing), to time the layer
     alone on exactly what it sees in the model."""
@@ -119,7 +130,7 @@ def layer_inputs(model: nn.Module, names: list[str], batch: torch.Tensor) -> dic
     hooks = [modules[name].register_forward_hook(keep(name)) for name in names]
     try:
         with torch.no_grad():
-            model(batch)
+            call_model(model, batch)
     finally:
         for handle in hooks:
             handle.remove()

@@ -35,6 +35,7 @@ from torch.nn.utils import parametrize
 from slimsearch.errors import ArtifactError
 from slimsearch.runtimes._base import layer_inputs
 from slimsearch.runtimes.int8 import MARGIN, ExecutionPlan
+from slimsearch.tasks.data import Inputs, call_model, inputs_to
 from slimsearch.timing.latency import measure_latency
 
 FLOAT = "float"
@@ -231,7 +232,7 @@ def _calls(module: nn.Module) -> Any:
     """``module`` as a plain callable, so ``measure_latency`` does not ``.to()`` it (moving
     parameters that are tensor subclasses swaps them; not needed here and not checked for
     every subclass)."""
-    return lambda x: module(x)
+    return lambda x: call_model(module, x)
 
 
 def _ms(fn: Any, x: torch.Tensor, device: torch.device) -> float:
@@ -283,7 +284,7 @@ def _wanted(candidate: CudaCandidate) -> list[str]:
     return kernels
 
 
-def plan_cuda_execution(model: nn.Module, layers: Mapping[str, Any], *, batch: torch.Tensor,
+def plan_cuda_execution(model: nn.Module, layers: Mapping[str, Any], *, batch: Inputs,
                         dtype: torch.dtype, device: torch.device) -> ExecutionPlan | None:
     """Decide, by measurement at the target batch ``batch``, which kernel each layer runs.
 
@@ -307,13 +308,14 @@ def plan_cuda_execution(model: nn.Module, layers: Mapping[str, Any], *, batch: t
         return None
     model = _on(model, device, dtype).eval()
     modules = dict(model.named_modules())
-    batch = batch.to(device=device, dtype=dtype) if batch.is_floating_point() else batch.to(device)
+    batch = inputs_to(batch, device, dtype)
     quantization, torchao_reason = None, None
     if any(k in TORCHAO_KERNELS for n in candidates for k in wanted[n]):
         quantization, torchao_reason = _torchao()
 
     inputs = layer_inputs(model, candidates, batch)
-    plan = ExecutionPlan(mode="cuda", layers={}, input_shape=list(batch.shape[1:]), engine="torch")
+    plan = ExecutionPlan(mode="cuda", layers={}, engine="torch",
+                         input_shape=list(batch.shape[1:]) if isinstance(batch, torch.Tensor) else [])
     plan.decisions["cuda"] = {"device": torch.cuda.get_device_name(device),
                               "capability": list(torch.cuda.get_device_capability(device)),
                               "dtype": _name(dtype), "torch": torch.__version__,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import warnings
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from torch import nn
 
 from slimsearch.errors import ArtifactError
 from slimsearch.runtimes._base import layer_inputs, module_form
+from slimsearch.tasks.data import Inputs, batch_len, call_model, describe, take
 from slimsearch.timing.latency import compare_latency
 
 
@@ -168,8 +170,8 @@ def _static_graph_or_why(model: nn.Module, layers: list[str],
 def _calibrated(prepared: nn.Module, data: torch.Tensor) -> nn.Module:
     """``prepared`` after its observers have seen ``data`` (in place)."""
     with _quiet(), torch.no_grad():
-        for start in range(0, len(data), 256):
-            prepared(data[start:start + 256])
+        for start in range(0, batch_len(data), 256):
+            call_model(prepared, take(data, slice(start, start + 256)))
     return prepared
 
 
@@ -201,8 +203,9 @@ def _time(forms: dict[str, nn.Module], x: torch.Tensor, threads: int,
     and only until the choice is clear (``compare_latency``'s ``decided_at``: does the
     fastest form beat float by MARGIN?). ``protocol``: compare_latency's rounds and
     window_s, when not its defaults."""
-    return compare_latency({k: torch.no_grad()(f) for k, f in forms.items()}, x, threads=threads,
-                           decided_at=1 - MARGIN, **protocol)
+    calls = {k: torch.no_grad()(f if isinstance(x, torch.Tensor) else functools.partial(call_model, f))
+             for k, f in forms.items()}
+    return compare_latency(calls, x, threads=threads, decided_at=1 - MARGIN, **protocol)
 
 
 #: int8 must beat float by this fraction to run: a tie in a quick timing is not a win.
@@ -247,8 +250,8 @@ def _layer_times(layer: nn.Module, x: torch.Tensor, mode: str, threads: int) -> 
     return _LAYER_CACHE[key]
 
 
-def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch.Tensor,
-                   calibration: torch.Tensor, activation_bits: int, threads: int,
+def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Inputs,
+                   calibration: Inputs, activation_bits: int, threads: int,
                    symmetric: bool = True) -> ExecutionPlan | None:
     """Decide, by measurement at the target batch ``batch``, which layers run int8.
 
@@ -265,11 +268,14 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
     low_bits = [n for n, b in layer_bits.items()
                 if b <= 8 and isinstance(modules.get(n), nn.Conv2d | nn.Linear)]
     asked = "static" if activation_bits == 8 else "dynamic"
-    input_shape = list(batch.shape[1:])
+    # static int8 is traced with one input tensor (its shape is in the plan); a model that
+    # takes several, or a dict, runs dynamic int8 (its Linear layers)
+    one_tensor = isinstance(batch, torch.Tensor)
+    input_shape = list(batch.shape[1:]) if one_tensor else []
     # The decision depends on shapes, code and kernels, not on weight values: a model of a
     # form already decided in this process reuses it (a static plan's ranges are calibrated
     # on the model itself). Whether torch.fx traces it is a matter of its code, in the form.
-    key = (json.dumps(module_form(model)), tuple(low_bits), asked, threads, tuple(batch.shape),
+    key = (json.dumps(module_form(model)), tuple(low_bits), asked, threads, describe(batch),
            name_of_engine)
     if key in _MODEL_CACHE:
         mode, layers, decisions = _MODEL_CACHE[key]
@@ -280,7 +286,9 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
             plan.ranges = _calibrate(model, plan.int8_layers, input_shape, calibration)
         return plan
     mode, untraceable, all_int8 = asked, None, None
-    if asked == "static" and low_bits:
+    if asked == "static" and not one_tensor:
+        mode, untraceable = "dynamic", f"the model takes {describe(batch)}, not one tensor"
+    elif asked == "static" and low_bits:
         all_int8, untraceable = _static_graph_or_why(model, low_bits, input_shape)
         if all_int8 is None:  # e.g. data-dependent control flow in forward
             mode = "dynamic"
@@ -295,7 +303,8 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
         plan.layers[name] = "int8" if int8_ms < (1 - MARGIN) * float_ms else "float"
         plan.decisions[name] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
     if untraceable is not None:
-        plan.decisions["static"] = f"not traceable by torch.fx, dynamic int8 instead: {untraceable}"
+        plan.decisions["static"] = (f"not traceable by torch.fx with one input tensor, dynamic "
+                                    f"int8 instead: {untraceable}")
     _choose_for_the_whole_model(model, plan, candidates, batch=batch, calibration=calibration,
                                 threads=threads, all_int8=all_int8)
     _MODEL_CACHE[key] = (mode, dict(plan.layers), copy.deepcopy(plan.decisions))
@@ -303,7 +312,7 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: torch
 
 
 def _choose_for_the_whole_model(model: nn.Module, plan: ExecutionPlan, candidates: list[str], *,
-                                batch: torch.Tensor, calibration: torch.Tensor, threads: int,
+                                batch: Inputs, calibration: Inputs, threads: int,
                                 all_int8: nn.Module | None = None) -> None:
     """Time the whole model on float and on the int8 options and keep the fastest in ``plan``.
 

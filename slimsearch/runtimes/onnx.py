@@ -28,6 +28,7 @@ from slimsearch.errors import ConfigError, TrialError
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes._base import Executable, module_form
 from slimsearch.spaces import Recipe
+from slimsearch.tasks.data import Inputs, concat, inputs_to, take, takes_keywords, tensors_of
 
 ONNX_FILE = "model.onnx"
 INSTALL = 'pip install "slimsearch[onnx]"  (onnxruntime, onnx and onnxscript)'
@@ -45,6 +46,28 @@ def _quiet_export() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
+
+
+def _arguments(model: nn.Module, x: Inputs) -> tuple[tuple, dict]:
+    """(positional, keyword) arguments of ``model`` on the inputs ``x`` (``call_model``'s
+    rule)."""
+    if isinstance(x, torch.Tensor):
+        return (x,), {}
+    if isinstance(x, dict):
+        return ((), dict(x)) if takes_keywords(model, x) else ((x,), {})
+    return tuple(x), {}
+
+
+def _feed(inputs: Inputs, names: list[str]) -> dict[str, Any]:
+    """ONNX Runtime's input dict for a batch: by name where the graph's inputs carry the
+    dict's keys, else in order."""
+    inputs = inputs_to(inputs, "cpu", torch.float32)
+    arrays = {k: v.detach().contiguous().numpy() for k, v in (
+        inputs.items() if isinstance(inputs, dict)
+        else enumerate(tensors_of(inputs)))}
+    if isinstance(inputs, dict) and set(names) <= set(arrays):
+        return {name: arrays[name] for name in names}
+    return dict(zip(names, arrays.values(), strict=True))
 
 
 class OnnxRuntime:
@@ -81,11 +104,16 @@ class OnnxRuntime:
         header = read_header(model_file)
         model = load_float_model(model_file).float().eval()
         # Two samples: torch.export specialises a batch dimension of size 1 into a constant.
-        x = example[:1].repeat(2, *([1] * (example.dim() - 1))).float()
+        one = take(example, slice(0, 1))
+        x = inputs_to(concat([one, one]), "cpu", torch.float32)
+        args, kwargs = _arguments(model, x)
+        batch = torch.export.Dim("batch")
+        dims = lambda a: {k: {0: batch} for k in a} if isinstance(a, dict) else {0: batch}  # noqa: E731
+        dynamic = dims(kwargs) if kwargs else tuple(dims(a) for a in args)
         try:
             with _quiet_export():
-                program = torch.onnx.export(model, (x,), dynamo=True, optimize=True,
-                                            dynamic_shapes=({0: torch.export.Dim("batch")},))
+                program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True,
+                                            optimize=True, dynamic_shapes=dynamic)
         except Exception as exc:  # the exporter raises many types for unsupported code and ops
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise TrialError(f"runtime 'onnxruntime' cannot export this model to ONNX: "
@@ -99,13 +127,13 @@ class OnnxRuntime:
         options.log_severity_level = 3  # errors only
         session = onnxruntime.InferenceSession(str(path), options,
                                                providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
+        names = [i.name for i in session.get_inputs()]
         form = {"runtime": self.name, "onnxruntime": onnxruntime.__version__,
                 "device": "cpu", "dtype": "fp32", "threads": target.threads,
                 "factory": header["factory"], "kwargs": header["kwargs"],
                 "layers": module_form(model)}
         return Executable(runtime=self.name, artifact=path, device=torch.device("cpu"),
-                          run=lambda array: session.run(None, {input_name: array})[0],
-                          native=lambda t: t.detach().float().cpu().contiguous().numpy(),
+                          run=lambda feed: session.run(None, feed)[0],
+                          native=lambda inputs: _feed(inputs, names),
                           to_tensor=torch.from_numpy, form=form,
                           notes=["ONNX Runtime executes float32 weights (no int8, no bit packing)"])

@@ -9,8 +9,9 @@ sized, timed and exported (a deployment loads it without slimsearch or the model
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from slimsearch.runtimes.cuda import build_cuda_executable, plan_cuda_execution
 from slimsearch.runtimes.int8 import ExecutionPlan, plan_execution
 from slimsearch.runtimes.loading import load_model
 from slimsearch.spaces import Recipe
+from slimsearch.tasks.data import Inputs, call_model, inputs_to, output_tensor, takes_keywords
 
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 
@@ -76,10 +78,19 @@ class TorchRuntime:
                     example: torch.Tensor, out_dir: Path) -> Executable:
         module, header = _executable_module(model_file, target, device)
         dtype = DTYPES[target.dtype]
-        return Executable(runtime=self.name, artifact=model_file, device=device, run=module,
-                          native=lambda x: x.to(device=device, dtype=dtype),
-                          to_tensor=lambda y: y, module=module,
+        return Executable(runtime=self.name, artifact=model_file, device=device,
+                          run=_runner(module, example),
+                          native=lambda x: inputs_to(x, device, dtype),
+                          to_tensor=output_tensor, module=module,
                           form=_form(self.name, module, header, target, device))
+
+
+def _runner(module: Callable[..., Any], example: Inputs) -> Callable[[Any], Any]:
+    """How ``module`` is called on a batch like ``example``: itself for one tensor (nothing
+    between the timer and the model), else ``tasks.data.call_model``'s rule."""
+    if isinstance(example, torch.Tensor):
+        return module
+    return functools.partial(call_model, module)
 
 
 def _int8_plan(model: nn.Module, recipe: Recipe, *, target: TargetConfig, batch: torch.Tensor,
@@ -122,11 +133,18 @@ class TorchScriptRuntime(TorchRuntime):
                     example: torch.Tensor, out_dir: Path) -> Executable:
         module, header = _executable_module(model_file, target, device)
         dtype = DTYPES[target.dtype]
-        x = example.to(device=device, dtype=dtype)
+        x = inputs_to(example, device, dtype)
+        keywords = isinstance(x, dict) and takes_keywords(module, x)
         try:
             with warnings.catch_warnings(record=True) as caught, torch.no_grad():
                 warnings.simplefilter("always")
-                frozen = torch.jit.freeze(torch.jit.trace(module, x, check_trace=False).eval())
+                if keywords:
+                    traced = torch.jit.trace(module, example_kwarg_inputs=x, check_trace=False,
+                                             strict=False)
+                else:
+                    traced = torch.jit.trace(module, x if isinstance(x, tuple) else (x,),
+                                             check_trace=False, strict=False)
+                frozen = torch.jit.freeze(traced.eval())
         except Exception as exc:  # tracing raises many types on dynamic Python code
             raise TrialError(f"runtime 'torchscript' cannot trace this model: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -142,7 +160,10 @@ class TorchScriptRuntime(TorchRuntime):
         with _jit_quiet():
             write_with(path, lambda tmp: torch.jit.save(frozen, str(tmp)))
             loaded = torch.jit.load(str(path), map_location=device).eval()
-        return Executable(runtime=self.name, artifact=path, device=device, run=loaded,
-                          native=lambda t: t.to(device=device, dtype=dtype),
-                          to_tensor=lambda y: y, module=loaded,
+        run = ((lambda inputs: loaded(**inputs)) if keywords
+               else (lambda inputs: loaded(inputs)) if isinstance(x, dict)
+               else _runner(loaded, example))
+        return Executable(runtime=self.name, artifact=path, device=device, run=run,
+                          native=lambda t: inputs_to(t, device, dtype),
+                          to_tensor=output_tensor, module=loaded,
                           form=_form(self.name, module, header, target, device))

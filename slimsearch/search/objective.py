@@ -47,6 +47,9 @@ from slimsearch.tasks import Task, make_task
 from slimsearch.timing.latency import pin_allocator
 from slimsearch.training import accuracy
 
+#: Samples of the training split a static int8 plan calibrates its activation ranges on.
+CALIBRATION_SAMPLES = 512
+
 
 def environment() -> dict[str, str]:
     """Versions that a rebuilt trial must match to reproduce its numbers, and the memory
@@ -187,7 +190,7 @@ class TrialRunner:
         floor = (self.teacher_metrics["val_accuracy"] - rules.max_accuracy_drop
                  - rules.early_stop_margin)
         was_training = model.training
-        value = accuracy(model, self.task.val, device=self.device)
+        value = accuracy(model, self.task.data("val"), device=self.device)
         model.train(was_training)
         if value < floor:
             raise TrialStopped(f"stopped early: validation accuracy {value:.4f} after {epoch} "
@@ -202,7 +205,7 @@ class TrialRunner:
         target = self.config.target
         return self.runtime.plan(compressed.model, recipe, target=target, device=self.device,
                                  batch=self.task.example_inputs(target.batch_size),
-                                 calibration=self.task.train.x[:512])
+                                 calibration=self.task.data("train").head(CALIBRATION_SAMPLES)[0])
 
     def __call__(self, recipe: Recipe, trial_dir: Path, *, seed: int,
                  deadline: float | None = None) -> dict[str, Any]:
@@ -214,10 +217,9 @@ class TrialRunner:
         write_json(trial_dir / "environment.json", {"seed": seed, **environment()})
         start = time.perf_counter()
         with computing(self.device):
-            compressed = build(self.task, self.teacher.model, self.teacher.train_logits, recipe,
+            compressed = build(self.task, self.teacher.model, self.teacher.targets, recipe,
                                train=self.config.train, seed=seed, device=self.device,
                                round_to=self.config.space.channel_multiple,
-                               teacher_features=self.teacher.train_features,
                                deadline=deadline, check=self.between_epochs)
             trained = time.perf_counter()
             # the plan's timings take the device alone (an exclusive lock inside this one)

@@ -103,7 +103,7 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
     backend = get_backend(config.search.backend)
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
     space = SearchSpace(task, config.space)
-    task.check_labels()
+    task.check_data()
     limit = config.constraints.max_size_bytes
     if limit is not None and limit < (smallest := space.min_weight_bytes()):
         raise ConfigError(
@@ -264,7 +264,7 @@ def _set_up(prepared: Prepared, study: optuna.Study, device: torch.device, *, fi
     if teacher.trained_here or not metrics_file.exists():
         metrics = runner.measure(folder.teacher / MODEL_FILE, model=teacher.model,
                                  is_reference=True)
-        metrics["val_majority_accuracy"] = majority_accuracy(task.val)
+        metrics["val_majority_accuracy"] = majority_accuracy(task.data("val"))
         write_json(metrics_file, metrics)
     teacher_metrics = read_json(metrics_file)
     runner.teacher_metrics = teacher_metrics

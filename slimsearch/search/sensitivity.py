@@ -26,7 +26,7 @@ from torch import nn
 from slimsearch.atomic import read_json, write_json
 from slimsearch.compression import dequantize, quantize_per_channel
 from slimsearch.spaces import COMPRESSIBLE, LayerRecipe, Recipe, SearchSpace
-from slimsearch.tasks import Split, Task
+from slimsearch.tasks import Data, Task
 from slimsearch.training import accuracy
 
 #: Validation samples used per accuracy pass (the first ones of the split).
@@ -45,8 +45,10 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
     bits = sorted(b for b in config.bits if b < 32)
     sparsities = sorted(s for s in config.sparsity if s > 0)
     symmetric = config.weight_scheme[0] == "symmetric"
-    data = Split(task.val.x[:MAX_SAMPLES], task.val.y[:MAX_SAMPLES])
-    levels = {"bits": bits, "sparsity": sparsities, "symmetric": symmetric, "samples": len(data)}
+    inputs, targets = task.data("val").head(MAX_SAMPLES)
+    data = Data("val", [(inputs, targets)])  # one batch, read again for every change
+    levels = {"bits": bits, "sparsity": sparsities, "symmetric": symmetric,
+              "samples": len(targets)}
     result: dict[str, Any] = read_json(path) if path.exists() else {}
     if result.get("levels") != levels:  # another space (or nothing yet): start over
         result = {"levels": levels, "layers": {}}
@@ -57,7 +59,7 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
     todo = [n for n in layers if n not in result["layers"]]
     if todo:
         say(f"sensitivity pre-pass: {len(todo)} layers x {len(bits) + len(sparsities)} levels "
-            f"on {len(data)} validation samples")
+            f"on {len(targets)} validation samples")
     for name in todo:
         weight = layers[name].weight
         original = weight.detach().clone()

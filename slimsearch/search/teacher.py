@@ -1,7 +1,9 @@
 """The trained teacher: trained once per run on the train split, cached in the run folder.
 
-The cache holds the weights and the teacher's logits on the train split (the distillation
-targets every trial reuses), keyed by everything that changes them.
+The cache holds the weights and, for an in-memory train split, the teacher's logits and
+head inputs on it (the distillation targets every trial reuses), keyed by everything that
+changes them. On a user's DataLoader the teacher runs on each training batch instead
+(``training.TeacherTargets``): slimsearch does not know its order.
 """
 
 from __future__ import annotations
@@ -26,19 +28,17 @@ from slimsearch.compression.distill import head_inputs
 from slimsearch.experiment import TrainConfig
 from slimsearch.spaces import compressible_layers
 from slimsearch.tasks._base import Task, factory_path
-from slimsearch.training import fit, predict_logits
+from slimsearch.training import TeacherTargets, fit, predict_logits
 
 
 @dataclass(frozen=True)
 class Teacher:
     """The teacher model (eval mode, on the CPU, rebuilt from its model file when cached) and
-    its logits on the train split."""
+    what it gives each training batch as distillation targets."""
 
     model: nn.Module
-    train_logits: torch.Tensor
+    targets: TeacherTargets
     trained_here: bool
-    #: The inputs of the teacher's classifier head on the train split (for hint distillation).
-    train_features: torch.Tensor | None = None
 
 
 def _digest(tensors: list[torch.Tensor]) -> str:
@@ -48,6 +48,23 @@ def _digest(tensors: list[torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _targets(model: nn.Module, task: Task, head: str, *, device: torch.device,
+             cache_dir: Path | None = None) -> TeacherTargets:
+    """The teacher's targets: computed once on an in-memory train split (read from
+    ``cache_dir`` when given), else the teacher itself, run on each batch."""
+    if task.data("train").in_memory is None:
+        return TeacherTargets(model=model, head=head)
+    if cache_dir is not None:
+        cached = load_file(cache_dir / TARGETS_FILE)
+        return TeacherTargets(logits=cached["logits"], features=cached.get("features"))
+    train = task.data("train")
+    return TeacherTargets(logits=predict_logits(model, train, device=device),
+                          features=head_inputs(model, head, train, device=device))
+
+
+TARGETS_FILE = "train_logits.safetensors"
+
+
 def prepare_teacher(task: Task, train: TrainConfig, *, seed: int, cache_dir: Path,
                     device: torch.device) -> Teacher:
     """Load the cached teacher from ``cache_dir`` or train (or take the task's) and cache it."""
@@ -55,16 +72,16 @@ def prepare_teacher(task: Task, train: TrainConfig, *, seed: int, cache_dir: Pat
     # plug-in could change its split and misalign the cached logits with the samples.
     key = {"task": task.name, "seed": seed, "teacher_kwargs": dict(task.teacher_kwargs),
            "epochs": train.teacher_epochs, "lr": train.lr, "batch_size": train.batch_size,
-           "weight_decay": train.weight_decay, "train_data": _digest([task.train.x, task.train.y]),
+           "weight_decay": train.weight_decay, "train_data": task.data("train").fingerprint(),
            "user_teacher": _digest(list(task.teacher.state_dict().values()))
            if task.teacher is not None else None,
            "torch": torch.__version__.split("+")[0], "cache_format": 2}  # 2: head features
     meta_path = cache_dir / "meta.json"
     if meta_path.exists() and read_json(meta_path).get("key") == key:
         model = load_float_model(cache_dir / MODEL_FILE)
-        cached = load_file(cache_dir / "train_logits.safetensors")
-        return Teacher(model, cached["logits"], trained_here=False,
-                       train_features=cached.get("features"))
+        head = compressible_layers(model, task.example_inputs(1))[-1].name
+        return Teacher(model, _targets(model, task, head, device=device, cache_dir=cache_dir),
+                       trained_here=False)
 
     if task.teacher is not None:
         model = task.make_model(**task.teacher_kwargs)
@@ -72,11 +89,10 @@ def prepare_teacher(task: Task, train: TrainConfig, *, seed: int, cache_dir: Pat
     else:
         torch.manual_seed(seed)
         model = task.make_model(**task.teacher_kwargs)
-        fit(model, task.train, epochs=train.teacher_epochs, lr=train.lr,
+        fit(model, task.data("train"), epochs=train.teacher_epochs, lr=train.lr,
             batch_size=train.batch_size, weight_decay=train.weight_decay, seed=seed, device=device)
-    logits = predict_logits(model, task.train.x, device=device)
     head = compressible_layers(model.cpu().eval(), task.example_inputs(1))[-1].name
-    features = head_inputs(model, head, task.train.x, device=device)
+    targets = _targets(model, task, head, device=device)
     model = model.cpu().eval()
 
     # Write into a temp folder and swap it in, so an interrupted run never leaves a torn cache.
@@ -86,9 +102,10 @@ def prepare_teacher(task: Task, train: TrainConfig, *, seed: int, cache_dir: Pat
     # The teacher is stored in the same model format as every trial: it is measured the same way.
     save_artifact(CompressedModel(model, factory_path(task.make_model), dict(task.teacher_kwargs)),
                   tmp / MODEL_FILE)
-    save_file({"logits": logits.contiguous(), "features": features.contiguous()},
-              tmp / "train_logits.safetensors")
+    if targets.logits is not None:
+        save_file({"logits": targets.logits.contiguous(), "features": targets.features.contiguous()},
+                  tmp / TARGETS_FILE)
     write_json(tmp / "meta.json", {"key": key})
     shutil.rmtree(cache_dir, ignore_errors=True)
     tmp.rename(cache_dir)
-    return Teacher(model, logits, trained_here=True, train_features=features)
+    return Teacher(model, targets, trained_here=True)

@@ -20,6 +20,7 @@ from slimsearch.errors import ConfigError, did_you_mean
 from slimsearch.experiment import SpaceConfig
 from slimsearch.spaces.recipe import LayerRecipe, Recipe
 from slimsearch.tasks import Task
+from slimsearch.tasks.data import Inputs, call_model, output_tensor
 
 COMPRESSIBLE = (nn.Linear, nn.Conv2d)
 #: At most this many student shapes are built to find the smallest.
@@ -45,7 +46,7 @@ class LayerInfo:
     weights: int = 0
 
 
-def compressible_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
+def compressible_layers(model: nn.Module, example_input: Inputs) -> list[LayerInfo]:
     """Linear and Conv2d layers in execution order; the one producing the model's output
     (the classifier head) may only be pruned unstructured, since its outputs are the classes."""
     order: list[str] = []
@@ -59,7 +60,7 @@ def compressible_layers(model: nn.Module, example_input: torch.Tensor) -> list[L
             hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            final = model(example_input)
+            final = output_tensor(call_model(model, example_input))
     finally:
         for h in hooks:
             h.remove()

@@ -1,15 +1,16 @@
 """Tasks: a model factory (whose keyword arguments are the student knobs), data and a teacher."""
 
 from slimsearch.tasks._base import (
-    Split,
     Task,
     factory_path,
     model_factory,
     resolve_factory,
 )
 from slimsearch.tasks._registry import list_tasks, make_task, register_task
+from slimsearch.tasks.data import Data, Split
 
 __all__ = [
+    "Data",
     "Split",
     "Task",
     "factory_path",

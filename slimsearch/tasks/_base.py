@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -14,6 +15,17 @@ import torch
 from torch import nn
 
 from slimsearch.errors import ArtifactError, ConfigError
+from slimsearch.tasks.data import (
+    Data,
+    DataSource,
+    Inputs,
+    Split,
+    as_data,
+    call_model,
+    describe,
+    map_inputs,
+    output_tensor,
+)
 
 _FACTORY_MARK = "__slimsearch_model_factory__"
 
@@ -85,47 +97,24 @@ def _refuse_untrusted_location(module_name: str, untrusted: Sequence[Path], path
 
 
 @dataclass(frozen=True)
-class Split:
-    """Inputs ``x`` (float32, N x ...) and integer class labels ``y`` (N,)."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if len(self.x) != len(self.y) or len(self.x) == 0:
-            raise ConfigError(f"a data split needs as many labels as inputs and at least one "
-                              f"sample; got {len(self.x)} inputs and {len(self.y)} labels")
-        if self.y.dim() != 1 or self.y.is_floating_point() or self.y.is_complex() \
-                or self.y.dtype == torch.bool:
-            raise ConfigError(f"a data split's labels y must be a 1-D tensor of integer class "
-                              f"indices; got dtype {self.y.dtype} and shape {tuple(self.y.shape)}. "
-                              "Map your labels to 0..classes-1 as torch.long, e.g. with "
-                              "numpy.unique(labels, return_inverse=True)")
-        if int(self.y.min()) < 0:
-            raise ConfigError(f"a data split's labels y must be class indices from 0; found "
-                              f"{int(self.y.min())}. Map your labels to 0..classes-1")
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-@dataclass(frozen=True)
 class Task:
     """A model factory, its data and (optionally) a trained teacher.
 
     ``make_model(**knobs)`` builds the architecture; ``teacher_kwargs`` are the knob values of
     the teacher and ``student_choices`` the default choices the search explores per knob.
     When ``teacher`` is None slimsearch trains one on ``train`` (once per run, cached).
-    The validation split is what the search selects on; ``test`` is only reported.
+    The validation split is what the search selects on; ``test`` is only reported. Each split
+    is a ``Split``, a torch ``Dataset`` or ``DataLoader``, or a function returning an
+    iterable of batches (``slimsearch.tasks.data``); ``data(name)`` reads it.
     """
 
     name: str
     make_model: Callable[..., nn.Module]
     teacher_kwargs: Mapping[str, Any]
     student_choices: Mapping[str, tuple[Any, ...]]
-    train: Split
-    val: Split
-    test: Split
+    train: DataSource
+    val: DataSource
+    test: DataSource
     teacher: nn.Module | None = None
     description: str = ""
     extras: Mapping[str, Any] = field(default_factory=dict)
@@ -142,40 +131,78 @@ class Task:
         if unknown:
             raise ConfigError(f"task {self.name!r}: student_choices names knobs {sorted(unknown)} "
                               f"that teacher_kwargs does not set ({sorted(self.teacher_kwargs)})")
-        for split in ("val", "test"):
-            shape = tuple(getattr(self, split).x.shape[1:])
-            if shape != self.input_shape:
-                raise ConfigError(f"task {self.name!r}: the {split} split's samples have shape "
-                                  f"{shape}, the train split's {self.input_shape}; every split "
-                                  "must hold samples of one shape")
+        for split in SPLITS:
+            as_data(getattr(self, split), split)  # a form slimsearch reads, or the message
+        splits = [getattr(self, split) for split in SPLITS]
+        if all(isinstance(s, Split) for s in splits):
+            for split in ("val", "test"):
+                shape = tuple(getattr(self, split).x.shape[1:])
+                if shape != tuple(self.train.x.shape[1:]):
+                    raise ConfigError(f"task {self.name!r}: the {split} split's samples have "
+                                      f"shape {shape}, the train split's "
+                                      f"{tuple(self.train.x.shape[1:])}; every split must hold "
+                                      "samples of one shape")
 
-    def check_labels(self) -> None:
-        """``ConfigError`` unless every label is one of the teacher's outputs (0 to outputs-1):
-        a label past them would fail the first epoch, or silently never be predicted."""
+    def data(self, split: str) -> Data:
+        """Split ``split`` (``"train"``, ``"val"`` or ``"test"``) as slimsearch reads it."""
+        return as_data(getattr(self, split), split)
+
+    def check_data(self) -> None:
+        """``ConfigError`` before any training when a split's batches are not ``(inputs,
+        targets)`` of tensors the teacher's model takes, or a label is not one of its outputs
+        (a label past them would fail the first epoch, or silently never be predicted)."""
         model = self.teacher if self.teacher is not None else self.make_model(**self.teacher_kwargs)
         was_training = model.training
-        with torch.no_grad():
-            outputs = model.eval()(self.example_inputs(1)).shape[-1]
-        model.train(was_training)
-        for split in ("train", "val", "test"):
-            top = int(getattr(self, split).y.max())
-            if top >= outputs:
-                raise ConfigError(f"task {self.name!r}: the {split} split has label {top}, but the "
-                                  f"teacher's model gives {outputs} outputs (classes 0 to "
-                                  f"{outputs - 1}). Map the labels to 0..{outputs - 1}, or give "
-                                  "the model one output per class")
+        example = self.example_inputs(1)
+        try:
+            with torch.no_grad():
+                outputs = output_tensor(call_model(model.eval(), example))
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"task {self.name!r}: the teacher's model fails on a batch of the "
+                              f"train split ({describe(example)}): {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}. Give inputs "
+                              "the model's forward takes: a tensor, a tuple (positional "
+                              "arguments) or a dict (keyword arguments)") from exc
+        finally:
+            model.train(was_training)
+        classes = outputs.shape[-1]
+        for split in SPLITS:
+            targets = self.data(split).targets()
+            if targets.is_floating_point() or targets.dtype == torch.bool:
+                continue  # not class indices (a regression's metric checks its own)
+            top, low = int(targets.max()), int(targets.min())
+            if low < 0 or top >= classes:
+                raise ConfigError(f"task {self.name!r}: the {split} split has label "
+                                  f"{low if low < 0 else top}, but the teacher's model gives "
+                                  f"{classes} outputs (classes 0 to {classes - 1}). Map the "
+                                  f"labels to 0..{classes - 1}, or give the model one output "
+                                  "per class")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one input sample, without the batch dimension."""
-        return tuple(self.train.x.shape[1:])
+        """Shape of one input sample, without the batch dimension (a tensor input's)."""
+        example = self.example_inputs(1)
+        if not isinstance(example, torch.Tensor):
+            raise TypeError(f"task {self.name!r} takes {describe(example)}, not one tensor")
+        return tuple(example.shape[1:])
 
     @property
     def num_classes(self) -> int:
-        return int(max(self.train.y.max(), self.val.y.max(), self.test.y.max())) + 1
+        return int(max(int(self.data(s).targets().max()) for s in SPLITS)) + 1
 
-    def example_inputs(self, batch_size: int = 1) -> torch.Tensor:
-        """The first ``batch_size`` training inputs (real data, for tracing and timing)."""
-        x = self.train.x
-        reps = -(-batch_size // len(x))
-        return x.repeat(reps, *([1] * (x.dim() - 1)))[:batch_size].clone()
+    def example_inputs(self, batch_size: int = 1) -> Inputs:
+        """The first ``batch_size`` training inputs, repeated when the split has fewer (real
+        data, for tracing and timing); a copy of the batch read the first time (a user's
+        DataLoader may start worker processes for every pass)."""
+        if batch_size not in self._examples:
+            self._examples[batch_size] = self.data("train").example(batch_size)
+        return map_inputs(self._examples[batch_size], torch.clone)
+
+    @functools.cached_property
+    def _examples(self) -> dict[int, Inputs]:
+        return {}
+
+
+SPLITS = ("train", "val", "test")

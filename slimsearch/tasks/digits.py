@@ -15,7 +15,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from slimsearch.tasks._base import Split, Task, model_factory
+from slimsearch.tasks._base import Task, model_factory
+from slimsearch.tasks.data import Split
 
 
 def _scaled(channels: int, width: float) -> int:

@@ -188,11 +188,21 @@ def measure_latency(model: Callable[[Any], Any], inputs: Any, *, device: torch.d
         inputs = inputs.to(device)
     if device.type != "cuda":
         return rested_latency(model, inputs, threads=threads)
-    batch = int(len(inputs))
+    batch = samples_in(inputs)
     with exclusive(device), steady_process():
         once = lambda: _measure_cuda(model, inputs, device=device, warmup=warmup,  # noqa: E731
                                      samples=samples, batch=batch, graph=cuda_graph)
         return _steadiest(once, max_cv=max_cv, max_repeats=max_repeats)
+
+
+def samples_in(inputs: Any) -> int:
+    """The batch size of a model's input in any runtime's form: an array or tensor, or a
+    tuple, list or dict of them (the samples along the first dimension)."""
+    if isinstance(inputs, dict):
+        inputs = next(iter(inputs.values()))
+    elif isinstance(inputs, tuple | list):
+        inputs = inputs[0]
+    return int(len(inputs))
 
 
 def wait_apart_cpu(seconds: float) -> None:
@@ -211,7 +221,7 @@ def rested_latency(model: Callable[[Any], Any], inputs: Any, *, threads: int = 1
     nothing is scaled). The anchor of every ratio to this model (the run's reference): its
     ``ratio`` is 1 and its ``anchor_ms`` its own median."""
     sleep = sleep or wait_apart_cpu
-    batch = int(len(inputs))
+    batch = samples_in(inputs)
     found: list[list[float]] = []
     warm = 0
     previous_threads = torch.get_num_threads()

@@ -1,0 +1,289 @@
+"""Data as users have it: Splits, Datasets, DataLoaders and callables of (inputs, targets)
+batches with tensor, tuple or dict inputs, and model outputs in every form (tasks.data)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from slimsearch.cli import main
+from slimsearch.compression import MODEL_FILE, CompressedModel, save_artifact
+from slimsearch.compression.distill import FeatureHint
+from slimsearch.errors import ConfigError
+from slimsearch.experiment import TargetConfig
+from slimsearch.runtimes import RUNTIMES
+from slimsearch.tasks import Split, Task, factory_path, model_factory
+from slimsearch.tasks.data import Data, as_data, call_model, output_tensor
+from slimsearch.training import TeacherTargets, accuracy, fit, predict
+
+CPU = torch.device("cpu")
+
+
+class DictNet(nn.Module):
+    """Takes keyword tensors (as a Hugging Face model does) and returns a dict of logits."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(64, width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(torch.relu(self.hidden(pixels * mask)))}
+
+
+@model_factory
+def dict_net(*, width: int = 32) -> DictNet:
+    return DictNet(width)
+
+
+class DictSamples(torch.utils.data.Dataset):
+    """A map-style Dataset of ({"pixels", "mask"}, label) samples."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        x = self.split.x[i]
+        return {"pixels": x, "mask": torch.ones_like(x)}, self.split.y[i]
+
+
+def test_every_form_of_a_split_reads_the_same_samples(digits_mlp_task: Task) -> None:
+    split = digits_mlp_task.val
+    loader = DataLoader(TensorDataset(split.x, split.y), batch_size=50)
+    forms = {"split": split, "dataset": TensorDataset(split.x, split.y), "loader": loader,
+             "callable": lambda: iter(loader), "list": list(loader)}
+    for name, source in forms.items():
+        data = as_data(source, "val")
+        assert torch.equal(data.targets(), split.y), name
+        inputs, targets = data.head(70)
+        assert torch.equal(inputs, split.x[:70]) and torch.equal(targets, split.y[:70]), name
+        example = data.example(len(split) + 5)  # repeated past the split's end
+        assert torch.equal(example[len(split):], split.x[:5]), name
+
+
+def test_the_fingerprint_ignores_the_order_a_loader_gives(digits_mlp_task: Task) -> None:
+    split = digits_mlp_task.val
+    dataset = TensorDataset(split.x, split.y)
+    ordered = as_data(DataLoader(dataset, batch_size=64), "val").fingerprint()
+    shuffled = as_data(DataLoader(dataset, batch_size=17, shuffle=True), "val").fingerprint()
+    assert ordered == shuffled
+    other = TensorDataset(split.x + 1, split.y)
+    assert as_data(DataLoader(other, batch_size=64), "val").fingerprint() != ordered
+
+
+@pytest.mark.parametrize(("batch", "message"), [
+    ([torch.zeros(2, 3)], "a list of 1, not (inputs, targets)"),
+    (torch.zeros(2, 3), "a Tensor, not (inputs, targets)"),
+    (("text", torch.zeros(2)), "inputs of type str"),
+    (({"a": torch.zeros(2, 3), "b": "mask"}, torch.zeros(2)), "holding non-tensors"),
+    ((torch.zeros(2, 3), [0, 1]), "targets of type list"),
+    ((torch.zeros(2, 3), torch.zeros(3)), "do not hold the same number of samples"),
+])
+def test_a_batch_that_is_not_inputs_and_targets_is_named_with_the_fix(batch, message: str) -> None:
+    with pytest.raises(ConfigError, match="the train split's batch 0") as caught:
+        next(as_data([batch], "train").batches())
+    assert message in str(caught.value)
+
+
+def test_a_split_that_can_be_read_only_once_is_refused() -> None:
+    batches = iter([(torch.zeros(2, 3), torch.zeros(2))])
+    with pytest.raises(ConfigError, match="iterated only once.*function that returns"):
+        as_data(batches, "train")
+    with pytest.raises(ConfigError, match="the task's val split is a Tensor"):
+        as_data(torch.zeros(3), "val")
+
+
+def test_inputs_are_passed_as_the_model_takes_them() -> None:
+    class OneDict(nn.Module):
+        def forward(self, batch):
+            return batch["a"] * 2
+
+    class Pair(nn.Module):
+        def forward(self, a, b):
+            return a - b
+
+    a, b = torch.ones(2), torch.full((2,), 3.0)
+    assert torch.equal(call_model(OneDict(), {"a": a}), a * 2)  # the dict as its one argument
+    assert torch.equal(call_model(Pair(), {"b": b, "a": a}), a - b)  # keywords
+    assert torch.equal(call_model(Pair(), (a, b)), a - b)  # positional
+
+
+def test_outputs_in_every_form_give_the_logits() -> None:
+    logits = torch.randn(2, 3)
+    assert output_tensor(logits) is logits
+    assert output_tensor((logits, torch.zeros(1))) is logits
+    assert output_tensor({"loss": torch.zeros(()), "logits": logits}) is logits
+    assert output_tensor({"scores": logits}) is logits
+    assert output_tensor(SimpleNamespace(logits=logits)) is logits
+    with pytest.raises(TypeError, match="returned str"):
+        output_tensor("logits")
+
+
+def test_training_on_a_dict_loader_with_the_teacher_run_per_batch(digits_mlp_task: Task) -> None:
+    """A user's DataLoader: slimsearch does not know its order, so the teacher runs on each
+    batch; its targets match the ones computed once on the same samples."""
+    torch.manual_seed(0)
+    train = DataLoader(DictSamples(digits_mlp_task.train), batch_size=64, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    val = as_data(DictSamples(digits_mlp_task.val), "val")
+    teacher = dict_net(width=64)
+    fit(teacher, train, epochs=6, lr=1e-2, batch_size=64, seed=0, device=CPU)
+    assert accuracy(teacher, val, device=CPU) > 0.85
+    online = TeacherTargets(model=teacher, head="head")
+    inputs, _ = val.head(8)
+    logits, features = online.on(inputs, None, CPU)
+    assert torch.allclose(logits, output_tensor(teacher(**inputs)))
+    assert features.shape == (8, 64) and online.head_width == 64
+    student = dict_net(width=16)
+    fit(student, train, epochs=6, lr=1e-2, batch_size=64, seed=0, device=CPU, teacher=online)
+    outputs, targets = predict(student, val, device=CPU)
+    assert outputs.shape == (len(targets), 10)
+    assert float((outputs.argmax(1) == targets).float().mean()) > 0.8
+    # the hint's target, the teacher's head inputs, comes from the same per-batch run
+    hinted = dict_net(width=16)
+    hint = FeatureHint(hinted, "head", online.head_width, weight=1.0)
+    fit(hinted, train, epochs=2, lr=1e-2, batch_size=64, seed=0, device=CPU, teacher=online,
+        hint=hint)
+    hint.detach()
+    assert accuracy(hinted, val, device=CPU) > 0.5
+
+
+@pytest.mark.parametrize("runtime", ["torch", "torchscript", "onnxruntime"])
+def test_every_runtime_runs_a_dict_input_model(runtime: str, tmp_path: Path,
+                                               digits_mlp_task: Task) -> None:
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = dict_net(width=16).eval()
+    path = save_artifact(CompressedModel(model=model, factory=factory_path(dict_net),
+                                         kwargs={"width": 16}), tmp_path / MODEL_FILE)
+    data = as_data(DictSamples(digits_mlp_task.val), "val")
+    example = data.example(4)
+    executable = RUNTIMES[runtime].materialize(path, target=TargetConfig(device="cpu"),
+                                               device=CPU, out_dir=tmp_path, example=example)
+    outputs, targets = executable.predict(data)
+    expected, _ = predict(model, data, device=CPU)
+    assert torch.allclose(outputs, expected, atol=1e-5) and len(targets) == len(expected)
+    executable.run(executable.native(example))  # the form latency is timed in
+
+
+DICT_TASK = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+import slimsearch
+from slimsearch.tasks.digits import make_digits_mlp_task
+
+
+class Net(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.hidden = nn.Linear(64, int(64 * width))
+        self.head = nn.Linear(int(64 * width), 10)
+
+    def forward(self, pixels, mask):
+        return {"logits": self.head(torch.relu(self.hidden(pixels * mask)))}
+
+
+@slimsearch.model_factory
+def net(*, width=1.0):
+    return Net(width)
+
+
+class Samples(torch.utils.data.Dataset):
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        x = self.split.x[i]
+        return {"pixels": x, "mask": torch.ones_like(x)}, self.split.y[i]
+
+
+def make_task(seed):
+    base = make_digits_mlp_task(seed)
+    train = DataLoader(Samples(base.train), batch_size=64, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed))
+    test = DataLoader(Samples(base.test), batch_size=100)
+    return slimsearch.Task(name="dict-inputs", make_model=net, teacher_kwargs={"width": 1.0},
+                           student_choices={"width": (0.5, 1.0)}, train=train,
+                           val=Samples(base.val), test=lambda: iter(test))
+'''
+
+EXPERIMENT = """\
+name = "dict"
+task = "dict_task:make_task"
+seed = 0
+
+[search]
+trials = 6
+sampler = "random"
+
+[space]
+bits = [4, 8, 32]
+sparsity = [0.0, 0.5]
+
+[train]
+teacher_epochs = 8
+distill_epochs = 2
+finetune_epochs = 1
+qat_epochs = 1
+
+[target]
+device = "cpu"
+"""
+
+
+@pytest.mark.slow
+def test_a_dataloader_task_with_dict_inputs_end_to_end(tmp_path: Path) -> None:
+    """search, report, pick, export, and load_model in a fresh process reproduces the
+    exported trial's test accuracy exactly."""
+    (tmp_path / "dict_task.py").write_text(DICT_TASK)
+    experiment = tmp_path / "dict.toml"
+    experiment.write_text(EXPERIMENT)
+    run_dir = tmp_path / "run"
+    assert main(["run", str(experiment), "--run-dir", str(run_dir)]) == 0
+    pareto = json.loads((run_dir / "pareto.json").read_text())
+    assert pareto["teacher"]["val_accuracy"] > 0.85
+    completed = [json.loads(p.read_text()) for p in sorted(run_dir.glob("trials/*/metrics.json"))]
+    assert len(completed) == 6
+    # the plan ran the dict-input model's Linear layers on dynamic int8 where 8 bits allow it
+    assert main(["report", str(run_dir)]) == 0 and (run_dir / "report.html").is_file()
+    assert main(["pick", str(run_dir), "--max-accuracy-drop", "0.05"]) == 0
+    entry = min(pareto["trials"], key=lambda t: t["metrics"]["size_bytes"])
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(run_dir), "--trial", str(entry["number"]), "--out", str(bundle),
+                 "--tolerance", "1.0"]) == 0
+    assert json.loads((bundle / "verification.json").read_text())["passed"]
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import torch
+        import slimsearch
+        from dict_task import make_task
+        from slimsearch.training import accuracy
+        model = slimsearch.load_model({str(bundle)!r})
+        print(repr(accuracy(model, make_task(0).data("test"), device=torch.device("cpu"))))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, cwd=tmp_path.parent)
+    assert float(out.stdout.strip()) == entry["metrics"]["test_accuracy"]
+
+
+def test_data_wraps_itself() -> None:
+    data = Data("val", [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))])
+    assert as_data(data, "val") is data and data.in_memory is None
