@@ -12,7 +12,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from slimsearch.tasks.data import (
     Data,
     DataSource,
     Inputs,
+    Split,
     as_data,
     call_model,
     inputs_to,
@@ -45,14 +46,16 @@ class TeacherTargets:
     the inputs of its classifier head (the hint targets).
 
     On an in-memory split they are computed once and looked up by sample (``logits``,
-    ``features``: one row per sample of the split); on a user's DataLoader, whose order and
-    batches slimsearch does not know, the teacher (``model``, its head named ``head``) runs
+    ``features``: one row per sample of the split); on any other split (a Dataset, a
+    DataLoader, a callable), whose order slimsearch does not know, the teacher (``model``, its head named ``head``) runs
     on each batch instead."""
 
     logits: torch.Tensor | None = None
     features: torch.Tensor | None = None
     model: nn.Module | None = None
     head: str | None = None
+    #: These targets made for other devices (``to``), by device.
+    _placed: dict[str, TeacherTargets] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.logits is None and self.model is None:
@@ -91,14 +94,26 @@ class TeacherTargets:
         return None
 
     def to(self, device: torch.device) -> TeacherTargets:
-        """These targets with the teacher (if it runs per batch) on ``device``, in eval mode;
-        a copy when it has to move, so that the caller's teacher stays where it is."""
-        model = self.model
-        if model is not None:
-            if any(p.device != device for p in model.parameters()):
+        """These targets on ``device`` (the teacher in eval mode, if it runs per batch), made
+        once per device: a copy where they have to move, so that the caller's teacher stays
+        where it is."""
+        key = str(device)
+        if key not in self._placed:
+            def there(t: torch.Tensor | None) -> torch.Tensor | None:
+                return t if t is None or _on(t.device, device) else t.to(device)
+            model = self.model
+            if model is not None and not all(_on(p.device, device) for p in model.parameters()):
                 model = copy.deepcopy(model).to(device)
-            model.eval()
-        return TeacherTargets(self.logits, self.features, model, self.head)
+            if model is not None:
+                model.eval()
+            self._placed[key] = TeacherTargets(there(self.logits), there(self.features), model,
+                                               self.head)
+        return self._placed[key]
+
+
+def _on(where: torch.device, device: torch.device) -> bool:
+    """Whether a tensor on ``where`` is on ``device`` (``cuda`` means the current one)."""
+    return where.type == device.type and device.index in (None, where.index)
 
 
 def fit(model: nn.Module, data: Data | DataSource, *, epochs: int, lr: float, batch_size: int,
@@ -120,6 +135,9 @@ def fit(model: nn.Module, data: Data | DataSource, *, epochs: int, lr: float, ba
     if epochs == 0:
         return float("nan")
     data = as_data(data, "train")
+    if (split := data.in_memory) is not None and device.type != "cpu":
+        # moved once, not batch by batch (the batches are then gathered on the device)
+        data = Data(data.name, Split(split.x.to(device), split.y.to(device)))
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
     parameters = list(model.parameters())
@@ -134,7 +152,7 @@ def fit(model: nn.Module, data: Data | DataSource, *, epochs: int, lr: float, ba
             before_epoch(epoch)
         total, batches = 0.0, 0
         for inputs, y, index in data.batches(batch_size=batch_size, shuffle=generator):
-            inputs, y = inputs_to(inputs, device), y.to(device)
+            inputs, y = inputs_to(inputs, device), y.to(device=device, dtype=torch.long)
             logits = output_tensor(call_model(model, inputs))
             if teacher is None:
                 loss = F.cross_entropy(logits, y)
@@ -177,7 +195,7 @@ def predict(model: Callable[..., object], data: Data | DataSource, *,
         if device is not None:
             inputs = inputs_to(inputs, device)
         outputs.append(output_tensor(call_model(model, inputs)).float().cpu())
-        targets.append(y)
+        targets.append(y.cpu())
     return torch.cat(outputs), torch.cat(targets)
 
 

@@ -105,6 +105,41 @@ def test_a_split_that_can_be_read_only_once_is_refused() -> None:
         as_data(torch.zeros(3), "val")
 
 
+def test_batches_padded_to_different_lengths_are_named_with_the_fix() -> None:
+    batches = [(torch.zeros(4, 7, dtype=torch.long), torch.zeros(4, dtype=torch.long)),
+               (torch.zeros(4, 9, dtype=torch.long), torch.zeros(4, dtype=torch.long))]
+    data = as_data(batches, "train")
+    assert data.head(4)[0].shape == (4, 7)  # within one batch: fine
+    with pytest.raises(ConfigError, match="different shapes.*padding='max_length'"):
+        data.head(6)
+
+
+def test_a_shuffling_loader_is_read_in_a_fixed_order_for_examples_and_digests(
+        digits_mlp_task: Task) -> None:
+    split = digits_mlp_task.val
+    loader = DataLoader(TensorDataset(split.x, split.y), batch_size=32, shuffle=True)
+    first, again = as_data(loader, "val"), as_data(loader, "val")
+    assert torch.equal(first.example(40), split.x[:40])
+    assert torch.equal(first.targets(), again.targets())
+    assert first.fingerprint() == again.fingerprint()
+
+
+@pytest.mark.parametrize(("targets", "message"), [
+    (lambda y: y.float(), "float32"),
+    (lambda y: y[:, None], "squeeze"),
+    (lambda y: y.bool(), "bool"),
+])
+def test_targets_that_are_not_class_indices_stop_before_training(digits_mlp_task: Task,
+                                                                 targets, message: str) -> None:
+    base = digits_mlp_task
+    bad = [(base.val.x[:50], targets(base.val.y[:50]))]
+    task = Task(name="bad", make_model=base.make_model, teacher_kwargs=base.teacher_kwargs,
+                student_choices=base.student_choices, train=base.train, val=bad, test=base.test)
+    with pytest.raises(ConfigError, match="the val split's targets") as caught:
+        task.check_data()
+    assert message in str(caught.value) and "dtype=torch.long" in str(caught.value)
+
+
 def test_inputs_are_passed_as_the_model_takes_them() -> None:
     class OneDict(nn.Module):
         def forward(self, batch):
@@ -158,6 +193,122 @@ def test_training_on_a_dict_loader_with_the_teacher_run_per_batch(digits_mlp_tas
         hint=hint)
     hint.detach()
     assert accuracy(hinted, val, device=CPU) > 0.5
+
+
+class TokenNet(nn.Module):
+    """Token ids and a mask in, as a text classifier takes them."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, width)
+        self.hidden = nn.Linear(width, width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(self.embed.weight.dtype)
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.head(torch.relu(self.hidden(pooled)))
+
+
+@model_factory
+def token_net(*, width: int = 16) -> TokenNet:
+    return TokenNet(width)
+
+
+class PairNet(nn.Module):
+    """Two positional tensors in (a tuple batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right = nn.Linear(64, 16), nn.Linear(64, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.left(a) + self.right(b)))
+
+
+@model_factory
+def pair_net() -> PairNet:
+    return PairNet()
+
+
+def _token_batches(samples: int = 40, length: int = 12) -> list:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (samples, length), generator=generator)
+    mask = (torch.rand(samples, length, generator=generator) > 0.2).long()
+    labels = torch.randint(0, 3, (samples,), generator=generator)
+    return [({"input_ids": ids[i:i + 10], "attention_mask": mask[i:i + 10]}, labels[i:i + 10])
+            for i in range(0, samples, 10)]
+
+
+@pytest.mark.parametrize(("runtime", "dtype"), [("torch", "fp32"), ("torch", "bf16"),
+                                                ("torchscript", "fp32"), ("onnxruntime", "fp32")])
+def test_token_ids_stay_integers_in_every_runtime(runtime: str, dtype: str,
+                                                  tmp_path: Path) -> None:
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    data = as_data(_token_batches(), "val")
+    model = token_net()
+    fit(model, data, epochs=2, lr=1e-2, batch_size=10, seed=0, device=CPU)  # ids as ids
+    path = save_artifact(CompressedModel(model=model, factory=factory_path(token_net),
+                                         kwargs={"width": 16}), tmp_path / MODEL_FILE)
+    executable = RUNTIMES[runtime].materialize(path, target=TargetConfig(device="cpu",
+                                                                         dtype=dtype),
+                                               device=CPU, out_dir=tmp_path,
+                                               example=data.example(4))
+    native = executable.native(data.example(4))
+    ids = native["input_ids"]
+    assert str(ids.dtype) in ("torch.int64", "int64")  # never cast to the float dtype
+    outputs, _ = executable.predict(data)
+    expected, _ = predict(model, data, device=CPU)
+    assert torch.allclose(outputs, expected, atol=0.05 if dtype == "bf16" else 1e-5)
+    assert executable.form["inputs"].startswith("{input_ids: int64[1, 12]")
+
+
+@pytest.mark.parametrize("runtime", ["torch", "torchscript", "onnxruntime"])
+def test_every_runtime_runs_a_tuple_input_model(runtime: str, tmp_path: Path,
+                                                digits_mlp_task: Task) -> None:
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = pair_net().eval()
+    path = save_artifact(CompressedModel(model=model, factory=factory_path(pair_net), kwargs={}),
+                         tmp_path / MODEL_FILE)
+    x, y = digits_mlp_task.val.x[:64], digits_mlp_task.val.y[:64]
+    data = as_data([((x, x.flip(1)), y)], "val")
+    executable = RUNTIMES[runtime].materialize(path, target=TargetConfig(device="cpu"),
+                                               device=CPU, out_dir=tmp_path,
+                                               example=data.example(4))
+    outputs, _ = executable.predict(data)
+    assert torch.allclose(outputs, model(x, x.flip(1)), atol=1e-5)
+
+
+def test_static_int8_of_a_dict_input_model_runs_dynamic_and_says_why(
+        digits_mlp_task: Task) -> None:
+    from slimsearch.runtimes.int8 import engine, plan_execution
+
+    if engine() is None:
+        pytest.skip("this torch build has no int8 engine")
+    data = as_data(DictSamples(digits_mlp_task.val), "val")
+    model = dict_net(width=256).eval()
+    plan = plan_execution(model, {"hidden": 8, "head": 8}, batch=data.example(64),
+                          calibration=lambda: pytest.fail("a dynamic plan needs no calibration"),
+                          activation_bits=8, threads=1)
+    assert plan is not None and plan.mode == "dynamic"
+    assert "not one tensor" in plan.decisions["static"]
+
+
+def test_structured_pruning_of_a_dict_input_model(digits_mlp_task: Task) -> None:
+    from slimsearch.compression.pruning import prune_structured
+
+    data = as_data(DictSamples(digits_mlp_task.val), "val")
+    model = dict_net(width=32).eval()
+    record = prune_structured(model, {"hidden": 0.5}, data.example(1), importance="taylor",
+                              gradient_batch=data.head(16))
+    assert record["hidden"]["channels_after"] == 16
+    assert model.head.in_features == 16
+    assert output_tensor(call_model(model, data.example(3))).shape == (3, 10)
 
 
 @pytest.mark.parametrize("runtime", ["torch", "torchscript", "onnxruntime"])
@@ -261,7 +412,6 @@ def test_a_dataloader_task_with_dict_inputs_end_to_end(tmp_path: Path) -> None:
     assert pareto["teacher"]["val_accuracy"] > 0.85
     completed = [json.loads(p.read_text()) for p in sorted(run_dir.glob("trials/*/metrics.json"))]
     assert len(completed) == 6
-    # the plan ran the dict-input model's Linear layers on dynamic int8 where 8 bits allow it
     assert main(["report", str(run_dir)]) == 0 and (run_dir / "report.html").is_file()
     assert main(["pick", str(run_dir), "--max-accuracy-drop", "0.05"]) == 0
     entry = min(pareto["trials"], key=lambda t: t["metrics"]["size_bytes"])

@@ -31,7 +31,7 @@ from torch import nn
 
 from slimsearch.experiment import TargetConfig
 from slimsearch.spaces import Recipe
-from slimsearch.tasks.data import Data, Inputs, batch_len, call_model, take
+from slimsearch.tasks.data import Data, Inputs, batch_len, call_model, describe, take
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -69,7 +69,7 @@ class Executable:
         outputs, targets = [], []
         for inputs, y, _ in data.batches(batch_size=batch_size):
             outputs.append(self.logits(inputs, batch_size=batch_size))
-            targets.append(y)
+            targets.append(y.cpu())
         return torch.cat(outputs), torch.cat(targets)
 
     def signature(self, batch_size: int) -> str:
@@ -87,15 +87,24 @@ class Runtime(Protocol):
     def check(self, target: TargetConfig, device: torch.device) -> None: ...
 
     def plan(self, model: nn.Module, recipe: Recipe, *, target: TargetConfig,
-             device: torch.device, batch: torch.Tensor,
-             calibration: torch.Tensor) -> dict[str, Any] | None: ...
+             device: torch.device, batch: Inputs,
+             calibration: Inputs | Callable[[], Inputs]) -> dict[str, Any] | None: ...
 
     def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
-                    example: torch.Tensor, out_dir: Path) -> Executable: ...
+                    example: Inputs, out_dir: Path) -> Executable: ...
 
 
 #: Numbers that a quantized layer's description carries but that do not change what runs.
 _VALUES = re.compile(r"\b(scale|zero_point)=[^,)]*(, )?")
+
+
+def input_form(example: Inputs) -> dict[str, Any]:
+    """What an executed form records of its inputs: nothing for one tensor (a task's samples
+    have one shape), else each tensor's shape past the batch and dtype (a sequence model's
+    latency depends on the length it was padded to)."""
+    if isinstance(example, torch.Tensor):
+        return {}
+    return {"inputs": describe(take(example, slice(0, 1)))}
 
 
 def module_form(module: nn.Module) -> list[Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
@@ -228,11 +229,13 @@ def build_cuda_executable(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
     return executable
 
 
-def _calls(module: nn.Module) -> Any:
+def _calls(module: nn.Module, batch: Inputs) -> Any:
     """``module`` as a plain callable, so ``measure_latency`` does not ``.to()`` it (moving
     parameters that are tensor subclasses swaps them; not needed here and not checked for
     every subclass)."""
-    return lambda x: call_model(module, x)
+    if isinstance(batch, torch.Tensor):
+        return lambda x: module(x)
+    return functools.partial(call_model, module)
 
 
 def _ms(fn: Any, x: torch.Tensor, device: torch.device) -> float:
@@ -254,11 +257,11 @@ def _layer_ms(layer: nn.Linear, x: torch.Tensor, kernel: str, quantization: Any,
     if key not in _LAYER_CACHE:
         try:
             if kernel == FLOAT:
-                _LAYER_CACHE[key] = _ms(_calls(layer), x, device)
+                _LAYER_CACHE[key] = _ms(_calls(layer, x), x, device)
             else:
                 single = nn.Sequential(copy.deepcopy(layer)).eval()
                 _apply_kernels(single, {"0": kernel}, quantization)
-                _LAYER_CACHE[key] = _ms(_calls(single), x, device)
+                _LAYER_CACHE[key] = _ms(_calls(single, x), x, device)
         except Exception as exc:  # any failing kernel (shape, driver, library) leaves it float
             _LAYER_CACHE[key] = f"failed: {_first_line(exc)}"
     return _LAYER_CACHE[key]
@@ -364,16 +367,16 @@ def _layer_choice(layer: nn.Linear, x: torch.Tensor | None, kernels: list[str],
     return choice
 
 
-def _check_whole_model(model: nn.Module, batch: torch.Tensor, plan: ExecutionPlan,
+def _check_whole_model(model: nn.Module, batch: Inputs, plan: ExecutionPlan,
                        device: torch.device) -> None:
     """Time float vs the per-layer choice as whole models, and fall back to all-float (in
     ``plan``) unless the choice wins by MARGIN: never slower by accident, as a whole either."""
     record: dict[str, Any] = {}
     try:
-        float_ms = _ms(_calls(model), batch, device)
+        float_ms = _ms(_calls(model, batch), batch, device)
         record["float ms"] = round(float_ms, 4)
         executable = build_cuda_executable(model, plan)
-        chosen_ms = _ms(_calls(executable), batch, device)
+        chosen_ms = _ms(_calls(executable, batch), batch, device)
         record["per layer ms"] = round(chosen_ms, 4)
         del executable
         keep = chosen_ms < (1 - MARGIN) * float_ms

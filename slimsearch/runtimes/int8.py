@@ -22,7 +22,7 @@ import copy
 import functools
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -251,18 +251,22 @@ def _layer_times(layer: nn.Module, x: torch.Tensor, mode: str, threads: int) -> 
 
 
 def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Inputs,
-                   calibration: Inputs, activation_bits: int, threads: int,
+                   calibration: Inputs | Callable[[], Inputs], activation_bits: int, threads: int,
                    symmetric: bool = True) -> ExecutionPlan | None:
     """Decide, by measurement at the target batch ``batch``, which layers run int8.
 
     Candidates are Conv2d/Linear layers whose weights have <= 8 bits (with float activations
     only Linear has a kernel). Asymmetric weights are not candidates: the int8 kernels take
     symmetric weights, and requantizing would run other weights than the file stores.
-    Returns None when there is no candidate or no int8 engine.
+    ``calibration``: the inputs a static plan calibrates its activation ranges on, or a
+    function returning them (read only when a static plan needs them). Returns None when
+    there is no candidate or no int8 engine.
     """
     name_of_engine = engine()
     if name_of_engine is None or not symmetric:
         return None
+    # read only when a static plan calibrates (a callable: the caller reads it then)
+    samples = calibration if callable(calibration) else lambda: calibration
     torch.backends.quantized.engine = name_of_engine
     modules = dict(model.named_modules())
     low_bits = [n for n, b in layer_bits.items()
@@ -283,7 +287,7 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
                              engine=name_of_engine, decisions=copy.deepcopy(decisions))
         plan.decisions["model"]["reused"] = "same form decided earlier in this process"
         if plan.int8_layers and mode == "static":
-            plan.ranges = _calibrate(model, plan.int8_layers, input_shape, calibration)
+            plan.ranges = _calibrate(model, plan.int8_layers, input_shape, samples())
         return plan
     mode, untraceable, all_int8 = asked, None, None
     if asked == "static" and not one_tensor:
@@ -305,14 +309,14 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
     if untraceable is not None:
         plan.decisions["static"] = (f"not traceable by torch.fx with one input tensor, dynamic "
                                     f"int8 instead: {untraceable}")
-    _choose_for_the_whole_model(model, plan, candidates, batch=batch, calibration=calibration,
+    _choose_for_the_whole_model(model, plan, candidates, batch=batch, calibration=samples,
                                 threads=threads, all_int8=all_int8)
     _MODEL_CACHE[key] = (mode, dict(plan.layers), copy.deepcopy(plan.decisions))
     return plan
 
 
 def _choose_for_the_whole_model(model: nn.Module, plan: ExecutionPlan, candidates: list[str], *,
-                                batch: Inputs, calibration: Inputs, threads: int,
+                                batch: Inputs, calibration: Callable[[], Inputs], threads: int,
                                 all_int8: nn.Module | None = None) -> None:
     """Time the whole model on float and on the int8 options and keep the fastest in ``plan``.
 
@@ -339,7 +343,7 @@ def _choose_for_the_whole_model(model: nn.Module, plan: ExecutionPlan, candidate
             with _quiet():
                 prepared = (all_int8 if everything
                             else _prepare_static(model, option.int8_layers, plan.input_shape))
-            calibrated = _calibrated(prepared, calibration)
+            calibrated = _calibrated(prepared, calibration())
             option.ranges = _ranges(calibrated)
             forms[label] = _converted(calibrated)
         else:

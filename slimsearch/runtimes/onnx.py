@@ -15,7 +15,7 @@ import importlib.util
 import io
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from slimsearch.atomic import write_with
 from slimsearch.compression import load_float_model, read_header
 from slimsearch.errors import ConfigError, TrialError
 from slimsearch.experiment import TargetConfig
-from slimsearch.runtimes._base import Executable, module_form
+from slimsearch.runtimes._base import Executable, input_form, module_form
 from slimsearch.spaces import Recipe
 from slimsearch.tasks.data import Inputs, concat, inputs_to, take, takes_keywords, tensors_of
 
@@ -67,6 +67,9 @@ def _feed(inputs: Inputs, names: list[str]) -> dict[str, Any]:
         else enumerate(tensors_of(inputs)))}
     if isinstance(inputs, dict) and set(names) <= set(arrays):
         return {name: arrays[name] for name in names}
+    if len(names) != len(arrays):  # the exporter drops inputs the graph does not use
+        raise TrialError(f"the ONNX graph takes the inputs {names}, the batch holds "
+                         f"{list(arrays)}: give the model only the inputs its forward uses")
     return dict(zip(names, arrays.values(), strict=True))
 
 
@@ -92,13 +95,13 @@ class OnnxRuntime:
                               "runtime = 'torch' or 'torchscript' on CUDA")
 
     def plan(self, model: nn.Module, recipe: Recipe, *, target: TargetConfig,
-             device: torch.device, batch: torch.Tensor,
-             calibration: torch.Tensor) -> dict[str, Any] | None:
+             device: torch.device, batch: Inputs,
+             calibration: Inputs | Callable[[], Inputs]) -> dict[str, Any] | None:
         """None: ONNX Runtime runs the float graph (its own quantization is not used)."""
         return None
 
     def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
-                    example: torch.Tensor, out_dir: Path) -> Executable:
+                    example: Inputs, out_dir: Path) -> Executable:
         import onnxruntime
 
         header = read_header(model_file)
@@ -128,12 +131,18 @@ class OnnxRuntime:
         session = onnxruntime.InferenceSession(str(path), options,
                                                providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
+        if isinstance(example, torch.Tensor) and len(names) == 1:  # as timed before dict inputs
+            name = names[0]
+            run = lambda array: session.run(None, {name: array})[0]  # noqa: E731
+            native = lambda t: t.detach().float().cpu().contiguous().numpy()  # noqa: E731
+        else:
+            run = lambda feed: session.run(None, feed)[0]  # noqa: E731
+            native = lambda inputs: _feed(inputs, names)  # noqa: E731
         form = {"runtime": self.name, "onnxruntime": onnxruntime.__version__,
                 "device": "cpu", "dtype": "fp32", "threads": target.threads,
                 "factory": header["factory"], "kwargs": header["kwargs"],
-                "layers": module_form(model)}
+                "layers": module_form(model), **input_form(example)}
         return Executable(runtime=self.name, artifact=path, device=torch.device("cpu"),
-                          run=lambda feed: session.run(None, feed)[0],
-                          native=lambda inputs: _feed(inputs, names),
+                          run=run, native=native,
                           to_tensor=torch.from_numpy, form=form,
                           notes=["ONNX Runtime executes float32 weights (no int8, no bit packing)"])

@@ -9,7 +9,6 @@ sized, timed and exported (a deployment loads it without slimsearch or the model
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,12 +21,12 @@ from slimsearch.atomic import write_with
 from slimsearch.compression import read_header
 from slimsearch.errors import ConfigError, TrialError
 from slimsearch.experiment import TargetConfig
-from slimsearch.runtimes._base import DTYPES, Executable, module_form
+from slimsearch.runtimes._base import DTYPES, Executable, input_form, module_form
 from slimsearch.runtimes.cuda import build_cuda_executable, plan_cuda_execution
 from slimsearch.runtimes.int8 import ExecutionPlan, plan_execution
 from slimsearch.runtimes.loading import load_model
 from slimsearch.spaces import Recipe
-from slimsearch.tasks.data import Inputs, call_model, inputs_to, output_tensor, takes_keywords
+from slimsearch.tasks.data import Inputs, inputs_to, output_tensor, takes_keywords
 
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 
@@ -43,11 +42,11 @@ def _executable_module(model_file: Path, target: TargetConfig,
 
 
 def _form(runtime: str, module: nn.Module, header: dict, target: TargetConfig,
-          device: torch.device) -> dict:
+          device: torch.device, example: Inputs) -> dict:
     return {"runtime": runtime, "torch": torch.__version__, "device": str(device),
             "dtype": target.dtype, "threads": target.threads, "cuda_graphs": target.cuda_graphs,
             "factory": header["factory"], "kwargs": header["kwargs"],
-            "layers": module_form(module)}
+            "layers": module_form(module), **input_form(example)}
 
 
 class TorchRuntime:
@@ -64,8 +63,8 @@ class TorchRuntime:
                               "CUDA device")
 
     def plan(self, model: nn.Module, recipe: Recipe, *, target: TargetConfig,
-             device: torch.device, batch: torch.Tensor,
-             calibration: torch.Tensor) -> dict[str, Any] | None:
+             device: torch.device, batch: Inputs,
+             calibration: Inputs | Callable[[], Inputs]) -> dict[str, Any] | None:
         """On CUDA, torchao's weight-only and 2:4 semi-structured kernels; on the CPU in
         float32, PyTorch's int8 kernels; each layer where it was measured faster."""
         if device.type == "cuda":
@@ -75,26 +74,32 @@ class TorchRuntime:
         return _int8_plan(model, recipe, target=target, batch=batch, calibration=calibration)
 
     def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
-                    example: torch.Tensor, out_dir: Path) -> Executable:
+                    example: Inputs, out_dir: Path) -> Executable:
         module, header = _executable_module(model_file, target, device)
         dtype = DTYPES[target.dtype]
         return Executable(runtime=self.name, artifact=model_file, device=device,
                           run=_runner(module, example),
                           native=lambda x: inputs_to(x, device, dtype),
                           to_tensor=output_tensor, module=module,
-                          form=_form(self.name, module, header, target, device))
+                          form=_form(self.name, module, header, target, device,
+                                     example))
 
 
 def _runner(module: Callable[..., Any], example: Inputs) -> Callable[[Any], Any]:
     """How ``module`` is called on a batch like ``example``: itself for one tensor (nothing
-    between the timer and the model), else ``tasks.data.call_model``'s rule."""
+    between the timer and the model), else by ``tasks.data.call_model``'s rule, decided
+    here once rather than in every timed call."""
     if isinstance(example, torch.Tensor):
         return module
-    return functools.partial(call_model, module)
+    if isinstance(example, dict):  # decided once, not in every timed call
+        if takes_keywords(module, example):
+            return lambda inputs: module(**inputs)
+        return module
+    return lambda inputs: module(*inputs)
 
 
-def _int8_plan(model: nn.Module, recipe: Recipe, *, target: TargetConfig, batch: torch.Tensor,
-               calibration: torch.Tensor) -> dict[str, Any] | None:
+def _int8_plan(model: nn.Module, recipe: Recipe, *, target: TargetConfig, batch: Inputs,
+               calibration: Inputs | Callable[[], Inputs]) -> dict[str, Any] | None:
     """PyTorch's int8 CPU kernels where they were measured faster (float32 targets only)."""
     if target.dtype != "fp32":
         return None
@@ -121,8 +126,8 @@ class TorchScriptRuntime(TorchRuntime):
     label = "TorchScript (traced, frozen)"
 
     def plan(self, model: nn.Module, recipe: Recipe, *, target: TargetConfig,
-             device: torch.device, batch: torch.Tensor,
-             calibration: torch.Tensor) -> dict[str, Any] | None:
+             device: torch.device, batch: Inputs,
+             calibration: Inputs | Callable[[], Inputs]) -> dict[str, Any] | None:
         """PyTorch's int8 CPU kernels (they trace); on CUDA the float layers, because
         torchao's tensor subclasses do not trace."""
         if device.type == "cuda":
@@ -130,7 +135,7 @@ class TorchScriptRuntime(TorchRuntime):
         return _int8_plan(model, recipe, target=target, batch=batch, calibration=calibration)
 
     def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
-                    example: torch.Tensor, out_dir: Path) -> Executable:
+                    example: Inputs, out_dir: Path) -> Executable:
         module, header = _executable_module(model_file, target, device)
         dtype = DTYPES[target.dtype]
         x = inputs_to(example, device, dtype)
@@ -166,4 +171,5 @@ class TorchScriptRuntime(TorchRuntime):
         return Executable(runtime=self.name, artifact=path, device=device, run=run,
                           native=lambda t: inputs_to(t, device, dtype),
                           to_tensor=output_tensor, module=loaded,
-                          form=_form(self.name, module, header, target, device))
+                          form=_form(self.name, module, header, target, device,
+                                     example))

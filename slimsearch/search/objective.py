@@ -47,9 +47,6 @@ from slimsearch.tasks import Task, make_task
 from slimsearch.timing.latency import pin_allocator
 from slimsearch.training import accuracy
 
-#: Samples of the training split a static int8 plan calibrates its activation ranges on.
-CALIBRATION_SAMPLES = 512
-
 
 def environment() -> dict[str, str]:
     """Versions that a rebuilt trial must match to reproduce its numbers, and the memory
@@ -205,7 +202,7 @@ class TrialRunner:
         target = self.config.target
         return self.runtime.plan(compressed.model, recipe, target=target, device=self.device,
                                  batch=self.task.example_inputs(target.batch_size),
-                                 calibration=self.task.data("train").head(CALIBRATION_SAMPLES)[0])
+                                 calibration=lambda: self.task.calibration_inputs)
 
     def __call__(self, recipe: Recipe, trial_dir: Path, *, seed: int,
                  deadline: float | None = None) -> dict[str, Any]:

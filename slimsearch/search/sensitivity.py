@@ -27,6 +27,7 @@ from slimsearch.atomic import read_json, write_json
 from slimsearch.compression import dequantize, quantize_per_channel
 from slimsearch.spaces import COMPRESSIBLE, LayerRecipe, Recipe, SearchSpace
 from slimsearch.tasks import Data, Task
+from slimsearch.tasks.data import take
 from slimsearch.training import accuracy
 
 #: Validation samples used per accuracy pass (the first ones of the split).
@@ -46,7 +47,9 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
     sparsities = sorted(s for s in config.sparsity if s > 0)
     symmetric = config.weight_scheme[0] == "symmetric"
     inputs, targets = task.data("val").head(MAX_SAMPLES)
-    data = Data("val", [(inputs, targets)])  # one batch, read again for every change
+    # read once, evaluated again for every change, 512 samples at a time as before
+    data = Data("val", [(take(inputs, slice(i, i + 512)), targets[i:i + 512])
+                        for i in range(0, len(targets), 512)])
     levels = {"bits": bits, "sparsity": sparsities, "symmetric": symmetric,
               "samples": len(targets)}
     result: dict[str, Any] = read_json(path) if path.exists() else {}

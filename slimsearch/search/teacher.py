@@ -2,8 +2,9 @@
 
 The cache holds the weights and, for an in-memory train split, the teacher's logits and
 head inputs on it (the distillation targets every trial reuses), keyed by everything that
-changes them. On a user's DataLoader the teacher runs on each training batch instead
-(``training.TeacherTargets``): slimsearch does not know its order.
+changes them. On any other train split (a Dataset, a DataLoader, a callable) the teacher
+runs on each training batch instead (``training.TeacherTargets``): slimsearch does not know
+its order.
 """
 
 from __future__ import annotations

@@ -170,8 +170,13 @@ class Task:
         classes = outputs.shape[-1]
         for split in SPLITS:
             targets = self.data(split).targets()
-            if targets.is_floating_point() or targets.dtype == torch.bool:
-                continue  # not class indices (a regression's metric checks its own)
+            if (targets.dim() != 1 or targets.is_floating_point() or targets.is_complex()
+                    or targets.dtype == torch.bool):
+                raise ConfigError(f"task {self.name!r}: the {split} split's targets are "
+                                  f"{describe(targets)}; a batch's targets must be a 1-D tensor "
+                                  "of integer class indices, one per sample. Give "
+                                  "torch.as_tensor(labels, dtype=torch.long) (squeeze an N x 1 "
+                                  "column with .squeeze(1))")
             top, low = int(targets.max()), int(targets.min())
             if low < 0 or top >= classes:
                 raise ConfigError(f"task {self.name!r}: the {split} split has label "
@@ -204,5 +209,13 @@ class Task:
     def _examples(self) -> dict[int, Inputs]:
         return {}
 
+    @functools.cached_property
+    def calibration_inputs(self) -> Inputs:
+        """The first CALIBRATION_SAMPLES training inputs, which static int8 calibrates its
+        activation ranges on (read once, when a static int8 plan first asks)."""
+        return self.data("train").head(CALIBRATION_SAMPLES)[0]
+
 
 SPLITS = ("train", "val", "test")
+#: Training samples a static int8 plan calibrates its activation ranges on.
+CALIBRATION_SAMPLES = 512

@@ -3,8 +3,8 @@
 A task's ``train``, ``val`` and ``test`` are each one of:
 
 - a ``Split`` (tensors already in memory: ``x`` and labels ``y``), batched and shuffled here;
-- a torch ``Dataset`` of ``(inputs, target)`` samples, batched here (the experiment's
-  ``train.batch_size``, the training split shuffled by the run's seed);
+- a torch ``Dataset`` of ``(inputs, target)`` samples, batched here (in training by the
+  experiment's ``train.batch_size``, shuffled by the run's seed; 512 at a time to evaluate);
 - a torch ``DataLoader`` (or any re-iterable of batches), iterated as it is: batch size,
   shuffling and workers are the user's;
 - a zero-argument callable returning an iterable of batches, called once per pass (data
@@ -41,7 +41,8 @@ from slimsearch.errors import ConfigError
 
 @dataclass(frozen=True)
 class Split:
-    """Inputs ``x`` (float32, N x ...) and integer class labels ``y`` (N,)."""
+    """Inputs ``x`` (N x ..., e.g. float32 features or int64 token ids) and integer class
+    labels ``y`` (N,), in memory."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -222,6 +223,18 @@ class Data:
             inputs, targets = check_batch(batch, self.name, position)
             yield inputs, targets, None
 
+    def _in_order(self) -> Data:
+        """This split read in a fixed order: a shuffling DataLoader over a map-style Dataset
+        as the same batches of the Dataset in its own order, without worker processes (what
+        ``head``, ``targets`` and ``fingerprint`` read, so that every process, trial and
+        resumed run sees the same first samples and the same digest)."""
+        source = self.source
+        if (isinstance(source, DataLoader) and not isinstance(source.dataset, IterableDataset)
+                and source.batch_size is not None):
+            return Data(self.name, DataLoader(source.dataset, batch_size=source.batch_size,
+                                              collate_fn=source.collate_fn))
+        return self
+
     def _iterable(self, batch_size: int, shuffle: torch.Generator | None) -> Iterable:
         source = self.source
         if isinstance(source, IterableDataset):  # samples, in the order it gives them
@@ -234,9 +247,15 @@ class Data:
         return source
 
     def head(self, samples: int) -> tuple[Inputs, torch.Tensor]:
-        """The split's first ``samples`` samples (fewer if it has fewer), in its order."""
+        """The split's first ``samples`` samples (fewer if it has fewer), in a fixed order."""
         parts, targets, have = [], [], 0
-        for inputs, y, _ in self.batches(batch_size=samples):
+        for inputs, y, _ in self._in_order().batches(batch_size=samples):
+            if parts and _shapes(inputs) != _shapes(parts[0]):
+                raise ConfigError(
+                    f"the {self.name} split's batches hold inputs of different shapes "
+                    f"({describe(parts[0])}, then {describe(inputs)}), and {samples} samples "
+                    "span more than one batch: pad every batch to one length (for a tokenizer, "
+                    "padding='max_length' with the experiment's sequence length)")
             parts.append(inputs)
             targets.append(y)
             have += len(y)
@@ -257,15 +276,20 @@ class Data:
         return map_inputs(inputs, lambda t: t.clone())
 
     def targets(self) -> torch.Tensor:
-        """Every target of the split, in its order (one pass)."""
+        """Every target of the split, in a fixed order (one pass)."""
         split = self.in_memory
         if split is not None:
             return split.y
-        return torch.cat([y for _, y, _ in self.batches()])
+        found = [y for _, y, _ in self._in_order().batches()]
+        if not found:
+            raise ConfigError(f"the {self.name} split gave no batch; give it at least one sample")
+        return torch.cat(found)
 
     def fingerprint(self) -> str:
-        """A digest of the split's contents, the same whatever order a pass gives them in (a
-        user's loader may shuffle): what a cache of results on it is keyed by."""
+        """A digest of the split's contents, read in a fixed order (``_in_order``) and summed
+        over samples, so that a loader that shuffles anyway (an iterable) gives the same
+        digest: what a cache of results on it is keyed by. (Random augmentation in a Dataset
+        changes it: such a split is digested anew, and its teacher trained anew, every run.)"""
         split = self.in_memory
         if split is not None:  # in the split's order, as the teacher's logits are stored
             digest = hashlib.sha256()
@@ -273,7 +297,7 @@ class Data:
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
             return digest.hexdigest()[:16]
         total, count = 0, 0
-        for inputs, targets, _ in self.batches():
+        for inputs, targets, _ in self._in_order().batches():
             for i in range(len(targets)):
                 digest = hashlib.sha256()
                 for tensor in itertools.chain(tensors_of(take(inputs, slice(i, i + 1))),
@@ -282,6 +306,11 @@ class Data:
                 total = (total + int.from_bytes(digest.digest()[:8], "big")) % 2**64
                 count += 1
         return f"{total:016x}-{count}"
+
+
+def _shapes(inputs: Inputs) -> list[tuple[int, ...]]:
+    """The shape of each tensor of ``inputs`` past the samples' dimension."""
+    return [tuple(t.shape[1:]) for t in tensors_of(inputs)]
 
 
 def check_batch(batch: Any, split: str, position: int) -> tuple[Inputs, torch.Tensor]:
