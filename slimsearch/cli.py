@@ -162,7 +162,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for t in data.pareto[:5]:
         m = t.metrics
         smaller = teacher["size_bytes"] / m["size_bytes"] if teacher else float("nan")
-        print(f"  Pareto trial {t.number}: val {m['val_accuracy']:.4f}, {m['size_bytes']:,} bytes "
+        print(f"  Pareto trial {t.number}: val {data.metric} {m['val_accuracy']:.4f}, "
+              f"{m['size_bytes']:,} bytes "
               f"({smaller:.1f}x smaller), {m['latency_ms']:.4f} ms"
               f"{'' if t.feasible else ' (infeasible)'}")
     if len(data.pareto) > 5:
@@ -182,19 +183,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budget_of(args: argparse.Namespace) -> Any:
+def _budget_of(args: argparse.Namespace, data: Any) -> Any:
     from slimsearch.report.picks import Budget
+    from slimsearch.tasks.metrics import is_fraction
 
     for flag in ("max_latency_ms", "max_size_mb", "max_accuracy_drop"):
         value = getattr(args, flag)
         if value is not None and not value > 0 and not (flag == "max_accuracy_drop" and value == 0):
             raise ConfigError(f"--{flag.replace('_', '-')} {value}: give a number > 0")
-    if args.max_accuracy_drop is not None and args.max_accuracy_drop >= 1:
+    fraction = is_fraction(data.teacher or {"metric": data.metric})
+    if fraction and args.max_accuracy_drop is not None and args.max_accuracy_drop >= 1:
         raise ConfigError(f"--max-accuracy-drop {args.max_accuracy_drop}: give it as a fraction "
-                          "of accuracy (0.01 = one point below the teacher), below 1")
+                          f"of {data.metric} (0.01 = one point below the teacher), below 1")
     return Budget(max_latency_ms=args.max_latency_ms,
                   max_size_bytes=args.max_size_mb * 1e6 if args.max_size_mb is not None else None,
-                  max_accuracy_drop=args.max_accuracy_drop)
+                  max_accuracy_drop=args.max_accuracy_drop, metric=data.metric,
+                  fraction=fraction)
 
 
 def _pick(args: argparse.Namespace, *, say: bool) -> int:
@@ -202,6 +206,7 @@ def _pick(args: argparse.Namespace, *, say: bool) -> int:
     ConfigError (exit 2) when the run has no completed trial or none meets the budget."""
     from slimsearch.report.data import load_report_data
     from slimsearch.report.picks import pick
+    from slimsearch.tasks.metrics import drop_text
 
     data = load_report_data(Path(args.run_dir))
     # only trials that meet the experiment's own constraints, unless none does yet
@@ -209,7 +214,7 @@ def _pick(args: argparse.Namespace, *, say: bool) -> int:
     if not trials:
         raise ConfigError(f"{data.run_dir} has no completed trial yet; see: slimsearch status "
                           f"{data.run_dir}")
-    chosen = pick(trials, data.teacher, _budget_of(args), prefer=args.prefer)
+    chosen = pick(trials, data.teacher, _budget_of(args, data), prefer=args.prefer)
     if say and data.teacher_warning:
         print(f"WARNING: {data.teacher_warning}; a pick is no better than it")
     if say and data.constraints and not data.feasible:
@@ -222,7 +227,8 @@ def _pick(args: argparse.Namespace, *, say: bool) -> int:
         drop = teacher["val_accuracy"] - m["val_accuracy"]
         unstable = (" (unstable: the slow end of its interval)"
                     if m.get("latency_unstable") and m.get("latency_ratio") else "")
-        return (f"trial {number}: val {m['val_accuracy']:.4f} ({abs(drop) * 100:.2f} points "
+        return (f"trial {number}: val {data.metric} {m['val_accuracy']:.4f} "
+                f"({drop_text(abs(drop), teacher)} "
                 f"{'below' if drop >= 0 else 'above'} the teacher), {m['size_bytes']:,} bytes, "
                 f"{m['latency_ms']:.4f} ms{unstable}")
 

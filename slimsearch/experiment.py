@@ -264,8 +264,9 @@ class ConstraintsConfig:
 
     def __post_init__(self) -> None:
         if self.max_accuracy_drop is not None:
-            _require(0 <= self.max_accuracy_drop < 1, "constraints.max_accuracy_drop",
-                     self.max_accuracy_drop, "a fraction from 0 to 1, e.g. 0.01 for one point")
+            _require(0 <= self.max_accuracy_drop, "constraints.max_accuracy_drop",
+                     self.max_accuracy_drop, "a drop of 0 or more in the task's first metric: "
+                     "for accuracy a fraction, e.g. 0.01 for one point")
         if self.max_size_bytes is not None:
             _require(self.max_size_bytes > 0, "constraints.max_size_bytes", self.max_size_bytes,
                      "a number of bytes > 0")

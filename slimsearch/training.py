@@ -1,9 +1,11 @@
 """The training loop shared by the teacher, distillation, fine-tuning and QAT.
 
 One loop, plain mini-batch SGD with Adam, over the batches of a task's training split
-(``tasks.data``: tensors in memory, a Dataset, or the user's own DataLoader). With a
-teacher the loss is knowledge distillation (Hinton et al.):
-``alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE(labels)``.
+(``tasks.data``: tensors in memory, a Dataset, or the user's own DataLoader). The loss
+follows the targets: cross-entropy for class indices, mean squared error for float
+(regression) targets. With a teacher it is knowledge distillation (Hinton et al.):
+``alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE(labels)``, or for a regression
+``alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, targets)``.
 """
 
 from __future__ import annotations
@@ -29,11 +31,27 @@ from slimsearch.tasks.data import (
     inputs_to,
     output_tensor,
 )
+from slimsearch.tasks.metrics import BUILT_IN, Metric
+
+
+def supervised_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class indices; mean squared error against float targets (a
+    regressor's N x 1 column against N targets)."""
+    if not targets.is_floating_point():
+        return F.cross_entropy(outputs, targets.long())
+    if outputs.dim() == targets.dim() + 1 and outputs.shape[-1] == 1:
+        outputs = outputs.squeeze(-1)
+    return F.mse_loss(outputs, targets.to(outputs.dtype))
 
 
 def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
                       *, temperature: float, alpha: float) -> torch.Tensor:
-    """Weighted sum of the softened KL term (scaled by T^2) and cross-entropy on labels."""
+    """Weighted sum of the softened KL term (scaled by T^2) and cross-entropy on labels; for
+    float (regression) targets, of the squared distance to the teacher's outputs and to the
+    targets (the temperature does not apply)."""
+    if labels.is_floating_point():
+        return (alpha * F.mse_loss(logits, teacher_logits)
+                + (1.0 - alpha) * supervised_loss(logits, labels))
     t = temperature
     kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                   reduction="batchmean", log_target=True) * (t * t)
@@ -47,8 +65,8 @@ class TeacherTargets:
 
     On an in-memory split they are computed once and looked up by sample (``logits``,
     ``features``: one row per sample of the split); on any other split (a Dataset, a
-    DataLoader, a callable), whose order slimsearch does not know, the teacher (``model``, its head named ``head``) runs
-    on each batch instead."""
+    DataLoader, a callable), whose order slimsearch does not know, the teacher (``model``,
+    its head named ``head``) runs on each batch instead."""
 
     logits: torch.Tensor | None = None
     features: torch.Tensor | None = None
@@ -152,10 +170,11 @@ def fit(model: nn.Module, data: Data | DataSource, *, epochs: int, lr: float, ba
             before_epoch(epoch)
         total, batches = 0.0, 0
         for inputs, y, index in data.batches(batch_size=batch_size, shuffle=generator):
-            inputs, y = inputs_to(inputs, device), y.to(device=device, dtype=torch.long)
+            inputs = inputs_to(inputs, device)
+            y = y.to(device) if y.is_floating_point() else y.to(device=device, dtype=torch.long)
             logits = output_tensor(call_model(model, inputs))
             if teacher is None:
-                loss = F.cross_entropy(logits, y)
+                loss = supervised_loss(logits, y)
             else:
                 soft, features = teacher.on(inputs, index, device)
                 loss = distillation_loss(logits, y, soft, temperature=temperature, alpha=alpha)
@@ -205,14 +224,21 @@ def predict_logits(model: nn.Module, data: Data | DataSource, *, device: torch.d
     return predict(model, data, device=device, batch_size=batch_size)[0]
 
 
+def score(model: nn.Module, data: Data | DataSource, metric: Metric, *,
+          device: torch.device) -> float:
+    """``metric``'s score (higher is better) of ``model`` on ``data``, TF32 off (see
+    ``accuracy``)."""
+    with full_fp32():
+        outputs, targets = predict(model, data, device=device)
+    return metric.score(outputs, targets)
+
+
 def accuracy(model: nn.Module, data: Data | DataSource, *, device: torch.device) -> float:
     """Top-1 accuracy on ``data`` as a fraction 0-1.
 
     On CUDA, TF32 is switched off while evaluating: with it, the same model file can classify
     a borderline sample differently from one process (or GPU) to the next."""
-    with full_fp32():
-        logits, targets = predict(model, data, device=device)
-    return float((logits.argmax(dim=1) == targets).float().mean())
+    return score(model, data, BUILT_IN["accuracy"], device=device)
 
 
 @contextlib.contextmanager

@@ -372,7 +372,8 @@ def make_task(seed):
     test = DataLoader(Samples(base.test), batch_size=100)
     return slimsearch.Task(name="dict-inputs", make_model=net, teacher_kwargs={"width": 1.0},
                            student_choices={"width": (0.5, 1.0)}, train=train,
-                           val=Samples(base.val), test=lambda: iter(test))
+                           val=Samples(base.val), test=lambda: iter(test),
+                           metrics=("f1_macro", "accuracy"))
 '''
 
 EXPERIMENT = """\
@@ -402,14 +403,17 @@ device = "cpu"
 @pytest.mark.slow
 def test_a_dataloader_task_with_dict_inputs_end_to_end(tmp_path: Path) -> None:
     """search, report, pick, export, and load_model in a fresh process reproduces the
-    exported trial's test accuracy exactly."""
+    exported trial's test score (macro-F1, the task's first metric) exactly."""
     (tmp_path / "dict_task.py").write_text(DICT_TASK)
     experiment = tmp_path / "dict.toml"
     experiment.write_text(EXPERIMENT)
     run_dir = tmp_path / "run"
     assert main(["run", str(experiment), "--run-dir", str(run_dir)]) == 0
     pareto = json.loads((run_dir / "pareto.json").read_text())
-    assert pareto["teacher"]["val_accuracy"] > 0.85
+    teacher = pareto["teacher"]
+    assert teacher["metric"] == "f1_macro" and teacher["val_samples"] == 359
+    assert teacher["val_accuracy"] == teacher["val_score_f1_macro"] > 0.85  # the objective
+    assert teacher["val_score_accuracy"] > 0.85  # the second metric, reported
     completed = [json.loads(p.read_text()) for p in sorted(run_dir.glob("trials/*/metrics.json"))]
     assert len(completed) == 6
     assert main(["report", str(run_dir)]) == 0 and (run_dir / "report.html").is_file()
@@ -425,9 +429,10 @@ def test_a_dataloader_task_with_dict_inputs_end_to_end(tmp_path: Path) -> None:
         import torch
         import slimsearch
         from dict_task import make_task
-        from slimsearch.training import accuracy
+        from slimsearch.training import score
         model = slimsearch.load_model({str(bundle)!r})
-        print(repr(accuracy(model, make_task(0).data("test"), device=torch.device("cpu"))))
+        task = make_task(0)
+        print(repr(score(model, task.data("test"), task.metric, device=torch.device("cpu"))))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, cwd=tmp_path.parent)

@@ -98,6 +98,25 @@ def narrow_val(seed):
     return _task(seed, val=lambda s: slimsearch.Split(s.x[:, :32], s.y))
 
 
+def batches_not_pairs(seed):
+    return _task(seed, val=lambda s: [s.x[:10]])
+
+
+def _scored(seed, *metrics):
+    digits = built_in("digits-mlp", seed=seed)
+    return slimsearch.Task(name="scored", make_model=guarded, teacher_kwargs={"width": 1.0},
+                           student_choices={"width": (0.5, 1.0)}, train=digits.train,
+                           val=digits.val, test=digits.test, metrics=metrics)
+
+
+def misspelled_metric(seed):
+    return _scored(seed, "f1_marco")
+
+
+def binary_f1_on_ten_classes(seed):
+    return _scored(seed, "f1")
+
+
 def float_labels(seed):
     return _task(seed, train=lambda s: slimsearch.Split(s.x, s.y.float()))
 
@@ -424,8 +443,11 @@ def test_a_run_dir_that_cannot_be_a_folder_exits_2(work: Path, where: str,
 
 @pytest.mark.parametrize(("task", "named"), [
     ("narrow_val", "the val split's samples have shape (32,), the train split's (64,)"),
-    ("float_labels", "labels y must be a 1-D tensor of integer class indices"),
+    ("float_labels", "but metric 'accuracy' scores class indices"),
     ("labels_past_outputs", "the test split has label 90, but the teacher's model gives 10"),
+    ("batches_not_pairs", "the val split's batch 0 is a Tensor, not (inputs, targets)"),
+    ("misspelled_metric", "'f1_marco' is not a metric slimsearch knows. Did you mean 'f1_macro'?"),
+    ("binary_f1_on_ten_classes", "metric 'f1' cannot score the model's outputs"),
 ])
 def test_data_that_does_not_fit_the_task_is_refused_before_training(
         work: Path, task: str, named: str, capsys: pytest.CaptureFixture) -> None:

@@ -50,8 +50,8 @@ def test_each_layer_at_each_level_is_measured_once_and_kept(
     partial = dict(result, layers={"hidden.0": result["layers"]["hidden.0"]})
     path.write_text(json.dumps(partial))
     calls = []
-    real_accuracy = sens.accuracy
-    monkeypatch.setattr(sens, "accuracy", lambda *a, **k: calls.append(1) or real_accuracy(*a, **k))
+    real_score = sens.score
+    monkeypatch.setattr(sens, "score", lambda *a, **k: calls.append(1) or real_score(*a, **k))
     again = measure_sensitivity(trained_teacher, digits_mlp_task, space, path=path,
                                 device=torch.device("cpu"), say=lambda _: None)
     assert again["layers"] == result["layers"]

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
 from slimsearch.errors import TrialError
 from slimsearch.tasks.data import Inputs, call_model, output_tensor
+from slimsearch.training import supervised_loss
 
 #: Channel-importance criteria by name; each makes a Torch-Pruning importance object.
 IMPORTANCE: dict[str, Callable[[], Any]] = {
@@ -113,7 +113,7 @@ def _gradients(model: nn.Module, inputs: Inputs, labels: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
     was_training = model.training
     model.eval()
-    F.cross_entropy(output_tensor(call_model(model, inputs)), labels).backward()
+    supervised_loss(output_tensor(call_model(model, inputs)), labels).backward()
     model.train(was_training)
 
 

@@ -19,6 +19,7 @@ from slimsearch.evaluators.latency_cache import LatencyCache
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes import Executable
 from slimsearch.tasks import Data, Task
+from slimsearch.tasks import metrics as scoring
 from slimsearch.timing.latency import Latency, measure_latency, rested_latency
 from slimsearch.timing.paired import paired_latency
 from slimsearch.training import full_fp32
@@ -150,7 +151,10 @@ class Evaluator(Protocol):
 
 @dataclass(frozen=True)
 class AccuracyEvaluator:
-    """Top-1 accuracy (fraction 0-1) on the ``val`` or ``test`` split, and the split's size."""
+    """The task's metrics on the ``val`` or ``test`` split (``tasks.metrics``): the first's
+    score as ``<split>_accuracy`` (the search's accuracy objective, whatever the metric: top-1
+    accuracy as a fraction by default), every one's as ``<split>_score_<name>``, the split's size,
+    and (``val``) the objective's name as ``metric``."""
 
     split: str = "val"
 
@@ -159,34 +163,50 @@ class AccuracyEvaluator:
         return f"{self.split}_accuracy"
 
     def __call__(self, context: EvalContext) -> dict[str, Metric]:
+        task = context.task
         with full_fp32():  # TF32 would let one file classify a borderline sample two ways
-            logits, targets = context.executable.predict(context.task.data(self.split))
-        return {self.name: float((logits.argmax(dim=1) == targets).float().mean()),
+            outputs, targets = context.executable.predict(task.data(self.split))
+        found: dict[str, Metric] = {f"{self.split}_score_{m.label}": m.score(outputs, targets)
+                                    for m in task.scores}
+        named = ({"metric": task.metric.label, "metric_fraction": task.metric.fraction}
+                 if self.split == "val" else {})  # said once per record
+        return {**found, **named, self.name: found[f"{self.split}_score_{task.metric.label}"],
                 f"{self.split}_samples": len(targets)}
 
 
-#: A teacher whose validation accuracy is no more than this (a fraction) above always
-#: predicting the most common class has learned nothing worth compressing.
+#: A teacher whose validation score is no more than this above guessing (a fraction of the
+#: guess's score, at least 0.01) has learned nothing worth compressing.
 CHANCE_MARGIN = 0.01
 
 
-def majority_accuracy(data: Data) -> float:
-    """The accuracy (fraction) of always predicting ``data``'s most common class."""
+def chance_score(data: Data, metric: scoring.Metric) -> float:
+    """``metric``'s score on ``data`` of always giving one answer: its most common class (a
+    classification), or its targets' mean (a regression)."""
     targets = data.targets()
-    return float(torch.bincount(targets).max()) / len(targets)
+    if metric.kind == "regression":
+        guess = targets.double().mean(0, keepdim=True).expand(targets.shape)
+        outputs = guess if targets.dim() > 1 else guess[:, None]
+    else:
+        classes = int(targets.max()) + 1
+        outputs = torch.zeros(len(targets), max(classes, 2), dtype=torch.float64)
+        outputs[:, int(torch.bincount(targets).argmax())] = 1.0
+    return metric.score(outputs.float(), targets)
 
 
 def untrained_teacher(teacher: dict[str, Metric]) -> str | None:
-    """A warning when the teacher's metrics (with ``val_majority_accuracy``) show it no better
-    than always predicting the most common class; None otherwise."""
+    """A warning when the teacher's metrics (with ``val_majority_accuracy``, the score of a
+    constant answer, ``chance_score``) show it no better than guessing; None otherwise."""
     chance, found = teacher.get("val_majority_accuracy"), teacher.get("val_accuracy")
     if not isinstance(chance, float) or not isinstance(found, float):
         return None
-    if found > chance + CHANCE_MARGIN:
+    if found > chance + max(CHANCE_MARGIN, CHANCE_MARGIN * abs(chance)):
         return None
-    return (f"the teacher's validation accuracy {found:.4f} is no better than always predicting "
-            f"the most common class ({chance:.4f}): it learned nothing, and every trial is "
-            "compared with it")
+    name = teacher.get("metric", "accuracy")
+    known = scoring.BUILT_IN.get(name)
+    guess = ("the mean of the targets" if known is not None and known.kind == "regression"
+             else "the most common class")
+    return (f"the teacher's validation {name} {found:.4f} is no better than always predicting "
+            f"{guess} ({chance:.4f}): it learned nothing, and every trial is compared with it")
 
 
 @dataclass(frozen=True)

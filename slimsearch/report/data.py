@@ -68,6 +68,15 @@ class ReportData:
         return [t for t in self.trials if t.state == "COMPLETE"]
 
     @property
+    def metric(self) -> str:
+        """The name of the search's accuracy objective (``tasks.metrics``; ``accuracy`` for a
+        run from before metrics had names)."""
+        for metrics in [self.teacher or {}, *(t.metrics for t in self.completed)]:
+            if metrics.get("metric"):
+                return str(metrics["metric"])
+        return "accuracy"
+
+    @property
     def pareto(self) -> list[TrialPoint]:
         """Pareto-optimal trials, best validation accuracy first."""
         return sorted((t for t in self.trials if t.pareto),

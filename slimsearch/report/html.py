@@ -18,6 +18,7 @@ from slimsearch.report.analysis import (
 from slimsearch.report.data import ReportData, TrialPoint
 from slimsearch.report.picks import Budget, pick
 from slimsearch.runtimes import get_runtime
+from slimsearch.tasks.metrics import drop_text, is_fraction
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -47,10 +48,19 @@ _AXES = {
 }
 
 
+def _axis(data: ReportData, key: str) -> str:
+    """An axis title; the accuracy objective's says which metric it is."""
+    if key != "val_accuracy":
+        return _AXES[key]
+    fraction = " (fraction)" if is_fraction(data.teacher or {}) else ""
+    return f"validation {data.metric}{fraction}"
+
+
 def _hover(t: TrialPoint) -> str:
     m = t.metrics or {}
     tag = f" ({t.baseline})" if t.baseline else ""
-    return (f"trial {t.number}{tag}<br>val acc {m.get('val_accuracy', 0):.4f}<br>"
+    return (f"trial {t.number}{tag}<br>val {m.get('metric', 'acc')} "
+            f"{m.get('val_accuracy', 0):.4f}<br>"
             f"{m.get('size_bytes', 0):,} bytes<br>{m.get('latency_ms', 0):.4f} ms<br>"
             f"{html.escape(t.summary)}")
 
@@ -74,10 +84,10 @@ def _scatter(data: ReportData, x: str, y: str) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=[data.teacher[x]], y=[data.teacher[y]], mode="markers", name="teacher (as trained)",
             marker={"symbol": "star", "size": 16, "color": "#ff7f0e"}, hoverinfo="text",
-            text=[f"teacher<br>val acc {data.teacher['val_accuracy']:.4f}<br>"
+            text=[f"teacher<br>val {data.metric} {data.teacher['val_accuracy']:.4f}<br>"
                   f"{data.teacher['size_bytes']:,} bytes<br>{data.teacher['latency_ms']:.4f} ms"]))
     fig.update_layout(title=f"{y} vs {x}", height=460, margin={"l": 60, "r": 20, "t": 50, "b": 110},
-                      xaxis_title=_AXES[x], yaxis_title=_AXES[y],
+                      xaxis_title=_axis(data, x), yaxis_title=_axis(data, y),
                       legend={"orientation": "h", "y": -0.3})
     for axis, name in (("xaxis", x), ("yaxis", y)):
         if name == "size_bytes":
@@ -119,7 +129,7 @@ def _view_3d(data: ReportData) -> str:
                       margin={"l": 0, "r": 0, "t": 40, "b": 0},
                       scene={"xaxis": {"title": "size (bytes)", "type": "log"},
                              "yaxis": {"title": "latency (ms)"},
-                             "zaxis": {"title": "val accuracy"}})
+                             "zaxis": {"title": f"val {data.metric}"}})
     return _html(fig)
 
 
@@ -132,8 +142,9 @@ def _hypervolume(data: ReportData) -> str:
     fig.update_layout(title="hypervolume of the front after each trial", height=360,
                       xaxis_title="trial number", yaxis_title="hypervolume",
                       margin={"l": 60, "r": 20, "t": 50, "b": 50})
-    return (_html(fig) + f"<p class='muted'>In a box relative to the teacher: accuracy drop up "
-            f"to {BOX_ACCURACY_DROP * 100:g} points, size up to the teacher's, latency up to "
+    return (_html(fig) + f"<p class='muted'>In a box relative to the teacher: {data.metric} "
+            f"drop up to {drop_text(BOX_ACCURACY_DROP, data.teacher or {})}, size up to the "
+            "teacher's, latency up to "
             f"{BOX_LATENCY:g}x the teacher's (each scaled to it); a trial outside the box adds "
             "nothing. Flat means the last trials found nothing better.</p>")
 
@@ -216,7 +227,8 @@ def _pareto_table(data: ReportData) -> str:
             f"<td class='l'>{html.escape(t.summary)}</td>"
             f"<td class='l'><code>{html.escape(command)}</code></td></tr>")
     extra_head = "".join(f"<th>speedup at batch {b}</th>" for b in extra_batches)
-    head = ("<tr><th>trial</th><th>val acc</th><th>test acc</th><th>size (bytes)</th>"
+    head = (f"<tr><th>trial</th><th>val {data.metric}</th><th>test {data.metric}</th>"
+            "<th>size (bytes)</th>"
             "<th>smaller</th><th>latency ms (p50, interval)</th>"
             f"{'<th>confirmed ms</th>' if data.confirmed else ''}<th>p90 ms</th>"
             f"<th>speedup</th>{extra_head}<th>int8 layers</th>"
@@ -354,7 +366,8 @@ def _summary(data: ReportData) -> str:
     exp = data.settings["experiment"]
     target = exp["target"]
     t = data.teacher
-    teacher = (f"val acc {t['val_accuracy']:.4f}, test acc {t['test_accuracy']:.4f}, "
+    teacher = (f"val {data.metric} {t['val_accuracy']:.4f}, test {data.metric} "
+               f"{t['test_accuracy']:.4f}, "
                f"{t['size_bytes']:,} bytes, {t['latency_ms']:.4f} ms" if t else "not measured yet")
     spent = sum(p.seconds or 0 for p in data.trials)
     batch_sizes = target.get("batch_sizes", [target.get("batch_size", 1)])  # older run folders
@@ -413,7 +426,8 @@ def render_html(data: ReportData, importances: dict[str, dict[str, float]] | Non
 <p class="muted">run folder {html.escape(str(data.run_dir))}; written {created}; regenerate with
 <code>slimsearch report {html.escape(shlex.quote(str(data.run_dir)))}</code></p>
 <h2>Summary</h2>{_summary(data)}
-<p class="note">The search selected on the <b>validation</b> split. Test accuracy is measured
+<p class="note">The search selected on the <b>validation</b> split ({html.escape(data.metric)},
+the first of the task's metrics). The test score is measured
 on a held-out split for information only; differences smaller than one test sample
 (1/{len_test(data)}) are noise. Size is the byte length of the file the target's runtime
 executes; latency is measured on that executable form, the teacher's on the same target in the

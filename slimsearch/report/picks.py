@@ -22,8 +22,12 @@ class Budget:
 
     max_latency_ms: float | None = None
     max_size_bytes: float | None = None
-    #: Validation accuracy at most this far below the teacher's (fraction: 0.01 = 1 point).
+    #: The accuracy objective at most this far below the teacher's, in its units (for
+    #: accuracy a fraction: 0.01 = 1 point).
     max_accuracy_drop: float | None = None
+    #: What that objective is (the run's ``metric``, and whether it is a fraction).
+    metric: str = "accuracy"
+    fraction: bool = True
 
     @property
     def given(self) -> bool:
@@ -53,8 +57,9 @@ class Budget:
         if self.max_size_bytes is not None:
             parts.append(f"size <= {self.max_size_bytes:,.0f} bytes")
         if self.max_accuracy_drop is not None:
-            parts.append(f"validation accuracy at most {self.max_accuracy_drop * 100:g} points "
-                         "below the teacher's")
+            drop = (f"{self.max_accuracy_drop * 100:g} points" if self.fraction
+                    else f"{self.max_accuracy_drop:g}")
+            parts.append(f"validation {self.metric} at most {drop} below the teacher's")
         return ", ".join(parts) or "no budget"
 
 
@@ -132,14 +137,15 @@ def pick(trials: dict[int, dict[str, Any]], teacher: dict[str, Any], budget: Bud
         others = sorted((n for n in non_dominated(trials) if n != knee),
                         key=lambda n: ranking_key(trials[n], prefer))
         return Pick(knee, "no budget given: the knee of the Pareto front (the most balanced "
-                          "trade-off of accuracy, size and latency)", others[:runner_ups], [])
+                          f"trade-off of {budget.metric}, size and latency)",
+                    others[:runner_ups], [])
     fitting = sorted((n for n, m in trials.items() if not any(budget.violations(m, teacher).values())),
                      key=lambda n: ranking_key(trials[n], prefer))
     if not fitting:
         closest = sorted(trials, key=lambda n: (sum(budget.violations(trials[n], teacher).values()),
                                                 ranking_key(trials[n], prefer)))
         return Pick(None, f"no completed trial meets {budget.describe()}", [], closest[:runner_ups])
-    best = {"accuracy": "highest validation accuracy", "size": "smallest file",
+    best = {"accuracy": f"highest validation {budget.metric}", "size": "smallest file",
             "latency": "lowest latency"}[prefer]
     return Pick(fitting[0], f"the {best} of the {len(fitting)} trials that meet "
                             f"{budget.describe()}", fitting[1:1 + runner_ups], [])

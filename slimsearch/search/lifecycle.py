@@ -311,7 +311,8 @@ def done_line(study: optuna.Study, number: int, metrics: dict, *, seconds: float
     speed = f"{metrics['speedup']:.2f}x" if "speedup" in metrics else "?"
     slower = " SLOWER THAN TEACHER" if metrics.get("slower_than_teacher") else ""
     infeasible = "" if metrics["feasible"] else " INFEASIBLE"
-    best_text = f"best val_accuracy {best:.4f}" if front else "no feasible trial yet"
+    name = metrics.get("metric", "accuracy")
+    best_text = f"best val {name} {best:.4f}" if front else "no feasible trial yet"
     return (f"[{position}] trial {number} done in {seconds:.1f} s: "
             f"{describe_metrics(metrics)} ({metrics['size_ratio']:.1f}x smaller, {speed} speed"
             f"{slower}){infeasible} | Pareto front {len(front)}, {best_text}")
@@ -328,7 +329,8 @@ def describe_metrics(metrics: dict) -> str:
         spread = f"+-{metrics['latency_window_cv']:.1%} against the teacher"
     else:
         spread = f"cv {metrics['latency_cv']:.2f}"
-    return (f"val_accuracy {metrics['val_accuracy']:.4f}, {metrics['size_bytes'] / 1e3:.1f} kB, "
+    return (f"val {metrics.get('metric', 'accuracy')} {metrics['val_accuracy']:.4f}, "
+            f"{metrics['size_bytes'] / 1e3:.1f} kB, "
             f"{metrics['latency_ms']:.4f} ms ({spread}{notes})")
 
 

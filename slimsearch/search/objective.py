@@ -45,7 +45,7 @@ from slimsearch.search.teacher import Teacher, prepare_teacher
 from slimsearch.spaces import Recipe
 from slimsearch.tasks import Task, make_task
 from slimsearch.timing.latency import pin_allocator
-from slimsearch.training import accuracy
+from slimsearch.training import score
 
 
 def environment() -> dict[str, str]:
@@ -187,7 +187,7 @@ class TrialRunner:
         floor = (self.teacher_metrics["val_accuracy"] - rules.max_accuracy_drop
                  - rules.early_stop_margin)
         was_training = model.training
-        value = accuracy(model, self.task.data("val"), device=self.device)
+        value = score(model, self.task.data("val"), self.task.metric, device=self.device)
         model.train(was_training)
         if value < floor:
             raise TrialStopped(f"stopped early: validation accuracy {value:.4f} after {epoch} "

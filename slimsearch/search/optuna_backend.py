@@ -30,7 +30,7 @@ from slimsearch.atomic import read_json, write_json
 from slimsearch.compression import MODEL_FILE
 from slimsearch.devices import computing, device_identity, resolve_device
 from slimsearch.errors import ConfigError
-from slimsearch.evaluators import LatencyCache, majority_accuracy, untrained_teacher
+from slimsearch.evaluators import LatencyCache, chance_score, untrained_teacher
 from slimsearch.experiment import ExperimentConfig
 from slimsearch.run import OBJECTIVES
 from slimsearch.run.folder import RUN_FORMAT, RunFolder, experiment_copy
@@ -264,7 +264,7 @@ def _set_up(prepared: Prepared, study: optuna.Study, device: torch.device, *, fi
     if teacher.trained_here or not metrics_file.exists():
         metrics = runner.measure(folder.teacher / MODEL_FILE, model=teacher.model,
                                  is_reference=True)
-        metrics["val_majority_accuracy"] = majority_accuracy(task.data("val"))
+        metrics["val_majority_accuracy"] = chance_score(task.data("val"), task.metric)
         write_json(metrics_file, metrics)
     teacher_metrics = read_json(metrics_file)
     runner.teacher_metrics = teacher_metrics

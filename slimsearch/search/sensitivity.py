@@ -28,7 +28,7 @@ from slimsearch.compression import dequantize, quantize_per_channel
 from slimsearch.spaces import COMPRESSIBLE, LayerRecipe, Recipe, SearchSpace
 from slimsearch.tasks import Data, Task
 from slimsearch.tasks.data import take
-from slimsearch.training import accuracy
+from slimsearch.training import score
 
 #: Validation samples used per accuracy pass (the first ones of the split).
 MAX_SAMPLES = 1024
@@ -56,7 +56,7 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
     if result.get("levels") != levels:  # another space (or nothing yet): start over
         result = {"levels": levels, "layers": {}}
     model = copy.deepcopy(teacher).to(device).eval()
-    base = accuracy(model, data, device=device)
+    base = score(model, data, task.metric, device=device)
     result["teacher_accuracy"] = base
     layers = {n: m for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
     todo = [n for n in layers if n not in result["layers"]]
@@ -79,7 +79,7 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
                 # A model whose forward fails with this layer changed gets the error recorded
                 # (and, for a sparsity, the layer is left unpruned), not a run that ends here.
                 try:
-                    drops[kind][str(level)] = round(base - accuracy(model, data, device=device), 6)
+                    drops[kind][str(level)] = round(base - score(model, data, task.metric, device=device), 6)
                 except Exception as exc:  # the user's forward: any error is possible
                     drops.setdefault("failed", {})[f"{kind} {level}"] = \
                         f"{type(exc).__name__}: {exc}"

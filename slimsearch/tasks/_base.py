@@ -26,6 +26,7 @@ from slimsearch.tasks.data import (
     map_inputs,
     output_tensor,
 )
+from slimsearch.tasks.metrics import Metric, resolve_metrics
 
 _FACTORY_MARK = "__slimsearch_model_factory__"
 
@@ -118,6 +119,9 @@ class Task:
     teacher: nn.Module | None = None
     description: str = ""
     extras: Mapping[str, Any] = field(default_factory=dict)
+    #: What the search scores models by: names of ``tasks.metrics.BUILT_IN`` (scikit-learn's
+    #: scorer names) or ``slimsearch.metric(...)`` objects; the first is the objective.
+    metrics: Sequence[str | Metric] = ("accuracy",)
 
     def __post_init__(self) -> None:
         if getattr(self.make_model, _FACTORY_MARK, None) is not True:
@@ -131,6 +135,7 @@ class Task:
         if unknown:
             raise ConfigError(f"task {self.name!r}: student_choices names knobs {sorted(unknown)} "
                               f"that teacher_kwargs does not set ({sorted(self.teacher_kwargs)})")
+        resolve_metrics(self.metrics, where=f"task {self.name!r}: metrics")
         for split in SPLITS:
             as_data(getattr(self, split), split)  # a form slimsearch reads, or the message
         splits = [getattr(self, split) for split in SPLITS]
@@ -143,14 +148,25 @@ class Task:
                                       f"{tuple(self.train.x.shape[1:])}; every split must hold "
                                       "samples of one shape")
 
+    @functools.cached_property
+    def scores(self) -> tuple[Metric, ...]:
+        """The task's metrics; the first (``metric``) is the search's accuracy objective."""
+        return resolve_metrics(self.metrics, where=f"task {self.name!r}: metrics")
+
+    @property
+    def metric(self) -> Metric:
+        return self.scores[0]
+
     def data(self, split: str) -> Data:
         """Split ``split`` (``"train"``, ``"val"`` or ``"test"``) as slimsearch reads it."""
         return as_data(getattr(self, split), split)
 
     def check_data(self) -> None:
         """``ConfigError`` before any training when a split's batches are not ``(inputs,
-        targets)`` of tensors the teacher's model takes, or a label is not one of its outputs
-        (a label past them would fail the first epoch, or silently never be predicted)."""
+        targets)`` of tensors the teacher's model takes, or the targets do not fit the
+        metric: class indices that are not one of the model's outputs (a label past them
+        would fail the first epoch, or silently never be predicted), or regression targets
+        that are not floats of the outputs' shape."""
         model = self.teacher if self.teacher is not None else self.make_model(**self.teacher_kwargs)
         was_training = model.training
         example = self.example_inputs(1)
@@ -170,13 +186,17 @@ class Task:
         classes = outputs.shape[-1]
         for split in SPLITS:
             targets = self.data(split).targets()
+            if self.metric.kind == "regression":
+                self._check_regression(split, targets, outputs)
+                continue
             if (targets.dim() != 1 or targets.is_floating_point() or targets.is_complex()
                     or targets.dtype == torch.bool):
                 raise ConfigError(f"task {self.name!r}: the {split} split's targets are "
-                                  f"{describe(targets)}; a batch's targets must be a 1-D tensor "
-                                  "of integer class indices, one per sample. Give "
-                                  "torch.as_tensor(labels, dtype=torch.long) (squeeze an N x 1 "
-                                  "column with .squeeze(1))")
+                                  f"{describe(targets)}, but metric {self.metric.label!r} "
+                                  "scores class indices: a 1-D tensor of integers, one per "
+                                  "sample. Give torch.as_tensor(labels, dtype=torch.long) "
+                                  "(squeeze an N x 1 column with .squeeze(1)), or a regression "
+                                  "metric such as 'neg_mean_squared_error' in the task's metrics")
             top, low = int(targets.max()), int(targets.min())
             if low < 0 or top >= classes:
                 raise ConfigError(f"task {self.name!r}: the {split} split has label "
@@ -184,6 +204,47 @@ class Task:
                                   f"{classes} outputs (classes 0 to {classes - 1}). Map the "
                                   f"labels to 0..{classes - 1}, or give the model one output "
                                   "per class")
+        model.eval()
+        try:
+            self._check_metrics(model)
+        finally:
+            model.train(was_training)
+
+    def _check_metrics(self, model: nn.Module) -> None:
+        """Every metric scores the model's outputs on the validation split (an untrained
+        model's: a metric that cannot score them, say binary ``f1`` on ten classes, fails
+        here, before any training, not at the teacher's first measurement)."""
+        outputs, targets = [], []
+        with torch.no_grad():
+            for inputs, y, _ in self.data("val").batches():
+                outputs.append(output_tensor(call_model(model, inputs)).float())
+                targets.append(y)
+        found, wanted = torch.cat(outputs), torch.cat(targets)
+        for metric in self.scores:
+            try:
+                metric.score(found, wanted)
+            except Exception as exc:  # scikit-learn's and the user's functions raise anything
+                raise ConfigError(f"task {self.name!r}: metric {metric.label!r} cannot score "
+                                  f"the model's outputs ({describe(found)}) against the val "
+                                  f"split's targets ({describe(wanted)}): {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}. Choose a "
+                                  "metric that fits the targets (e.g. 'f1_macro' for more than "
+                                  "two classes)") from exc
+
+    def _check_regression(self, split: str, targets: torch.Tensor,
+                          outputs: torch.Tensor) -> None:
+        """A regression's targets are floats shaped as one sample's outputs (or, for one
+        output, a vector)."""
+        per_sample = tuple(targets.shape[1:])
+        fits = per_sample == tuple(outputs.shape[1:]) or (per_sample == ()
+                                                          and tuple(outputs.shape[1:]) == (1,))
+        if not targets.is_floating_point() or not fits:
+            raise ConfigError(f"task {self.name!r}: metric {self.metric.label!r} scores a "
+                              f"regression, but the {split} split's targets are "
+                              f"{describe(targets)} and the model gives {describe(outputs)} "
+                              "per batch: give float targets with one value per output "
+                              "(torch.as_tensor(y, dtype=torch.float32)), or a "
+                              "classification metric such as 'accuracy'")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -192,10 +253,6 @@ class Task:
         if not isinstance(example, torch.Tensor):
             raise TypeError(f"task {self.name!r} takes {describe(example)}, not one tensor")
         return tuple(example.shape[1:])
-
-    @property
-    def num_classes(self) -> int:
-        return int(max(int(self.data(s).targets().max()) for s in SPLITS)) + 1
 
     def example_inputs(self, batch_size: int = 1) -> Inputs:
         """The first ``batch_size`` training inputs, repeated when the split has fewer (real

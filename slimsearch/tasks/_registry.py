@@ -10,6 +10,7 @@ from pathlib import Path
 
 from slimsearch.errors import ConfigError, did_you_mean
 from slimsearch.tasks._base import Task
+from slimsearch.tasks.diabetes import make_diabetes_mlp_task
 from slimsearch.tasks.digits import make_digits_cnn_task, make_digits_mlp_task
 from slimsearch.tasks.digits_resnet import make_digits_resnet_task
 
@@ -83,3 +84,4 @@ def _import_plugin(spec: str, base_dir: Path | None) -> Callable[..., Task]:
 register_task("digits-mlp", make_digits_mlp_task)
 register_task("digits-cnn", make_digits_cnn_task)
 register_task("digits-resnet", make_digits_resnet_task)
+register_task("diabetes-mlp", make_diabetes_mlp_task)

@@ -41,8 +41,8 @@ from slimsearch.errors import ConfigError
 
 @dataclass(frozen=True)
 class Split:
-    """Inputs ``x`` (N x ..., e.g. float32 features or int64 token ids) and integer class
-    labels ``y`` (N,), in memory."""
+    """Inputs ``x`` (N x ..., e.g. float32 features or int64 token ids) and targets ``y``:
+    integer class labels (N,), or floats for a regression (N, or N x outputs), in memory."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -51,11 +51,13 @@ class Split:
         if len(self.x) != len(self.y) or len(self.x) == 0:
             raise ConfigError(f"a data split needs as many labels as inputs and at least one "
                               f"sample; got {len(self.x)} inputs and {len(self.y)} labels")
-        if self.y.dim() != 1 or self.y.is_floating_point() or self.y.is_complex() \
-                or self.y.dtype == torch.bool:
+        if self.y.is_floating_point():  # a regression's targets (its metrics check the rest)
+            return
+        if self.y.dim() != 1 or self.y.is_complex() or self.y.dtype == torch.bool:
             raise ConfigError(f"a data split's labels y must be a 1-D tensor of integer class "
-                              f"indices; got dtype {self.y.dtype} and shape {tuple(self.y.shape)}. "
-                              "Map your labels to 0..classes-1 as torch.long, e.g. with "
+                              f"indices (or floats, for a regression); got dtype "
+                              f"{self.y.dtype} and shape {tuple(self.y.shape)}. Map your labels "
+                              "to 0..classes-1 as torch.long, e.g. with "
                               "numpy.unique(labels, return_inverse=True)")
         if int(self.y.min()) < 0:
             raise ConfigError(f"a data split's labels y must be class indices from 0; found "
