@@ -8,6 +8,8 @@ space as soon as the task is built, still before any training.
     name = "digits_mlp"
     task = "digits-mlp"          # a built-in name, or "my_package.my_module:make_task"
     seed = 0
+    metrics = ["f1_macro", "accuracy"]   # optional: replaces the task's own (the first is the
+                                         # accuracy objective; slimsearch.tasks.metrics)
 
     [search]   trials, sampler, timeout, storage, sensitivity, refine, backend, ray_address,
                cpus_per_trial
@@ -293,6 +295,9 @@ class ExperimentConfig:
     task: str
     seed: int = 0
     description: str = ""
+    #: The task's metrics by name, replacing its own (``tasks.metrics.BUILT_IN``; the first is
+    #: the accuracy objective); None keeps the task's. Checked when the task is built.
+    metrics: tuple[str, ...] | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -57,7 +57,8 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
     manifest = check_bundle(bundle, exported=True)  # what is measured is what it promises
     config = RunFolder(run_dir).config()
     target = dataclasses.replace(config.target, runtime=manifest["runtime"])
-    task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
+    task = make_task(config.task, seed=config.seed, base_dir=config.base_dir,
+                     metrics=config.metrics)
     device = resolve_device(target.device)
     runtime = get_runtime(manifest["runtime"])
     with tempfile.TemporaryDirectory() as folder, computing(device):

@@ -146,3 +146,20 @@ def test_the_diabetes_regression_end_to_end(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, cwd=tmp_path)
     assert float(out.stdout.strip()) == entry["metrics"]["test_accuracy"]
+
+
+def test_the_experiment_may_name_the_metrics_of_a_built_in_task(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    from slimsearch.experiment import load_experiment
+
+    task = make_task("digits-mlp", seed=0, metrics=["f1_macro", "accuracy"])
+    assert [m.label for m in task.scores] == ["f1_macro", "accuracy"]
+    assert make_task("digits-mlp", seed=0).metric.label == "accuracy"  # the task's own
+    experiment = tmp_path / "e.toml"
+    experiment.write_text('name = "e"\ntask = "digits-mlp"\nmetrics = ["f1_makro"]\n'
+                          "[search]\ntrials = 1\n")
+    assert load_experiment(experiment).metrics == ("f1_makro",)
+    assert main(["run", str(experiment), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "metrics = ['f1_makro']: 'f1_makro' is not a metric" in err and "'f1_macro'" in err
+    assert not (tmp_path / "run").exists()  # nothing written, nothing trained

@@ -246,7 +246,8 @@ def runner_for_run(run_dir: str) -> TrialRunner:
         raise RuntimeError(f"the run folder {run_dir} is not visible on {platform.node()}: put "
                            "it on a filesystem every node mounts at the same path")
     config = folder.config()
-    task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
+    task = make_task(config.task, seed=config.seed, base_dir=config.base_dir,
+                     metrics=config.metrics)
     device = resolve_device(config.target.device)
     teacher = prepare_teacher(task, config.train, seed=config.seed, cache_dir=folder.teacher,
                               device=device)  # cached by the driver: loads, never trains

@@ -101,7 +101,8 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
             config.search, storage=public_url(config.search.storage)[0]))
     runtime = get_runtime(config.target.runtime)  # the names first: they cost nothing
     backend = get_backend(config.search.backend)
-    task = make_task(config.task, seed=config.seed, base_dir=config.base_dir)
+    task = make_task(config.task, seed=config.seed, base_dir=config.base_dir,
+                     metrics=config.metrics)
     space = SearchSpace(task, config.space)
     task.check_data()
     limit = config.constraints.max_size_bytes

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from slimsearch.errors import ConfigError, did_you_mean
@@ -13,6 +14,7 @@ from slimsearch.tasks._base import Task
 from slimsearch.tasks.diabetes import make_diabetes_mlp_task
 from slimsearch.tasks.digits import make_digits_cnn_task, make_digits_mlp_task
 from slimsearch.tasks.digits_resnet import make_digits_resnet_task
+from slimsearch.tasks.metrics import resolve_metrics
 
 TaskMaker = Callable[[int], Task]
 
@@ -31,12 +33,22 @@ def list_tasks() -> dict[str, str]:
     return {name: (inspect.getdoc(maker) or "").splitlines()[0] for name, maker in _TASKS.items()}
 
 
-def make_task(spec: str, *, seed: int, base_dir: Path | None = None) -> Task:
-    """Build the task an experiment names: a registered name or ``"module:function"``.
+def make_task(spec: str, *, seed: int, base_dir: Path | None = None,
+              metrics: Sequence[str] | None = None) -> Task:
+    """Build the task an experiment names: a registered name or ``"module:function"``, scored
+    by ``metrics`` (the experiment's ``metrics``) where given, else by its own.
 
     A plug-in function is called as ``function(seed=seed)`` and must return a ``Task``; its
     module is imported from ``base_dir`` (the experiment file's folder) or the Python path.
     """
+    task = _make_task(spec, seed=seed, base_dir=base_dir)
+    if metrics is None:
+        return task
+    resolve_metrics(metrics, where=f"metrics = {list(metrics)}")
+    return dataclasses.replace(task, metrics=tuple(metrics))
+
+
+def _make_task(spec: str, *, seed: int, base_dir: Path | None) -> Task:
     if ":" not in spec:
         if spec not in _TASKS:
             raise ConfigError(f"task = {spec!r} is not a built-in task.{did_you_mean(spec, _TASKS)} "
