@@ -237,33 +237,38 @@ def _pareto_table(data: ReportData) -> str:
 
 
 def _sensitivity(data: ReportData) -> str:
-    """The pre-pass as a table: accuracy points lost with only that layer compressed."""
+    """The pre-pass as a table: the objective lost (points, for a fraction) with only that
+    layer compressed."""
     found = data.sensitivity
     if not found or not found.get("layers"):
         return ""
     levels = found["levels"]
     columns = ([("bits", str(b), f"{b} bits") for b in levels["bits"]]
                + [("sparsity", str(s), f"{float(s):.0%} zeroed") for s in levels["sparsity"]])
+    points = is_fraction(data.teacher or {})
+    scale, unit = (100, "points") if points else (1, f"in {data.metric}'s units")
 
     def cell(drop: float | None) -> str:
         if drop is None:
             return "<td>?</td>"
-        shade = min(1.0, max(0.0, drop / 0.05))  # full red at a 5-point drop
+        shade = min(1.0, max(0.0, drop / 0.05))  # full red at a drop of 0.05 (5 points)
         return (f"<td style='background: rgba(214,39,40,{shade * 0.6:.2f})'>"
-                f"{drop * 100:+.1f}</td>")
+                f"{drop * scale:+.{1 if points else 3}f}</td>")
 
     rows = "".join(
         f"<tr><td class='l'>{html.escape(name)}</td>"
         + "".join(cell(drops[kind].get(level)) for kind, level, _ in columns) + "</tr>"
         for name, drops in found["layers"].items())
     head = "".join(f"<th>{label}</th>" for _, _, label in columns)
-    return (f"<h2>Layer sensitivity</h2><p class='muted'>Validation accuracy points lost when "
-            f"only this layer of the teacher is quantized or pruned (magnitude, unstructured), "
-            f"with no fine-tuning, on {levels['samples']} validation samples (one sample is "
-            f"{100 / levels['samples']:.2f} points). Measured before the first trial to start "
+    one = (f" (one sample is {100 / levels['samples']:.2f} points)"
+           if points and data.metric == "accuracy" else "")
+    return (f"<h2>Layer sensitivity</h2><p class='muted'>Validation {html.escape(data.metric)} "
+            f"lost ({unit}) when only this layer of the teacher is quantized or pruned "
+            f"(magnitude, unstructured), with no fine-tuning, on {levels['samples']} validation "
+            f"samples{one}. Measured before the first trial to start "
             f"the search from recipes it suggests (the trials marked sensitivity-&lt;tolerance&gt;: "
-            f"every layer at what it tolerates alone within that accuracy drop); "
-            f"trials fine-tune, so their accuracy is not the sum of these.</p>"
+            f"every layer at what it tolerates alone within that drop); "
+            f"trials fine-tune, so their scores are not the sum of these.</p>"
             f"<table><thead><tr><th class='l'>layer</th>{head}</tr></thead>"
             f"<tbody>{rows}</tbody></table>")
 
