@@ -138,10 +138,9 @@ def test_the_cache_is_shared_through_its_file_and_counts_hits(tmp_path: Path) ->
     assert memory.get("k") == _latency(0.1)
 
 
-def test_the_evaluator_measures_an_executed_form_once_per_batch(tmp_path: Path) -> None:
+def _tiny_mlp_executable(tmp_path: Path, target):
+    """(task, float model, its torch executable) of a small digits-mlp student."""
     from slimsearch.compression import MODEL_FILE, CompressedModel, save_artifact
-    from slimsearch.evaluators import EvalContext, LatencyEvaluator
-    from slimsearch.experiment import TargetConfig
     from slimsearch.runtimes import RUNTIMES
     from slimsearch.tasks import factory_path, make_task
     from slimsearch.tasks.digits import digits_mlp
@@ -150,10 +149,18 @@ def test_the_evaluator_measures_an_executed_form_once_per_batch(tmp_path: Path) 
     model = digits_mlp(width=0.25, depth=1)
     path = save_artifact(CompressedModel(model=model, factory=factory_path(digits_mlp),
                                          kwargs={"width": 0.25, "depth": 1}), tmp_path / MODEL_FILE)
+    executable = RUNTIMES["torch"].materialize(path, target=target, device=torch.device("cpu"),
+                                               out_dir=tmp_path, example=task.example_inputs(1))
+    return task, model, executable
+
+
+def test_the_evaluator_measures_an_executed_form_once_per_batch(tmp_path: Path) -> None:
+    from slimsearch.evaluators import EvalContext, LatencyEvaluator
+    from slimsearch.experiment import TargetConfig
+
     target = TargetConfig(device="cpu", batch_sizes=(1, 8))
     cpu = torch.device("cpu")
-    executable = RUNTIMES["torch"].materialize(path, target=target, device=cpu, out_dir=tmp_path,
-                                               example=task.example_inputs(1))
+    task, model, executable = _tiny_mlp_executable(tmp_path, target)
     cache = LatencyCache(tmp_path / "cache.json")
     context = EvalContext(task=task, executable=executable, model=model, target=target,
                           device=cpu, latency_cache=cache)
@@ -171,23 +178,14 @@ def test_reported_batch_sizes_are_timed_to_a_looser_interval_than_the_objective(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The objective's ratio is timed to paired.PRECISION; the other batch sizes, reported
     only, to REPORTED_PRECISION, and trusted within it (their figures say so)."""
-    from slimsearch.compression import MODEL_FILE, CompressedModel, save_artifact
     from slimsearch.evaluators import EvalContext, LatencyEvaluator, _base
     from slimsearch.evaluators._base import REPORTED_PRECISION, Reference
     from slimsearch.experiment import TargetConfig
-    from slimsearch.runtimes import RUNTIMES
-    from slimsearch.tasks import factory_path, make_task
-    from slimsearch.tasks.digits import digits_mlp
     from slimsearch.timing import paired
 
-    task = make_task("digits-mlp", seed=0)
-    model = digits_mlp(width=0.25, depth=1)
-    path = save_artifact(CompressedModel(model=model, factory=factory_path(digits_mlp),
-                                         kwargs={"width": 0.25, "depth": 1}), tmp_path / MODEL_FILE)
     target = TargetConfig(device="cpu", batch_sizes=(8, 1))
     cpu = torch.device("cpu")
-    executable = RUNTIMES["torch"].materialize(path, target=target, device=cpu, out_dir=tmp_path,
-                                               example=task.example_inputs(1))
+    task, model, executable = _tiny_mlp_executable(tmp_path, target)
     asked: dict[int, dict] = {}
 
     def spy(*args, batch_size: int, **protocol):

@@ -215,8 +215,12 @@ class Data:
         split = self.in_memory
         if split is not None:
             n = len(split)
-            order = (torch.randperm(n, generator=shuffle) if shuffle is not None
-                     else torch.arange(n))
+            if shuffle is None:  # in order: views of the tensors, no copy
+                for start in range(0, n, batch_size):
+                    end = min(n, start + batch_size)
+                    yield split.x[start:end], split.y[start:end], torch.arange(start, end)
+                return
+            order = torch.randperm(n, generator=shuffle)
             for start in range(0, n, batch_size):
                 index = order[start:start + batch_size]
                 yield split.x[index], split.y[index], index
