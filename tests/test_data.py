@@ -341,11 +341,12 @@ from slimsearch.tasks.digits import make_digits_mlp_task
 class Net(nn.Module):
     def __init__(self, width):
         super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, 64))  # a weight no method reaches
         self.hidden = nn.Linear(64, int(64 * width))
         self.head = nn.Linear(int(64 * width), 10)
 
     def forward(self, pixels, mask):
-        return {"logits": self.head(torch.relu(self.hidden(pixels * mask)))}
+        return {"logits": self.head(torch.relu(self.hidden(pixels * mask * self.scale)))}
 
 
 @slimsearch.model_factory
@@ -416,7 +417,9 @@ def test_a_dataloader_task_with_dict_inputs_end_to_end(tmp_path: Path) -> None:
     assert teacher["val_score_accuracy"] > 0.85  # the second metric, reported
     completed = [json.loads(p.read_text()) for p in sorted(run_dir.glob("trials/*/metrics.json"))]
     assert len(completed) == 6
-    assert main(["report", str(run_dir)]) == 0 and (run_dir / "report.html").is_file()
+    assert main(["report", str(run_dir)]) == 0
+    assert "Left float: 64 weights of trial" in (run_dir / "report.html").read_text()
+    assert all(m["left_float_weights"] == 64 for m in completed)
     assert main(["pick", str(run_dir), "--max-accuracy-drop", "0.05"]) == 0
     entry = min(pareto["trials"], key=lambda t: t["metrics"]["size_bytes"])
     bundle = tmp_path / "bundle"
@@ -442,3 +445,28 @@ def test_a_dataloader_task_with_dict_inputs_end_to_end(tmp_path: Path) -> None:
 def test_data_wraps_itself() -> None:
     data = Data("val", [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))])
     assert as_data(data, "val") is data and data.in_memory is None
+
+
+def test_weights_no_method_reaches_are_named_as_left_float() -> None:
+    """nn.MultiheadAttention computes with its packed in_proj and its out_proj's weight
+    without calling out_proj: no Linear layer of the space holds them, and they are said so."""
+    from slimsearch.compression.pipeline import left_float
+    from slimsearch.spaces import LayerRecipe, Recipe, compressible_layers
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(20, 16)
+            self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.embed(ids)
+            return self.head(self.attention(h, h, h, need_weights=False)[0].mean(1))
+
+    model = Attention().eval()
+    layers = [info.name for info in compressible_layers(model, torch.randint(0, 20, (1, 5)))]
+    assert layers == ["head"]  # out_proj is a Linear, but never called as one
+    recipe = Recipe(student={}, layers=dict.fromkeys(layers, LayerRecipe(bits=8)))
+    assert left_float(model, recipe) == {"embed.weight": 320, "attention.in_proj_weight": 768,
+                                         "attention.out_proj.weight": 256}

@@ -108,9 +108,21 @@ def build(task: Task, teacher: nn.Module, targets: TeacherTargets, recipe: Recip
         _distill(model, stages, epochs=distill_epochs, hint_weight=hint_weight)
     masks = _prune(model, layers, recipe, stages, round_to=round_to)
     quantized = _quantize(model, layers, recipe, stages, masks)
+    if untouched := left_float(model, recipe):
+        stages.record["left_float"] = untouched
     return CompressedModel(model=model, factory=factory_path(task.make_model),
                            kwargs=dict(recipe.student), quantized=quantized,
                            record=stages.record)
+
+
+def left_float(model: nn.Module, recipe: Recipe) -> dict[str, int]:
+    """Weight tensors (two or more dimensions) of ``model`` that no method of ``recipe``
+    reaches, by name, with their sizes (elements): parameters of modules other than the
+    Linear and Conv2d layers the model calls as modules, such as nn.MultiheadAttention's
+    packed q/k/v projection and its out_proj (used as a weight, never called), embedding
+    tables and positional parameters. They are stored and run as they are, in float."""
+    return {name: param.numel() for name, param in model.named_parameters()
+            if param.dim() >= 2 and name.rpartition(".")[0] not in recipe.layers}
 
 
 def _distill(model: nn.Module, stages: _Stages, *, epochs: int, hint_weight: float) -> None:

@@ -165,7 +165,21 @@ def _layers(data: ReportData) -> str:
                           yaxis={"autorange": "reversed", "automargin": True},
                           margin={"l": 10, "r": 10, "t": 40, "b": 40})
         parts.append(_html(fig))
-    return "".join(parts)
+    return "".join(parts) + _left_float(data)
+
+
+def _left_float(data: ReportData) -> str:
+    """Which weights no method of the space reaches, said plainly (they stay float)."""
+    counted = [t for t in data.pareto if t.metrics.get("left_float_weights")]
+    if not counted:
+        return ""
+    t = counted[0]
+    return (f"<p class='note'>Left float: {t.metrics['left_float_weights']:,} weights of trial "
+            f"{t.number} (and of {len(counted) - 1} more Pareto trials) are in tensors no method "
+            "of this space reaches: parameters of modules other than the Linear and Conv2d "
+            "layers the model calls (attention's packed projections, embeddings, positional "
+            "tables). They are stored and run as they are, in float; each trial's build.json "
+            "names them (<code>left_float</code>).</p>")
 
 
 def _importance(importances: dict[str, dict[str, float]]) -> str:

@@ -233,6 +233,8 @@ class TrialRunner:
         kernels = list((compressed.execution or {}).get("layers", {}).values())
         metrics["int8_layers"] = sum(how in ("int8", "int8-weight-only") for how in kernels)
         metrics["low_precision_layers"] = sum(how != "float" for how in kernels)
+        untouched = compressed.record.get("left_float", {})
+        metrics["left_float_weights"] = sum(untouched.values())  # see build.json: left_float
         write_json(trial_dir / "build.json", compressed.record)
         write_json(trial_dir / "metrics.json", metrics)
         return metrics
