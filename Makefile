@@ -2,10 +2,13 @@
 # Both create .venv and install the project into it the first time, and are quick after that.
 PYTHON ?= python3
 VENV := .venv
-# Pinned on purpose: on the reference machine torch==2.13.0 is a CPU build on local disk, while a
-# plain `torch` would pull a multi-GB CUDA build. Any torch>=2.4 works: override with
-# `make run TORCH_SPEC="torch==2.6.0"` or install into your own environment (see README).
-TORCH_SPEC ?= torch==2.13.0
+# Pinned on purpose, as a matching pair: the contract suite builds torchvision's resnet18 and
+# mobilenet_v3_small, and PyPI's torchvision only imports beside the torch it was built with (on
+# the reference machine both lie on local disk: a CUDA build, which runs on the CPU too; an
+# open range could download several GB). Any torch>=2.4 works, torchvision optional (its
+# tests skip): override with `make run TORCH_SPEC="torch==2.6.0"` or install into your own
+# environment (see README).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 EXPERIMENT ?= experiments/digits_mlp.toml
 STAMP := $(VENV)/.installed
 
@@ -13,9 +16,10 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Makefile too: a new TORCH_SPEC reinstalls into an existing .venv.
+$(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
 	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

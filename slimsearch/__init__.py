@@ -5,11 +5,13 @@ from slimsearch.errors import ArtifactError, ConfigError, SlimsearchError, Trial
 from slimsearch.runtimes import load_model
 from slimsearch.spaces import LayerRecipe, Recipe
 from slimsearch.tasks import Split, Task, model_factory, register_task
+from slimsearch.tasks.attention import HeadAttention
 from slimsearch.tasks.metrics import Metric, metric
 
 __all__ = [
     "ArtifactError",
     "ConfigError",
+    "HeadAttention",
     "LayerRecipe",
     "Metric",
     "Recipe",

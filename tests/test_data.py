@@ -452,6 +452,7 @@ def test_weights_no_method_reaches_are_named_as_left_float() -> None:
     without calling out_proj: no Linear layer of the space holds them, and they are said so."""
     from slimsearch.compression.pipeline import left_float
     from slimsearch.spaces import LayerRecipe, Recipe, compressible_layers
+    from slimsearch.tasks.attention import unpack_attention
 
     class Attention(nn.Module):
         def __init__(self) -> None:
@@ -465,8 +466,17 @@ def test_weights_no_method_reaches_are_named_as_left_float() -> None:
             return self.head(self.attention(h, h, h, need_weights=False)[0].mean(1))
 
     model = Attention().eval()
-    layers = [info.name for info in compressible_layers(model, torch.randint(0, 20, (1, 5)))]
+    ids = torch.randint(0, 20, (1, 5))
+    layers = [info.name for info in compressible_layers(model, ids)]
     assert layers == ["head"]  # out_proj is a Linear, but never called as one
     recipe = Recipe(student={}, layers=dict.fromkeys(layers, LayerRecipe(bits=8)))
     assert left_float(model, recipe) == {"embed.weight": 320, "attention.in_proj_weight": 768,
                                          "attention.out_proj.weight": 256}
+    # as students are built (Task.build_model), attention is four Linear layers: only the
+    # embedding table stays out of reach
+    unpack_attention(model)
+    layers = [info.name for info in compressible_layers(model, ids)]
+    assert layers == [f"attention.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+                      ] + ["head"]
+    recipe = Recipe(student={}, layers=dict.fromkeys(layers, LayerRecipe(bits=8)))
+    assert left_float(model, recipe) == {"embed.weight": 320}

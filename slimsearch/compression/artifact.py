@@ -2,8 +2,9 @@
 
 The file is a safetensors archive (no pickled code). Its metadata holds, as JSON, the model
 factory (``"module:function"``, which must carry ``@slimsearch.model_factory``), its keyword
-arguments, the shape of every Linear/Conv2d/BatchNorm layer after pruning, and how each
-tensor is encoded:
+arguments, the shape of every Linear/Conv2d/BatchNorm/LayerNorm layer after pruning (and of attention:
+each ``HeadAttention`` that replaced an ``nn.MultiheadAttention``, and the head count of every
+attention block), and how each tensor is encoded:
 
 - ``float32``: as is;
 - ``quant``: ``bits``-bit codes bit-packed (``<name>.codes``) + float32 scales per output
@@ -43,6 +44,7 @@ from slimsearch.compression.quantization import QuantizedWeight, dequantize
 from slimsearch.errors import ArtifactError
 from slimsearch.manifest import MODEL_FILE, check_bundle, is_bundle
 from slimsearch.tasks import resolve_factory
+from slimsearch.tasks.attention import PROJECTIONS, HeadAttention, keep_encoders_unfused
 
 FORMAT = "slimsearch.artifact"
 FORMAT_VERSION = 1
@@ -63,6 +65,14 @@ class CompressedModel:
 
 
 def _module_spec(module: nn.Module) -> dict[str, Any] | None:
+    if isinstance(module, HeadAttention):  # replaces the factory's nn.MultiheadAttention
+        return {"type": "HeadAttention", "embed_dim": module.embed_dim,
+                "num_heads": module.num_heads, "head_dim": module.head_dim,
+                "kdim": module.kdim, "vdim": module.vdim, "bias": module.q_proj.bias is not None,
+                "dropout": module.dropout, "batch_first": module.batch_first}
+    if isinstance(getattr(module, "num_heads", None), int) and all(
+            isinstance(getattr(module, p, None), nn.Linear) for p in PROJECTIONS):
+        return {"type": "heads", "num_heads": module.num_heads}  # the user's attention module
     if isinstance(module, nn.Linear):
         return {"type": "Linear", "in_features": module.in_features,
                 "out_features": module.out_features, "bias": module.bias is not None}
@@ -73,6 +83,10 @@ def _module_spec(module: nn.Module) -> dict[str, Any] | None:
                 if isinstance(module.padding, str) else list(module.padding),
                 "dilation": list(module.dilation), "groups": module.groups,
                 "bias": module.bias is not None, "padding_mode": module.padding_mode}
+    if isinstance(module, nn.LayerNorm):
+        return {"type": "LayerNorm", "normalized_shape": list(module.normalized_shape),
+                "eps": module.eps, "elementwise_affine": module.elementwise_affine,
+                "bias": module.bias is not None}
     if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
         return {"type": type(module).__name__, "num_features": module.num_features,
                 "eps": module.eps, "momentum": module.momentum, "affine": module.affine,
@@ -93,6 +107,10 @@ def _module_from_spec(spec: dict[str, Any]) -> nn.Module:
         return nn.Conv2d(**args)
     if kind in ("BatchNorm1d", "BatchNorm2d"):
         return getattr(nn, kind)(**args)
+    if kind == "LayerNorm":
+        return nn.LayerNorm(**args)
+    if kind == "HeadAttention":
+        return HeadAttention(args.pop("embed_dim"), args.pop("num_heads"), **args)
     raise ArtifactError(f"unknown layer type {kind!r} in the model file")
 
 
@@ -249,6 +267,18 @@ def resolve_model_file(path: str | Path) -> Path:
     return path
 
 
+def _resize_parameters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give each parameter outside the layers with a spec (a position embedding, say, which
+    Torch-Pruning narrows with the width it is added to) the shape stored in the file."""
+    for name, param in list(model.named_parameters()):
+        stored = state.get(name)
+        if stored is not None and stored.shape != param.shape:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf,
+                    nn.Parameter(torch.empty(stored.shape, dtype=param.dtype),
+                                 requires_grad=param.requires_grad))
+
+
 def load_float_model(path: str | Path) -> nn.Module:
     """Rebuild the model (eval mode, CPU, every layer float) from a slimsearch model file,
     trial folder or bundle.
@@ -267,11 +297,18 @@ def load_float_model(path: str | Path) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"the factory {header['factory']!r} returned {type(model).__name__}, "
                             "not a torch.nn.Module")
-    for name, spec in header["modules"].items():
-        if _module_spec(model.get_submodule(name)) != spec:
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), leaf, _module_from_spec(spec))
+    for name, spec in header["modules"].items():  # parents before their children
+        module = model.get_submodule(name)
+        if _module_spec(module) == spec:
+            continue
+        if spec["type"] == "heads":  # the user's attention module, with heads removed
+            module.num_heads = spec["num_heads"]
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, _module_from_spec(spec))
+    keep_encoders_unfused(model)
     with safe_open(str(path), framework="pt") as reader:
         state = {name: _decode(name, entry, reader) for name, entry in header["tensors"].items()}
+    _resize_parameters(model, state)
     model.load_state_dict(state, strict=True)
     return model.eval()

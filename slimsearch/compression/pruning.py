@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimsearch.errors import TrialError
+from slimsearch.tasks.attention import PROJECTIONS, attention_blocks
 from slimsearch.tasks.data import Inputs, call_model, output_tensor
 from slimsearch.training import supervised_loss
 
@@ -63,6 +64,16 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
     if importance == "taylor" and gradient_batch is None:
         raise ValueError("importance = 'taylor' needs a gradient_batch of (inputs, labels)")
     modules = dict(model.named_modules())
+    record: dict[str, dict[str, Any]] = {}
+    blocks = {f"{name}.q_proj": block for name, block in attention_blocks(model).items()}
+    if heads := {n: f for n, f in fractions.items() if n in blocks}:
+        if importance == "taylor":
+            _gradients(model, *gradient_batch)
+        for name, fraction in heads.items():
+            record[name] = prune_heads(blocks[name], fraction, importance=importance)
+        fractions = {n: f for n, f in fractions.items() if n not in heads}
+        if not fractions:
+            return record
     original = {name: _channels(modules[name]) for name in fractions}
     # (no torch.no_grad here: the dependency graph is traced through autograd)
     try:
@@ -74,7 +85,6 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
                          f"graph, which Torch-Pruning could not trace: {type(exc).__name__}: {exc}. "
                          "Use unstructured pruning for this model") from exc
     scorer, fallback = IMPORTANCE[importance](), IMPORTANCE["l2"]()
-    record: dict[str, dict[str, Any]] = {}
     for name, fraction in fractions.items():
         layer = modules[name]
         current = _channels(layer)
@@ -107,6 +117,57 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
         group.prune()
         entry["channels_after"] = _channels(layer)
     return record
+
+
+@torch.no_grad()
+def prune_heads(block: nn.Module, fraction: float, *, importance: str = "l2") -> dict[str, Any]:
+    """Remove ``fraction`` of the heads of an attention block (``tasks.attention``'s
+    convention): each removed head's rows of q, k and v and its columns of the output
+    projection go together, and ``num_heads`` is lowered; at least one head remains. Heads
+    are ranked by the ``importance`` criterion over those weights and biases (``l1``, ``l2``;
+    ``taylor``: |weight x gradient|, the gradients already computed; ``bn_scale`` has no
+    BatchNorm here and uses ``l2``, recorded). Returns what happened."""
+    q, k, v, out = (getattr(block, p) for p in PROJECTIONS)
+    heads = block.num_heads
+    width = q.out_features // heads
+    keep_count = max(1, round(heads * (1.0 - fraction)))
+    entry: dict[str, Any] = {"heads_before": heads, "heads_after": heads,
+                             "channels_before": q.out_features, "channels_after": q.out_features}
+    if keep_count >= heads:
+        entry["note"] = "the fraction rounds to no head"
+        return entry
+
+    def per_head(tensor: torch.Tensor | None, grad: torch.Tensor | None, columns: bool) -> torch.Tensor:
+        if tensor is None:
+            return torch.zeros(heads)
+        value = (tensor * grad).abs() if importance == "taylor" else tensor.abs()
+        if importance != "taylor" and importance != "l1":
+            value = value.pow(2)
+        value = value.t() if columns else value
+        return value.reshape(heads, -1).sum(dim=1)
+
+    def grad_of(t: torch.Tensor | None) -> torch.Tensor | None:
+        if importance != "taylor" or t is None:
+            return None
+        return t.grad if t.grad is not None else torch.zeros_like(t)
+
+    scores = sum(per_head(layer.weight, grad_of(layer.weight), False)
+                 + per_head(layer.bias, grad_of(layer.bias), False) for layer in (q, k, v))
+    scores = scores + per_head(out.weight, grad_of(out.weight), True)
+    if importance == "bn_scale":
+        entry["importance"] = "bn_scale not applicable to attention heads: used l2"
+    kept = sorted(torch.argsort(scores, descending=True)[:keep_count].tolist())
+    rows = torch.cat([torch.arange(h * width, (h + 1) * width) for h in kept])
+    for layer in (q, k, v):
+        layer.weight = nn.Parameter(layer.weight[rows].clone())
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(layer.bias[rows].clone())
+        layer.out_features = len(rows)
+    out.weight = nn.Parameter(out.weight[:, rows].clone())
+    out.in_features = len(rows)
+    block.num_heads = keep_count
+    entry.update(heads_after=keep_count, channels_after=len(rows), kept_heads=kept)
+    return entry
 
 
 def _gradients(model: nn.Module, inputs: Inputs, labels: torch.Tensor) -> None:

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from slimsearch.spaces import Recipe
 from slimsearch.tasks import Task
+from slimsearch.tasks.attention import unpack_attention
 
 
 def build_student(task: Task, teacher: nn.Module, recipe: Recipe, *, seed: int) -> nn.Module:
-    """``task.make_model(**recipe.student)``; with ``student_init = "slice"`` every parameter
+    """``task.build_model(**recipe.student)``; with ``student_init = "slice"`` every parameter
     and buffer the teacher also has is copied from it (a leading slice where the student is
-    narrower), so width 1.0 starts as the teacher itself."""
+    narrower), so width 1.0 starts as the teacher itself. The teacher's attention is read
+    unpacked, as the student's is built (``tasks.attention``)."""
     torch.manual_seed(seed)
-    student = task.make_model(**recipe.student)
+    student = task.build_model(**recipe.student)
     if recipe.student_init == "slice":
+        if any(isinstance(m, nn.MultiheadAttention) for m in teacher.modules()):
+            teacher = copy.deepcopy(teacher)
+            unpack_attention(teacher)
         copy_leading_slices(student, teacher)
     return student
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import json
 import warnings
 from collections.abc import Callable, Iterator
@@ -155,16 +156,28 @@ def build_executable(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
     return _converted(prepared)
 
 
-def _static_graph_or_why(model: nn.Module, layers: list[str],
-                         input_shape: list[int]) -> tuple[nn.Module | None, str | None]:
+def _static_graph_or_why(model: nn.Module, layers: list[str], input_shape: list[int],
+                         batch: torch.Tensor | None = None) -> tuple[nn.Module | None, str | None]:
     """``model`` prepared for static int8 of ``layers`` (observers in place), or None and why
     torch.fx cannot trace it: static int8 needs its graph. The tracing check is the first
-    preparation a plan needs anyway."""
+    preparation a plan needs anyway. With ``batch``, a converted copy must also run on it:
+    a graph can trace and still fail on int8 tensors (torchvision's ResNet adds its residual
+    in place, ``out += identity``, which the int8 graph leaves as a float op on int8 inputs)."""
+    def why(exc: Exception) -> str:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
     try:
         with _quiet():
-            return _prepare_static(model, layers, input_shape), None
+            prepared = _prepare_static(model, layers, input_shape)
     except Exception as exc:  # torch.fx raises TraceError, TypeError, ... on dynamic code
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return None, f"torch.fx cannot trace it with one input tensor: {why(exc)}"
+    if batch is not None:
+        try:  # (torch.fx prints the failing line of its generated code to stderr: not ours)
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                _converted(_calibrated(copy.deepcopy(prepared), batch))(batch)
+        except Exception as exc:  # the quantized kernels raise RuntimeError, NotImplementedError...
+            return None, f"its int8 graph fails to run: {why(exc)}"
+    return prepared, None
 
 
 def _calibrated(prepared: nn.Module, data: torch.Tensor) -> nn.Module:
@@ -293,7 +306,7 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
     if asked == "static" and not one_tensor:
         mode, untraceable = "dynamic", f"the model takes {describe(batch)}, not one tensor"
     elif asked == "static" and low_bits:
-        all_int8, untraceable = _static_graph_or_why(model, low_bits, input_shape)
+        all_int8, untraceable = _static_graph_or_why(model, low_bits, input_shape, batch)
         if all_int8 is None:  # e.g. data-dependent control flow in forward
             mode = "dynamic"
     kinds = nn.Conv2d | nn.Linear if mode == "static" else nn.Linear
@@ -307,8 +320,7 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
         plan.layers[name] = "int8" if int8_ms < (1 - MARGIN) * float_ms else "float"
         plan.decisions[name] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
     if untraceable is not None:
-        plan.decisions["static"] = (f"not traceable by torch.fx with one input tensor, dynamic "
-                                    f"int8 instead: {untraceable}")
+        plan.decisions["static"] = f"dynamic int8 instead of static: {untraceable}"
     _choose_for_the_whole_model(model, plan, candidates, batch=batch, calibration=samples,
                                 threads=threads, all_int8=all_int8)
     _MODEL_CACHE[key] = (mode, dict(plan.layers), copy.deepcopy(plan.decisions))

@@ -27,6 +27,7 @@ from slimsearch.atomic import read_json, write_json
 from slimsearch.compression import dequantize, quantize_per_channel
 from slimsearch.spaces import COMPRESSIBLE, LayerRecipe, Recipe, SearchSpace
 from slimsearch.tasks import Data, Task
+from slimsearch.tasks.attention import unpack_attention
 from slimsearch.tasks.data import take
 from slimsearch.training import score
 
@@ -56,6 +57,7 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
     if result.get("levels") != levels:  # another space (or nothing yet): start over
         result = {"levels": levels, "layers": {}}
     model = copy.deepcopy(teacher).to(device).eval()
+    unpack_attention(model)  # the layers students have (tasks.attention)
     base = score(model, data, task.metric, device=device)
     result["teacher_accuracy"] = base
     layers = {n: m for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}

@@ -20,6 +20,7 @@ from slimsearch.errors import ConfigError, did_you_mean
 from slimsearch.experiment import SpaceConfig
 from slimsearch.spaces.recipe import LayerRecipe, Recipe
 from slimsearch.tasks import Task
+from slimsearch.tasks.attention import PROJECTIONS, attention_blocks
 from slimsearch.tasks.data import Inputs, call_model, output_tensor
 
 COMPRESSIBLE = (nn.Linear, nn.Conv2d)
@@ -48,7 +49,8 @@ class LayerInfo:
 
 def compressible_layers(model: nn.Module, example_input: Inputs) -> list[LayerInfo]:
     """Linear and Conv2d layers in execution order; the one producing the model's output
-    (the classifier head) may only be pruned unstructured, since its outputs are the classes."""
+    (the classifier head) may only be pruned unstructured, since its outputs are the classes.
+    Structured pruning of an attention block's ``q_proj`` removes whole heads."""
     order: list[str] = []
     outputs: dict[str, Any] = {}  # the tensors themselves: ids of freed tensors get reused
     hooks = []
@@ -66,9 +68,12 @@ def compressible_layers(model: nn.Module, example_input: Inputs) -> list[LayerIn
             h.remove()
     kinds = dict(model.named_modules())
     seen = list(dict.fromkeys(order))
+    # In attention, structured pruning of q_proj removes whole heads, and k, v and the
+    # output projection follow it; alone, their channels cannot go (tasks.attention).
+    followers = {f"{block}.{p}" for block in attention_blocks(model) for p in PROJECTIONS[1:]}
     # The last layer run is the head even when forward post-processes its output.
     return [LayerInfo(n, type(kinds[n]).__name__,
-                      structured_ok=outputs[n] is not final and n != seen[-1],
+                      structured_ok=outputs[n] is not final and n != seen[-1] and n not in followers,
                       fan_in=kinds[n].weight[0].numel(), weights=kinds[n].weight.numel())
             for n in seen]
 
@@ -104,7 +109,7 @@ class SearchSpace:
         key = json.dumps(student, sort_keys=True)
         if key not in self._layers:
             try:
-                model = self.task.make_model(**student)
+                model = self.task.build_model(**student)
                 self._layers[key] = compressible_layers(model.eval(), self.task.example_inputs(1))
             except Exception as exc:
                 raise ConfigError(f"space.student = {student}: the task's model factory failed "

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from slimsearch.errors import ArtifactError, ConfigError
+from slimsearch.tasks.attention import unpack_attention
 from slimsearch.tasks.data import (
     Data,
     DataSource,
@@ -156,6 +157,15 @@ class Task:
     @property
     def metric(self) -> Metric:
         return self.scores[0]
+
+    def build_model(self, **knobs: Any) -> nn.Module:
+        """``make_model(**knobs)`` as slimsearch compresses it: each ``nn.MultiheadAttention``
+        replaced by the equivalent ``HeadAttention`` (``tasks.attention``), whose q, k, v and
+        output projections are Linear layers every method reaches. The teacher is kept as the
+        user built it: it is the reference every speed-up is measured against."""
+        model = self.make_model(**knobs)
+        unpack_attention(model)
+        return model
 
     def data(self, split: str) -> Data:
         """Split ``split`` (``"train"``, ``"val"`` or ``"test"``) as slimsearch reads it."""

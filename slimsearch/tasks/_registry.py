@@ -14,6 +14,7 @@ from slimsearch.tasks._base import Task
 from slimsearch.tasks.diabetes import make_diabetes_mlp_task
 from slimsearch.tasks.digits import make_digits_cnn_task, make_digits_mlp_task
 from slimsearch.tasks.digits_resnet import make_digits_resnet_task
+from slimsearch.tasks.digits_transformer import make_digits_transformer_task
 from slimsearch.tasks.metrics import resolve_metrics
 
 TaskMaker = Callable[[int], Task]
@@ -97,3 +98,4 @@ register_task("digits-mlp", make_digits_mlp_task)
 register_task("digits-cnn", make_digits_cnn_task)
 register_task("digits-resnet", make_digits_resnet_task)
 register_task("diabetes-mlp", make_diabetes_mlp_task)
+register_task("digits-transformer", make_digits_transformer_task)
