@@ -6,7 +6,8 @@ imports so that the two never differ), built as slimsearch compresses it, print:
 - its Linear and Conv2d layers by kind (depthwise and grouped convolutions apart, attention
   projections apart) and their weights;
 - structured pruning: the layers whose output channels may go (attention: whole heads,
-  through ``q_proj``), and whether Torch-Pruning's dependency graph traces the model;
+  through ``q_proj``), less those a run finds it cannot shrink before its first trial
+  (``structured_blockers``), and whether all of them at once still make a working model;
 - unstructured / global and 2:4 sparsity, and quantization: the layers they reach (2:4 needs
   a fan-in that is a multiple of 4);
 - PyTorch's int8 kernels: dynamic (Linear) always, static (Conv2d and Linear) when torch.fx
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from slimsearch.compression.pipeline import left_float  # noqa: E402
-from slimsearch.compression.pruning import prune_structured  # noqa: E402
+from slimsearch.compression.pruning import prune_structured, structured_blockers  # noqa: E402
 from slimsearch.runtimes.int8 import _static_graph_or_why  # noqa: E402
 from slimsearch.spaces import LayerRecipe, Recipe, compressible_layers  # noqa: E402
 from slimsearch.tasks.attention import PROJECTIONS, attention_blocks  # noqa: E402
@@ -68,11 +69,13 @@ def summarise(name: str) -> dict[str, str]:
         kinds.setdefault(kind(info.name, modules[info.name], attention, parent), []).append(info.name)
     structured = [i.name for i in infos if i.structured_ok]
     heads = [n for n in structured if n in attention]
+    # what a run finds before its first trial: layers structured pruning cannot shrink
+    blocked = structured_blockers(model, example, structured)
     try:
-        prune_structured(model, dict.fromkeys(structured, 0.25), example)
-        traced = "yes"
+        prune_structured(model, dict.fromkeys(set(structured) - set(blocked), 0.25), example)
+        together = "yes"
     except Exception as exc:  # what a user would see in the trial's record
-        traced = f"no ({type(exc).__name__})"
+        together = f"no ({type(exc).__name__})"
     model, _ = built(name)  # unpruned again
     fits_24 = [i.name for i in infos if i.fan_in % 4 == 0]
     linear = [i.name for i in infos if isinstance(modules[i.name], nn.Linear)]
@@ -90,8 +93,9 @@ def summarise(name: str) -> dict[str, str]:
     return {
         "model": name,
         "layers": ", ".join(f"{len(v)} {k}" for k, v in kinds.items()),
-        "structured": f"{len(structured)} of {len(infos)} layers ({len(heads)} by whole heads); "
-                      f"Torch-Pruning traced: {traced}",
+        "structured": f"{len(structured) - len(blocked)} of {len(infos)} layers ({len(heads)} by "
+                      f"whole heads), all at once: {together}; left to the other methods: "
+                      + (", ".join(f"{n} ({why[:60]})" for n, why in blocked.items()) or "none"),
         "unstructured, global, quantization": f"all {len(infos)}",
         "2:4": f"{len(fits_24)} of {len(infos)}",
         "int8 dynamic": f"{len(linear)} Linear",

@@ -361,3 +361,92 @@ def test_the_transformer_encoder_classifier_end_to_end(tmp_path: Path) -> None:
     loaded_heads = json.loads(blocks)
     assert loaded_heads and all(count >= 1 for count in loaded_heads.values())
     assert {name: loaded_heads[name] for name in heads} == heads  # as the search left them
+
+
+QUERY_KEY_VALUE_TASK = '''
+import torch
+from torch import nn
+import slimsearch
+
+
+class Attention(nn.Module):
+    """Attention of another convention (query/key/value/dense), its head width a stored
+    number: Torch-Pruning narrows query, key and value together, and view() then fails."""
+
+    def __init__(self, width=16, heads=2):
+        super().__init__()
+        self.num_heads, self.head_size = heads, width // heads
+        self.query, self.key = nn.Linear(width, width), nn.Linear(width, width)
+        self.value, self.dense = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        n, length, _ = x.shape
+        split = lambda t: t.view(n, length, self.num_heads, self.head_size).transpose(1, 2)
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        out = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return self.dense(out.transpose(1, 2).reshape(n, length, -1))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attention, self.head = nn.Linear(8, 16), Attention(), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.attention(self.embed(x)).mean(1))
+
+
+@slimsearch.model_factory
+def net():
+    return Net()
+
+
+def make_task(seed):
+    from slimsearch.tasks import make_task as built_in
+    digits = built_in("digits-transformer", seed=seed)
+    return slimsearch.Task(name="query-key-value", make_model=net, teacher_kwargs={},
+                           student_choices={}, train=digits.train, val=digits.val,
+                           test=digits.test)
+'''
+
+
+def test_what_structured_pruning_cannot_shrink_gets_the_other_methods(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Attention whose forward breaks once its projections lose channels. Found once per
+    run, on copies, before any trial: the space never asks for structured pruning there, the
+    run says so, and every trial's record names the layers and why; they keep the other
+    methods. (Torch-Pruning narrows query, key, value and dense as one group: with the head
+    width taken from the shapes, ``view(n, length, heads, -1)``, the same model prunes.)"""
+    (tmp_path / "qkv_task.py").write_text(QUERY_KEY_VALUE_TASK)
+    (tmp_path / "qkv.toml").write_text(
+        'name = "qkv"\ntask = "qkv_task:make_task"\n[search]\ntrials = 3\nsampler = "random"\n'
+        '[space]\nsparsity = [0.0, 0.5]\npruning = ["structured", "unstructured"]\n'
+        '[train]\nteacher_epochs = 2\ndistill_epochs = 1\nfinetune_epochs = 1\nqat_epochs = 1\n'
+        '[target]\ndevice = "cpu"\n')
+    run_dir = tmp_path / "run"
+    assert main(["run", str(tmp_path / "qkv.toml"), "--run-dir", str(run_dir)]) == 0
+    said = capsys.readouterr().out
+    blocked = {"attention.query", "attention.key", "attention.value"}
+    assert ("structured pruning cannot shrink 3 layers (attention.query, attention.key, "
+            "attention.value)") in said
+    records = [json.loads(p.read_text()) for p in run_dir.glob("trials/*/build.json")]
+    assert len(records) == 3
+    for record in records:
+        assert set(record["structured_blocked"]) == blocked
+        assert "RuntimeError" in record["structured_blocked"]["attention.query"]  # view()
+        structured = record.get("stages", {}).get("prune", {}).get("structured", {})
+        assert not set(structured) & blocked
+    assert main(["report", str(run_dir)]) == 0
+    assert "Not pruned structurally: 3 layers" in (run_dir / "report.html").read_text()
+    # the space offers the blocked layers every method but structured pruning
+    from slimsearch.experiment import SpaceConfig
+    from slimsearch.search.objective import structured_blocked
+    from slimsearch.spaces import SearchSpace
+    from slimsearch.tasks import make_task
+    task = make_task("qkv_task:make_task", seed=0, base_dir=tmp_path)
+    config = SpaceConfig(pruning=("structured", "unstructured", "2:4"))
+    space = SearchSpace(task, config)
+    space.set_not_structured(structured_blocked(task, config))
+    methods = {i.name: space._methods(i) for i in space.layers_for({})}
+    assert methods["attention.query"] == ("unstructured", "2:4")
+    assert methods["attention.dense"] == ("structured", "unstructured", "2:4")

@@ -13,7 +13,8 @@ semi-structured sparse kernels execute). Their zeros shrink the model file.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -168,6 +169,31 @@ def prune_heads(block: nn.Module, fraction: float, *, importance: str = "l2") ->
     block.num_heads = keep_count
     entry.update(heads_after=keep_count, channels_after=len(rows), kept_heads=kept)
     return entry
+
+
+def structured_blockers(model: nn.Module, example_input: Inputs,
+                        names: Sequence[str]) -> dict[str, str]:
+    """Which of ``names`` structured pruning cannot shrink, and why: Torch-Pruning cannot trace
+    the model, the layer is outside its graph, or the model's forward fails once a quarter of
+    the layer's channels (at least one; in attention, heads) are gone (attention code that is
+    not ``tasks.attention``'s convention, say). Each layer is tried alone on a copy; ``model``
+    is not changed."""
+    blocked: dict[str, str] = {}
+    modules = dict(model.named_modules())
+    heads = {f"{name}.q_proj": block.num_heads for name, block in attention_blocks(model).items()}
+    for name in names:
+        count = heads.get(name) or _channels(modules[name])
+        if count < 2:
+            continue  # nothing to remove: not a blocker
+        trial = copy.deepcopy(model).eval()
+        try:
+            prune_structured(trial, {name: max(0.25, 1.0 / count)}, example_input)
+            with torch.no_grad():
+                output_tensor(call_model(trial, example_input))
+        except Exception as exc:  # Torch-Pruning and the user's forward raise any type
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            blocked[name] = f"{type(exc).__name__}: {text}"[:300]
+    return blocked
 
 
 def _gradients(model: nn.Module, inputs: Inputs, labels: torch.Tensor) -> None:

@@ -165,7 +165,7 @@ def _layers(data: ReportData) -> str:
                           yaxis={"autorange": "reversed", "automargin": True},
                           margin={"l": 10, "r": 10, "t": 40, "b": 40})
         parts.append(_html(fig))
-    return "".join(parts) + _left_float(data)
+    return "".join(parts) + _left_float(data) + _not_structured(data)
 
 
 def _left_float(data: ReportData) -> str:
@@ -180,6 +180,17 @@ def _left_float(data: ReportData) -> str:
             "layers the model calls (attention's packed projections, embeddings, positional "
             "tables). They are stored and run as they are, in float; each trial's build.json "
             "names them (<code>left_float</code>).</p>")
+
+
+def _not_structured(data: ReportData) -> str:
+    """Layers structured pruning could not shrink in this model, said plainly."""
+    counted = [t for t in data.trials if (t.metrics or {}).get("structured_blocked_layers")]
+    if not counted:
+        return ""
+    return (f"<p class='note'>Not pruned structurally: {counted[0].metrics['structured_blocked_layers']} "
+            "layers of this model cannot lose channels (Torch-Pruning cannot trace them, or the "
+            "model's forward fails without them); the search gave them the other methods only. Each trial's "
+            "build.json names them and why (<code>structured_blocked</code>).</p>")
 
 
 def _importance(importances: dict[str, dict[str, float]]) -> str:

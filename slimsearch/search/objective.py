@@ -28,6 +28,7 @@ from slimsearch.compression import (
     load_float_model,
     save_artifact,
 )
+from slimsearch.compression.pruning import structured_blockers
 from slimsearch.devices import computing, free_memory, resolve_device, step_aside
 from slimsearch.errors import TrialStopped
 from slimsearch.evaluators import (
@@ -38,11 +39,11 @@ from slimsearch.evaluators import (
     metric_suffix,
     reference_from_metrics,
 )
-from slimsearch.experiment import ConstraintsConfig, ExperimentConfig
+from slimsearch.experiment import ConstraintsConfig, ExperimentConfig, SpaceConfig
 from slimsearch.run import RunFolder
 from slimsearch.runtimes import Runtime, get_runtime
 from slimsearch.search.teacher import Teacher, prepare_teacher
-from slimsearch.spaces import Recipe
+from slimsearch.spaces import Recipe, compressible_layers
 from slimsearch.tasks import Task, make_task
 from slimsearch.timing.latency import pin_allocator
 from slimsearch.training import score
@@ -106,6 +107,9 @@ class TrialRunner:
     #: The teacher's model file: on the CPU, every trial's latency is timed against it
     #: (``timing.paired``), and multiplied by its latency in ``teacher_metrics``.
     teacher_file: Path | None = None
+    #: Layers structured pruning cannot shrink, and why (``structured_blocked``): the space
+    #: never asks for it there; every trial's record says so.
+    structured_blocked: dict[str, str] = field(default_factory=dict)
     _reference: Reference | None = field(default=None, init=False, repr=False)
     _reference_dir: tempfile.TemporaryDirectory | None = field(default=None, init=False,
                                                                repr=False)
@@ -235,9 +239,24 @@ class TrialRunner:
         metrics["low_precision_layers"] = sum(how != "float" for how in kernels)
         untouched = compressed.record.get("left_float", {})
         metrics["left_float_weights"] = sum(untouched.values())  # see build.json: left_float
+        if self.structured_blocked:  # see build.json: structured_blocked
+            compressed.record["structured_blocked"] = self.structured_blocked
+            metrics["structured_blocked_layers"] = len(self.structured_blocked)
         write_json(trial_dir / "build.json", compressed.record)
         write_json(trial_dir / "metrics.json", metrics)
         return metrics
+
+
+def structured_blocked(task: Task, space: SpaceConfig) -> dict[str, str]:
+    """The layers of the teacher-shaped student that structured pruning cannot shrink, and
+    why (``compression.pruning.structured_blockers``); none when the space has no structured
+    pruning. Deterministic, so every process of a run finds the same."""
+    if "structured" not in space.pruning:
+        return {}
+    model = task.build_model(**task.teacher_kwargs).eval()
+    example = task.example_inputs(1)
+    candidates = [i.name for i in compressible_layers(model, example) if i.structured_ok]
+    return structured_blockers(model, example, candidates)
 
 
 def runner_for_run(run_dir: str) -> TrialRunner:
@@ -256,4 +275,5 @@ def runner_for_run(run_dir: str) -> TrialRunner:
     return TrialRunner(config=config, task=task, teacher=teacher, device=device,
                        latency_cache=LatencyCache(folder.root / "latency_cache.json"),
                        teacher_metrics=read_json(folder.teacher / "metrics.json"),
-                       teacher_file=folder.teacher / MODEL_FILE)
+                       teacher_file=folder.teacher / MODEL_FILE,
+                       structured_blocked=structured_blocked(task, config.space))

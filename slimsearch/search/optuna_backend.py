@@ -45,7 +45,12 @@ from slimsearch.run.storage import (
 from slimsearch.runtimes import get_runtime
 from slimsearch.search.backends import get_backend
 from slimsearch.search.lifecycle import Dispatch, TrialLifecycle, describe_metrics
-from slimsearch.search.objective import TrialRunner, environment, runner_for_run
+from slimsearch.search.objective import (
+    TrialRunner,
+    environment,
+    runner_for_run,
+    structured_blocked,
+)
 from slimsearch.search.recovery import (
     counted,
     recover_stale_trials,
@@ -105,6 +110,7 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
                      metrics=config.metrics)
     space = SearchSpace(task, config.space)
     task.check_data()
+    space.set_not_structured(structured_blocked(task, config.space))
     limit = config.constraints.max_size_bytes
     if limit is not None and limit < (smallest := space.min_weight_bytes()):
         raise ConfigError(
@@ -258,7 +264,13 @@ def _set_up(prepared: Prepared, study: optuna.Study, device: torch.device, *, fi
                                   cache_dir=folder.teacher, device=device)
     runner = TrialRunner(config=config, task=task, teacher=teacher, device=device,
                          latency_cache=LatencyCache(folder.root / "latency_cache.json"),
-                         teacher_file=folder.teacher / MODEL_FILE)
+                         teacher_file=folder.teacher / MODEL_FILE,
+                         structured_blocked=space.not_structured)
+    if space.not_structured:
+        first, why = next(iter(space.not_structured.items()))
+        say(f"structured pruning cannot shrink {len(space.not_structured)} layers "
+            f"({', '.join(space.not_structured)}); the search gives them the other methods. "
+            f"{first}: {why}")
     metrics_file = folder.teacher / "metrics.json"
     # Measured once per run, at rest, on the same target and runtime as every trial: the
     # anchor every trial's latency ratio to the teacher is multiplied by (timing.paired).

@@ -98,6 +98,8 @@ class SearchSpace:
         self.groups: dict[str, str] = {}
         #: Layers the search never prunes (``set_not_prunable``).
         self.not_prunable: frozenset[str] = frozenset()
+        #: Layers the search never prunes structurally, and why (``set_not_structured``).
+        self.not_structured: dict[str, str] = {}
         # Build every choice of every knob once (the others at the teacher's values), so a
         # value the factory rejects fails here, before any training.
         for knob, choices in self.student_choices.items():
@@ -127,6 +129,11 @@ class SearchSpace:
         named after that list (``_pruning_choice``), so it shares its pruning method with the
         members that have the same list only; bits and sparsity stay shared by all."""
         self.groups = dict(groups)
+
+    def set_not_structured(self, blocked: dict[str, str]) -> None:
+        """Never prune these layers structurally (``{name: why}``, from
+        ``compression.pruning.structured_blockers``): they keep the other methods."""
+        self.not_structured = dict(blocked)
 
     def set_not_prunable(self, names: set[str]) -> None:
         """Never prune these layers (sparsity 0, no parameter suggested): the model's forward
@@ -182,10 +189,12 @@ class SearchSpace:
         return None
 
     def _methods(self, info: LayerInfo) -> tuple[str, ...]:
-        """Pruning methods this layer may use: no structured pruning of the class outputs, no
-        2:4 where the inputs per output are not a multiple of 4 (a 1-channel 3x3 conv has 9)."""
+        """Pruning methods this layer may use: no structured pruning of the class outputs or
+        of a layer it cannot shrink (``not_structured``), no 2:4 where the inputs per output
+        are not a multiple of 4 (a 1-channel 3x3 conv has 9)."""
         return tuple(m for m in self.config.pruning
-                     if (m != "structured" or info.structured_ok)
+                     if (m != "structured" or (info.structured_ok
+                                               and info.name not in self.not_structured))
                      and (m != "2:4" or info.fan_in % 4 == 0)) or ("unstructured",)
 
     def _pruning_choice(self, info: LayerInfo) -> tuple[str | None, tuple[str, ...]]:
