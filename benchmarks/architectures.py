@@ -19,6 +19,7 @@ imports so that the two never differ), built as slimsearch compresses it, print:
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import sys
 from datetime import date
@@ -34,7 +35,7 @@ from slimsearch.compression.pipeline import left_float  # noqa: E402
 from slimsearch.compression.pruning import prune_structured, structured_blockers  # noqa: E402
 from slimsearch.runtimes.int8 import _static_graph_or_why  # noqa: E402
 from slimsearch.spaces import LayerRecipe, Recipe, compressible_layers  # noqa: E402
-from slimsearch.tasks.attention import PROJECTIONS, attention_blocks  # noqa: E402
+from slimsearch.tasks.attention import ROLES, attention_blocks  # noqa: E402
 from tests.test_architectures import ARCHITECTURES  # noqa: E402
 
 
@@ -51,18 +52,15 @@ def kind(name: str, module: nn.Module, attention: set[str], parent: nn.Module) -
 
 
 def summarise(name: str) -> dict[str, str]:
-    factory, kwargs, inputs, vision = ARCHITECTURES[name]
-    if vision:
-        try:
-            import torchvision  # noqa: F401
-        except ImportError:
-            return {"model": name, "skipped": "torchvision is not installed"}
+    package = ARCHITECTURES[name][3]
+    if package and importlib.util.find_spec(package) is None:
+        return {"model": name, "skipped": f"{package} is not installed"}
     from tests.test_architectures import built
     model, inputs = built(name)
     example = inputs(1)
     infos = compressible_layers(model, example)
     modules = dict(model.named_modules())
-    attention = {f"{b}.{p}" for b in attention_blocks(model) for p in PROJECTIONS}
+    attention = {b.layer_name(role) for b in attention_blocks(model).values() for role in ROLES}
     kinds: dict[str, list[str]] = {}
     for info in infos:
         parent = modules[info.name.rpartition(".")[0]]

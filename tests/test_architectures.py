@@ -1,6 +1,7 @@
 """Contract suite over the architectures users bring: torchvision's resnet18 and
 mobilenet_v3_small, a transformer encoder classifier built from ``nn.TransformerEncoder``, one
-built from plain Linear q/k/v layers, and a model whose forward takes a dict of tensors.
+built from plain Linear q/k/v layers, a Hugging Face BERT classifier (a tiny configuration) and
+a model whose forward takes a dict of tensors.
 
 Each goes through every compression method (structured pruning with every criterion, every
 sparsity pattern, every bit width), the model file (``load_float_model`` gives back exactly
@@ -28,12 +29,13 @@ from slimsearch.compression import CompressedModel, load_float_model, save_artif
 from slimsearch.compression.pipeline import left_float
 from slimsearch.compression.pruning import IMPORTANCE, SPARSITY_PATTERNS, prune_structured
 from slimsearch.compression.quantization import quantize_layers_
+from slimsearch.errors import TrialError
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes import RUNTIMES, ExecutionPlan, build_executable
 from slimsearch.runtimes.int8 import _calibrated, _converted, _static_graph_or_why, engine
 from slimsearch.spaces import LayerRecipe, Recipe, compressible_layers
 from slimsearch.tasks import factory_path, model_factory
-from slimsearch.tasks.attention import HeadAttention, unpack_attention
+from slimsearch.tasks.attention import HeadAttention, attention_blocks, unpack_attention
 from slimsearch.tasks.data import call_model, output_tensor
 from slimsearch.tasks.digits_transformer import digits_transformer
 
@@ -114,6 +116,35 @@ def mobilenet_v3_small() -> nn.Module:
     return make(num_classes=10)
 
 
+class BertClassifier(nn.Module):
+    """A Hugging Face ``BertModel`` (random initialisation, a tiny configuration of the
+    architecture) with mean pooling over the attention mask and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+        self.bert = BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=64,
+                                         max_position_embeddings=16), add_pooling_layer=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1))
+
+
+@model_factory
+def bert_classifier() -> nn.Module:
+    return BertClassifier()
+
+
+def _tokens(batch: int) -> dict[str, torch.Tensor]:
+    mask = torch.ones(batch, 12, dtype=torch.long)
+    mask[0, 9:] = 0  # padding: the mask must be honoured
+    return {"input_ids": torch.randint(1, 120, (batch, 12)), "attention_mask": mask}
+
+
 def _tensor(shape: tuple[int, ...]) -> Callable[[int], torch.Tensor]:
     return lambda batch: torch.randn(batch, *shape)
 
@@ -122,25 +153,25 @@ def _dict(batch: int) -> dict[str, torch.Tensor]:
     return {"pixels": torch.randn(batch, 64), "mask": torch.ones(batch, 64)}
 
 
-#: name -> (factory, kwargs, inputs of a batch size, needs torchvision)
+#: name -> (factory, kwargs, inputs of a batch size, the package it needs beside torch)
 ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], dict[str, Any],
-                               Callable[[int], Any], bool]] = {
-    "resnet18": (resnet18, {}, _tensor((3, 32, 32)), True),
-    "mobilenet_v3_small": (mobilenet_v3_small, {}, _tensor((3, 32, 32)), True),
+                               Callable[[int], Any], str | None]] = {
+    "resnet18": (resnet18, {}, _tensor((3, 32, 32)), "torchvision"),
+    "mobilenet_v3_small": (mobilenet_v3_small, {}, _tensor((3, 32, 32)), "torchvision"),
     "transformer_encoder": (digits_transformer, {"width": 0.5, "depth": 1, "ff_width": 0.5},
-                            _tensor((8, 8)), False),
-    "linear_qkv": (linear_qkv_classifier, {}, _tensor((8, 8)), False),
-    "dict_inputs": (dict_inputs, {}, _dict, False),
+                            _tensor((8, 8)), None),
+    "linear_qkv": (linear_qkv_classifier, {}, _tensor((8, 8)), None),
+    "bert": (bert_classifier, {}, _tokens, "transformers"),
+    "dict_inputs": (dict_inputs, {}, _dict, None),
 }
 
 
 def built(name: str) -> tuple[nn.Module, Callable[[int], Any]]:
     """``ARCHITECTURES[name]`` built and seeded as slimsearch compresses it (its attention
     unpacked, as ``Task.build_model`` does), in eval mode, and its inputs."""
-    factory, kwargs, inputs, vision = ARCHITECTURES[name]
-    if vision:
-        pytest.importorskip("torchvision", reason="torchvision is not installed (make test "
-                                                  "installs it)")
+    factory, kwargs, inputs, package = ARCHITECTURES[name]
+    if package:
+        pytest.importorskip(package, reason=f"{package} is not installed (make test installs it)")
     torch.manual_seed(0)
     model = factory(**kwargs)
     unpack_attention(model)
@@ -211,11 +242,14 @@ def test_structured_pruning_shrinks_every_architecture(name: str, criterion: str
     assert sum(p.numel() for p in model.parameters()) < 0.8 * before
     assert outputs(model, x).shape == (4, 10)
     assert any(r["channels_after"] < r["channels_before"] for r in record.values())
-    for block_name, entry in record.items():  # attention loses whole heads
+    blocks = {b.layer_name("q"): b for b in attention_blocks(model).values()}
+    assert bool(blocks) == (name in ("transformer_encoder", "linear_qkv", "bert"))
+    assert {n for n, e in record.items() if "heads_before" in e} == set(blocks)
+    for layer, entry in record.items():  # attention loses whole heads
         if "heads_before" in entry:
-            block = model.get_submodule(block_name.rpartition(".")[0])
-            assert entry["heads_after"] == block.num_heads < entry["heads_before"]
-            assert block.q_proj.out_features == block.num_heads * (
+            block = blocks[layer]
+            assert entry["heads_after"] == block.heads < entry["heads_before"]
+            assert block.projection("q").out_features == block.heads * (
                 entry["channels_before"] // entry["heads_before"])
 
 
@@ -272,9 +306,14 @@ def test_every_runtime_runs_every_architecture(name: str, runtime: str, tmp_path
     model, quantized, inputs = compress(name)
     path = saved(model, name, quantized, tmp_path)
     x = inputs(3)
-    executable = RUNTIMES[runtime].materialize(path, target=TargetConfig(device="cpu",
-                                                                           runtime=runtime),
-                                               device=CPU, example=inputs(1), out_dir=tmp_path)
+    target = TargetConfig(device="cpu", runtime=runtime)
+    if (name, runtime) == ("bert", "torchscript"):  # BERT's forward branches on its inputs
+        with pytest.raises(TrialError, match="cannot trace this model faithfully"):
+            RUNTIMES[runtime].materialize(path, target=target, device=CPU, example=inputs(1),
+                                          out_dir=tmp_path)
+        return
+    executable = RUNTIMES[runtime].materialize(path, target=target, device=CPU,
+                                               example=inputs(1), out_dir=tmp_path)
     torch.testing.assert_close(executable.logits(x), outputs(model, x), atol=2e-4, rtol=1e-3)
 
 
@@ -315,7 +354,9 @@ def test_what_no_method_reaches_is_named(name: str) -> None:
     names = [i.name for i in compressible_layers(model, inputs(1))]
     recipe = Recipe(student={}, layers=dict.fromkeys(names, LayerRecipe(bits=8)))
     untouched = left_float(model, recipe)
-    expected = {"transformer_encoder": {"position"}}.get(name, set())
+    expected = {"transformer_encoder": {"position"}, "bert": {
+        f"bert.embeddings.{e}_embeddings.weight" for e in ("word", "position", "token_type")}
+                }.get(name, set())
     assert set(untouched) == expected
 
 
@@ -351,7 +392,7 @@ def test_the_transformer_encoder_classifier_end_to_end(tmp_path: Path) -> None:
         from slimsearch.training import score
         task = make_task("digits-transformer", seed=0)
         model = slimsearch.load_model({str(bundle)!r})
-        print(json.dumps({{name: block.num_heads for name, block in attention_blocks(model).items()}}))
+        print(json.dumps({{name: block.heads for name, block in attention_blocks(model).items()}}))
         print(repr(score(model, task.data("test"), task.metric, device=torch.device("cpu"))))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

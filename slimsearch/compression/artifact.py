@@ -44,7 +44,12 @@ from slimsearch.compression.quantization import QuantizedWeight, dequantize
 from slimsearch.errors import ArtifactError
 from slimsearch.manifest import MODEL_FILE, check_bundle, is_bundle
 from slimsearch.tasks import resolve_factory
-from slimsearch.tasks.attention import PROJECTIONS, HeadAttention, keep_encoders_unfused
+from slimsearch.tasks.attention import (
+    HeadAttention,
+    apply_settings,
+    attention_block,
+    keep_encoders_unfused,
+)
 
 FORMAT = "slimsearch.artifact"
 FORMAT_VERSION = 1
@@ -70,9 +75,8 @@ def _module_spec(module: nn.Module) -> dict[str, Any] | None:
                 "num_heads": module.num_heads, "head_dim": module.head_dim,
                 "kdim": module.kdim, "vdim": module.vdim, "bias": module.q_proj.bias is not None,
                 "dropout": module.dropout, "batch_first": module.batch_first}
-    if isinstance(getattr(module, "num_heads", None), int) and all(
-            isinstance(getattr(module, p, None), nn.Linear) for p in PROJECTIONS):
-        return {"type": "heads", "num_heads": module.num_heads}  # the user's attention module
+    if block := attention_block(module):  # the user's attention, of a known layout
+        return {"type": "heads", "set": block.head_settings()}
     if isinstance(module, nn.Linear):
         return {"type": "Linear", "in_features": module.in_features,
                 "out_features": module.out_features, "bias": module.bias is not None}
@@ -302,7 +306,7 @@ def load_float_model(path: str | Path) -> nn.Module:
         if _module_spec(module) == spec:
             continue
         if spec["type"] == "heads":  # the user's attention module, with heads removed
-            module.num_heads = spec["num_heads"]
+            apply_settings(module, spec["set"])
             continue
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, _module_from_spec(spec))

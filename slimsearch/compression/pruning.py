@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimsearch.errors import TrialError
-from slimsearch.tasks.attention import PROJECTIONS, attention_blocks
+from slimsearch.tasks.attention import ROLES, AttentionBlock, attention_blocks
 from slimsearch.tasks.data import Inputs, call_model, output_tensor
 from slimsearch.training import supervised_loss
 
@@ -66,7 +66,7 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
         raise ValueError("importance = 'taylor' needs a gradient_batch of (inputs, labels)")
     modules = dict(model.named_modules())
     record: dict[str, dict[str, Any]] = {}
-    blocks = {f"{name}.q_proj": block for name, block in attention_blocks(model).items()}
+    blocks = {block.layer_name("q"): block for block in attention_blocks(model).values()}
     if heads := {n: f for n, f in fractions.items() if n in blocks}:
         if importance == "taylor":
             _gradients(model, *gradient_batch)
@@ -121,15 +121,16 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
 
 
 @torch.no_grad()
-def prune_heads(block: nn.Module, fraction: float, *, importance: str = "l2") -> dict[str, Any]:
+def prune_heads(block: AttentionBlock, fraction: float, *,
+                importance: str = "l2") -> dict[str, Any]:
     """Remove ``fraction`` of the heads of an attention block (``tasks.attention``'s
     convention): each removed head's rows of q, k and v and its columns of the output
     projection go together, and ``num_heads`` is lowered; at least one head remains. Heads
     are ranked by the ``importance`` criterion over those weights and biases (``l1``, ``l2``;
     ``taylor``: |weight x gradient|, the gradients already computed; ``bn_scale`` has no
     BatchNorm here and uses ``l2``, recorded). Returns what happened."""
-    q, k, v, out = (getattr(block, p) for p in PROJECTIONS)
-    heads = block.num_heads
+    q, k, v, out = (block.projection(role) for role in ROLES)
+    heads = block.heads
     width = q.out_features // heads
     keep_count = max(1, round(heads * (1.0 - fraction)))
     entry: dict[str, Any] = {"heads_before": heads, "heads_after": heads,
@@ -166,7 +167,7 @@ def prune_heads(block: nn.Module, fraction: float, *, importance: str = "l2") ->
         layer.out_features = len(rows)
     out.weight = nn.Parameter(out.weight[:, rows].clone())
     out.in_features = len(rows)
-    block.num_heads = keep_count
+    block.set_heads(keep_count, width)
     entry.update(heads_after=keep_count, channels_after=len(rows), kept_heads=kept)
     return entry
 
@@ -180,7 +181,7 @@ def structured_blockers(model: nn.Module, example_input: Inputs,
     is not changed."""
     blocked: dict[str, str] = {}
     modules = dict(model.named_modules())
-    heads = {f"{name}.q_proj": block.num_heads for name, block in attention_blocks(model).items()}
+    heads = {block.layer_name("q"): block.heads for block in attention_blocks(model).values()}
     for name in names:
         count = heads.get(name) or _channels(modules[name])
         if count < 2:

@@ -20,7 +20,7 @@ from slimsearch.errors import ConfigError, did_you_mean
 from slimsearch.experiment import SpaceConfig
 from slimsearch.spaces.recipe import LayerRecipe, Recipe
 from slimsearch.tasks import Task
-from slimsearch.tasks.attention import PROJECTIONS, attention_blocks
+from slimsearch.tasks.attention import attention_blocks
 from slimsearch.tasks.data import Inputs, call_model, output_tensor
 
 COMPRESSIBLE = (nn.Linear, nn.Conv2d)
@@ -70,7 +70,8 @@ def compressible_layers(model: nn.Module, example_input: Inputs) -> list[LayerIn
     seen = list(dict.fromkeys(order))
     # In attention, structured pruning of q_proj removes whole heads, and k, v and the
     # output projection follow it; alone, their channels cannot go (tasks.attention).
-    followers = {f"{block}.{p}" for block in attention_blocks(model) for p in PROJECTIONS[1:]}
+    followers = {block.layer_name(role) for block in attention_blocks(model).values()
+                 for role in ("k", "v", "out")}
     # The last layer run is the head even when forward post-processes its output.
     return [LayerInfo(n, type(kinds[n]).__name__,
                       structured_ok=outputs[n] is not final and n != seen[-1] and n not in followers,

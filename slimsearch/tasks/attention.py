@@ -7,22 +7,24 @@ both the model's width and the heads' total width. ``unpack_attention`` replaces
 a ``HeadAttention`` holding the same weights as four ``nn.Linear`` layers (``q_proj``,
 ``k_proj``, ``v_proj``, ``out_proj``), which computes the same function.
 
-Any attention module that follows the same convention (an integer ``num_heads`` and Linear
-children ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, heads laid out as consecutive
-blocks of ``q_proj``'s outputs: what ``HeadAttention`` and many Hugging Face models do) has
-whole heads removed by structured pruning (``compression.pruning.prune_heads``).
+Attention modules of a known layout (``CONVENTIONS``: ``HeadAttention``'s own, which any
+module with an integer ``num_heads`` and Linear ``q_proj``, ``k_proj``, ``v_proj``,
+``out_proj`` shares, and Hugging Face BERT's) have whole heads removed by structured pruning
+(``compression.pruning.prune_heads``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: The Linear children an attention module must have for head pruning, in q, k, v, out order.
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+#: The projections of an attention block, in the order heads are read: q, k, v, output.
+ROLES = ("q", "k", "v", "out")
 
 
 class HeadAttention(nn.Module):
@@ -181,19 +183,95 @@ def keep_encoders_unfused(model: nn.Module) -> None:
             module.use_nested_tensor = False
 
 
-def attention_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """The attention modules of ``model`` whose heads can be removed, by name: those with an
-    integer ``num_heads`` and Linear ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``
-    children whose widths fit ``num_heads`` equal heads."""
-    found = {}
-    for name, module in model.named_modules():
-        heads = getattr(module, "num_heads", None)
-        layers = [getattr(module, p, None) for p in PROJECTIONS]
+@dataclass(frozen=True)
+class Convention:
+    """Where an attention module keeps its q, k, v and output projections (Linear layers)
+    and its head count, as attribute paths below it; heads are consecutive blocks of the q
+    projection's outputs. ``inner``: attributes holding heads x head width, kept equal."""
+
+    q: str
+    k: str
+    v: str
+    out: str
+    heads: str
+    inner: tuple[str, ...] = ()
+
+
+#: The conventions whose heads structured pruning removes, first match wins.
+CONVENTIONS = (
+    # HeadAttention (every nn.MultiheadAttention of a student), and modules written the same way
+    Convention("q_proj", "k_proj", "v_proj", "out_proj", "num_heads"),
+    # Hugging Face BERT and its kin: BertAttention holds self.{query,key,value} and
+    # output.dense; its forward takes the head count from the shapes
+    Convention("self.query", "self.key", "self.value", "output.dense",
+               "self.num_attention_heads", inner=("self.all_head_size",)),
+)
+
+
+def _get(module: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One attention module whose heads can be removed: its name, the module, the convention."""
+
+    name: str
+    module: nn.Module
+    convention: Convention
+
+    def projection(self, role: str) -> nn.Linear:
+        """``role``: ``"q"``, ``"k"``, ``"v"`` or ``"out"``."""
+        return _get(self.module, getattr(self.convention, role))
+
+    def layer_name(self, role: str) -> str:
+        return f"{self.name}.{getattr(self.convention, role)}" if self.name else getattr(
+            self.convention, role)
+
+    @property
+    def heads(self) -> int:
+        return _get(self.module, self.convention.heads)
+
+    def head_settings(self) -> dict[str, int]:
+        """The attributes that say how many heads there are, by path, as they are now."""
+        return {path: _get(self.module, path)
+                for path in (self.convention.heads, *self.convention.inner)}
+
+    def set_heads(self, count: int, width: int) -> None:
+        """Set the head count to ``count`` (each ``width`` wide) and the inner widths to match."""
+        apply_settings(self.module, {self.convention.heads: count,
+                                     **{p: count * width for p in self.convention.inner}})
+
+
+def apply_settings(module: nn.Module, settings: dict[str, int]) -> None:
+    """Set each attribute path of ``settings`` below ``module`` (a model file's head counts)."""
+    for path, value in settings.items():
+        owner, _, leaf = path.rpartition(".")
+        setattr(_get(module, owner) if owner else module, leaf, value)
+
+
+def attention_block(module: nn.Module, name: str = "") -> AttentionBlock | None:
+    """``module`` as an attention block whose heads can be removed, or None: it follows a
+    convention of ``CONVENTIONS``, its projections are Linear layers and their widths fit its
+    head count."""
+    for convention in CONVENTIONS:
+        heads = _get(module, convention.heads)
+        layers = [_get(module, getattr(convention, role)) for role in ROLES]
         if not isinstance(heads, int) or heads < 1 or not all(
                 isinstance(layer, nn.Linear) for layer in layers):
             continue
         q, k, v, out = layers
         inner = q.out_features
         if inner % heads == 0 and k.out_features == v.out_features == out.in_features == inner:
-            found[name] = module
-    return found
+            return AttentionBlock(name, module, convention)
+    return None
+
+
+def attention_blocks(model: nn.Module) -> dict[str, AttentionBlock]:
+    """The attention blocks of ``model`` (``attention_block``), by module name."""
+    return {name: block for name, module in model.named_modules()
+            if (block := attention_block(module, name)) is not None}
