@@ -346,8 +346,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from slimsearch.tasks import list_tasks
 
     print("built-in tasks:")
-    for name, doc in list_tasks().items():
-        print(f"  {name:<14} {doc}")
+    tasks = list_tasks()
+    width = max(map(len, tasks))
+    for name, doc in tasks.items():
+        print(f"  {name:<{width}} {doc}")
     folder = Path(args.experiments)
     files = sorted(folder.glob("*.toml")) if folder.is_dir() else []
     print(f"experiments in {folder}/:" if files else f"no experiment files in {folder}/")

@@ -52,7 +52,8 @@ def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[
     device = resolve_device(target.device)
     runtime = get_runtime(target.runtime)
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir,
-                     metrics=config.metrics)
+                     metrics=config.metrics,
+                     options=config.task_options)
     if "latency_ms" not in data.teacher or not data.pareto:
         raise ConfigError(f"{data.run_dir}: nothing to confirm yet (no measured teacher or no "
                           "completed trial); see: slimsearch status " + str(data.run_dir))

@@ -11,6 +11,8 @@ space as soon as the task is built, still before any training.
     metrics = ["f1_macro", "accuracy"]   # optional: replaces the task's own (the first is the
                                          # accuracy objective; slimsearch.tasks.metrics)
 
+    [task_options]   keyword arguments of the task's maker, e.g. sequence_length = 128
+
     [search]   trials, sampler, timeout, storage, sensitivity, refine, backend, ray_address,
                cpus_per_trial
     [space]    bits, sparsity, pruning, student_init, [space.student] knob = [choices]
@@ -298,6 +300,9 @@ class ExperimentConfig:
     #: The task's metrics by name, replacing its own (``tasks.metrics.BUILT_IN``; the first is
     #: the accuracy objective); None keeps the task's. Checked when the task is built.
     metrics: tuple[str, ...] | None = None
+    #: Keyword arguments of the task's maker (``[task_options]``; minilm-bbc:
+    #: ``sequence_length``), checked against its signature when the task is built.
+    task_options: dict[str, Any] = field(default_factory=dict)
     search: SearchConfig = field(default_factory=SearchConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

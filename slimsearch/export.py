@@ -165,7 +165,8 @@ def _stage(staging: Path, source: Path, metrics: dict, searched: bool, config: E
             shutil.copyfile(source / artifact, staging / artifact)
     else:
         task = make_task(config.task, seed=config.seed, base_dir=config.base_dir,
-                     metrics=config.metrics)
+                     metrics=config.metrics,
+                     options=config.task_options)
         artifact = get_runtime(target.runtime).materialize(
             staging / MODEL_FILE, target=target, device=device, out_dir=staging,
             example=task.example_inputs(target.batch_size)).artifact.name

@@ -58,7 +58,8 @@ def remeasure(bundle: Path, run_dir: Path) -> dict[str, Any]:
     config = RunFolder(run_dir).config()
     target = dataclasses.replace(config.target, runtime=manifest["runtime"])
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir,
-                     metrics=config.metrics)
+                     metrics=config.metrics,
+                     options=config.task_options)
     device = resolve_device(target.device)
     runtime = get_runtime(manifest["runtime"])
     with tempfile.TemporaryDirectory() as folder, computing(device):

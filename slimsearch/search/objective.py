@@ -268,7 +268,8 @@ def runner_for_run(run_dir: str) -> TrialRunner:
                            "it on a filesystem every node mounts at the same path")
     config = folder.config()
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir,
-                     metrics=config.metrics)
+                     metrics=config.metrics,
+                     options=config.task_options)
     device = resolve_device(config.target.device)
     teacher = prepare_teacher(task, config.train, seed=config.seed, cache_dir=folder.teacher,
                               device=device)  # cached by the driver: loads, never trains

@@ -107,7 +107,8 @@ def prepare(config: ExperimentConfig, *, run_dir: Path, storage_url: str | None)
     runtime = get_runtime(config.target.runtime)  # the names first: they cost nothing
     backend = get_backend(config.search.backend)
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir,
-                     metrics=config.metrics)
+                     metrics=config.metrics,
+                     options=config.task_options)
     space = SearchSpace(task, config.space)
     task.check_data()
     space.set_not_structured(structured_blocked(task, config.space))

@@ -6,8 +6,9 @@ import dataclasses
 import importlib
 import inspect
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from slimsearch.errors import ConfigError, did_you_mean
 from slimsearch.tasks._base import Task
@@ -16,6 +17,7 @@ from slimsearch.tasks.digits import make_digits_cnn_task, make_digits_mlp_task
 from slimsearch.tasks.digits_resnet import make_digits_resnet_task
 from slimsearch.tasks.digits_transformer import make_digits_transformer_task
 from slimsearch.tasks.metrics import resolve_metrics
+from slimsearch.tasks.minilm_bbc import make_minilm_bbc_task
 
 TaskMaker = Callable[[int], Task]
 
@@ -35,30 +37,49 @@ def list_tasks() -> dict[str, str]:
 
 
 def make_task(spec: str, *, seed: int, base_dir: Path | None = None,
-              metrics: Sequence[str] | None = None) -> Task:
+              metrics: Sequence[str] | None = None,
+              options: Mapping[str, Any] | None = None) -> Task:
     """Build the task an experiment names: a registered name or ``"module:function"``, scored
     by ``metrics`` (the experiment's ``metrics``) where given, else by its own.
 
-    A plug-in function is called as ``function(seed=seed)`` and must return a ``Task``; its
-    module is imported from ``base_dir`` (the experiment file's folder) or the Python path.
+    A plug-in function is called as ``function(seed=seed, **options)`` and must return a
+    ``Task``; its module is imported from ``base_dir`` (the experiment file's folder) or the
+    Python path. ``options`` (the experiment's ``[task_options]``) must be keyword arguments
+    the maker takes, checked before it is called.
     """
-    task = _make_task(spec, seed=seed, base_dir=base_dir)
+    task = _make_task(spec, seed=seed, base_dir=base_dir, options=dict(options or {}))
     if metrics is None:
         return task
     resolve_metrics(metrics, where=f"metrics = {list(metrics)}")
     return dataclasses.replace(task, metrics=tuple(metrics))
 
 
-def _make_task(spec: str, *, seed: int, base_dir: Path | None) -> Task:
+def _check_options(spec: str, maker: Callable[..., Task], options: dict[str, Any]) -> None:
+    """``ConfigError`` for a ``[task_options]`` key the task's maker does not take."""
+    parameters = inspect.signature(maker).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    takes = [n for n, p in parameters.items() if n != "seed" and p.kind in (
+        inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for key in options:
+        if key not in takes:
+            raise ConfigError(f"task_options.{key}: task {spec!r} takes no option {key!r}."
+                              f"{did_you_mean(key, takes)} Its options: "
+                              f"{', '.join(takes) or 'none'}")
+
+
+def _make_task(spec: str, *, seed: int, base_dir: Path | None, options: dict[str, Any]) -> Task:
     if ":" not in spec:
         if spec not in _TASKS:
             raise ConfigError(f"task = {spec!r} is not a built-in task.{did_you_mean(spec, _TASKS)} "
                               f"Built-in tasks: {', '.join(sorted(_TASKS))}; or name your own as "
                               "'my_package.my_module:make_task'")
-        return _TASKS[spec](seed)
+        _check_options(spec, _TASKS[spec], options)
+        return _TASKS[spec](seed, **options)
     maker = _import_plugin(spec, base_dir)
+    _check_options(spec, maker, options)
     try:
-        task = maker(seed=seed)
+        task = maker(seed=seed, **options)
     except ConfigError:
         raise
     except Exception as exc:
@@ -99,3 +120,4 @@ register_task("digits-cnn", make_digits_cnn_task)
 register_task("digits-resnet", make_digits_resnet_task)
 register_task("diabetes-mlp", make_diabetes_mlp_task)
 register_task("digits-transformer", make_digits_transformer_task)
+register_task("minilm-bbc", make_minilm_bbc_task)
