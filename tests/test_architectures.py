@@ -491,3 +491,26 @@ def test_what_structured_pruning_cannot_shrink_gets_the_other_methods(
     methods = {i.name: space._methods(i) for i in space.layers_for({})}
     assert methods["attention.query"] == ("unstructured", "2:4")
     assert methods["attention.dense"] == ("structured", "unstructured", "2:4")
+
+
+def test_a_shallower_student_starts_from_teacher_layers_spread_over_its_depth() -> None:
+    """DistilBERT's recipe: a 1-of-2 (3-of-6) layer student takes the teacher's layers spread
+    evenly, the last kept; an MLP's layers (not a stack of identical blocks) keep i <- i."""
+    from slimsearch.compression.student import copy_leading_slices, spread_blocks
+    from slimsearch.tasks.digits import digits_mlp
+
+    torch.manual_seed(0)
+    teacher = digits_transformer()
+    unpack_attention(teacher)
+    student = digits_transformer(depth=1)
+    unpack_attention(student)
+    assert spread_blocks(student, teacher) == {"encoder.layers.0.": "encoder.layers.1."}
+    copy_leading_slices(student, teacher)
+    assert torch.equal(student.encoder.layers[0].linear1.weight,
+                       teacher.encoder.layers[1].linear1.weight)
+    assert torch.equal(student.encoder.layers[0].self_attn.q_proj.weight,
+                       teacher.encoder.layers[1].self_attn.q_proj.weight)
+    mlp_teacher, mlp_student = digits_mlp(depth=2), digits_mlp(depth=1)
+    assert spread_blocks(mlp_student, mlp_teacher) == {}
+    copy_leading_slices(mlp_student, mlp_teacher)
+    assert torch.equal(mlp_student.hidden[0].weight, mlp_teacher.hidden[0].weight)

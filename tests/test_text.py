@@ -113,3 +113,11 @@ def test_the_sequence_length_is_an_experiment_setting(tmp_path: Path, articles,
     with pytest.raises(ConfigError, match="task_options.sequence_lenght: task 'minilm-bbc' takes "
                                           "no option 'sequence_lenght'.*sequence_length"):
         make_task("minilm-bbc", seed=0, options=load_experiment(experiment).task_options)
+
+
+def test_a_3_layer_student_starts_from_every_other_teacher_layer(minilm: Path) -> None:
+    from slimsearch.compression.student import spread_blocks
+
+    renames = spread_blocks(minilm_classifier(depth=3), minilm_classifier(depth=6))
+    assert renames == {f"bert.encoder.layer.{j}.": f"bert.encoder.layer.{i}."
+                       for j, i in enumerate((1, 3, 5))}

