@@ -4,7 +4,7 @@ from slimsearch._version import __version__
 from slimsearch.errors import ArtifactError, ConfigError, SlimsearchError, TrialError
 from slimsearch.runtimes import load_model
 from slimsearch.spaces import LayerRecipe, Recipe
-from slimsearch.tasks import Split, Task, model_factory, register_task
+from slimsearch.tasks import Split, Task, Vocabulary, model_factory, register_task
 from slimsearch.tasks.attention import HeadAttention
 from slimsearch.tasks.metrics import Metric, metric
 
@@ -19,6 +19,7 @@ __all__ = [
     "Split",
     "Task",
     "TrialError",
+    "Vocabulary",
     "__version__",
     "load_model",
     "metric",

@@ -134,7 +134,8 @@ def _confirm(run_dir: Path) -> bool:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from slimsearch.report.data import load_report_data
-    from slimsearch.run import load_study
+    from slimsearch.run import RunFolder, load_study
+    from slimsearch.search.progress import describe_progress
     from slimsearch.search.recovery import OWNER, counted, is_alive
 
     data = load_report_data(Path(args.run_dir))
@@ -149,8 +150,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
             owner = trial.user_attrs.get(OWNER) or {}
             alive = {True: "alive", False: "dead: resume recovers it", None: "another host"}[
                 is_alive(owner) if owner else None]
+            where = describe_progress(RunFolder(data.run_dir).trial(trial.number))
             print(f"  trial {trial.number} running on {owner.get('host', '?')} pid "
-                  f"{owner.get('pid', '?')} ({alive})")
+                  f"{owner.get('pid', '?')} ({alive}){f': {where}' if where else ''}")
     if data.teacher_warning:
         print(f"WARNING: {data.teacher_warning}")
     if data.constraints:

@@ -15,7 +15,8 @@ space as soon as the task is built, still before any training.
 
     [search]   trials, sampler, timeout, storage, sensitivity, refine, backend, ray_address,
                cpus_per_trial
-    [space]    bits, sparsity, pruning, student_init, [space.student] knob = [choices]
+    [space]    bits, sparsity, pruning, student_init, vocabulary, embedding_bits,
+               [space.student] knob = [choices]
     [train]    teacher_epochs, distill_epochs, finetune_epochs, qat_epochs, batch_size, lr, ...
     [target]   device, batch_sizes, dtype, runtime, threads, cuda_graphs, max_cv, max_repeats
     [constraints]  max_accuracy_drop, max_size_bytes, max_latency_ms, early_stop_margin, ...
@@ -38,6 +39,9 @@ from slimsearch.errors import ConfigError, did_you_mean
 
 #: Weight bit widths a layer may be stored with; 32 means plain float32.
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
+#: Which rows of a text model's token table a student keeps: all, or those of the tokens its
+#: training split uses (and the special tokens).
+VOCABULARIES = ("all", "seen")
 #: Seeds are 0 <= seed < MAX_SEED: trial N runs with seed + N, and numpy and scikit-learn take
 #: seeds below 2**32, which leaves room for 2**31 trials.
 MAX_SEED = 2**31
@@ -126,17 +130,26 @@ class SpaceConfig:
     #: N groups of similar sensitivity (search.sensitivity's pre-pass) that share those
     #: choices: a smaller space for short budgets.
     layer_groups: int = 0
+    #: Token-table rows a student keeps (VOCABULARIES; "seen" needs a task that says where its
+    #: model reads token ids) and the bits its embedding tables are stored with.
+    vocabulary: tuple[str, ...] = ("all",)
+    embedding_bits: tuple[int, ...] = (32,)
 
     def __post_init__(self) -> None:
         _require(self.layer_groups >= 0, "space.layer_groups", self.layer_groups,
                  "0 (each layer alone) or a number of groups >= 1")
         for name in ("bits", "sparsity", "pruning", "importance", "student_init", "activations",
-                     "weight_scheme"):
+                     "weight_scheme", "vocabulary", "embedding_bits"):
             _require(len(getattr(self, name)) >= 1, f"space.{name}", [], "a non-empty list of choices")
         for b in self.bits:
             _require(b in ALLOWED_BITS, "space.bits", b, f"bit widths from {ALLOWED_BITS}")
         for s in self.sparsity:
             _require(0.0 <= s <= 0.95, "space.sparsity", s, "fractions from 0.0 to 0.95")
+        for b in self.embedding_bits:
+            _require(b in ALLOWED_BITS, "space.embedding_bits", b,
+                     f"bit widths from {ALLOWED_BITS}")
+        for v in self.vocabulary:
+            _require(v in VOCABULARIES, "space.vocabulary", v, f"values from {VOCABULARIES}")
         for p in self.pruning:
             _require(p in PRUNING_METHODS, "space.pruning", p, f"values from {PRUNING_METHODS}")
         for i in self.student_init:

@@ -142,6 +142,9 @@ def _completed_trial(folder: RunFolder, trial: int) -> Path:
     if numbers[trial].state.name != "COMPLETE":
         raise ConfigError(f"--trial {trial} is {numbers[trial].state.name}, not COMPLETE; pick a "
                           "completed trial from the report")
+    if (original := numbers[trial].user_attrs.get("duplicate_of")) is not None:
+        raise ConfigError(f"--trial {trial} drew the recipe of trial {original} again and was "
+                          f"answered with its figures, nothing built: export --trial {original}")
     source = folder.trial(trial)
     missing = [name for name in BUNDLE_FILES if not (source / name).is_file()]
     if missing:

@@ -63,10 +63,11 @@ class TeacherTargets:
     """What the teacher gives each training batch: its outputs (the distillation targets) and
     the inputs of its classifier head (the hint targets).
 
-    On an in-memory split they are computed once and looked up by sample (``logits``,
-    ``features``: one row per sample of the split); on any other split (a Dataset, a
-    DataLoader, a callable), whose order slimsearch does not know, the teacher (``model``,
-    its head named ``head``) runs on each batch instead."""
+    On a split slimsearch batches itself (a ``Split``, a ``Dataset`` with a length) they are
+    computed once and looked up by sample (``logits``, ``features``: one row per sample of
+    the split); on any other split (a DataLoader, an iterable, a callable), whose order
+    slimsearch does not know, the teacher (``model``, its head named ``head``) runs on each
+    batch instead."""
 
     logits: torch.Tensor | None = None
     features: torch.Tensor | None = None
@@ -88,7 +89,7 @@ class TeacherTargets:
                         else None)
             return self.logits[index].to(device), features
         if self.model is None:
-            raise ValueError("the teacher's outputs were computed on an in-memory split; "
+            raise ValueError("the teacher's outputs were computed once on the split; "
                              "this batch has no sample index into it")
         captured: list[torch.Tensor] = []
         hook = (self.model.get_submodule(self.head).register_forward_pre_hook(

@@ -195,6 +195,36 @@ def test_training_on_a_dict_loader_with_the_teacher_run_per_batch(digits_mlp_tas
     assert accuracy(hinted, val, device=CPU) > 0.5
 
 
+def test_a_dataset_is_batched_here_so_the_teacher_runs_on_it_once(tmp_path: Path,
+                                                                   digits_mlp_task: Task) -> None:
+    """A map-style Dataset with a length is batched by positions slimsearch draws, so the
+    teacher's outputs are computed once per run and looked up by sample, as on a Split; a
+    DataLoader's order is the user's, so there the teacher runs on each batch."""
+    from slimsearch.experiment import TrainConfig
+    from slimsearch.search.teacher import prepare_teacher
+
+    dataset = DictSamples(digits_mlp_task.train)
+    data = as_data(dataset, "train")
+    assert data.indexed and not as_data(DataLoader(dataset, batch_size=8), "train").indexed
+    seen = []
+    for inputs, y, index in data.batches(batch_size=64, shuffle=torch.Generator().manual_seed(0)):
+        assert torch.equal(y, digits_mlp_task.train.y[index])
+        assert torch.equal(inputs["pixels"], digits_mlp_task.train.x[index])
+        seen.append(index)
+    assert sorted(torch.cat(seen).tolist()) == list(range(len(dataset)))
+    task = Task(name="dict", make_model=dict_net, teacher_kwargs={"width": 32},
+                student_choices={"width": (16,)}, train=dataset,
+                val=DictSamples(digits_mlp_task.val), test=DictSamples(digits_mlp_task.test))
+    train = TrainConfig(teacher_epochs=2, batch_size=64, lr=1e-2)
+    teacher = prepare_teacher(task, train, seed=0, cache_dir=tmp_path / "teacher", device=CPU)
+    targets = teacher.targets
+    assert targets.model is None and targets.logits.shape == (len(dataset), 10)
+    inputs, _ = as_data(dataset, "train").head(5)
+    assert torch.allclose(targets.logits[:5], teacher.model(**inputs)["logits"], atol=1e-5)
+    again = prepare_teacher(task, train, seed=0, cache_dir=tmp_path / "teacher", device=CPU)
+    assert not again.trained_here and torch.equal(again.targets.logits, targets.logits)
+
+
 class TokenNet(nn.Module):
     """Token ids and a mask in, as a text classifier takes them."""
 

@@ -106,3 +106,46 @@ def test_an_outcome_crosses_to_the_driver_as_plain_data() -> None:
 
     outcome = Outcome("PRUNED", stopped="x", by_deadline=True)
     assert Outcome.from_dict(json.loads(json.dumps(outcome.to_dict()))) == outcome
+
+
+def test_a_recipe_drawn_again_is_answered_from_the_finished_trial(
+        lifecycle: TrialLifecycle, said: list[str]) -> None:
+    """Nothing is trained twice: a trial that draws a completed trial's recipe is told that
+    trial's figures at once, recorded as its duplicate (and not as a new Pareto point)."""
+    from slimsearch.search.lifecycle import done_line
+
+    first = lifecycle.start()
+    assert first.answered is None
+    lifecycle.finish(first, Outcome("COMPLETE", metrics=dict(METRICS)))
+    lifecycle.study.enqueue_trial(first.trial.params)
+    again = lifecycle.start()
+    assert again.recipe == first.recipe and again.answered is not None
+    assert again.answered.metrics["duplicate_of"] == first.number
+    assert lifecycle.finish(again, again.answered) == TrialState.COMPLETE
+    trial = lifecycle.study.trials[again.number]
+    assert trial.values == lifecycle.study.trials[first.number].values
+    assert trial.user_attrs["duplicate_of"] == first.number
+    folder = lifecycle.folder.trial(again.number)  # its recipe and figures, and no model
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "recipe.json"]
+    assert f"drew the recipe of trial {first.number} again" in said[-1]
+    assert lifecycle.duplicates == 1 and lifecycle.completed == 2
+    assert "Pareto front 1," in done_line(lifecycle.study, first.number,
+                                          trial.user_attrs["metrics"], seconds=1.0,
+                                          position="1/3")
+
+
+def test_a_long_trial_says_where_it_is_and_status_reads_it(tmp_path: Path) -> None:
+    from slimsearch.search.progress import TrialProgress, describe_progress
+
+    said: list[str] = []
+    trial_dir = tmp_path / "00005"
+    trial_dir.mkdir()
+    progress = TrialProgress(trial_dir, say=said.append)
+    progress.at("distillation", 0, 2)
+    assert said == []  # a short trial says nothing more than its result line
+    progress.started -= 100  # as if the trial had run for 100 s
+    progress.at("distillation", 1, 2)
+    assert said == ["  trial 5: distillation, epoch 2/2 (1 min 40 s into the trial)"]
+    where = describe_progress(trial_dir, now=progress.started + 112)
+    assert where == "distillation, epoch 2/2 for 12 s, 1 min 52 s into the trial"
+    assert describe_progress(tmp_path) is None

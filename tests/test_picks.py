@@ -174,3 +174,36 @@ def test_a_baseline_is_strictly_dominated_only_by_trials_better_in_all_three() -
                 (o[key] > m[key]) if key == "val_accuracy" else (o[key] < m[key])
                 for key in ("val_accuracy", "size_bytes", "latency_ms"))]
             assert sorted(dominating(many, m)) == sorted(expected)
+
+
+def test_the_per_layer_view_shows_heads_channels_and_vocabulary_kept(tmp_path) -> None:
+    import json
+
+    from slimsearch.report.analysis import layer_grid, structure_grid
+    from slimsearch.report.data import ReportData, TrialPoint
+
+    layers = {"q": {"bits": 8, "sparsity": 0.5}, "ffn": {"bits": 4, "sparsity": 0.25}}
+    records = {0: {"prune": {"structured": {
+                   "q": {"heads_before": 12, "heads_after": 6, "channels_before": 384,
+                         "channels_after": 192},
+                   "ffn": {"channels_before": 1536, "channels_after": 1152}}}},
+               1: {"student": {"vocabulary": {"emb": {"tokens": 100, "of": 400}}}}}
+    trials = []
+    for number, stages in records.items():
+        folder = tmp_path / "trials" / f"{number:05d}"
+        folder.mkdir(parents=True)
+        (folder / "build.json").write_text(json.dumps({"stages": stages}))
+        recipe = {"student": {"depth": 3 - number}, "layers": layers}
+        if number == 1:
+            recipe.update(vocabulary="seen", embedding_bits=4)
+        trials.append(TrialPoint(number=number, state="COMPLETE", recipe=recipe, baseline=None,
+                                 error=None, pareto=True, seconds=1.0,
+                                 metrics={"val_accuracy": 0.9 - number / 10, "size_bytes": 10,
+                                          "latency_ms": 1.0}))
+    data = ReportData(run_dir=tmp_path, name="x", settings={}, trials=trials, teacher={})
+    rows, _, _, _ = layer_grid(data)
+    assert rows[1] == "trial 1 (depth=2, seen vocabulary, embeddings 4 bits)"
+    columns, kept, text = structure_grid(data)
+    assert columns == ["q", "ffn", "emb"]
+    assert kept == [[0.5, 0.75, 1.0], [1.0, 1.0, 0.25]]
+    assert text == [["6/12 heads", "1152/1536", ""], ["", "", "100/400 tokens"]]

@@ -4,7 +4,8 @@ The file is a safetensors archive (no pickled code). Its metadata holds, as JSON
 factory (``"module:function"``, which must carry ``@slimsearch.model_factory``), its keyword
 arguments, the shape of every Linear/Conv2d/BatchNorm/LayerNorm layer after pruning (and of attention:
 each ``HeadAttention`` that replaced an ``nn.MultiheadAttention``, and the head count of every
-attention block), and how each tensor is encoded:
+attention block; and each token table whose vocabulary was pruned, a ``VocabularyEmbedding``
+whose id-to-row mapping is one of the tensors), and how each tensor is encoded:
 
 - ``float32``: as is;
 - ``quant``: ``bits``-bit codes bit-packed (``<name>.codes``) + float32 scales per output
@@ -41,6 +42,7 @@ from slimsearch.compression.packing import (
     unpack_mask,
 )
 from slimsearch.compression.quantization import QuantizedWeight, dequantize
+from slimsearch.compression.vocabulary import VocabularyEmbedding
 from slimsearch.errors import ArtifactError
 from slimsearch.manifest import MODEL_FILE, check_bundle, is_bundle
 from slimsearch.tasks import resolve_factory
@@ -75,6 +77,10 @@ def _module_spec(module: nn.Module) -> dict[str, Any] | None:
                 "num_heads": module.num_heads, "head_dim": module.head_dim,
                 "kdim": module.kdim, "vdim": module.vdim, "bias": module.q_proj.bias is not None,
                 "dropout": module.dropout, "batch_first": module.batch_first}
+    if isinstance(module, VocabularyEmbedding):  # the token table, its vocabulary pruned
+        return {"type": "VocabularyEmbedding", "vocabulary_size": module.vocabulary_size,
+                "num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
+                "padding_idx": module.padding_idx}
     if block := attention_block(module):  # the user's attention, of a known layout
         return {"type": "heads", "set": block.head_settings()}
     if isinstance(module, nn.Linear):
@@ -113,6 +119,8 @@ def _module_from_spec(spec: dict[str, Any]) -> nn.Module:
         return getattr(nn, kind)(**args)
     if kind == "LayerNorm":
         return nn.LayerNorm(**args)
+    if kind == "VocabularyEmbedding":
+        return VocabularyEmbedding(**args)
     if kind == "HeadAttention":
         return HeadAttention(args.pop("embed_dim"), args.pop("num_heads"), **args)
     raise ArtifactError(f"unknown layer type {kind!r} in the model file")

@@ -1,9 +1,11 @@
 """The ordered compression pipeline for one recipe.
 
-    student -> distill -> prune (structured, then unstructured) -> fine-tune -> quantize (QAT)
+    student (its vocabulary pruned) -> distill -> prune (structured, then unstructured)
+    -> fine-tune -> quantize (QAT; embedding tables too)
 
-Every stage works on the real model: structured pruning leaves smaller layers, unstructured
-pruning leaves real zeros, quantization leaves weights that are exactly ``codes * scale``.
+Every stage works on the real model: vocabulary pruning leaves a smaller token table,
+structured pruning leaves smaller layers, unstructured pruning leaves real zeros,
+quantization leaves weights that are exactly ``codes * scale``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from slimsearch.compression.quantization import (
     quantize_layers_,
 )
 from slimsearch.compression.student import build_student, is_teacher_shaped
+from slimsearch.compression.vocabulary import prune_vocabulary
 from slimsearch.errors import TrialStopped
 from slimsearch.experiment import TrainConfig
 from slimsearch.spaces import COMPRESSIBLE, Recipe, compressible_layers
@@ -103,7 +106,14 @@ def build(task: Task, teacher: nn.Module, targets: TeacherTargets, recipe: Recip
                      deadline=deadline, check=check)
     model = build_student(task, teacher, recipe, seed=seed)
     layers = _layers(model, recipe)
-    stages.done("student", parameters=sum(p.numel() for p in model.parameters()))
+    info: dict[str, Any] = {}
+    if recipe.vocabulary == "seen":  # before training: a smaller table is cheaper to train
+        if task.vocabulary is None:
+            raise ValueError(f"vocabulary = 'seen': task {task.name!r} has no vocabulary "
+                             "(where its model reads token ids)")
+        info["vocabulary"] = prune_vocabulary(model, task.vocabulary, task.data("train"),
+                                              task.example_inputs(1))
+    stages.done("student", parameters=sum(p.numel() for p in model.parameters()), **info)
     if not is_teacher_shaped(task, recipe) and distill_epochs > 0:
         _distill(model, stages, epochs=distill_epochs, hint_weight=hint_weight)
     masks = _prune(model, layers, recipe, stages, round_to=round_to)
@@ -120,9 +130,13 @@ def left_float(model: nn.Module, recipe: Recipe) -> dict[str, int]:
     reaches, by name, with their sizes (elements): parameters of modules other than the
     Linear and Conv2d layers the model calls as modules, such as nn.MultiheadAttention's
     packed q/k/v projection and its out_proj (used as a weight, never called), embedding
-    tables and positional parameters. They are stored and run as they are, in float."""
+    tables (unless the recipe stores them in fewer bits) and positional parameters. They are
+    stored and run as they are, in float."""
+    reached = set(recipe.layers)
+    if recipe.embedding_bits < 32:
+        reached |= {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     return {name: param.numel() for name, param in model.named_parameters()
-            if param.dim() >= 2 and name.rpartition(".")[0] not in recipe.layers}
+            if param.dim() >= 2 and name.rpartition(".")[0] not in reached}
 
 
 def _distill(model: nn.Module, stages: _Stages, *, epochs: int, hint_weight: float) -> None:
@@ -175,6 +189,10 @@ def _quantize(model: nn.Module, layers: dict[str, nn.Module], recipe: Recipe, st
     """Quantization-aware training where a layer has < 8 bits (the zeros held), then every
     layer's weights rounded to its bits; return the quantized weights by layer."""
     bits = {n: r.bits for n, r in recipe.layers.items()}
+    if recipe.embedding_bits < 32:  # the tables, stored in fewer bits (they run in float)
+        tables = {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+        layers = {**layers, **tables}
+        bits.update(dict.fromkeys(tables, recipe.embedding_bits))
     symmetric = recipe.weight_scheme == "symmetric"
     if any(b < 8 for b in bits.values()) and stages.train.qat_epochs > 0:
         attach_fake_quant(layers, bits, symmetric=symmetric)

@@ -24,7 +24,9 @@ from slimsearch.spaces import Recipe
 
 @dataclass(frozen=True)
 class TrialPoint:
-    """One trial as the report sees it; ``metrics`` is None unless it completed."""
+    """One trial as the report sees it; ``metrics`` is None unless it completed. A trial
+    answered from an earlier one with the same recipe has state ``DUPLICATE`` (its ``error``
+    says which)."""
 
     number: int
     state: str
@@ -152,7 +154,11 @@ def load_report_data(run_dir: str | Path) -> ReportData:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     # Optuna's front holds feasible trials only; with none feasible yet, the report shows the
     # best so far (the front of every completed trial) and says so.
-    pareto = {t.number for t in study.best_trials} if complete else set()
+    # A trial answered from an earlier one with the same recipe (``duplicate_of``) has no
+    # model of its own: the front shows the original.
+    complete = [t for t in complete if "duplicate_of" not in t.user_attrs]
+    pareto = ({t.number for t in study.best_trials if "duplicate_of" not in t.user_attrs}
+              if complete else set())
     if complete and not pareto:
         pareto = {t.number for t in _non_dominated(complete, study.directions)}
     teacher_file = folder.teacher / "metrics.json"
@@ -160,10 +166,15 @@ def load_report_data(run_dir: str | Path) -> ReportData:
     for t in trials:
         seconds = ((t.datetime_complete - t.datetime_start).total_seconds()
                    if t.datetime_complete and t.datetime_start else None)
+        duplicate = t.user_attrs.get("duplicate_of")
         points.append(TrialPoint(
-            number=t.number, state=t.state.name, recipe=t.user_attrs.get("recipe"),
-            metrics=t.user_attrs.get("metrics") if t.state == TrialState.COMPLETE else None,
-            baseline=t.user_attrs.get("baseline"), error=t.user_attrs.get("error"),
+            number=t.number, state="DUPLICATE" if duplicate is not None else t.state.name,
+            recipe=t.user_attrs.get("recipe"),
+            metrics=t.user_attrs.get("metrics")
+            if t.state == TrialState.COMPLETE and duplicate is None else None,
+            baseline=t.user_attrs.get("baseline"),
+            error=t.user_attrs.get("error") if duplicate is None else
+            f"the recipe of trial {duplicate} again: answered with its figures, nothing built",
             pareto=t.number in pareto, seconds=seconds,
             feasible=all(v <= 0 for v in t.constraints.values()),
             stopped=t.user_attrs.get("stopped"), start=t.user_attrs.get("start"),

@@ -14,6 +14,7 @@ from slimsearch.report.analysis import (
     BOX_LATENCY,
     hypervolume_history,
     layer_grid,
+    structure_grid,
 )
 from slimsearch.report.data import ReportData, TrialPoint
 from slimsearch.report.picks import Budget, pick
@@ -165,7 +166,18 @@ def _layers(data: ReportData) -> str:
                           yaxis={"autorange": "reversed", "automargin": True},
                           margin={"l": 10, "r": 10, "t": 40, "b": 40})
         parts.append(_html(fig))
+    columns, kept, labels = structure_grid(data)
+    if kept:
+        fig = go.Figure(go.Heatmap(z=kept, x=columns, y=rows, colorscale="Greens", zmin=0,
+                                   zmax=1, text=labels, texttemplate="%{text}",
+                                   hoverongaps=False))
+        fig.update_layout(title="what each layer kept: attention heads, channels, vocabulary "
+                                "(fraction; depth is in the row's label)", height=height,
+                          yaxis={"autorange": "reversed", "automargin": True},
+                          margin={"l": 10, "r": 10, "t": 40, "b": 40})
+        parts.append(_html(fig))
     return "".join(parts) + _left_float(data) + _not_structured(data)
+
 
 
 def _left_float(data: ReportData) -> str:
@@ -400,6 +412,8 @@ def _summary(data: ReportData) -> str:
                f"{t['test_accuracy']:.4f}, "
                f"{t['size_bytes']:,} bytes, {t['latency_ms']:.4f} ms" if t else "not measured yet")
     spent = sum(p.seconds or 0 for p in data.trials)
+    duplicates = (f", {data.count('DUPLICATE')} drew a finished trial's recipe again (answered "
+                  "with its figures, nothing built)" if data.count("DUPLICATE") else "")
     batch_sizes = target.get("batch_sizes", [target.get("batch_size", 1)])  # older run folders
     batches = ", ".join(str(b) for b in batch_sizes)
     reused, figures = data.latency_cache
@@ -429,7 +443,8 @@ def _summary(data: ReportData) -> str:
         f"{', CUDA graphs' if target.get('cuda_graphs') else ''}{int8}</li>"
         f"<li>teacher (measured in this run on this target): {teacher}{warning}</li>"
         f"<li>trials: {data.count('COMPLETE')} complete, {data.count('FAIL')} failed, "
-        f"{data.count('PRUNED')} pruned, {data.count('RUNNING')} running; "
+        f"{data.count('PRUNED')} pruned, {data.count('RUNNING')} running"
+        f"{duplicates}; "
         f"{spent / 60:.1f} min of trial time</li>"
         f"<li>constraints: {constraints}</li>"
         f"<li>latency cache: {cache}</li>"

@@ -3,6 +3,7 @@
     start()    claim a place in the budget under the run lock (so workers do not overshoot it),
                ask the study, record the owner first (a killed worker is found by it), start
                the heartbeat, record the seed and draw the recipe
+               (a recipe a completed trial had is answered with its figures: ``answered``)
     execute()  (in the process that builds the model) the trial runner; the trial's own
                failures are outcomes, never exceptions
     finish()   tell the study: COMPLETE with its constraints and figures, PRUNED (run again when
@@ -32,7 +33,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from slimsearch.atomic import read_json, write_text
+from slimsearch.atomic import read_json, write_json, write_text
 from slimsearch.devices import free_memory
 from slimsearch.errors import TrialStopped
 from slimsearch.experiment import ExperimentConfig
@@ -126,6 +127,9 @@ class Started:
     recipe: Recipe | None
     #: Why drawing its recipe failed (then it is told FAIL at once).
     error: str | None = None
+    #: The outcome it was given without building anything: FAIL when drawing its recipe
+    #: failed, or a finished trial's figures when it drew that trial's recipe again.
+    answered: Outcome | None = None
     began: float = field(default_factory=time.perf_counter)
     beat: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
@@ -171,6 +175,8 @@ class TrialLifecycle:
         self.budget, self.teacher_metrics, self.say, self.backend = (budget, teacher_metrics,
                                                                      say, backend)
         self.completed = self.failed = self.pruned = 0
+        #: Completed trials answered from an earlier trial with the same recipe.
+        self.duplicates = 0
         #: Completed trials whose latency came from the run's latency cache.
         self.cached = 0
         #: Why the run stops early (the same error trial after trial), once it does.
@@ -200,12 +206,35 @@ class TrialLifecycle:
         try:
             started.recipe = self.space.suggest(trial)
             trial.set_user_attr("recipe", started.recipe.to_dict())
+            started.answered = self._answer_duplicate(trial, started.recipe)
         except Exception as exc:  # a bug in the space or the task's factory: a failed trial
             started.recipe, started.error = None, failure(exc, self.folder.trial(trial.number))
+            started.answered = Outcome("FAIL", error=started.error)
         except KeyboardInterrupt:  # not the trial's fault: it runs again
             self.finish(started, Outcome("FAIL", error="KeyboardInterrupt", interrupted=True))
             raise
         return started
+
+    def _answer_duplicate(self, trial: optuna.Trial, recipe: Recipe) -> Outcome | None:
+        """A completed trial's figures when ``recipe`` is exactly its recipe (samplers repeat
+        themselves: TPE drew 3 of 24 digits-mlp recipes twice). Building it again would cost
+        minutes to learn what the study knows, up to the training seed: it is answered from
+        that trial, recorded as ``duplicate_of`` (the sampler sees the same values there;
+        the report, pick and export show the original, whose model file it is; its folder
+        holds its recipe and those figures, and no model)."""
+        wanted = recipe.to_dict()
+        for earlier in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if (earlier.user_attrs.get("recipe") == wanted and "metrics" in earlier.user_attrs
+                    and "duplicate_of" not in earlier.user_attrs):
+                trial.set_user_attr("duplicate_of", earlier.number)
+                metrics = dict(earlier.user_attrs["metrics"], duplicate_of=earlier.number)
+                # its folder says so: the recipe and the figures, no model file
+                trial_dir = self.folder.trial(trial.number)
+                trial_dir.mkdir(parents=True, exist_ok=True)
+                write_text(trial_dir / "recipe.json", recipe.to_json() + "\n")
+                write_json(trial_dir / "metrics.json", metrics)
+                return Outcome("COMPLETE", metrics=metrics)
+        return None
 
     def _refine_if_due(self, taken: int) -> None:
         """When the ``taken``-th trial of the budget is one of ``search.refine``'s share and
@@ -244,7 +273,11 @@ class TrialLifecycle:
             outcome = Outcome("FAIL", error=f"its outcome could not be recorded: "
                                             f"{describe_error(exc)}")
             state, metrics = self._tell(started, outcome)
-        if state == TrialState.COMPLETE:
+        if state == TrialState.COMPLETE and "duplicate_of" in metrics:
+            self.say(f"[{started.position}] trial {started.number} drew the recipe of trial "
+                     f"{metrics['duplicate_of']} again: answered with its figures, nothing "
+                     "built")
+        elif state == TrialState.COMPLETE:
             self.say(done_line(self.study, started.number, metrics, seconds=seconds,
                                position=started.position))
         else:
@@ -289,6 +322,8 @@ class TrialLifecycle:
         """The session's counts, and the streak of identical failures that stops the run
         (anything else breaks the streak)."""
         self.completed += state == TrialState.COMPLETE
+        self.duplicates += state == TrialState.COMPLETE and "duplicate_of" in (
+            outcome.metrics or {})
         self.cached += state == TrialState.COMPLETE and bool(
             (outcome.metrics or {}).get("latency_cached"))
         self.failed += state == TrialState.FAIL
@@ -306,7 +341,8 @@ class TrialLifecycle:
 def done_line(study: optuna.Study, number: int, metrics: dict, *, seconds: float,
               position: str) -> str:
     """The progress line of a completed trial: its figures and the front so far."""
-    front = study.best_trials  # feasible trials only, when there are constraints
+    front = [t for t in study.best_trials  # feasible only, when there are constraints
+             if "duplicate_of" not in t.user_attrs]
     best = max((t.values[0] for t in front), default=None)
     speed = f"{metrics['speedup']:.2f}x" if "speedup" in metrics else "?"
     slower = " SLOWER THAN TEACHER" if metrics.get("slower_than_teacher") else ""

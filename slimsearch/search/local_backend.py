@@ -64,8 +64,8 @@ def run_local(lifecycle: TrialLifecycle, runner: TrialRunner, *, deadline: float
         started = lifecycle.start()
         if started is None:
             return
-        if started.recipe is None:  # drawing it failed
-            lifecycle.finish(started, Outcome("FAIL", error=started.error))
+        if started.answered is not None:  # drawing it failed, or a finished trial's recipe
+            lifecycle.finish(started, started.answered)
         else:
             lifecycle.finish(started, _run(lifecycle, runner, started, started.recipe, deadline))
 

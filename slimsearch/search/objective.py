@@ -42,6 +42,7 @@ from slimsearch.evaluators import (
 from slimsearch.experiment import ConstraintsConfig, ExperimentConfig, SpaceConfig
 from slimsearch.run import RunFolder
 from slimsearch.runtimes import Runtime, get_runtime
+from slimsearch.search.progress import TrialProgress
 from slimsearch.search.teacher import Teacher, prepare_teacher
 from slimsearch.spaces import Recipe, compressible_layers
 from slimsearch.tasks import Task, make_task
@@ -111,6 +112,8 @@ class TrialRunner:
     #: never asks for it there; every trial's record says so.
     structured_blocked: dict[str, str] = field(default_factory=dict)
     _reference: Reference | None = field(default=None, init=False, repr=False)
+    #: Where the trial being built is (``search.progress``).
+    _progress: TrialProgress | None = field(default=None, init=False, repr=False)
     _reference_dir: tempfile.TemporaryDirectory | None = field(default=None, init=False,
                                                                repr=False)
 
@@ -173,7 +176,9 @@ class TrialRunner:
 
     def between_epochs(self, model: torch.nn.Module, stage: str, epoch: int, epochs: int) -> None:
         """Let a waiting latency measurement of another local trial have the device, then
-        stop this trial if it is hopeless (``early_stop``)."""
+        stop this trial if it is hopeless (``early_stop``); say where the trial is."""
+        if self._progress is not None:
+            self._progress.at(stage, epoch, epochs)
         step_aside(self.device)
         self.early_stop(model, stage, epoch, epochs)
 
@@ -217,12 +222,15 @@ class TrialRunner:
         write_text(trial_dir / "recipe.json", recipe.to_json() + "\n")
         write_json(trial_dir / "environment.json", {"seed": seed, **environment()})
         start = time.perf_counter()
+        progress = self._progress = TrialProgress(trial_dir)
+        progress.at("building the student")
         with computing(self.device):
             compressed = build(self.task, self.teacher.model, self.teacher.targets, recipe,
                                train=self.config.train, seed=seed, device=self.device,
                                round_to=self.config.space.channel_multiple,
                                deadline=deadline, check=self.between_epochs)
             trained = time.perf_counter()
+            progress.at("choosing kernels")
             # the plan's timings take the device alone (an exclusive lock inside this one)
             compressed.execution = self.plan_execution(compressed, recipe)
             compressed.record["execution"] = compressed.execution or "float (no int8 candidate)"
@@ -232,7 +240,9 @@ class TrialRunner:
         # measurement; "build" is training and compressing; the rest is bookkeeping.
         seconds = {"build": round(trained - start, 4), "plan": round(built - trained, 4),
                    "save": round(time.perf_counter() - built, 4)}
+        progress.at("measuring accuracy, size and latency")
         metrics = self.measure(model_file, model=compressed.model, seconds=seconds)
+        self._progress = None
         metrics["seconds"] = seconds
         kernels = list((compressed.execution or {}).get("layers", {}).values())
         metrics["int8_layers"] = sum(how in ("int8", "int8-weight-only") for how in kernels)

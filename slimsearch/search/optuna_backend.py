@@ -229,6 +229,9 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
         return RunResult(folder.root, 0, 0, interrupted)
     cached = (f"; latency cache: {lifecycle.cached} of {lifecycle.completed} completed trials "
               "reused a measurement" if lifecycle.completed else "")
+    if lifecycle.duplicates:
+        cached += (f"; {lifecycle.duplicates} drew a finished trial's recipe again and were "
+                   "answered with its figures")
     say(f"{lifecycle.completed} trials completed, {lifecycle.failed} failed, {lifecycle.pruned} "
         f"stopped (time budget or early stop) in this session{cached}")
     return RunResult(folder.root, lifecycle.completed, lifecycle.failed, interrupted,
@@ -295,7 +298,15 @@ def _set_up(prepared: Prepared, study: optuna.Study, device: torch.device, *, fi
         space.set_not_prunable(not_prunable(sensitivity))
         if config.space.layer_groups:
             space.set_groups(sensitivity_groups(sensitivity, config.space.layer_groups))
-            say(f"layers grouped by sensitivity: {space.groups}")
+            members: dict[str, list[str]] = {}
+            for layer, group in space.groups.items():
+                members.setdefault(group, []).append(layer)
+            say(f"{len(space.groups)} layers in {len(members)} groups of similar sensitivity, "
+                "least sensitive first: " + "; ".join(
+                    f"{group}: {len(names)} ({', '.join(names[:2])}"
+                    f"{', ...' if len(names) > 2 else ''})"
+                    for group, names in sorted(members.items(),
+                                               key=lambda m: int(m[0].removeprefix("group")))))
         if config.space.layer_groups or space.not_prunable:  # fewer parameters: sampler again
             n_params, numeric_only = _describe_space(space)
             study.sampler, sampler_settings = make_sampler(

@@ -54,8 +54,8 @@ class StudySearcher(Searcher):
         if started is None:  # a running trial may yet be re-enqueued: ask again later
             self.budget_claimed = True
             return None if self.pending else Searcher.FINISHED
-        if started.recipe is None:  # drawing it failed: told at once, the next one is asked
-            self.lifecycle.finish(started, Outcome("FAIL", error=started.error))
+        if started.answered is not None:  # drawing it failed, or a finished trial's recipe:
+            self.lifecycle.finish(started, started.answered)  # told at once, the next is asked
             return None
         self.pending[trial_id] = started
         return {"run_dir": str(self.lifecycle.folder.root), "number": started.number,

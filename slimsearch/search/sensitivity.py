@@ -4,7 +4,8 @@ For every compressible layer alone and every level the space allows, the teacher
 accuracy is measured with only that layer's weights rounded to that many bits, or only that
 layer's smallest weights zeroed to that sparsity (magnitude, unstructured), with no
 fine-tuning. It costs (layers x levels) accuracy passes over at most ``MAX_SAMPLES``
-validation samples, a second or two for the digits tasks.
+validation samples, a second or two for the digits tasks; where that would take longer than
+``BUDGET_SECONDS`` (a pretrained transformer), over as many of the first samples as fit in it.
 
 The result steers the search and is never reported as a trial's figure: it enqueues a few
 starting recipes (the teacher's shape, each layer at the fewest bits and the most sparsity it
@@ -16,6 +17,7 @@ and a resumed run reuses it.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ from slimsearch.training import score
 
 #: Validation samples used per accuracy pass (the first ones of the split).
 MAX_SAMPLES = 1024
+#: Fewer samples where all the passes over MAX_SAMPLES would take longer than this (seconds),
+#: but never fewer than MIN_SAMPLES.
+BUDGET_SECONDS = 240.0
+MIN_SAMPLES = 64
 #: One starting recipe per tolerance: the accuracy (fraction) a layer may lose alone.
 START_TOLERANCES = (0.005, 0.02, 0.05)
 
@@ -48,19 +54,24 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
     sparsities = sorted(s for s in config.sparsity if s > 0)
     symmetric = config.weight_scheme[0] == "symmetric"
     inputs, targets = task.data("val").head(MAX_SAMPLES)
+    model = copy.deepcopy(teacher).to(device).eval()
+    unpack_attention(model)  # the layers students have (tasks.attention)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
+    levels = {"bits": bits, "sparsity": sparsities, "symmetric": symmetric}
+    result: dict[str, Any] = read_json(path) if path.exists() else {}
+    before = result.get("levels", {})
+    if {k: before.get(k) for k in levels} == levels and "samples" in before:
+        samples = before["samples"]  # resumed: the same samples as the layers measured so far
+    else:  # another space (or nothing yet): start over
+        passes = len(layers) * (len(bits) + len(sparsities))
+        samples = _affordable_samples(model, task, inputs, targets, passes, device, say)
+        result = {"levels": {**levels, "samples": samples}, "layers": {}}
+    inputs, targets = take(inputs, slice(0, samples)), targets[:samples]
     # read once, evaluated again for every change, 512 samples at a time as before
     data = Data("val", [(take(inputs, slice(i, i + 512)), targets[i:i + 512])
                         for i in range(0, len(targets), 512)])
-    levels = {"bits": bits, "sparsity": sparsities, "symmetric": symmetric,
-              "samples": len(targets)}
-    result: dict[str, Any] = read_json(path) if path.exists() else {}
-    if result.get("levels") != levels:  # another space (or nothing yet): start over
-        result = {"levels": levels, "layers": {}}
-    model = copy.deepcopy(teacher).to(device).eval()
-    unpack_attention(model)  # the layers students have (tasks.attention)
     base = score(model, data, task.metric, device=device)
     result["teacher_accuracy"] = base
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
     todo = [n for n in layers if n not in result["layers"]]
     if todo:
         say(f"sensitivity pre-pass: {len(todo)} layers x {len(bits) + len(sparsities)} levels "
@@ -95,6 +106,25 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
                 + ("; the search leaves it unpruned" if not drops.get("prunable", True) else ""))
         write_json(path, result)  # after every layer: a killed run keeps what it measured
     return result
+
+
+def _affordable_samples(model: nn.Module, task: Task, inputs: Any, targets: torch.Tensor,
+                        passes: int, device: torch.device, say: Callable[[str], None]) -> int:
+    """How many of the validation samples the pre-pass can score ``passes`` times within
+    ``BUDGET_SECONDS``, from the time of one pass on all of them (a 6-layer transformer on
+    hundreds of long sequences would otherwise cost a quarter of an hour); at least
+    ``MIN_SAMPLES``."""
+    start = time.perf_counter()
+    score(model, Data("val", [(inputs, targets)]), task.metric, device=device)
+    per_sample = (time.perf_counter() - start) / len(targets)
+    affordable = int(BUDGET_SECONDS / (per_sample * max(passes, 1)))
+    if affordable >= len(targets):
+        return len(targets)
+    samples = min(len(targets), max(MIN_SAMPLES, affordable))
+    say(f"sensitivity pre-pass: {passes} passes over {len(targets)} validation samples would "
+        f"take about {per_sample * len(targets) * passes / 60:.0f} min; measured on the first "
+        f"{samples} (a budget of {BUDGET_SECONDS / 60:.0f} min)")
+    return samples
 
 
 def not_prunable(sensitivity: dict[str, Any]) -> set[str]:
@@ -147,7 +177,9 @@ def starting_recipes(sensitivity: dict[str, Any], space: SearchSpace) -> dict[st
                         activation_bits=max(config.activations),
                         importance=config.importance[0],
                         distillation={k: c[0] for k, c in config.distillation.items()},
-                        weight_scheme=config.weight_scheme[0])
+                        weight_scheme=config.weight_scheme[0],
+                        vocabulary="all" if "all" in config.vocabulary else config.vocabulary[0],
+                        embedding_bits=max(config.embedding_bits))
         if space.contains(recipe) and recipe not in recipes.values():
             recipes[f"sensitivity-{tolerance:g}"] = recipe
     return recipes

@@ -1,8 +1,9 @@
 """The trained teacher: trained once per run on the train split, cached in the run folder.
 
-The cache holds the weights and, for an in-memory train split, the teacher's logits and
-head inputs on it (the distillation targets every trial reuses), keyed by everything that
-changes them. On any other train split (a Dataset, a DataLoader, a callable) the teacher
+The cache holds the weights and, for a train split slimsearch batches itself (a ``Split``
+or a ``Dataset`` with a length), the teacher's logits and head inputs on it (the
+distillation targets every trial reuses, computed once per run), keyed by everything that
+changes them. On any other train split (a DataLoader, an iterable, a callable) the teacher
 runs on each training batch instead (``training.TeacherTargets``): slimsearch does not know
 its order.
 """
@@ -51,9 +52,9 @@ def _digest(tensors: list[torch.Tensor]) -> str:
 
 def _targets(model: nn.Module, task: Task, head: str, *, device: torch.device,
              cache_dir: Path | None = None) -> TeacherTargets:
-    """The teacher's targets: computed once on an in-memory train split (read from
-    ``cache_dir`` when given), else the teacher itself, run on each batch."""
-    if task.data("train").in_memory is None:
+    """The teacher's targets: computed once on a train split slimsearch batches itself (read
+    from ``cache_dir`` when given), else the teacher itself, run on each batch."""
+    if not task.data("train").indexed:
         return TeacherTargets(model=model, head=head)
     if cache_dir is not None:
         cached = load_file(cache_dir / TARGETS_FILE)
@@ -76,7 +77,8 @@ def prepare_teacher(task: Task, train: TrainConfig, *, seed: int, cache_dir: Pat
            "weight_decay": train.weight_decay, "train_data": task.data("train").fingerprint(),
            "user_teacher": _digest(list(task.teacher.state_dict().values()))
            if task.teacher is not None else None,
-           "torch": torch.__version__.split("+")[0], "cache_format": 2}  # 2: head features
+           # 2: head features; 3: targets on Datasets too
+           "torch": torch.__version__.split("+")[0], "cache_format": 3}
     meta_path = cache_dir / "meta.json"
     if meta_path.exists() and read_json(meta_path).get("key") == key:
         model = load_float_model(cache_dir / MODEL_FILE)

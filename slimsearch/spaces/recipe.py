@@ -13,6 +13,7 @@ from slimsearch.experiment import (
     IMPORTANCE_CRITERIA,
     PRUNING_METHODS,
     STUDENT_INITS,
+    VOCABULARIES,
     WEIGHT_SCHEMES,
 )
 
@@ -66,8 +67,19 @@ class Recipe:
     #: Distillation settings chosen by the search (temperature, alpha, epochs); the rest
     #: come from the experiment's [train] table.
     distillation: dict[str, float] = field(default_factory=dict)
+    #: "all": the token tables as they are; "seen": only the rows of the tokens the training
+    #: split uses, and the special tokens (``compression.vocabulary``).
+    vocabulary: str = "all"
+    #: Stored bit width of every embedding table (``nn.Embedding``): 2-8 or 32 (float32).
+    #: They run in float either way: this is the size of the file.
+    embedding_bits: int = 32
 
     def __post_init__(self) -> None:
+        if self.vocabulary not in VOCABULARIES:
+            raise ValueError(f"vocabulary = {self.vocabulary!r}: expected one of {VOCABULARIES}")
+        if self.embedding_bits not in ALLOWED_BITS:
+            raise ValueError(f"embedding_bits = {self.embedding_bits!r}: expected one of "
+                             f"{ALLOWED_BITS}")
         unknown = set(self.distillation) - set(DISTILLATION_KEYS)
         if unknown:
             raise ValueError(f"distillation keys {sorted(unknown)}: expected some of {DISTILLATION_KEYS}")
@@ -90,12 +102,18 @@ class Recipe:
         return self.layers.get(name, LayerRecipe())
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict tagged with the recipe type and version."""
-        return {"type": RECIPE_TYPE, "version": RECIPE_VERSION, "student": dict(self.student),
+        """JSON-ready dict tagged with the recipe type and version (the embedding choices
+        only where they differ from the defaults, so earlier recipes read the same)."""
+        data = {"type": RECIPE_TYPE, "version": RECIPE_VERSION, "student": dict(self.student),
                 "student_init": self.student_init, "activation_bits": self.activation_bits,
                 "importance": self.importance, "distillation": dict(self.distillation),
                 "weight_scheme": self.weight_scheme,
                 "layers": {name: asdict(layer) for name, layer in self.layers.items()}}
+        if self.vocabulary != "all":
+            data["vocabulary"] = self.vocabulary
+        if self.embedding_bits != 32:
+            data["embedding_bits"] = self.embedding_bits
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -108,6 +126,8 @@ class Recipe:
                    importance=data.get("importance", "l2"),
                    weight_scheme=data.get("weight_scheme", "symmetric"),
                    distillation=dict(data.get("distillation", {})),
+                   vocabulary=data.get("vocabulary", "all"),
+                   embedding_bits=data.get("embedding_bits", 32),
                    layers={k: LayerRecipe(**v) for k, v in data["layers"].items()})
 
     def to_json(self) -> str:
@@ -126,4 +146,6 @@ class Recipe:
             for v in self.layers.values())
         acts = " | int8 activations" if self.activation_bits == 8 else ""
         acts += " | asymmetric" if self.weight_scheme == "asymmetric" else ""
+        acts += " | seen vocabulary" if self.vocabulary == "seen" else ""
+        acts += f" | embeddings {self.embedding_bits} bits" if self.embedding_bits != 32 else ""
         return f"{knobs} init={self.student_init} | bits {bits} | sparsity {sparsity}{acts}"

@@ -22,6 +22,7 @@ from slimsearch.spaces.recipe import LayerRecipe, Recipe
 from slimsearch.tasks import Task
 from slimsearch.tasks.attention import attention_blocks
 from slimsearch.tasks.data import Inputs, call_model, output_tensor
+from slimsearch.tasks.tokens import token_embeddings
 
 COMPRESSIBLE = (nn.Linear, nn.Conv2d)
 #: At most this many student shapes are built to find the smallest.
@@ -106,6 +107,39 @@ class SearchSpace:
         for knob, choices in self.student_choices.items():
             for value in choices:
                 self.layers_for(dict(self.task.teacher_kwargs, **{knob: value}))
+        self._check_embedding_choices()
+
+    def _check_embedding_choices(self) -> None:
+        """``space.vocabulary`` "seen" needs a task that names its token-id input, read by an
+        embedding table; ``space.embedding_bits`` below 32 needs an embedding table."""
+        wants_seen = "seen" in self.config.vocabulary
+        if not wants_seen and all(b == 32 for b in self.config.embedding_bits):
+            return
+        model = self.task.build_model(**self.task.teacher_kwargs).eval()
+        if not any(isinstance(m, nn.Embedding) for m in model.modules()):
+            raise ConfigError(f"space.embedding_bits = {list(self.config.embedding_bits)}, "
+                              f"space.vocabulary = {list(self.config.vocabulary)}: task "
+                              f"{self.task.name!r}'s model has no nn.Embedding; remove them")
+        if not wants_seen:
+            return
+        vocabulary = self.task.vocabulary
+        if vocabulary is None:
+            raise ConfigError(f"space.vocabulary = {list(self.config.vocabulary)}: task "
+                              f"{self.task.name!r} does not say where its model reads token "
+                              "ids; give its Task vocabulary=slimsearch.Vocabulary(input="
+                              "'input_ids', unknown=<[UNK] id>, keep=(<special ids>)), or "
+                              "set space.vocabulary = [\"all\"]")
+        try:
+            found = token_embeddings(model, self.task.example_inputs(1), vocabulary.input)
+        except (KeyError, IndexError) as exc:
+            found, why = [], f" ({exc})"
+        else:
+            why = ""
+        if not found:
+            raise ConfigError(f"space.vocabulary = {list(self.config.vocabulary)}: no "
+                              f"nn.Embedding of task {self.task.name!r}'s model looks up its "
+                              f"input {vocabulary.input!r} (the task's vocabulary.input){why}; "
+                              "name the input that holds the token ids")
 
     def layers_for(self, student: dict[str, Any]) -> list[LayerInfo]:
         """The compressible layers of the student built with knob values ``student``."""
@@ -175,9 +209,14 @@ class SearchSpace:
         distillation = {key: choices[0] if len(choices) == 1 else
                         trial.suggest_categorical(f"distillation.{key}", choices)
                         for key, choices in self.config.distillation.items()}
+        vocabulary = self.config.vocabulary[0] if len(self.config.vocabulary) == 1 else \
+            trial.suggest_categorical("vocabulary", self.config.vocabulary)
+        embedding_bits = self.config.embedding_bits[0] if len(self.config.embedding_bits) == 1 \
+            else trial.suggest_categorical("embedding_bits", self.config.embedding_bits)
         return Recipe(student=student, student_init=init, layers=layers,
                       activation_bits=int(activations), importance=importance,
-                      distillation=distillation, weight_scheme=scheme)
+                      distillation=distillation, weight_scheme=scheme, vocabulary=vocabulary,
+                      embedding_bits=int(embedding_bits))
 
     def _student_init(self, student: dict[str, Any]) -> str | None:
         """The init when there is no choice to make, else None. A teacher-shaped student
@@ -220,6 +259,11 @@ class SearchSpace:
         config = self.config
         teacher = dict(self.task.teacher_kwargs)
         int8_acts = min(config.activations)  # 8 where the space has it (ACTIVATION_BITS)
+        vocabulary = "all" if "all" in config.vocabulary else config.vocabulary[0]
+
+        def embedding_bits(bits: int) -> int:  # the layers' bits where the space has them
+            choices = config.embedding_bits
+            return bits if bits in choices else 32 if 32 in choices else max(choices)
 
         def uniform(*, bits: int, acts: int, sparsity: float = 0.0, student: dict | None = None,
                     pruning: str = "unstructured") -> Recipe:
@@ -234,7 +278,8 @@ class SearchSpace:
             return Recipe(student=student, student_init="slice", layers=layers,
                           activation_bits=acts, importance=config.importance[0],
                           distillation={k: c[0] for k, c in config.distillation.items()},
-                          weight_scheme=config.weight_scheme[0])
+                          weight_scheme=config.weight_scheme[0], vocabulary=vocabulary,
+                          embedding_bits=embedding_bits(bits))
 
         candidates = {"teacher": uniform(bits=32, acts=32),
                       "uniform-int8": uniform(bits=8, acts=int8_acts)}
@@ -273,6 +318,9 @@ class SearchSpace:
         if recipe.importance not in self.config.importance:
             return False
         if recipe.weight_scheme not in self.config.weight_scheme:
+            return False
+        if (recipe.vocabulary not in self.config.vocabulary
+                or recipe.embedding_bits not in self.config.embedding_bits):
             return False
         if set(recipe.distillation) != set(self.config.distillation) or any(
                 recipe.distillation[k] not in c for k, c in self.config.distillation.items()):
@@ -320,6 +368,10 @@ class SearchSpace:
             params["importance"] = recipe.importance
         if len(self.config.weight_scheme) > 1:
             params["weight_scheme"] = recipe.weight_scheme
+        if len(self.config.vocabulary) > 1:
+            params["vocabulary"] = recipe.vocabulary
+        if len(self.config.embedding_bits) > 1:
+            params["embedding_bits"] = recipe.embedding_bits
         params.update({f"distillation.{key}": recipe.distillation[key]
                        for key, choices in self.config.distillation.items() if len(choices) > 1})
         infos = {i.name: i for i in self.layers_for(recipe.student)}
@@ -358,6 +410,11 @@ class SearchSpace:
                            for k in ("bits", "sparsity", "pruning", "importance", "student_init",
                                      "activations", "channel_multiple", "distillation",
                                      "weight_scheme")}}
-        if self.config.layer_groups:  # only then: older run folders keep their fingerprint
+        # only where set: older run folders keep their fingerprint
+        if self.config.layer_groups:
             data["config"]["layer_groups"] = self.config.layer_groups
+        if self.config.vocabulary != ("all",):
+            data["config"]["vocabulary"] = self.config.vocabulary
+        if self.config.embedding_bits != (32,):
+            data["config"]["embedding_bits"] = self.config.embedding_bits
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

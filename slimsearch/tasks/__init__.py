@@ -2,6 +2,7 @@
 
 from slimsearch.tasks._base import (
     Task,
+    Vocabulary,
     factory_path,
     kept_layers,
     model_factory,
@@ -14,6 +15,7 @@ __all__ = [
     "Data",
     "Split",
     "Task",
+    "Vocabulary",
     "factory_path",
     "kept_layers",
     "list_tasks",

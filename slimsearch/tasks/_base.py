@@ -108,6 +108,22 @@ def kept_layers(depth: int, total: int) -> list[int]:
 
 
 @dataclass(frozen=True)
+class Vocabulary:
+    """Where a task's model reads token ids, so that the search may keep only the embedding
+    rows of the tokens its training split uses (``space.vocabulary = ["seen", ...]``,
+    ``compression.vocabulary``).
+
+    ``input``: the model input holding the ids (a dict key such as ``"input_ids"``, or a
+    position); ``unknown``: the id of the tokenizer's unknown token ([UNK]), whose row every
+    token that was not kept reads; ``keep``: ids kept even when training never uses them
+    (the special tokens: [PAD], [CLS], [SEP], [MASK])."""
+
+    input: str | int
+    unknown: int
+    keep: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Task:
     """A model factory, its data and (optionally) a trained teacher.
 
@@ -132,6 +148,8 @@ class Task:
     #: What the search scores models by: names of ``tasks.metrics.BUILT_IN`` (scikit-learn's
     #: scorer names) or ``slimsearch.metric(...)`` objects; the first is the objective.
     metrics: Sequence[str | Metric] = ("accuracy",)
+    #: Where the model reads token ids (a text model): lets the search prune its vocabulary.
+    vocabulary: Vocabulary | None = None
 
     def __post_init__(self) -> None:
         if getattr(self.make_model, _FACTORY_MARK, None) is not True:

