@@ -3,7 +3,9 @@ user would try by hand, and what a search of ``experiments/minilm_bbc.toml`` fin
 
 One run measures, on the same machine and in the same minutes:
 
-- the teacher: the run's own, fine-tuned on the training split (cached in the run folder);
+- the teacher: the run's own, fine-tuned on the training split (cached in the run folder),
+  and the same with its vocabulary pruned to the training split's tokens (what that alone
+  saves);
 - ``dynamic int8``: PyTorch's dynamic int8 quantization of every ``nn.Linear`` of it, what a
   user tries first;
 - ``3-layer student``: DistilBERT's recipe, teacher layers 1, 3 and 5 (every other one) and
@@ -23,6 +25,7 @@ absolute milliseconds depend on the machine and the day).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -39,12 +42,13 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from slimsearch.compression import MODEL_FILE, build, save_artifact  # noqa: E402
+from slimsearch.compression import MODEL_FILE, CompressedModel, build, save_artifact  # noqa: E402
+from slimsearch.compression.vocabulary import prune_vocabulary  # noqa: E402
 from slimsearch.experiment import load_experiment  # noqa: E402
 from slimsearch.runtimes import load_model  # noqa: E402
 from slimsearch.search.teacher import prepare_teacher  # noqa: E402
 from slimsearch.spaces import Recipe  # noqa: E402
-from slimsearch.tasks import make_task  # noqa: E402
+from slimsearch.tasks import factory_path, make_task  # noqa: E402
 from slimsearch.tasks.data import call_model  # noqa: E402
 from slimsearch.training import score  # noqa: E402
 
@@ -115,10 +119,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         student_bytes = save_artifact(student, Path(folder) / MODEL_FILE).stat().st_size
         teacher_bytes = (args.run_dir / "teacher" / MODEL_FILE).stat().st_size
+    # What vocabulary pruning alone saves: the teacher with only the token-table rows of the
+    # training split's tokens (and the special ones), nothing else changed.
+    pruned = copy.deepcopy(teacher.model)
+    kept = prune_vocabulary(pruned, task.vocabulary, task.data("train"), task.example_inputs(1))
+    print(f"vocabulary pruned: {kept}")
+    with tempfile.TemporaryDirectory() as folder:
+        pruned_bytes = save_artifact(CompressedModel(pruned, factory_path(task.make_model),
+                                                     dict(task.teacher_kwargs)),
+                                     Path(folder) / MODEL_FILE).stat().st_size
     int8 = torch.ao.quantization.quantize_dynamic(load_model(args.run_dir / "teacher" / MODEL_FILE,
                                                              int8=False),
                                                   {nn.Linear}, dtype=torch.qint8)
-    models = {"teacher": (teacher.model, teacher_bytes), "dynamic int8": (int8, saved_bytes(int8)),
+    models = {"teacher": (teacher.model, teacher_bytes),
+              "teacher, vocabulary pruned": (pruned.eval(), pruned_bytes),
+              "dynamic int8": (int8, saved_bytes(int8)),
               "3-layer student": (student.model.eval(), student_bytes)}
     pareto = json.loads(pareto_file.read_text())
     for entry in pareto["trials"]:

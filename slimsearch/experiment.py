@@ -47,7 +47,7 @@ VOCABULARIES = ("all", "seen")
 MAX_SEED = 2**31
 ACTIVATION_BITS = (8, 32)
 WEIGHT_SCHEMES = ("symmetric", "asymmetric")
-DISTILLATION_KEYS = ("temperature", "alpha", "epochs", "hint_weight")
+DISTILLATION_KEYS = ("temperature", "alpha", "epochs", "hint_weight", "hidden_weight")
 #: "global": one magnitude threshold across all layers that chose it; "2:4" keeps the 2
 #: largest of every 4 consecutive weights (half the weights, always).
 PRUNING_METHODS = ("structured", "unstructured", "global", "2:4")
@@ -169,7 +169,8 @@ class SpaceConfig:
             limits = {"temperature": (lambda c: c > 0, "temperatures > 0"),
                       "alpha": (lambda c: 0 <= c <= 1, "fractions from 0 to 1"),
                       "epochs": (lambda c: c >= 0 and float(c).is_integer(), "whole numbers >= 0"),
-                      "hint_weight": (lambda c: c >= 0, "weights >= 0")}.get(key)
+                      "hint_weight": (lambda c: c >= 0, "weights >= 0"),
+                      "hidden_weight": (lambda c: c >= 0, "weights >= 0")}.get(key)
             if limits is not None:
                 _require(len(choices) >= 1 and all(limits[0](c) for c in choices),
                          f"space.distillation.{key}", list(choices), f"a non-empty list of {limits[1]}")
@@ -201,9 +202,14 @@ class TrainConfig:
     alpha: float = 0.7
     #: Weight of the feature (hint) loss on the head's input; 0 = logits only.
     hint_weight: float = 0.0
+    #: Weight of the loss on the hidden states of mapped transformer layers (each student
+    #: layer against the teacher layer it started from); 0 = none.
+    hidden_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.hint_weight >= 0, "train.hint_weight", self.hint_weight, "a number >= 0")
+        _require(self.hidden_weight >= 0, "train.hidden_weight", self.hidden_weight,
+                 "a number >= 0")
         for name in ("teacher_epochs", "distill_epochs", "finetune_epochs", "qat_epochs"):
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an integer >= 0")
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")

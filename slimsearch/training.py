@@ -139,7 +139,8 @@ def fit(model: nn.Module, data: Data | DataSource, *, epochs: int, lr: float, ba
         seed: int, device: torch.device, weight_decay: float = 0.0,
         teacher: TeacherTargets | None = None, temperature: float = 4.0, alpha: float = 0.7,
         after_step: Callable[[], None] | None = None, hint: nn.Module | None = None,
-        before_epoch: Callable[[int], None] | None = None) -> float:
+        before_epoch: Callable[[int], None] | None = None,
+        layer_hints: nn.Module | None = None) -> float:
     """Train ``model`` in place for ``epochs`` epochs on ``data`` (a split; ``batch_size`` and
     the shuffling by ``seed`` apply where slimsearch batches it); return the last epoch's
     mean loss.
@@ -148,8 +149,9 @@ def fit(model: nn.Module, data: Data | DataSource, *, epochs: int, lr: float, ba
     (pruning uses it to keep zeros at zero); ``before_epoch(epoch)`` before every epoch (the
     run's deadline stops a trial there). ``hint`` (a ``compression.distill.FeatureHint``)
     adds its feature loss on the teacher's head inputs and trains its projection along with
-    the model. Raises ``TrialError`` when the loss stops being finite, so the search records
-    why.
+    the model; ``layer_hints`` (a ``compression.distill.LayerHints``) its loss on the hidden
+    states of mapped layers, the same way. Raises ``TrialError`` when the loss stops being
+    finite, so the search records why.
     """
     if epochs == 0:
         return float("nan")
@@ -160,9 +162,10 @@ def fit(model: nn.Module, data: Data | DataSource, *, epochs: int, lr: float, ba
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
     parameters = list(model.parameters())
-    if hint is not None:
-        hint.to(device)
-        parameters += list(hint.parameters())
+    for extra in (hint, layer_hints):
+        if extra is not None:
+            extra.to(device)
+            parameters += [p for p in extra.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
     teacher = teacher.to(device) if teacher is not None else None
     mean_loss = float("nan")
@@ -183,6 +186,8 @@ def fit(model: nn.Module, data: Data | DataSource, *, epochs: int, lr: float, ba
                     if features is None:
                         raise TrialError("hint distillation needs the teacher's head inputs")
                     loss = loss + hint.loss(features)
+                if layer_hints is not None:
+                    loss = loss + layer_hints.loss(inputs)
             if not torch.isfinite(loss):
                 raise TrialError(f"training loss became {loss.item()} at epoch {epoch + 1}/{epochs}")
             optimizer.zero_grad(set_to_none=True)

@@ -514,3 +514,38 @@ def test_a_shallower_student_starts_from_teacher_layers_spread_over_its_depth() 
     assert spread_blocks(mlp_student, mlp_teacher) == {}
     copy_leading_slices(mlp_student, mlp_teacher)
     assert torch.equal(mlp_student.hidden[0].weight, mlp_teacher.hidden[0].weight)
+
+
+def test_a_transformer_student_learns_the_hidden_states_of_the_layers_it_started_from() -> None:
+    """Distillation on hidden states of mapped layers (TinyBERT): each student layer against
+    the teacher layer it was initialised from; the teacher (nn.MultiheadAttention, as built)
+    runs beside it and is never trained."""
+    from slimsearch.compression import build
+    from slimsearch.compression.student import mapped_blocks
+    from slimsearch.experiment import TrainConfig
+    from slimsearch.tasks import make_task
+    from slimsearch.training import TeacherTargets, fit
+
+    task = make_task("digits-transformer", seed=0)
+    torch.manual_seed(0)
+    teacher = task.make_model(**task.teacher_kwargs)
+    fit(teacher, task.data("train"), epochs=2, lr=1e-3, batch_size=64, seed=0,
+        device=torch.device("cpu"))
+    teacher.eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = task.build_model(**dict(task.teacher_kwargs, depth=1))
+    assert mapped_blocks(student, teacher) == {"encoder.layers.0": "encoder.layers.1"}
+    same_depth = task.build_model(**task.teacher_kwargs)
+    assert mapped_blocks(same_depth, teacher) == {"encoder.layers.0": "encoder.layers.0",
+                                                  "encoder.layers.1": "encoder.layers.1"}
+    targets = TeacherTargets(model=teacher, head="head")
+    recipe = Recipe(student=dict(task.teacher_kwargs, depth=1, width=0.5), student_init="slice",
+                    distillation={"hidden_weight": 1.0})
+    compressed = build(task, teacher, targets, recipe, seed=0, device=torch.device("cpu"),
+                       train=TrainConfig(distill_epochs=2, batch_size=64, lr=1e-3))
+    stage = compressed.record["stages"]["distill"]
+    assert stage["hidden_weight"] == 1.0
+    assert stage["mapped_layers"] == {"encoder.layers.0": "encoder.layers.1"}
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    hooks = [m._forward_hooks for m in (*teacher.modules(), *compressed.model.modules())]
+    assert not any(hooks)  # every hook removed

@@ -43,6 +43,10 @@ def test_each_layer_at_each_level_is_measured_once_and_kept(
         assert abs(drops["bits"]["8"]) <= 0.01  # 8 bits alone costs (almost) nothing
     head = result["layers"]["head"]
     assert head["bits"]["2"] > head["bits"]["8"]  # 2-bit classes hurt more than 8-bit ones
+    # how far the outputs moved tells apart what accuracy cannot: 8 bits moves them a little
+    assert 0 < head["divergence"]["bits 8"] < head["divergence"]["bits 2"]
+    assert set(head["divergence"]) == {"bits 2", "bits 4", "bits 8", "sparsity 0.5",
+                                       "sparsity 0.75"}
     assert all(torch.equal(before[k], v) for k, v in trained_teacher.state_dict().items())
     assert json.loads(path.read_text()) == result
 
@@ -50,8 +54,8 @@ def test_each_layer_at_each_level_is_measured_once_and_kept(
     partial = dict(result, layers={"hidden.0": result["layers"]["hidden.0"]})
     path.write_text(json.dumps(partial))
     calls = []
-    real_score = sens.score
-    monkeypatch.setattr(sens, "score", lambda *a, **k: calls.append(1) or real_score(*a, **k))
+    real_predict = sens.predict
+    monkeypatch.setattr(sens, "predict", lambda *a, **k: calls.append(1) or real_predict(*a, **k))
     again = measure_sensitivity(trained_teacher, digits_mlp_task, space, path=path,
                                 device=torch.device("cpu"), say=lambda _: None)
     assert again["layers"] == result["layers"]
@@ -121,3 +125,23 @@ def test_grouped_layers_share_their_choices(digits_mlp_task: Task) -> None:
     # the starting recipes take the group's most sensitive member's choice
     for start in starting_recipes(sensitivity, space).values():
         assert start.layers["hidden.0"] == start.layers["hidden.1"] and space.contains(start)
+
+
+def test_a_costly_pre_pass_scores_the_samples_that_fit_its_budget(
+        digits_mlp_task: Task, trained_teacher: torch.nn.Module, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    said: list[str] = []
+    monkeypatch.setattr(sens, "BUDGET_SECONDS", 1e-4)
+    result = measure_sensitivity(trained_teacher, digits_mlp_task, SearchSpace(digits_mlp_task, CONFIG),
+                                 path=tmp_path / "sensitivity.json", device=torch.device("cpu"),
+                                 say=said.append)
+    assert result["levels"]["samples"] == sens.MIN_SAMPLES
+    assert "measured on the first 64" in said[0] and "15 passes over 359" in said[0]
+
+
+def test_layers_that_tie_in_accuracy_are_grouped_by_how_far_their_outputs_moved() -> None:
+    layers = {name: {"bits": {"4": 0.0}, "sparsity": {"0.5": 0.0},
+                     "divergence": {"bits 4": moved, "sparsity 0.5": moved}}
+              for name, moved in (("a", 0.3), ("b", 0.01), ("c", 0.2), ("d", 0.02))}
+    groups = sens.sensitivity_groups({"layers": layers}, 2)
+    assert groups == {"b": "group1", "d": "group1", "c": "group2", "a": "group2"}

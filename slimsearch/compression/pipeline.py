@@ -10,6 +10,7 @@ quantization leaves weights that are exactly ``codes * scale``.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,14 +20,14 @@ import torch
 from torch import nn
 
 from slimsearch.compression.artifact import CompressedModel
-from slimsearch.compression.distill import FeatureHint
+from slimsearch.compression.distill import FeatureHint, LayerHints
 from slimsearch.compression.pruning import SPARSITY_PATTERNS, apply_masks, prune_structured
 from slimsearch.compression.quantization import (
     attach_fake_quant,
     detach_fake_quant,
     quantize_layers_,
 )
-from slimsearch.compression.student import build_student, is_teacher_shaped
+from slimsearch.compression.student import build_student, is_teacher_shaped, mapped_blocks
 from slimsearch.compression.vocabulary import prune_vocabulary
 from slimsearch.errors import TrialStopped
 from slimsearch.experiment import TrainConfig
@@ -69,7 +70,8 @@ class _Stages:
         self.clock = now
 
     def tune(self, model: nn.Module, epochs: int, after_step: Any = None,
-             hint: FeatureHint | None = None, *, name: str) -> float:
+             hint: FeatureHint | None = None, *, name: str,
+             layer_hints: LayerHints | None = None) -> float:
         """Train ``model`` for ``epochs`` against the teacher; the last epoch's loss."""
         def before_epoch(epoch: int) -> None:
             if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -82,7 +84,7 @@ class _Stages:
                    batch_size=train.batch_size, weight_decay=train.weight_decay, seed=self.seed,
                    device=self.device, teacher=self.teacher,
                    temperature=self.temperature, alpha=self.alpha, after_step=after_step,
-                   hint=hint, before_epoch=before_epoch)
+                   hint=hint, before_epoch=before_epoch, layer_hints=layer_hints)
 
 
 def build(task: Task, teacher: nn.Module, targets: TeacherTargets, recipe: Recipe, *,
@@ -98,6 +100,7 @@ def build(task: Task, teacher: nn.Module, targets: TeacherTargets, recipe: Recip
     stage, epochs_done, stage_epochs)`` runs before each epoch and may stop the trial the same way."""
     distill_epochs = int(recipe.distillation.get("epochs", train.distill_epochs))
     hint_weight = float(recipe.distillation.get("hint_weight", train.hint_weight))
+    hidden_weight = float(recipe.distillation.get("hidden_weight", train.hidden_weight))
     if hint_weight > 0 and targets.head_width is None:
         raise ValueError("a hint weight > 0 needs the teacher's head inputs (targets)")
     stages = _Stages(task, targets, train, seed, device,
@@ -115,7 +118,8 @@ def build(task: Task, teacher: nn.Module, targets: TeacherTargets, recipe: Recip
                                               task.example_inputs(1))
     stages.done("student", parameters=sum(p.numel() for p in model.parameters()), **info)
     if not is_teacher_shaped(task, recipe) and distill_epochs > 0:
-        _distill(model, stages, epochs=distill_epochs, hint_weight=hint_weight)
+        _distill(model, stages, epochs=distill_epochs, hint_weight=hint_weight,
+                 hidden_weight=hidden_weight, teacher=teacher)
     masks = _prune(model, layers, recipe, stages, round_to=round_to)
     quantized = _quantize(model, layers, recipe, stages, masks)
     if untouched := left_float(model, recipe):
@@ -139,20 +143,30 @@ def left_float(model: nn.Module, recipe: Recipe) -> dict[str, int]:
             if param.dim() >= 2 and name.rpartition(".")[0] not in reached}
 
 
-def _distill(model: nn.Module, stages: _Stages, *, epochs: int, hint_weight: float) -> None:
+def _distill(model: nn.Module, stages: _Stages, *, epochs: int, hint_weight: float,
+             hidden_weight: float, teacher: nn.Module) -> None:
     """Train the student against the teacher's logits (and, with a hint weight, its head's
-    inputs through a learned projection)."""
-    hint = None
+    inputs through a learned projection; with a hidden weight, the hidden states of the
+    teacher layers its layers started from, the teacher run on each batch)."""
+    hint = layer_hints = None
     if hint_weight > 0:
         head = compressible_layers(model.eval(), stages.task.example_inputs(1))[-1].name
         hint = FeatureHint(model, head, stages.teacher.head_width, hint_weight)
+    if hidden_weight > 0:
+        if not all(p.device == stages.device for p in teacher.parameters()):
+            teacher = copy.deepcopy(teacher).to(stages.device)
+        layer_hints = LayerHints(model, teacher.eval(), mapped_blocks(model, teacher),
+                                 hidden_weight, stages.task.example_inputs(1))
     try:
-        loss = stages.tune(model, epochs, hint=hint, name="distillation")
+        loss = stages.tune(model, epochs, hint=hint, layer_hints=layer_hints,
+                           name="distillation")
     finally:
-        if hint is not None:
-            hint.detach()
+        for extra in (hint, layer_hints):
+            if extra is not None:
+                extra.detach()
     stages.done("distill", epochs=epochs, temperature=stages.temperature, alpha=stages.alpha,
-                hint_weight=hint_weight, loss=loss)
+                hint_weight=hint_weight, hidden_weight=hidden_weight,
+                mapped_layers=layer_hints.pairs if layer_hints is not None else None, loss=loss)
 
 
 def _prune(model: nn.Module, layers: dict[str, nn.Module], recipe: Recipe, stages: _Stages, *,

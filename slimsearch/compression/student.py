@@ -27,6 +27,31 @@ def build_student(task: Task, teacher: nn.Module, recipe: Recipe, *, seed: int) 
     return student
 
 
+def mapped_blocks(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
+    """Each block of the student's transformer stacks (an ``nn.ModuleList`` of identically
+    shaped blocks that hold attention, in the teacher) -> the teacher block it starts from
+    (``spread_blocks``; block i <- block i at the same depth), by module name: the pairs
+    hidden-state distillation compares."""
+    if any(isinstance(m, nn.MultiheadAttention) for m in teacher.modules()):
+        teacher = copy.deepcopy(teacher)  # read as the student is built; the names stay
+        unpack_attention(teacher)
+    pairs = {}
+    sources = dict(teacher.named_modules())
+    renames = spread_blocks(student, teacher)
+    for name, stack in student.named_modules():
+        source = sources.get(name)
+        if not (isinstance(stack, nn.ModuleList) and isinstance(source, nn.ModuleList)
+                and 0 < len(stack) <= len(source) and attention_blocks(source[0])):
+            continue
+        shapes = [[(n, p.shape) for n, p in block.named_parameters()] for block in source]
+        if any(s != shapes[0] for s in shapes):
+            continue
+        prefix = f"{name}." if name else ""
+        for j in range(len(stack)):
+            pairs[f"{prefix}{j}"] = renames.get(f"{prefix}{j}.", f"{prefix}{j}.").rstrip(".")
+    return pairs
+
+
 def spread_blocks(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
     """Where a stack of transformer layers (an ``nn.ModuleList`` of blocks that hold
     attention and all have the same parameter shapes) is shallower in the student, which

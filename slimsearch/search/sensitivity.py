@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimsearch.atomic import read_json, write_json
@@ -31,7 +32,7 @@ from slimsearch.spaces import COMPRESSIBLE, LayerRecipe, Recipe, SearchSpace
 from slimsearch.tasks import Data, Task
 from slimsearch.tasks.attention import unpack_attention
 from slimsearch.tasks.data import take
-from slimsearch.training import score
+from slimsearch.training import full_fp32, predict, score
 
 #: Validation samples used per accuracy pass (the first ones of the split).
 MAX_SAMPLES = 1024
@@ -70,7 +71,9 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
     # read once, evaluated again for every change, 512 samples at a time as before
     data = Data("val", [(take(inputs, slice(i, i + 512)), targets[i:i + 512])
                         for i in range(0, len(targets), 512)])
-    base = score(model, data, task.metric, device=device)
+    with full_fp32():
+        base_outputs, _ = predict(model, data, device=device)
+    base = task.metric.score(base_outputs, targets)
     result["teacher_accuracy"] = base
     todo = [n for n in layers if n not in result["layers"]]
     if todo:
@@ -79,7 +82,7 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
     for name in todo:
         weight = layers[name].weight
         original = weight.detach().clone()
-        drops: dict[str, Any] = {"bits": {}, "sparsity": {}}
+        drops: dict[str, Any] = {"bits": {}, "sparsity": {}, "divergence": {}}
         changes = [("bits", b, dequantize(quantize_per_channel(original, b, symmetric=symmetric))
                     .reshape(original.shape)) for b in bits]
         for s in sparsities:
@@ -92,7 +95,10 @@ def measure_sensitivity(teacher: nn.Module, task: Task, space: SearchSpace, *, p
                 # A model whose forward fails with this layer changed gets the error recorded
                 # (and, for a sparsity, the layer is left unpruned), not a run that ends here.
                 try:
-                    drops[kind][str(level)] = round(base - score(model, data, task.metric, device=device), 6)
+                    with full_fp32():
+                        outputs, _ = predict(model, data, device=device)
+                    drops[kind][str(level)] = round(base - task.metric.score(outputs, targets), 6)
+                    drops["divergence"][f"{kind} {level}"] = divergence(base_outputs, outputs)
                 except Exception as exc:  # the user's forward: any error is possible
                     drops.setdefault("failed", {})[f"{kind} {level}"] = \
                         f"{type(exc).__name__}: {exc}"
@@ -127,6 +133,19 @@ def _affordable_samples(model: nn.Module, task: Task, inputs: Any, targets: torc
     return samples
 
 
+def divergence(reference: torch.Tensor, outputs: torch.Tensor) -> float:
+    """How far ``outputs`` moved from ``reference`` (the teacher's, on the same samples): the
+    mean KL divergence of their softmax for class scores, the mean squared difference scaled
+    by the reference's variance for a regression's single output. Unlike the accuracy drop, it
+    tells layers apart on a few samples, where most changes flip no prediction."""
+    if reference.dim() == 2 and reference.shape[1] > 1:
+        return round(float(F.kl_div(F.log_softmax(outputs.float(), dim=1),
+                                    F.log_softmax(reference.float(), dim=1),
+                                    reduction="batchmean", log_target=True)), 8)
+    spread = float(reference.float().var()) or 1.0
+    return round(float(F.mse_loss(outputs.float(), reference.float())) / spread, 8)
+
+
 def not_prunable(sensitivity: dict[str, Any]) -> set[str]:
     """Layers whose model failed its forward pass with the layer pruned in the pre-pass."""
     return {name for name, drops in sensitivity["layers"].items()
@@ -135,12 +154,15 @@ def not_prunable(sensitivity: dict[str, Any]) -> set[str]:
 
 def sensitivity_groups(sensitivity: dict[str, Any], count: int) -> dict[str, str]:
     """Layer name -> ``group1`` .. ``groupN``: the layers sorted by their mean drop over
-    every level, cut into ``count`` runs of (nearly) equal length; group1 is the least
-    sensitive. Students only ever have layers the teacher has, so every layer is placed."""
-    def score(name: str) -> float:
+    every level (then, among equal drops, by how far the outputs moved: ``divergence``), cut
+    into ``count`` runs of (nearly) equal length; group1 is the least sensitive. Students
+    only ever have layers the teacher has, so every layer is placed."""
+    def score(name: str) -> tuple[float, float]:
         drops = sensitivity["layers"][name]
         values = [*drops["bits"].values(), *drops["sparsity"].values()]
-        return sum(values) / len(values) if values else 0.0
+        moved = list(drops.get("divergence", {}).values())  # ties in accuracy: most of them
+        return (sum(values) / len(values) if values else 0.0,
+                sum(moved) / len(moved) if moved else 0.0)
 
     ordered = sorted(sensitivity["layers"], key=score)
     count = max(1, min(count, len(ordered)))
