@@ -47,7 +47,7 @@ VOCABULARIES = ("all", "seen")
 MAX_SEED = 2**31
 ACTIVATION_BITS = (8, 32)
 WEIGHT_SCHEMES = ("symmetric", "asymmetric")
-DISTILLATION_KEYS = ("temperature", "alpha", "epochs", "hint_weight", "hidden_weight")
+DISTILLATION_KEYS = ("temperature", "alpha", "epochs", "hint_weight", "hidden_weight", "lr")
 #: "global": one magnitude threshold across all layers that chose it; "2:4" keeps the 2
 #: largest of every 4 consecutive weights (half the weights, always).
 PRUNING_METHODS = ("structured", "unstructured", "global", "2:4")
@@ -170,7 +170,8 @@ class SpaceConfig:
                       "alpha": (lambda c: 0 <= c <= 1, "fractions from 0 to 1"),
                       "epochs": (lambda c: c >= 0 and float(c).is_integer(), "whole numbers >= 0"),
                       "hint_weight": (lambda c: c >= 0, "weights >= 0"),
-                      "hidden_weight": (lambda c: c >= 0, "weights >= 0")}.get(key)
+                      "hidden_weight": (lambda c: c >= 0, "weights >= 0"),
+                      "lr": (lambda c: c > 0, "learning rates > 0")}.get(key)
             if limits is not None:
                 _require(len(choices) >= 1 and all(limits[0](c) for c in choices),
                          f"space.distillation.{key}", list(choices), f"a non-empty list of {limits[1]}")

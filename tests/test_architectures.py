@@ -540,11 +540,11 @@ def test_a_transformer_student_learns_the_hidden_states_of_the_layers_it_started
                                                   "encoder.layers.1": "encoder.layers.1"}
     targets = TeacherTargets(model=teacher, head="head")
     recipe = Recipe(student=dict(task.teacher_kwargs, depth=1, width=0.5), student_init="slice",
-                    distillation={"hidden_weight": 1.0})
+                    distillation={"hidden_weight": 1.0, "lr": 2e-3})
     compressed = build(task, teacher, targets, recipe, seed=0, device=torch.device("cpu"),
                        train=TrainConfig(distill_epochs=2, batch_size=64, lr=1e-3))
     stage = compressed.record["stages"]["distill"]
-    assert stage["hidden_weight"] == 1.0
+    assert stage["hidden_weight"] == 1.0 and stage["lr"] == 2e-3  # its own learning rate
     assert stage["mapped_layers"] == {"encoder.layers.0": "encoder.layers.1"}
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     hooks = [m._forward_hooks for m in (*teacher.modules(), *compressed.model.modules())]

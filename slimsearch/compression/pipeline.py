@@ -71,7 +71,7 @@ class _Stages:
 
     def tune(self, model: nn.Module, epochs: int, after_step: Any = None,
              hint: FeatureHint | None = None, *, name: str,
-             layer_hints: LayerHints | None = None) -> float:
+             layer_hints: LayerHints | None = None, lr: float | None = None) -> float:
         """Train ``model`` for ``epochs`` against the teacher; the last epoch's loss."""
         def before_epoch(epoch: int) -> None:
             if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -80,7 +80,7 @@ class _Stages:
             if self.check is not None:
                 self.check(model, name, epoch, epochs)
         train = self.train
-        return fit(model, self.task.data("train"), epochs=epochs, lr=train.lr,
+        return fit(model, self.task.data("train"), epochs=epochs, lr=lr or train.lr,
                    batch_size=train.batch_size, weight_decay=train.weight_decay, seed=self.seed,
                    device=self.device, teacher=self.teacher,
                    temperature=self.temperature, alpha=self.alpha, after_step=after_step,
@@ -119,7 +119,8 @@ def build(task: Task, teacher: nn.Module, targets: TeacherTargets, recipe: Recip
     stages.done("student", parameters=sum(p.numel() for p in model.parameters()), **info)
     if not is_teacher_shaped(task, recipe) and distill_epochs > 0:
         _distill(model, stages, epochs=distill_epochs, hint_weight=hint_weight,
-                 hidden_weight=hidden_weight, teacher=teacher)
+                 hidden_weight=hidden_weight, teacher=teacher,
+                 lr=float(recipe.distillation.get("lr", train.lr)))
     masks = _prune(model, layers, recipe, stages, round_to=round_to)
     quantized = _quantize(model, layers, recipe, stages, masks)
     if untouched := left_float(model, recipe):
@@ -144,10 +145,11 @@ def left_float(model: nn.Module, recipe: Recipe) -> dict[str, int]:
 
 
 def _distill(model: nn.Module, stages: _Stages, *, epochs: int, hint_weight: float,
-             hidden_weight: float, teacher: nn.Module) -> None:
-    """Train the student against the teacher's logits (and, with a hint weight, its head's
-    inputs through a learned projection; with a hidden weight, the hidden states of the
-    teacher layers its layers started from, the teacher run on each batch)."""
+             hidden_weight: float, teacher: nn.Module, lr: float) -> None:
+    """Train the student against the teacher's logits at learning rate ``lr`` (and, with a
+    hint weight, its head's inputs through a learned projection; with a hidden weight, the
+    hidden states of the teacher layers its layers started from, the teacher run on each
+    batch)."""
     hint = layer_hints = None
     if hint_weight > 0:
         head = compressible_layers(model.eval(), stages.task.example_inputs(1))[-1].name
@@ -159,12 +161,13 @@ def _distill(model: nn.Module, stages: _Stages, *, epochs: int, hint_weight: flo
                                  hidden_weight, stages.task.example_inputs(1))
     try:
         loss = stages.tune(model, epochs, hint=hint, layer_hints=layer_hints,
-                           name="distillation")
+                           name="distillation", lr=lr)
     finally:
         for extra in (hint, layer_hints):
             if extra is not None:
                 extra.detach()
-    stages.done("distill", epochs=epochs, temperature=stages.temperature, alpha=stages.alpha,
+    stages.done("distill", epochs=epochs, lr=lr, temperature=stages.temperature,
+                alpha=stages.alpha,
                 hint_weight=hint_weight, hidden_weight=hidden_weight,
                 mapped_layers=layer_hints.pairs if layer_hints is not None else None, loss=loss)
 
