@@ -20,6 +20,7 @@ import optuna
 
 from slimsearch.report.data import ReportData
 from slimsearch.report.pareto import hypervolume, weakly_dominates
+from slimsearch.run import RunFolder
 
 BOX_ACCURACY_DROP = 0.15
 BOX_LATENCY = 2.0
@@ -83,7 +84,7 @@ def structure_grid(data: ReportData) -> tuple[list[str], list[list[Any]], list[l
     trials = [t for t in data.pareto if t.recipe]
     records = []
     for t in trials:
-        path = data.run_dir / "trials" / f"{t.number:05d}" / "build.json"
+        path = RunFolder(data.run_dir).trial(t.number) / "build.json"
         stages = json.loads(path.read_text()).get("stages", {}) if path.is_file() else {}
         records.append((t, (stages.get("prune") or {}).get("structured") or {},
                         (stages.get("student") or {}).get("vocabulary") or {}))
