@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 # Plots the report draws once enough trials completed: 3 projections, the 3-D view, the
-# hypervolume, 2 per-layer heatmaps and the parameter importances.
-PLOTS = 8
+# hypervolume, 3 per-layer heatmaps (bits, sparsity, what structured pruning kept) and the
+# parameter importances.
+PLOTS = 9
 
 
 def chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
