@@ -13,8 +13,8 @@ space as soon as the task is built, still before any training.
 
     [task_options]   keyword arguments of the task's maker, e.g. sequence_length = 128
 
-    [search]   trials, sampler, timeout, storage, sensitivity, refine, backend, ray_address,
-               cpus_per_trial
+    [search]   trials, sampler, timeout, storage, sensitivity, starts, refine, backend,
+               ray_address, cpus_per_trial
     [space]    bits, sparsity, pruning, student_init, vocabulary, embedding_bits,
                [space.student] knob = [choices]
     [train]    teacher_epochs, distill_epochs, finetune_epochs, qat_epochs, batch_size, lr, ...
@@ -79,6 +79,10 @@ class SearchConfig:
     #: Before the first trial, measure each layer's accuracy drop when compressed alone, show
     #: it in the report and start the search from recipes it suggests (search.sensitivity).
     sensitivity: bool = True
+    #: Enqueue the pre-pass's teacher-shaped starting recipes (search.sensitivity) as the first
+    #: trials. Off where the teacher's shape is far from the front and a teacher-sized trial
+    #: costs minutes (a depth knob on a transformer: experiments/minilm_bbc.toml).
+    starts: bool = True
     #: The share of trials (a fraction, after the first 10 completed) that refine the front:
     #: a Pareto trial with one layer's bits, sparsity or pruning method changed, guided by
     #: the sensitivity pre-pass (search.refine); the sampler proposes the others.

@@ -89,6 +89,20 @@ def test_run_writes_report_pareto_and_trial_folders(finished_run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_starts_off_seeds_only_the_baselines(tmp_path: Path) -> None:
+    experiment = write_experiment(tmp_path, trials=6)
+    experiment.write_text(experiment.read_text().replace("[search]", "[search]\nstarts = false"))
+    assert main(["run", str(experiment), "--run-dir", str(tmp_path / "run")]) == 0
+    from slimsearch.run import load_study
+
+    trials = load_study(tmp_path / "run").trials
+    assert (tmp_path / "run" / "sensitivity.json").is_file()  # the pre-pass still ran
+    assert not any("start" in t.user_attrs for t in trials)
+    assert [t.user_attrs.get("baseline") for t in trials[:3]] == [
+        "teacher", "uniform-int8", "structured-50%-int8"]
+
+
+@pytest.mark.slow
 def test_report_command_rewrites_the_report(finished_run: Path, capsys: pytest.CaptureFixture) -> None:
     (finished_run / "report.html").unlink()
     assert main(["report", str(finished_run)]) == 0

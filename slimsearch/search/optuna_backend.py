@@ -314,7 +314,8 @@ def _set_up(prepared: Prepared, study: optuna.Study, device: torch.device, *, fi
                 worker=worker)
             if not worker:
                 study.set_user_attr(f"sampler_from_trial_{finished}", sampler_settings)
-        starts = starting_recipes(sensitivity, space)
+        if config.search.starts:
+            starts = starting_recipes(sensitivity, space)
     if not study.trials and not worker:
         for kind, name, recipe in seeded(space.baselines(), starts, budget=budget):
             study.enqueue_trial(space.params_of(recipe), user_attrs={kind: name})
