@@ -366,8 +366,9 @@ def test_the_transformer_encoder_classifier_end_to_end(tmp_path: Path) -> None:
     exported trial's test accuracy exactly, its attention as the search left it."""
     experiment = (Path(__file__).parents[1] / "experiments" / "digits_transformer.toml").read_text()
     experiment = experiment.replace("trials = 20", "trials = 6").replace(
-        "teacher_epochs = 60", "teacher_epochs = 25").replace("distill_epochs = 15",
-                                                              "distill_epochs = 5")
+        "teacher_epochs = 60", "teacher_epochs = 25").replace(
+        "distill_epochs = 15", "distill_epochs = 5").replace(
+        "finetune_epochs = 5", "finetune_epochs = 2").replace("qat_epochs = 5", "qat_epochs = 2")
     (tmp_path / "transformer.toml").write_text(experiment)
     run_dir = tmp_path / "run"
     assert main(["run", str(tmp_path / "transformer.toml"), "--run-dir", str(run_dir)]) == 0

@@ -179,7 +179,7 @@ def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path: Path,
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [2, 4])
 def test_workers_share_one_journal_and_lose_nothing(workers: int, tmp_path: Path) -> None:
-    trials = 24
+    trials = 16  # 8 with `run`, 8 more with `resume`
     experiment = tmp_path / "shared.toml"
     experiment.write_text(EXPERIMENT.format(trials=trials))
     run_dir = tmp_path / "run"
