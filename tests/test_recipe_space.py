@@ -158,6 +158,24 @@ def test_the_experts_first_recipes_are_baselines_that_round_trip(
     assert {x.bits for x in half.layers.values()} == {32}
 
 
+def test_in_a_grouped_space_structured_baselines_prune_the_other_members_unstructured(
+        digits_mlp_task: Task) -> None:
+    """A group shares its sparsity: the head, which cannot lose its class outputs, prunes
+    unstructured beside hidden layers that lose whole outputs (as a BERT group mixes queries
+    with keys and values); before, the baseline disagreed with its group and was dropped."""
+    space = SearchSpace(digits_mlp_task, SpaceConfig(bits=(4, 8, 32), sparsity=(0.0, 0.5)))
+    space.set_groups(dict.fromkeys(("hidden.0", "hidden.1", "head"), "group1"))
+    baselines = space.baselines()
+    assert "structured-50%-int8" in baselines
+    structured = baselines["structured-50%-int8"]
+    assert structured.layers["head"] == LayerRecipe(sparsity=0.5, pruning="unstructured", bits=8)
+    assert structured.layers["hidden.0"] == LayerRecipe(sparsity=0.5, pruning="structured", bits=8)
+    assert all(_round_trips(space, recipe) for recipe in baselines.values())
+    # ungrouped, the head keeps its outputs and every weight (test above)
+    assert SearchSpace(digits_mlp_task, SpaceConfig()).baselines()[
+        "structured-50%-int8"].layers["head"] == LayerRecipe(bits=8)
+
+
 def test_with_int8_activations_the_expert_recipes_run_int8_throughout(digits_mlp_task: Task) -> None:
     space = SearchSpace(digits_mlp_task, SpaceConfig(activations=(32, 8)))
     acts = {name: r.activation_bits for name, r in space.baselines().items()}

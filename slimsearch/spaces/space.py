@@ -255,7 +255,9 @@ class SearchSpace:
         (``structured-50%-int8``, ...), ``4-bit-weights``, all with int8 activations where
         the space has them, and ``half-width-student``: the teacher sliced to the width
         choices nearest half its own, float. Derived from this space's choices; only those it
-        can express, without repeats (a space without 32 bits cannot enqueue the teacher)."""
+        can express, without repeats (a space without 32 bits cannot enqueue the teacher). In
+        a grouped space a member that cannot lose whole outputs shares its group's sparsity,
+        pruned unstructured."""
         config = self.config
         teacher = dict(self.task.teacher_kwargs)
         int8_acts = min(config.activations)  # 8 where the space has it (ACTIVATION_BITS)
@@ -268,12 +270,21 @@ class SearchSpace:
         def uniform(*, bits: int, acts: int, sparsity: float = 0.0, student: dict | None = None,
                     pruning: str = "unstructured") -> Recipe:
             student = student or teacher
+            infos = self.layers_for(student)
+            # In a grouped space the members share one sparsity: where a group prunes, a
+            # member that cannot take ``pruning`` prunes by another of its methods, as
+            # ``suggest`` would give it (a BERT group mixes queries, which lose whole heads,
+            # with keys and values, which cannot alone).
+            pruned_groups = {self.groups.get(i.name) for i in infos
+                             if pruning in self._methods(i) and i.name not in self.not_prunable}
             layers = {}
-            for info in self.layers_for(student):
-                pruned = (sparsity > 0 and info.name not in self.not_prunable
-                          and pruning in self._methods(info))
+            for info in infos:
+                methods = self._methods(info)
+                method = pruning if pruning in methods else (
+                    methods[0] if self.groups.get(info.name) in pruned_groups - {None} else None)
+                pruned = sparsity > 0 and info.name not in self.not_prunable and method is not None
                 layers[info.name] = LayerRecipe(sparsity=sparsity if pruned else 0.0,
-                                                pruning=pruning if pruned else "unstructured",
+                                                pruning=method if pruned else "unstructured",
                                                 bits=bits)
             return Recipe(student=student, student_init="slice", layers=layers,
                           activation_bits=acts, importance=config.importance[0],
