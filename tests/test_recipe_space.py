@@ -119,7 +119,7 @@ def test_suggest_gives_valid_recipes_that_params_of_reproduces(digits_mlp_task: 
 
 
 EXPERT = ["teacher", "uniform-int8", "structured-50%-int8", "structured-75%-int8",
-          "4-bit-weights", "half-width-student"]
+          "4-bit-weights", "half-width-student", "half-width-student-int8"]
 
 
 def _round_trips(space: SearchSpace, recipe: Recipe) -> bool:
@@ -132,7 +132,8 @@ def _round_trips(space: SearchSpace, recipe: Recipe) -> bool:
     (SpaceConfig(), EXPERT),
     # 75% is not offered: the nearest sparsity is 50%, a recipe already there
     (SpaceConfig(bits=(4, 8, 32), sparsity=(0.0, 0.5), student_init=("slice",)),
-     ["teacher", "uniform-int8", "structured-50%-int8", "4-bit-weights", "half-width-student"]),
+     ["teacher", "uniform-int8", "structured-50%-int8", "4-bit-weights", "half-width-student",
+      "half-width-student-int8"]),
 ], ids=["default", "narrow"])
 def test_the_experts_first_recipes_are_baselines_that_round_trip(
         digits_mlp_task: Task, config: SpaceConfig, names: list[str]) -> None:
@@ -156,6 +157,9 @@ def test_the_experts_first_recipes_are_baselines_that_round_trip(
     half = baselines["half-width-student"]
     assert half.student == {**teacher, "width": 0.5}  # depth kept: a width knob exists
     assert {x.bits for x in half.layers.values()} == {32}
+    quantized = baselines["half-width-student-int8"]  # distilled, then quantized
+    assert quantized.student == half.student
+    assert {x.bits for x in quantized.layers.values()} == {8}
 
 
 def test_in_a_grouped_space_structured_baselines_prune_the_other_members_unstructured(
@@ -180,7 +184,8 @@ def test_with_int8_activations_the_expert_recipes_run_int8_throughout(digits_mlp
     space = SearchSpace(digits_mlp_task, SpaceConfig(activations=(32, 8)))
     acts = {name: r.activation_bits for name, r in space.baselines().items()}
     assert acts == {"teacher": 32, "uniform-int8": 8, "structured-50%-int8": 8,
-                    "structured-75%-int8": 8, "4-bit-weights": 8, "half-width-student": 32}
+                    "structured-75%-int8": 8, "4-bit-weights": 8, "half-width-student": 32,
+                    "half-width-student-int8": 8}
 
 
 def test_no_int8_baseline_without_8_bits(digits_mlp_task: Task) -> None:
@@ -191,12 +196,13 @@ def test_no_int8_baseline_without_8_bits(digits_mlp_task: Task) -> None:
 @pytest.mark.parametrize(("config", "names"), [
     (SpaceConfig(), EXPERT),
     (SpaceConfig(bits=(4, 8)), ["uniform-int8", "structured-50%-int8", "structured-75%-int8",
-                                "4-bit-weights"]),
+                                "4-bit-weights", "half-width-student-int8"]),
     (SpaceConfig(sparsity=(0.25, 0.5)), []),
     (SpaceConfig(student_init=("scratch",)), []),
     (SpaceConfig(pruning=("unstructured",)), ["teacher", "uniform-int8", "4-bit-weights",
-                                              "half-width-student"]),
-    (SpaceConfig(student={"width": (0.25, 0.5)}), ["half-width-student"]),
+                                              "half-width-student", "half-width-student-int8"]),
+    (SpaceConfig(student={"width": (0.25, 0.5)}), ["half-width-student",
+                                                   "half-width-student-int8"]),
 ], ids=["default", "no-32-bits", "no-zero-sparsity", "scratch-only", "no-structured",
         "teacher-width-not-offered"])
 def test_baselines_are_only_those_the_space_can_express(digits_mlp_task: Task, config: SpaceConfig,

@@ -253,8 +253,10 @@ class SearchSpace:
         ``uniform-int8`` (every layer at 8 bits), structured pruning of every layer that
         allows it at the space's sparsities nearest 50% and 75% with 8-bit weights
         (``structured-50%-int8``, ...), ``4-bit-weights``, all with int8 activations where
-        the space has them, and ``half-width-student``: the teacher sliced to the width
-        choices nearest half its own, float. Derived from this space's choices; only those it
+        the space has them, ``half-width-student``: the teacher sliced to the width
+        choices nearest half its own, float, and ``half-width-student-int8``: the same student
+        with 8-bit weights (distil, then quantize: DistilBERT with PyTorch's dynamic int8 is
+        what a user of a transformer tries next). Derived from this space's choices; only those it
         can express, without repeats (a space without 32 bits cannot enqueue the teacher). In
         a grouped space a member that cannot lose whole outputs shares its group's sparsity,
         pruned unstructured."""
@@ -302,6 +304,7 @@ class SearchSpace:
         candidates["4-bit-weights"] = uniform(bits=4, acts=int8_acts)
         if (half := self._half_width(teacher)) is not None:
             candidates["half-width-student"] = uniform(bits=32, acts=32, student=half)
+            candidates["half-width-student-int8"] = uniform(bits=8, acts=int8_acts, student=half)
         chosen: dict[str, Recipe] = {}
         for label, recipe in candidates.items():
             if self.contains(recipe) and recipe not in chosen.values():
