@@ -8,7 +8,9 @@ run folder and prints, from each completed trial's record ("seconds"), the share
 time spent training and compressing, on accuracy, on the int8 plan's timings, on latency
 measurement and on the rest (materializing, writing files); then how the latency figures
 were got: paired rounds and attempts per measurement, unstable figures, cache hits. The
-teacher's own training and measurement are not trial time and are printed apart.
+teacher's own training and measurement are not trial time and are printed apart, and so is
+the confirmation pass that ``slimsearch run`` ends with (it times the front again, and at the
+batch sizes after the first, which trials are not timed at).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from slimsearch.atomic import read_json
+from slimsearch.confirm import confirm_front
 from slimsearch.evaluators import metric_suffix
 from slimsearch.experiment import load_experiment
 from slimsearch.report.data import load_report_data
@@ -29,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def search(experiment: Path, trials: int, batch_sizes: list[int], run_dir: Path,
-           sampler: str | None = None) -> float:
-    """Run the search into ``run_dir``; its wall-clock seconds (teacher included)."""
+           sampler: str | None = None) -> tuple[float, float]:
+    """Run the search into ``run_dir``, then the confirmation pass, as ``slimsearch run``
+    does; the wall-clock seconds of each (the search's with the teacher)."""
     config = load_experiment(experiment)
     config = dataclasses.replace(config, target=dataclasses.replace(
         config.target, batch_sizes=tuple(batch_sizes)))
@@ -40,7 +45,9 @@ def search(experiment: Path, trials: int, batch_sizes: list[int], run_dir: Path,
     prepared = prepare(config, run_dir=run_dir, storage_url=None)
     start = time.perf_counter()
     run_search(prepared, experiment, trials=trials, timeout_s=None, say=lambda _line: None)
-    return time.perf_counter() - start
+    searched = time.perf_counter()
+    confirm_front(run_dir, say=lambda _line: None)
+    return searched - start, time.perf_counter() - searched
 
 
 def breakdown(run_dir: Path, batch_sizes: list[int]) -> dict[str, float]:
@@ -66,12 +73,17 @@ def breakdown(run_dir: Path, batch_sizes: list[int]) -> dict[str, float]:
           f"{measuring / wall:.1%} of trial time")
     for position, batch in enumerate(batch_sizes):
         suffix = metric_suffix(position, batch)
-        measured = [t.metrics for t in trials if not t.metrics.get(f"latency{suffix}_cached")]
+        timed = [t for t in trials if f"latency{suffix}_ms" in t.metrics]
+        if not timed:
+            print(f"  batch {batch}: reported, not timed in trials (the confirmation pass "
+                  "times the front there)")
+            continue
+        measured = [t.metrics for t in timed if not t.metrics.get(f"latency{suffix}_cached")]
         rounds = [m[f"latency{suffix}_rounds"] for m in measured]
         attempts = [m[f"latency{suffix}_attempts"] for m in measured]
-        unstable = sum(bool(t.metrics.get(f"latency{suffix}_unstable")) for t in trials)
+        unstable = sum(bool(t.metrics.get(f"latency{suffix}_unstable")) for t in timed)
         print(f"  batch {batch}: measured {len(measured)}, cached "
-              f"{len(trials) - len(measured)}, rounds median "
+              f"{len(timed) - len(measured)}, rounds median "
               f"{statistics.median(rounds) if rounds else 0:.0f} (max "
               f"{max(rounds, default=0)}), attempts > 1: {sum(a > 1 for a in attempts)}, "
               f"unstable {unstable}")
@@ -94,11 +106,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         run_dir = args.out or Path(scratch) / "run"
-        seconds = search(args.experiment, args.trials, args.batch_sizes, run_dir,
-                         args.sampler)
+        seconds, confirming = search(args.experiment, args.trials, args.batch_sizes, run_dir,
+                                     args.sampler)
         print(f"{args.experiment.name}, {args.trials} trials, batch sizes "
               f"{args.batch_sizes}: {seconds:.0f} s in all (teacher included)")
         breakdown(run_dir, args.batch_sizes)
+        front = read_json(run_dir / "confirmed.json")["trials"]
+        print(f"  confirmation pass (not trial time): {confirming:.0f} s for {len(front)} "
+              f"Pareto trials, {confirming / seconds:.1%} of the search's time")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ sampler learned from them, and ``resume`` continues from them). The confirmed fi
 ``confirmed.json`` in the run folder; the report shows them beside the search's, and flags a
 trial whose confirmed latency would take it off the front or change its place in the front's
 order by latency. Only the latency objective (the first batch size) is confirmed.
+
+The target's other batch sizes are reported, not searched on, so a search does not time its
+trials at them: this pass times each Pareto trial there too, once, to the reported figures'
+looser interval (``evaluators.REPORTED_PRECISION``), and the report's columns for them come
+from here (a trial that already has such a figure, from a run before this, keeps it).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from slimsearch.atomic import write_json
 from slimsearch.compression import MODEL_FILE
 from slimsearch.devices import computing, resolve_device
 from slimsearch.errors import ConfigError
-from slimsearch.evaluators import reference_from_metrics
+from slimsearch.evaluators import REPORTED_PRECISION, metric_suffix, reference_from_metrics
 from slimsearch.report.data import ReportData, load_report_data
 from slimsearch.report.pareto import non_dominated
 from slimsearch.run import RunFolder
@@ -92,7 +97,9 @@ def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[
             found[str(t.number)] = {
                 "latency_ms": latency.median_ms, "search_latency_ms": t.metrics["latency_ms"],
                 "ratio": latency.ratio, "ratio_low": latency.ratio_low,
-                "ratio_high": latency.ratio_high, "unstable": latency.unstable}
+                "ratio_high": latency.ratio_high, "unstable": latency.unstable,
+                "reported": _reported(ours, t.metrics, data.teacher, reference, task, target,
+                                      device)}
     # the trials are the front it confirmed: the report ignores the file once the front moved
     document = {"confirmed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "batch_size": batch, "anchor_ms": anchor,
@@ -103,6 +110,45 @@ def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[
         + (f"; trial{'s' if len(moved) > 1 else ''} {', '.join(moved)} would move (see the "
            "report)" if moved else ""))
     return document
+
+
+def _reported(ours: Any, metrics: dict[str, Any], teacher: dict[str, Any], reference: Any,
+              task: Any, target: Any, device: Any) -> dict[str, dict[str, Any]]:
+    """The trial's latency at each of the target's other batch sizes, by batch size: timed
+    here against the teacher to ``REPORTED_PRECISION`` (alone on CUDA), or taken from its
+    record where the search timed it (a run from before reported sizes were left to this
+    pass); with the speedup over the teacher's figure at that batch size."""
+    reported = {}
+    for position, batch in enumerate(target.batch_sizes):
+        if position == 0:
+            continue
+        suffix = metric_suffix(position, batch)
+        teacher_ms = teacher.get(f"latency{suffix}_ms")
+        if f"latency{suffix}_ms" in metrics:
+            ms, low, high, unstable, timed = (
+                metrics[f"latency{suffix}_ms"], metrics.get(f"latency{suffix}_ratio_low"),
+                metrics.get(f"latency{suffix}_ratio_high"),
+                bool(metrics.get(f"latency{suffix}_unstable")), "search")
+        else:
+            x = ours.native(task.example_inputs(batch))
+            if device.type == "cpu" and batch in reference.anchor_ms:
+                latency = paired_latency(ours.run, x, reference.executable.run,
+                                         reference.inputs(task, batch),
+                                         anchor_ms=reference.anchor_ms[batch], batch_size=batch,
+                                         threads=target.threads,
+                                         reference_batch=reference.batch[batch],
+                                         precision=REPORTED_PRECISION, trusted=REPORTED_PRECISION)
+            else:
+                latency = measure_latency(ours.run, x, device=device, threads=target.threads,
+                                          cuda_graph=target.cuda_graphs, max_cv=target.max_cv,
+                                          max_repeats=target.max_repeats)
+            ms, low, high, unstable, timed = (latency.median_ms, latency.ratio_low,
+                                              latency.ratio_high, latency.unstable, "confirmation")
+        reported[str(batch)] = {
+            "latency_ms": ms, "ratio_low": low, "ratio_high": high, "unstable": unstable,
+            "speedup": round(teacher_ms / ms, 4) if teacher_ms and ms else None,
+            "timed_in": timed}
+    return reported
 
 
 def _flagged(data: ReportData, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -66,3 +66,42 @@ def test_a_cached_latency_is_reused_only_on_the_same_footing() -> None:
     assert not same(latency(0.4), paired, 1)  # another run's anchor
     assert not same(latency(None), paired, 1)  # probe-scaled, from before the ratio
     assert same(latency(None), alone, 1) and not same(latency(0.5), alone, 1)
+
+
+def test_reported_batch_sizes_are_timed_for_the_front_once(monkeypatch) -> None:
+    """A search times trials at the objective's batch size only; the confirmation pass times
+    each Pareto trial at the others, to the reported figures' looser interval, against the
+    teacher at its reference batch; a figure the trial's record already has is kept."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from slimsearch import confirm
+    from slimsearch.evaluators import REPORTED_PRECISION, Latency
+
+    asked = []
+
+    def spy(run, x, reference_run, reference_x, **protocol) -> Latency:
+        asked.append(protocol)
+        return Latency(median_ms=2.0, p90_ms=2.1, cv=0.01, samples=8, calls_per_sample=1,
+                       warmup_calls=0, device="cpu", batch_size=protocol["batch_size"],
+                       threads=1, ratio=0.25, ratio_low=0.24, ratio_high=0.26)
+
+    monkeypatch.setattr(confirm, "paired_latency", spy)
+    ours = SimpleNamespace(native=lambda x: x, run=lambda x: x)
+    reference = SimpleNamespace(anchor_ms={1: 0.5, 32: 8.0}, batch={1: 1, 32: 1},
+                                executable=ours, inputs=lambda task, batch: batch)
+    task = SimpleNamespace(example_inputs=lambda batch: batch)
+    target = SimpleNamespace(batch_sizes=(1, 32, 64), threads=1)
+    teacher = {"latency_ms": 0.5, "latency_b32_ms": 8.0, "latency_b64_ms": 16.0}
+    searched = {"latency_b64_ms": 4.0, "latency_b64_ratio_low": 0.2,
+                "latency_b64_ratio_high": 0.3}  # a run from before: its search timed batch 64
+    reported = confirm._reported(ours, {"latency_ms": 0.1, **searched}, teacher, reference,
+                                 task, target, torch.device("cpu"))
+    assert reported["32"] == {"latency_ms": 2.0, "ratio_low": 0.24, "ratio_high": 0.26,
+                              "unstable": False, "speedup": 4.0, "timed_in": "confirmation"}
+    assert reported["64"]["timed_in"] == "search" and reported["64"]["speedup"] == 4.0
+    assert len(asked) == 1  # batch 64 was not timed again
+    assert asked[0]["batch_size"] == 32 and asked[0]["reference_batch"] == 1
+    assert asked[0]["precision"] == asked[0]["trusted"] == REPORTED_PRECISION
+    assert asked[0]["anchor_ms"] == 8.0

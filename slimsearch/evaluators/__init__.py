@@ -2,6 +2,7 @@
 
 from slimsearch.evaluators._base import (
     DEFAULT_EVALUATORS,
+    REPORTED_PRECISION,
     AccuracyEvaluator,
     EvalContext,
     Evaluator,
@@ -20,6 +21,7 @@ from slimsearch.timing.latency import Latency, measure_latency
 
 __all__ = [
     "DEFAULT_EVALUATORS",
+    "REPORTED_PRECISION",
     "AccuracyEvaluator",
     "EvalContext",
     "Evaluator",

@@ -28,9 +28,9 @@ Metric = float | int | str
 
 #: The target's other batch sizes are reported, not searched on: their ratio is timed to this
 #: fraction (each side of its ~95% interval; the objective's is ``paired.PRECISION``) and
-#: trusted within it. At batch 1 a digits-cnn student's per-round ratio swung by +-15% on the
-#: reference VM, and reaching 5% took a median 43 rounds: a twentieth of every trial, for a
-#: figure that decides nothing.
+#: trusted within it, and only for the front (``confirm``), not for every trial. At batch 1 a
+#: digits-cnn student's per-round ratio swung by +-15% on the reference VM, and reaching 5%
+#: took a median 43 rounds: a twentieth of every trial, for a figure that decides nothing.
 REPORTED_PRECISION = 0.10
 
 
@@ -135,6 +135,10 @@ class EvalContext:
     reference: Reference | None = None
     #: This model is the run's reference: timed alone, at rest (``timing.rested_latency``).
     is_reference: bool = False
+    #: Which of the target's batch sizes to time; None: all of them. A search times a trial
+    #: at the objective's only: the others are reported for the front, and the confirmation
+    #: pass times them there (``confirm``).
+    batch_sizes: tuple[int, ...] | None = None
 
     @property
     def artifact(self) -> Path:
@@ -222,7 +226,8 @@ class SizeEvaluator:
 @dataclass(frozen=True)
 class LatencyEvaluator:
     """``latency_ms`` (median per call), its spread, p90, samples and peak memory at the
-    target's first batch size; the same as ``latency_b<N>_*`` for its other batch sizes.
+    target's first batch size; the same as ``latency_b<N>_*`` for its other batch sizes
+    (those of ``context.batch_sizes``: all unless it says otherwise).
 
     On the CPU with a reference, each figure is the model's time as a ratio to the
     reference's in the same moments, times the reference's latency at the start of the run
@@ -237,8 +242,11 @@ class LatencyEvaluator:
 
     def __call__(self, context: EvalContext) -> dict[str, Metric]:
         target, executable = context.target, context.executable
+        timed = context.batch_sizes or target.batch_sizes
         metrics: dict[str, Metric] = {}
         for position, batch in enumerate(target.batch_sizes):
+            if batch not in timed:
+                continue
             suffix = metric_suffix(position, batch)
             key = executable.signature(batch)
             # the reference is timed at rest, never taken from the cache (but put in it: a

@@ -245,8 +245,7 @@ def _pareto_table(data: ReportData) -> str:
         scaled += (" <span class='flag' title='its ratio to the teacher did not settle, even "
                    "measured again later: the slow end of its interval'>unstable</span>"
                    if m.get("latency_unstable") and m.get("latency_ratio") else "")
-        extra = "".join(f"<td>{m[f'speedup_b{b}']:.2f}x</td>" if f"speedup_b{b}" in m
-                        else "<td>?</td>" for b in extra_batches)
+        extra = "".join(_reported_cell(data, t.number, m, b) for b in extra_batches)
         command = f"slimsearch export {run_dir} --trial {t.number} --out exported/trial-{t.number}"
         origin = t.baseline or t.start or (t.refine and f"refines {t.refine}")
         label = f" ({origin})" if origin else ""
@@ -339,6 +338,18 @@ def _confirmed_cell(data: ReportData, number: int) -> str:
     return (f"<td data-v='{found['latency_ms']}'>{found['latency_ms']:.4f}"
             f" <small>({found['latency_ms'] / found['search_latency_ms'] - 1:+.1%})</small>"
             f"{unstable}{flag}</td>")
+
+
+def _reported_cell(data: ReportData, number: int, m: dict, batch: int) -> str:
+    """The speedup at a reported batch size: the confirmation pass times it for the front
+    (a trial of a run from before that has it in its own record)."""
+    found = ((data.confirmed or {}).get("trials", {}).get(str(number), {})
+             .get("reported", {}).get(str(batch), {}))
+    speedup = m.get(f"speedup_b{batch}", found.get("speedup"))
+    if speedup is None:
+        return ("<td title='timed for the front by the confirmation pass: slimsearch report "
+                "RUN --confirm'>?</td>")
+    return f"<td data-v='{speedup}'>{speedup:.2f}x</td>"
 
 
 def _latency_spread(m: dict) -> str:
