@@ -81,19 +81,9 @@ def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[
         reference = reference_from_metrics(executable(folder.teacher / MODEL_FILE, "teacher"),
                                            data.teacher, target.batch_sizes)
         anchor = reference.anchor_ms[batch]
-        teacher_input = reference.inputs(task, batch)
         for t in data.pareto:
             ours = executable(folder.trial(t.number) / MODEL_FILE, f"trial-{t.number}")
-            x = ours.native(task.example_inputs(batch))
-            if device.type == "cpu":
-                latency = paired_latency(ours.run, x, reference.executable.run, teacher_input,
-                                         anchor_ms=anchor, batch_size=batch,
-                                         threads=target.threads, precision=PRECISION,
-                                         reference_batch=reference.batch[batch])
-            else:  # CUDA events time the device alone; no neighbour shares it
-                latency = measure_latency(ours.run, x, device=device, threads=target.threads,
-                                          cuda_graph=target.cuda_graphs, max_cv=target.max_cv,
-                                          max_repeats=target.max_repeats)
+            latency = _timed(ours, batch, reference, task, target, device, precision=PRECISION)
             found[str(t.number)] = {
                 "latency_ms": latency.median_ms, "search_latency_ms": t.metrics["latency_ms"],
                 "ratio": latency.ratio, "ratio_low": latency.ratio_low,
@@ -110,6 +100,22 @@ def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[
         + (f"; trial{'s' if len(moved) > 1 else ''} {', '.join(moved)} would move (see the "
            "report)" if moved else ""))
     return document
+
+
+def _timed(ours: Any, batch: int, reference: Any, task: Any, target: Any, device: Any,
+           **interval: float) -> Any:
+    """``ours`` at ``batch``: on the CPU, against the teacher in the same moments, to
+    ``interval`` (``paired_latency``'s precision and trust); on CUDA, alone (CUDA events time
+    the device alone; no neighbour shares it)."""
+    x = ours.native(task.example_inputs(batch))
+    if device.type == "cpu" and batch in reference.anchor_ms:
+        return paired_latency(ours.run, x, reference.executable.run, reference.inputs(task, batch),
+                              anchor_ms=reference.anchor_ms[batch], batch_size=batch,
+                              threads=target.threads, reference_batch=reference.batch[batch],
+                              **interval)
+    return measure_latency(ours.run, x, device=device, threads=target.threads,
+                           cuda_graph=target.cuda_graphs, max_cv=target.max_cv,
+                           max_repeats=target.max_repeats)
 
 
 def _reported(ours: Any, metrics: dict[str, Any], teacher: dict[str, Any], reference: Any,
@@ -130,18 +136,8 @@ def _reported(ours: Any, metrics: dict[str, Any], teacher: dict[str, Any], refer
                 metrics.get(f"latency{suffix}_ratio_high"),
                 bool(metrics.get(f"latency{suffix}_unstable")), "search")
         else:
-            x = ours.native(task.example_inputs(batch))
-            if device.type == "cpu" and batch in reference.anchor_ms:
-                latency = paired_latency(ours.run, x, reference.executable.run,
-                                         reference.inputs(task, batch),
-                                         anchor_ms=reference.anchor_ms[batch], batch_size=batch,
-                                         threads=target.threads,
-                                         reference_batch=reference.batch[batch],
-                                         precision=REPORTED_PRECISION, trusted=REPORTED_PRECISION)
-            else:
-                latency = measure_latency(ours.run, x, device=device, threads=target.threads,
-                                          cuda_graph=target.cuda_graphs, max_cv=target.max_cv,
-                                          max_repeats=target.max_repeats)
+            latency = _timed(ours, batch, reference, task, target, device,
+                             precision=REPORTED_PRECISION, trusted=REPORTED_PRECISION)
             ms, low, high, unstable, timed = (latency.median_ms, latency.ratio_low,
                                               latency.ratio_high, latency.unstable, "confirmation")
         reported[str(batch)] = {
