@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from slimsearch.compression.pipeline import left_float  # noqa: E402
 from slimsearch.compression.pruning import prune_structured, structured_blockers  # noqa: E402
-from slimsearch.runtimes.int8 import _static_graph_or_why  # noqa: E402
+from slimsearch.runtimes.int8 import _static_int8_or_why  # noqa: E402
 from slimsearch.spaces import LayerRecipe, Recipe, compressible_layers  # noqa: E402
 from slimsearch.tasks.attention import ROLES, attention_blocks  # noqa: E402
 from tests.test_architectures import ARCHITECTURES  # noqa: E402
@@ -79,9 +79,9 @@ def summarise(name: str) -> dict[str, str]:
     linear = [i.name for i in infos if isinstance(modules[i.name], nn.Linear)]
     static = "one tensor input needed"
     if isinstance(example, torch.Tensor):
-        graph, why = _static_graph_or_why(model, [i.name for i in infos], list(example.shape[1:]),
-                                          inputs(8))
-        static = "yes" if graph is not None else f"no, dynamic instead ({why[:110]})"
+        form, why = _static_int8_or_why(model, [i.name for i in infos], list(example.shape[1:]),
+                                        batch=inputs(8), calibration=inputs(8))
+        static = "yes" if form is not None else f"no, dynamic instead ({why[:110]})"
     recipe = Recipe(student={}, layers={i.name: LayerRecipe(bits=8) for i in infos})
     untouched = left_float(model, recipe)
     reached = {f"{i.name}.weight" for i in infos}

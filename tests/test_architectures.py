@@ -32,7 +32,7 @@ from slimsearch.compression.quantization import quantize_layers_
 from slimsearch.errors import TrialError
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes import RUNTIMES, ExecutionPlan, build_executable
-from slimsearch.runtimes.int8 import _calibrated, _converted, _static_graph_or_why, engine
+from slimsearch.runtimes.int8 import _static_int8_or_why, engine
 from slimsearch.spaces import LayerRecipe, Recipe, compressible_layers
 from slimsearch.tasks import factory_path, model_factory
 from slimsearch.tasks.attention import HeadAttention, attention_blocks, unpack_attention
@@ -337,12 +337,13 @@ def test_int8_kernels_run_every_architecture(name: str) -> None:
     if not isinstance(x, torch.Tensor):
         return  # static int8 is traced with one input tensor; dynamic is what runs
     batch = inputs(64)
-    graph, why = _static_graph_or_why(model, list(layers), list(x.shape[1:]), batch)
+    form, why = _static_int8_or_why(model, list(layers), list(x.shape[1:]), batch=batch,
+                                    calibration=batch)
     if name == "resnet18":  # `out += identity` stays a float op on int8 tensors: said, not run
-        assert graph is None and "fails to run" in why
+        assert form is None and "fails to run" in why
         return
-    assert graph is not None, why
-    static = _converted(_calibrated(graph, batch))
+    assert form is not None, why
+    static = form.module
     assert any("quantized" in type(m).__module__ for m in static.modules())
     error = (outputs(static, batch) - outputs(model, batch)).abs().max()
     assert error < 0.1 * outputs(model, batch).abs().max() + 0.05

@@ -88,13 +88,15 @@ def test_plan_measures_every_candidate_and_never_picks_an_unmeasured_layer() -> 
     plan = plan_execution(compressed.model, bits, batch=batch, calibration=batch, activation_bits=8,
                           threads=1)
     assert set(plan.layers) == {n for n, b in bits.items() if b <= 8}
-    assert all({"float_ms", "int8_ms"} <= set(plan.decisions[n]) for n in plan.layers)
     model_level = plan.decisions["model"]
     chosen = model_level["chosen"]
-    # what runs is the fastest option for the whole model, and int8 only with a clear margin
-    fastest = min(v for k, v in model_level.items() if k.endswith(" ms"))
+    # the whole model on int8 is timed first; each layer alone only when it lost to float
+    assert "all int8 ms" in model_level
+    if chosen != "all int8":
+        assert all({"float_ms", "int8_ms"} <= set(plan.decisions[n]) for n in plan.layers)
+    # what runs is int8 only with a clear margin over float, timed in the same turns
     if chosen != "float":
-        assert model_level[f"{chosen} ms"] == fastest < (1 - MARGIN) * model_level["float ms"]
+        assert model_level[f"{chosen} ms"] < (1 - MARGIN) * model_level["float ms"]
     if chosen == "float":
         assert plan.int8_layers == [] and plan.ranges == {}
     elif chosen == "all int8":
@@ -103,6 +105,44 @@ def test_plan_measures_every_candidate_and_never_picks_an_unmeasured_layer() -> 
         for name, how in plan.layers.items():
             faster = plan.decisions[name]["int8_ms"] < (1 - MARGIN) * plan.decisions[name]["float_ms"]
             assert how == ("int8" if faster else "float")
+
+
+@pytest.mark.parametrize("all_int8_wins", [True, False])
+def test_layers_are_timed_alone_only_when_the_whole_model_on_int8_loses(
+        monkeypatch: pytest.MonkeyPatch, all_int8_wins: bool) -> None:
+    import slimsearch.runtimes.int8 as int8
+
+    compressed = _compressed(digits_cnn, {"width": 0.5}, bits=8)
+    bits = {n: 8 for n, m in compressed.model.named_modules()
+            if isinstance(m, nn.Conv2d | nn.Linear)}
+    timed_forms: list[set[str]] = []
+    alone: list[str] = []
+    first = next(iter(bits))
+
+    def fake_time(forms: dict, x: object, threads: int, **protocol: float) -> dict[str, float]:
+        timed_forms.append(set(forms))
+        return {"float": 10.0, "all int8": 3.0 if all_int8_wins else 11.0, "per layer": 8.0}
+
+    def fake_layer_times(layer: nn.Module, x: object, mode: str, threads: int):
+        alone.append(mode)
+        return (1.0, 2.0) if layer is compressed.model.get_submodule(first) else (1.0, 0.5)
+
+    monkeypatch.setattr(int8, "_time", fake_time)
+    monkeypatch.setattr(int8, "_layer_times", fake_layer_times)
+    monkeypatch.setattr(int8, "_MODEL_CACHE", {})
+    batch = torch.randn(8, 1, 32, 32)
+    plan = plan_execution(compressed.model, bits, batch=batch, calibration=batch,
+                          activation_bits=8, threads=1)
+    if all_int8_wins:  # decided whole: no layer timed alone, no mixed form built
+        assert timed_forms == [{"float", "all int8"}] and alone == []
+        assert plan.decisions["model"]["chosen"] == "all int8"
+        assert set(plan.int8_layers) == set(bits) and plan.ranges
+    else:  # all-int8 lost: each layer timed alone, and the mix they propose timed whole
+        assert timed_forms == [{"float", "all int8"}, {"float", "per layer"}]
+        assert len(alone) == len(bits)
+        assert plan.decisions["model"]["chosen"] == "per layer"
+        assert plan.layers[first] == "float"
+        assert set(plan.int8_layers) == set(bits) - {first}
 
 
 def test_float_activations_only_put_linear_layers_on_int8() -> None:

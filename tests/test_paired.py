@@ -9,6 +9,7 @@ The end-to-end test runs a real search while two busy processes load both cores.
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 import subprocess
@@ -68,12 +69,22 @@ def test_a_short_reference_fills_as_much_time_as_a_long_model_takes() -> None:
     # a 20 ms model beside a 2.5 ms reference: the model takes one sample a round, the
     # reference as many as fill about the same time (not one sample after its untimed call)
     machine = FakeMachine(jitter=0.01)
-    paired = measure_paired(machine.model(0.02), X, machine.model(0.0025), X,
+    calls = {"model": 0}
+    model = machine.model(0.02)
+
+    def counted(x: object) -> None:
+        calls["model"] += 1
+        model(x)
+
+    paired = measure_paired(counted, X, machine.model(0.0025), X,
                             clock=machine.clock, min_rounds=6, max_seconds=2.0)
     assert paired.ratio == pytest.approx(8.0, rel=0.03)
     assert paired.samples == paired.rounds  # one sample of the model a round
-    # a round: the model's untimed and timed call, the reference's untimed call, its window
-    reference_window_s = paired.seconds / paired.rounds - 2 * 0.02 - 0.0025
+    # the rounds: the model's calls (an untimed one only after the reference ran), the
+    # reference's untimed call where it follows the model (every other round), its windows
+    model_s = (calls["model"] - paired.warmup_calls) * 0.02
+    reference_untimed_s = math.ceil(paired.rounds / 2) * 0.0025
+    reference_window_s = (paired.seconds - model_s - reference_untimed_s) / paired.rounds
     assert reference_window_s >= 0.8 * 0.02
 
 

@@ -9,9 +9,11 @@ what was measured:
   adds, BatchNorm folding and flatten are handled by PyTorch, not by us);
 - ``dynamic``: float activations, int8 weights; Linear layers run the dynamic int8 kernel.
 
-A layer runs int8 only when it was measured faster than its float form at the target batch
-size (int8 kernels lose to float at batch 1 on small CPUs and win at batch 256), and the whole
-model only when it is faster than all-float. Layers with weights of fewer than 8 bits run on
+Layers run int8 only where that was measured faster at the target batch size (int8 kernels
+lose to float at batch 1 on small CPUs and win at batch 256): static int8 is first timed with
+every candidate on it, against all-float; when that loses (and for dynamic int8) each layer is
+timed alone against its float form, and the mix of the winners runs only when the whole model
+then beats all-float. Layers with weights of fewer than 8 bits run on
 the int8 kernel too: their values sit on a coarser grid, requantized to int8 at load.
 """
 
@@ -156,13 +158,23 @@ def build_executable(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
     return _converted(prepared)
 
 
-def _static_graph_or_why(model: nn.Module, layers: list[str], input_shape: list[int],
-                         batch: torch.Tensor | None = None) -> tuple[nn.Module | None, str | None]:
-    """``model`` prepared for static int8 of ``layers`` (observers in place), or None and why
-    torch.fx cannot trace it: static int8 needs its graph. The tracing check is the first
-    preparation a plan needs anyway. With ``batch``, a converted copy must also run on it:
-    a graph can trace and still fail on int8 tensors (torchvision's ResNet adds its residual
-    in place, ``out += identity``, which the int8 graph leaves as a float op on int8 inputs)."""
+@dataclass
+class Int8Form:
+    """A model with the given layers on static int8: its executable form and the activation
+    ranges it was calibrated to (what a plan stores)."""
+
+    module: nn.Module
+    ranges: dict[str, list[float]]
+
+
+def _static_int8_or_why(model: nn.Module, layers: list[str], input_shape: list[int], *,
+                        batch: Inputs, calibration: Inputs) -> tuple[Int8Form | None, str | None]:
+    """``model`` with ``layers`` on static int8, calibrated on ``calibration``; or None and
+    why not. Static int8 needs the model's graph (torch.fx must trace it), and a graph can
+    trace and still fail on int8 tensors (torchvision's ResNet adds its residual in place,
+    ``out += identity``, which the int8 graph leaves as a float op on int8 inputs), so the
+    converted form must also run on ``batch``. That run is its first call, and the form is
+    what a plan times as "all int8": it is not prepared and converted again."""
     def why(exc: Exception) -> str:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
@@ -171,13 +183,15 @@ def _static_graph_or_why(model: nn.Module, layers: list[str], input_shape: list[
             prepared = _prepare_static(model, layers, input_shape)
     except Exception as exc:  # torch.fx raises TraceError, TypeError, ... on dynamic code
         return None, f"torch.fx cannot trace it with one input tensor: {why(exc)}"
-    if batch is not None:
-        try:  # (torch.fx prints the failing line of its generated code to stderr: not ours)
-            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                _converted(_calibrated(copy.deepcopy(prepared), batch))(batch)
-        except Exception as exc:  # the quantized kernels raise RuntimeError, NotImplementedError...
-            return None, f"its int8 graph fails to run: {why(exc)}"
-    return prepared, None
+    calibrated = _calibrated(prepared, calibration)
+    ranges = _ranges(calibrated)
+    try:  # (torch.fx prints the failing line of its generated code to stderr: not ours)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            converted = _converted(calibrated)
+            call_model(converted, batch)
+    except Exception as exc:  # the quantized kernels raise RuntimeError, NotImplementedError...
+        return None, f"its int8 graph fails to run: {why(exc)}"
+    return Int8Form(converted, ranges), None
 
 
 def _calibrated(prepared: nn.Module, data: torch.Tensor) -> nn.Module:
@@ -233,8 +247,10 @@ LAYER_PROTOCOL = {"rounds": 6, "window_s": 0.001}
 #: The whole model's forms are timed for at most this many rounds: a choice the rounds have
 #: not made by then is a near-tie (a form within a few percent of the margin), and either
 #: answer is as fast as the other within that. (At 10, one dynamic student at 0.99 of float
-#: took 2.0 s of its 4-5 s trial.)
-MODEL_PROTOCOL = {"rounds": 6}
+#: took 2.0 s of its 4-5 s trial.) No warm-up before the rounds: the first round's untimed
+#: call of each form is one (a call of a new form at batch 256 ran 1.1-2x slow, the second
+#: within 4% of the steady speed), and a 15-35 ms float call more was 10% of the plan.
+MODEL_PROTOCOL = {"rounds": 6, "warmup_s": 0.0}
 
 _LAYER_CACHE: dict[tuple, tuple[float, float]] = {}
 #: Whole-model decisions by form (see plan_execution): (mode, layers, decisions).
@@ -306,68 +322,79 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
     if asked == "static" and not one_tensor:
         mode, untraceable = "dynamic", f"the model takes {describe(batch)}, not one tensor"
     elif asked == "static" and low_bits:
-        all_int8, untraceable = _static_graph_or_why(model, low_bits, input_shape, batch)
+        all_int8, untraceable = _static_int8_or_why(model, low_bits, input_shape, batch=batch,
+                                                    calibration=samples())
         if all_int8 is None:  # e.g. data-dependent control flow in forward
             mode = "dynamic"
     kinds = nn.Conv2d | nn.Linear if mode == "static" else nn.Linear
     candidates = [n for n in low_bits if isinstance(modules[n], kinds)]
     if not candidates:
         return None
-    plan = ExecutionPlan(mode=mode, layers={}, input_shape=input_shape, engine=name_of_engine)
-    inputs = layer_inputs(model.eval(), candidates, batch)
-    for name in candidates:
-        float_ms, int8_ms = _layer_times(modules[name], inputs[name], mode, threads)
-        plan.layers[name] = "int8" if int8_ms < (1 - MARGIN) * float_ms else "float"
-        plan.decisions[name] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
+    plan = ExecutionPlan(mode=mode, layers=dict.fromkeys(candidates, "float"),
+                         input_shape=input_shape, engine=name_of_engine)
     if untraceable is not None:
         plan.decisions["static"] = f"dynamic int8 instead of static: {untraceable}"
-    _choose_for_the_whole_model(model, plan, candidates, batch=batch, calibration=samples,
-                                threads=threads, all_int8=all_int8)
+    # Static int8 is first tried whole: a chain of int8 layers pays no quantize/dequantize
+    # between them, and when it beats float the choice is made. Each layer alone is timed only
+    # when it does not, for a mix (at batch 1, where int8 kernels lose to float on small CPUs).
+    # At batch 256 a per-layer mix beat all-int8 in 3 of 13 digits-cnn plans, by 1.5-4.5%:
+    # under MARGIN, a tie by the plan's own rule; its layer timings and its extra form took a
+    # third of the plan's time.
+    if all_int8 is None or not _choose_for_the_whole_model(
+            model, plan, {"all int8": dict.fromkeys(candidates, "int8")}, batch=batch,
+            calibration=samples, threads=threads, ready=all_int8):
+        inputs = layer_inputs(model.eval(), candidates, batch)
+        per_layer = {}
+        for name in candidates:
+            float_ms, int8_ms = _layer_times(modules[name], inputs[name], mode, threads)
+            per_layer[name] = "int8" if int8_ms < (1 - MARGIN) * float_ms else "float"
+            plan.decisions[name] = {"float_ms": round(float_ms, 4), "int8_ms": round(int8_ms, 4)}
+        # (static, and every layer faster on int8 alone: that is all-int8, which lost)
+        if all_int8 is None or "float" in per_layer.values():
+            _choose_for_the_whole_model(model, plan, {"per layer": per_layer}, batch=batch,
+                                        calibration=samples, threads=threads)
     _MODEL_CACHE[key] = (mode, dict(plan.layers), copy.deepcopy(plan.decisions))
     return plan
 
 
-def _choose_for_the_whole_model(model: nn.Module, plan: ExecutionPlan, candidates: list[str], *,
-                                batch: Inputs, calibration: Callable[[], Inputs], threads: int,
-                                all_int8: nn.Module | None = None) -> None:
-    """Time the whole model on float and on the int8 options and keep the fastest in ``plan``.
+def _choose_for_the_whole_model(model: nn.Module, plan: ExecutionPlan,
+                                options: dict[str, dict[str, str]], *, batch: Inputs,
+                                calibration: Callable[[], Inputs], threads: int,
+                                ready: Int8Form | None = None) -> bool:
+    """Time the whole model on float and on ``options`` (label: each candidate layer's
+    kernel) and keep the fastest in ``plan`` when it beats float by MARGIN; whether one did.
 
-    Static: per-layer timings include a quantize/dequantize at each layer's borders, which a
-    chain of int8 layers does not pay; so the whole model is timed float vs the per-layer
-    choice vs every candidate on int8 (``all_int8``: the model already prepared for that).
-    Dynamic layers quantize their input on every call, chained or not: only the per-layer
-    choice is checked as a whole, and when no layer won there is nothing to check."""
-    options = {"per layer": plan.layers}
-    if plan.mode == "static":
-        options["all int8"] = dict.fromkeys(candidates, "int8")
-    if "int8" not in (v for layers in options.values() for v in layers.values()):
-        plan.decisions["model"] = {"chosen": "float", "why": "no layer was faster on int8"}
-        return
-    built: dict[str, ExecutionPlan] = {}
+    Static options are prepared, calibrated and converted (``ready``: the option that puts
+    every candidate on int8, already built); dynamic ones are built from the plan.
+    The timings are added to ``plan.decisions["model"]``, beside those of earlier calls."""
+    record = plan.decisions.setdefault("model", {})
     forms: dict[str, nn.Module] = {"float": model}
+    built: dict[str, ExecutionPlan] = {}
     for label, layers in options.items():
-        if "int8" not in layers.values() or any(layers == b.layers for b in built.values()):
+        if "int8" not in layers.values():
             continue
         option = ExecutionPlan(mode=plan.mode, layers=dict(layers), input_shape=plan.input_shape,
                                engine=plan.engine, decisions=plan.decisions)
-        if plan.mode == "static":
-            everything = all_int8 is not None and set(option.int8_layers) == set(candidates)
+        if plan.mode == "static" and ready is not None and set(option.int8_layers) == set(layers):
+            forms[label], option.ranges = ready.module, ready.ranges
+        elif plan.mode == "static":
             with _quiet():
-                prepared = (all_int8 if everything
-                            else _prepare_static(model, option.int8_layers, plan.input_shape))
+                prepared = _prepare_static(model, option.int8_layers, plan.input_shape)
             calibrated = _calibrated(prepared, calibration())
             option.ranges = _ranges(calibrated)
             forms[label] = _converted(calibrated)
         else:
             forms[label] = build_executable(model, option)
         built[label] = option
+    if not built:
+        record.update({"chosen": "float", "why": "no layer was faster on int8"})
+        return False
     timings = _time(forms, batch, threads, **MODEL_PROTOCOL)
-    best = min(timings, key=timings.get)
-    if timings[best] >= (1 - MARGIN) * timings["float"]:
-        best = "float"
-    plan.decisions["model"] = {**{f"{k} ms": round(v, 4) for k, v in timings.items()},
-                               "chosen": best}
-    if best == "float":  # never slower by accident, as a whole either
-        plan.layers, plan.ranges = dict.fromkeys(candidates, "float"), {}
-    else:
-        plan.layers, plan.ranges = built[best].layers, built[best].ranges
+    best = min(built, key=timings.get)
+    record.update({f"{k} ms": round(v, 4) for k, v in timings.items()})
+    if timings[best] >= (1 - MARGIN) * timings["float"]:  # never slower by accident, as a whole
+        record["chosen"] = "float"
+        return False
+    record["chosen"] = best
+    plan.layers, plan.ranges = built[best].layers, built[best].ranges
+    return True

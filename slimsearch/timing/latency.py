@@ -40,10 +40,13 @@ MAX_CALLS_PER_SAMPLE = 16
 #: CPU warm-up: at least this long (seconds) and this many calls (the first call of a new
 #: shape builds its kernels; a 55 ms call needs no ten more)...
 WARMUP_S = 0.02
-WARMUP_CALLS = 3
+WARMUP_CALLS = 1
 #: ... and then on while it still speeds up by more than SETTLED from one group of calls to
-#: the next (each at least WARMUP_CALLS calls and WARMUP_GROUP_S seconds, so that a group of
-#: fast calls is not mostly clock noise), for at most WARMUP_MAX_S seconds.
+#: the next (each at least one call and WARMUP_GROUP_S seconds, so that a group of fast calls
+#: is not mostly clock noise), for at most WARMUP_MAX_S seconds. With the allocator pinned,
+#: nine digits-cnn trials' executables at batch 256 (5-28 ms a call) ran at their steady speed
+#: from the second call on (within 2-4%; the first: 1.1-2x slower): groups of three calls, as
+#: before the pin, spent 9 calls (0.25 s of a 28 ms model) where 3 show it.
 SETTLED = 0.02
 WARMUP_GROUP_S = 0.005
 WARMUP_MAX_S = 0.5
@@ -285,8 +288,9 @@ def warm_up(fn: Callable[[Any], Any], x: Any, clock: Callable[[], float],
     """Warm ``fn`` up and size its samples so a sample lasts at least MIN_SAMPLE_S; the side
     and the warm-up calls. At least WARMUP_CALLS calls and ``warmup_s`` seconds, then on in
     groups while a group is still more than SETTLED faster than the one before (at most
-    WARMUP_MAX_S): a new int8 executable at batch 256 ran 21, 13, 9 ms and then drifted from
-    10.2 to 8.2 ms over 25 more calls, and ratios timed during that drift never settle."""
+    WARMUP_MAX_S): before the allocator was pinned, a new int8 executable at batch 256 ran
+    21, 13, 9 ms and then drifted from 10.2 to 8.2 ms over 25 more calls, and ratios timed
+    during such a drift never settle."""
     start, calls = clock(), 0
     while calls < WARMUP_CALLS or clock() - start < warmup_s:
         fn(x)
@@ -294,7 +298,7 @@ def warm_up(fn: Callable[[Any], Any], x: Any, clock: Callable[[], float],
     per_call, previous = (clock() - start) / calls, math.inf
     while clock() - start < WARMUP_MAX_S:
         began, group = clock(), 0
-        while group < WARMUP_CALLS or clock() - began < WARMUP_GROUP_S:
+        while group < 1 or clock() - began < WARMUP_GROUP_S:
             fn(x)
             group += 1
         calls += group
@@ -336,10 +340,10 @@ def compare_latency(forms: dict[str, Callable[[Any], Any]], inputs: Any, *, thre
                     decided_at: float | None = None, min_rounds: int = 3) -> dict[str, float]:
     """Median milliseconds per call of each of ``forms`` on ``inputs`` (CPU), for choosing
     between them: they are timed in turns, a short window each per round with the order
-    rotating, and each is reported as the first one's median times its median ratio to the
-    first within a round. Both sides of every ratio saw the same machine moments, so a
-    machine that slows down 1.5x for a second does not decide the choice. Each window starts
-    with an untimed call (the first call after another form ran is slower, see
+    forth and back, and each is reported as the first one's median times its median ratio to
+    the first within a round. Both sides of every ratio saw the same machine moments, so a
+    machine that slows down 1.5x for a second does not decide the choice. A window starts
+    with an untimed call when another form ran just before (that first call is slower, see
     ``timing.paired``).
 
     ``decided_at``: the ratio to the first form that the choice turns on (e.g. 0.95: "5%
@@ -358,9 +362,14 @@ def compare_latency(forms: dict[str, Callable[[Any], Any]], inputs: Any, *, thre
                 while time.perf_counter() - start < warmup_s:
                     fn(inputs)
             per_round: list[dict[str, float]] = []
+            last = None
             for r in range(rounds):
-                per_round.append(_one_round(forms, names[r % len(names):] + names[:r % len(names)],
-                                            inputs, window_s))
+                # forth, then back: no form always goes first, and the form at each end of a
+                # round runs again first in the next, with no untimed call (at batch 256,
+                # the float form's 15-35 ms call, every round but the first)
+                order = names if r % 2 == 0 else names[::-1]
+                per_round.append(_one_round(forms, order, inputs, window_s, after=last))
+                last = order[-1]
                 if decided_at is not None and _decided(per_round, names, decided_at, min_rounds):
                     break
         finally:
@@ -372,12 +381,16 @@ def compare_latency(forms: dict[str, Callable[[Any], Any]], inputs: Any, *, thre
 
 
 def _one_round(forms: dict[str, Callable[[Any], Any]], order: list[str], inputs: Any,
-               window_s: float) -> dict[str, float]:
+               window_s: float, *, after: str | None) -> dict[str, float]:
     """Each form's median ms per call in one window of at least ``window_s`` seconds, after
-    an untimed call (``Side.window``: the caches still hold the form before)."""
-    return {name: statistics.median(Side(forms[name], inputs, 1).window(time.perf_counter,
-                                                                         window_s))
-            for name in order}
+    an untimed call unless it ran just before (``after``; ``Side.window``: the caches still
+    hold the form before)."""
+    medians = {}
+    for name in order:
+        window = Side(forms[name], inputs, 1).window(time.perf_counter, window_s,
+                                                     switched=name != after)
+        medians[name], after = statistics.median(window), name
+    return medians
 
 
 def _decided(per_round: list[dict[str, float]], names: list[str], at: float,
