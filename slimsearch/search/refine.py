@@ -4,13 +4,10 @@ A sampler proposes whole recipes; near a good one it is slow, since every propos
 every layer at once. An expert's next step from a good point is one layer at a time: fewer
 bits or more sparsity where the layer tolerates it (smaller, faster), more bits or less
 sparsity where it hurts most (more accurate), structured pruning where it was unstructured
-(faster); or a trade of two such steps, one layer smaller where it costs little and another
-more accurate where it gives back much, with fewer weight bytes in all: the move that can
-beat a point on every objective at once (HAQ's mixed precision against uniform 8 bits).
-``propose`` picks a trial of the current front and such a change, guided by the sensitivity
-pre-pass (``search.sensitivity``), and returns the Optuna parameters of the neighbour, or
-None when every neighbour of the front was tried already. ``search.refine`` is the share of
-trials, after the first ``START_AFTER`` completed ones, that run one.
+(faster). ``propose`` picks a trial of the current front and such a change, guided by the
+sensitivity pre-pass (``search.sensitivity``), and returns the Optuna parameters of the
+neighbour, or None when every neighbour of the front was tried already. ``search.refine`` is
+the share of trials, after the first ``START_AFTER`` completed ones, that run one.
 
 The neighbour is a parameter change, not a recipe edit: a group of layers (space.groups)
 changes together, and a choice that brings a new conditional parameter along (a pruning
@@ -49,26 +46,17 @@ def propose(study: optuna.Study, space: SearchSpace, sensitivity: dict[str, Any]
              if t.state != TrialState.FAIL]
     front = list(study.best_trials)  # feasible trials only, when there are constraints
     rng.shuffle(front)
-    directions = ["smaller", "more accurate", "trade"]
-    rng.shuffle(directions)  # another direction only when the first has no untried move
+    directions = ["smaller", "more accurate"]
+    rng.shuffle(directions)  # the other direction only when the first has no untried move
     for trial, toward in ((t, d) for d in directions for t in front):
-        if toward == "trade":
-            changes = [(rank, [(down, a), (up, b)])
-                       for rank, down, a, up, b in _trades(trial.params, space, sensitivity)]
-        else:
-            changes = [(rank, [(name, value)])
-                       for rank, name, value in _moves(trial.params, space, sensitivity, toward)]
-        for _, change in sorted(changes, key=lambda c: c[0]):
-            params = dict(trial.params)
-            for name, value in change:
-                params[name] = value
-                if name.endswith(".sparsity") and value == 0:  # unpruned: no method to choose
-                    key = name.removesuffix(".sparsity")
-                    params = {k: v for k, v in params.items()
-                              if not k.startswith(f"{key}.pruning")}
+        moves = sorted(_moves(trial.params, space, sensitivity, toward), key=lambda m: m[0])
+        for _, name, value in moves:
+            params = dict(trial.params, **{name: value})
+            if name.endswith(".sparsity") and value == 0:  # unpruned: no method to choose
+                key = name.removesuffix(".sparsity")
+                params = {k: v for k, v in params.items() if not k.startswith(f"{key}.pruning")}
             if not any(_same(params, other) for other in tried):
-                return params, f"trial {trial.number}: " + ", ".join(
-                    f"{name} {trial.params[name]} -> {value}" for name, value in change)
+                return params, f"trial {trial.number}: {name} {trial.params[name]} -> {value}"
     return None
 
 
@@ -112,40 +100,6 @@ def _moves(params: dict[str, Any], space: SearchSpace, sensitivity: dict[str, An
                 moves.append((drops("sparsity", params.get(f"{key}.sparsity", 0.0)), name,
                               "structured"))
     return moves
-
-
-def _trades(params: dict[str, Any], space: SearchSpace,
-            sensitivity: dict[str, Any] | None) -> list[tuple[float, str, Any, str, Any]]:
-    """(rank, parameter, new value, parameter, new value) of every pair of one step smaller
-    in one layer's bits or sparsity and one step more accurate in another's that leaves fewer
-    weight bytes in all (weights x kept fraction x bits / 8; index and scale bytes aside).
-    The rank is what the pre-pass says the first step costs minus what the second gives back:
-    below 0, smaller and more accurate at once. Without a pre-pass there is no guide, and no
-    trade."""
-    if not (sensitivity or {}).get("layers"):
-        return []
-    student = dict(space.task.teacher_kwargs, **{k.removeprefix("student."): v
-                                                for k, v in params.items()
-                                                if k.startswith("student.") and k != "student.init"})
-    weights: dict[str, int] = {}
-    for info in space.layers_for(student):
-        key = space.groups.get(info.name, info.name)
-        weights[key] = weights.get(key, 0) + info.weights
-
-    def saved_bytes(name: str, value: Any) -> float:  # by setting parameter name to value
-        key, _, what = name.rpartition(".")
-        bits, kept = params.get(f"{key}.bits", 32), 1.0 - params.get(f"{key}.sparsity", 0.0)
-        if what == "bits":
-            return weights.get(key, 0) * kept * (bits - value) / 8
-        return weights.get(key, 0) * (value - (1.0 - kept)) * bits / 8
-
-    downs = [m for m in _moves(params, space, sensitivity, "smaller")
-             if m[1].endswith((".bits", ".sparsity"))]
-    ups = _moves(params, space, sensitivity, "more accurate")
-    return [(cost + back, down, a, up, b)
-            for cost, down, a in downs for back, up, b in ups
-            if down.rpartition(".")[0] != up.rpartition(".")[0]
-            and saved_bytes(down, a) + saved_bytes(up, b) > 0]
 
 
 def _choices(parameter: str, configured: tuple[str, ...]) -> tuple[str, ...]:
