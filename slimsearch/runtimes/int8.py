@@ -249,7 +249,8 @@ LAYER_PROTOCOL = {"rounds": 6, "window_s": 0.001}
 #: answer is as fast as the other within that. (At 10, one dynamic student at 0.99 of float
 #: took 2.0 s of its 4-5 s trial.) No warm-up before the rounds: the first round's untimed
 #: call of each form is one (a call of a new form at batch 256 ran 1.1-2x slow, the second
-#: within 4% of the steady speed), and a 15-35 ms float call more was 10% of the plan.
+#: within 4% of the steady speed); the comparisons' warm-ups took 1.2 s of the plans' 10 s in
+#: a 25-trial digits-cnn search at batch 256 (cProfile, layers' and whole models' together).
 MODEL_PROTOCOL = {"rounds": 6, "warmup_s": 0.0}
 
 _LAYER_CACHE: dict[tuple, tuple[float, float]] = {}
@@ -338,8 +339,8 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
     # between them, and when it beats float the choice is made. Each layer alone is timed only
     # when it does not, for a mix (at batch 1, where int8 kernels lose to float on small CPUs).
     # At batch 256 a per-layer mix beat all-int8 in 3 of 13 digits-cnn plans, by 1.5-4.5%:
-    # under MARGIN, a tie by the plan's own rule; its layer timings and its extra form took a
-    # third of the plan's time.
+    # under MARGIN, a tie by the plan's own rule; without its layer timings and its extra form
+    # the plans of a 25-trial search took 6 s instead of 10.
     if all_int8 is None or not _choose_for_the_whole_model(
             model, plan, {"all int8": dict.fromkeys(candidates, "int8")}, batch=batch,
             calibration=samples, threads=threads, ready=all_int8):
@@ -375,7 +376,7 @@ def _choose_for_the_whole_model(model: nn.Module, plan: ExecutionPlan,
             continue
         option = ExecutionPlan(mode=plan.mode, layers=dict(layers), input_shape=plan.input_shape,
                                engine=plan.engine, decisions=plan.decisions)
-        if plan.mode == "static" and ready is not None and set(option.int8_layers) == set(layers):
+        if plan.mode == "static" and ready is not None and "float" not in layers.values():
             forms[label], option.ranges = ready.module, ready.ranges
         elif plan.mode == "static":
             with _quiet():

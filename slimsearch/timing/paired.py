@@ -156,20 +156,18 @@ def _rounds(ours: Side, theirs: Side, warm: int, *, precision: float, min_rounds
     every_theirs: list[float] = []
     begin = clock()
     settled = False
-    last = ours  # warmed up last
     while len(ratios) < max_rounds:
         # The order alternates (candidate first, then reference first: neither side always
-        # goes first), so each side also runs twice in a row across rounds: the second of
-        # those windows follows itself and needs no untimed call (``Side.window``). At batch
-        # 256 that saves a 5-30 ms call of the candidate every other round.
+        # goes first), so the first window of a round follows the same side (the round
+        # before, or the candidate's warm-up) and needs no untimed call; the second follows
+        # the other side and starts with one (``Side.window``). At batch 256 that saves a
+        # 5-30 ms call of the candidate every other round.
         if len(ratios) % 2 == 0:
-            c = ours.window(clock, window_s, switched=last is not ours)
+            c = ours.window(clock, window_s, switched=False)
             r = theirs.window(clock, window_s)
-            last = theirs
         else:
-            r = theirs.window(clock, window_s, switched=last is not theirs)
+            r = theirs.window(clock, window_s, switched=False)
             c = ours.window(clock, window_s)
-            last = ours
         every_ours += c
         every_theirs += r
         ratios.append(statistics.median(c) / statistics.median(r))
