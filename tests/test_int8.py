@@ -21,7 +21,7 @@ from slimsearch.runtimes import (
     load_model,
     plan_execution,
 )
-from slimsearch.runtimes.int8 import MARGIN, _calibrate
+from slimsearch.runtimes.int8 import MARGIN, OPS_ENGINE, OnEngine, _calibrate
 from slimsearch.tasks import factory_path
 from slimsearch.tasks.digits import digits_cnn, digits_mlp
 from slimsearch.tasks.digits_resnet import digits_resnet
@@ -47,16 +47,19 @@ def _forced_plan(model: nn.Module, mode: str, shape: list[int], data: torch.Tens
     return plan
 
 
-@pytest.mark.parametrize(("factory", "kwargs", "shape", "mode"), [
-    (digits_cnn, {"width": 0.5}, [1, 32, 32], "static"),
-    (digits_resnet, {"width": 0.5, "depth": 1}, [1, 32, 32], "static"),
-    (digits_mlp, {"width": 0.5}, [64], "dynamic"),
+@pytest.mark.parametrize(("factory", "kwargs", "shape", "mode", "ops_engine"), [
+    (digits_cnn, {"width": 0.5}, [1, 32, 32], "static", None),
+    (digits_cnn, {"width": 0.5}, [1, 32, 32], "static", OPS_ENGINE),
+    (digits_resnet, {"width": 0.5, "depth": 1}, [1, 32, 32], "static", OPS_ENGINE),
+    (digits_mlp, {"width": 0.5}, [64], "dynamic", None),
 ])
 def test_int8_model_file_reloads_to_the_same_int8_model(tmp_path: Path, factory, kwargs: dict,
-                                                        shape: list[int], mode: str) -> None:
+                                                        shape: list[int], mode: str,
+                                                        ops_engine: str | None) -> None:
     compressed = _compressed(factory, kwargs, bits=4)
     data = torch.randn(64, *shape)
     plan = _forced_plan(compressed.model, mode, shape, data)
+    plan.ops_engine = ops_engine
     compressed.execution = plan.to_dict()
     path = save_artifact(compressed, tmp_path / "model.safetensors")
     loaded = load_model(path)
@@ -65,6 +68,7 @@ def test_int8_model_file_reloads_to_the_same_int8_model(tmp_path: Path, factory,
     assert any("quantized" in k for k in kinds), kinds
     expected = build_executable(compressed.model, plan)(data)
     assert torch.equal(loaded(data), expected)
+    assert isinstance(loaded, OnEngine) == (ops_engine is not None)
     # close to the float model it came from (int8 activations cost a little precision)
     reference = compressed.model(data)
     assert (expected - reference).abs().max() < 0.1 * reference.abs().max() + 0.05
@@ -90,16 +94,19 @@ def test_plan_measures_every_candidate_and_never_picks_an_unmeasured_layer() -> 
     assert set(plan.layers) == {n for n, b in bits.items() if b <= 8}
     model_level = plan.decisions["model"]
     chosen = model_level["chosen"]
-    # the whole model on int8 is timed first; each layer alone only when it lost to float
-    assert "all int8 ms" in model_level
-    if chosen != "all int8":
+    whole = chosen.startswith("all int8")
+    # the whole model on int8 is timed first, its ops on either engine; each layer alone only
+    # when that lost to float
+    assert {"all int8 ms", f"all int8, {OPS_ENGINE} ops ms"} <= set(model_level)
+    if not whole:
         assert all({"float_ms", "int8_ms"} <= set(plan.decisions[n]) for n in plan.layers)
     # what runs is int8 only with a clear margin over float, timed in the same turns
     if chosen != "float":
         assert model_level[f"{chosen} ms"] < (1 - MARGIN) * model_level["float ms"]
+    assert plan.ops_engine == (OPS_ENGINE if chosen.endswith(f"{OPS_ENGINE} ops") else None)
     if chosen == "float":
         assert plan.int8_layers == [] and plan.ranges == {}
-    elif chosen == "all int8":
+    elif whole:
         assert set(plan.int8_layers) == set(plan.layers) and plan.ranges
     else:
         for name, how in plan.layers.items():
@@ -121,7 +128,8 @@ def test_layers_are_timed_alone_only_when_the_whole_model_on_int8_loses(
 
     def fake_time(forms: dict, x: object, threads: int, **protocol: float) -> dict[str, float]:
         timed_forms.append(set(forms))
-        return {"float": 10.0, "all int8": 3.0 if all_int8_wins else 11.0, "per layer": 8.0}
+        times = {"float": 10.0, "all int8": 3.0 if all_int8_wins else 11.0, "per layer": 8.0}
+        return {label: times[label.split(",")[0]] for label in forms}  # engines tie
 
     def fake_layer_times(layer: nn.Module, x: object, mode: str, threads: int):
         alone.append(mode)
@@ -133,16 +141,72 @@ def test_layers_are_timed_alone_only_when_the_whole_model_on_int8_loses(
     batch = torch.randn(8, 1, 32, 32)
     plan = plan_execution(compressed.model, bits, batch=batch, calibration=batch,
                           activation_bits=8, threads=1)
+    ops = f"{OPS_ENGINE} ops"
     if all_int8_wins:  # decided whole: no layer timed alone, no mixed form built
-        assert timed_forms == [{"float", "all int8"}] and alone == []
+        assert timed_forms == [{"float", "all int8", f"all int8, {ops}"}] and alone == []
         assert plan.decisions["model"]["chosen"] == "all int8"
         assert set(plan.int8_layers) == set(bits) and plan.ranges
     else:  # all-int8 lost: each layer timed alone, and the mix they propose timed whole
-        assert timed_forms == [{"float", "all int8"}, {"float", "per layer"}]
+        assert timed_forms == [{"float", "all int8", f"all int8, {ops}"},
+                               {"float", "per layer", f"per layer, {ops}"}]
         assert len(alone) == len(bits)
         assert plan.decisions["model"]["chosen"] == "per layer"
         assert plan.layers[first] == "float"
         assert set(plan.int8_layers) == set(bits) - {first}
+    assert plan.ops_engine is None  # a tie keeps the weights' engine
+
+
+@pytest.mark.parametrize(("plain_ms", "on_ops_engine_ms", "expected"), [
+    (5.0, 3.0, OPS_ENGINE),  # faster by more than the margin
+    (5.0, 4.9, None),        # a tie keeps the weights' engine
+    (5.0, 6.0, None),
+])
+def test_the_ops_engine_runs_where_it_was_measured_faster(
+        monkeypatch: pytest.MonkeyPatch, plain_ms: float, on_ops_engine_ms: float,
+        expected: str | None) -> None:
+    import slimsearch.runtimes.int8 as int8
+
+    compressed = _compressed(digits_cnn, {"width": 0.5}, bits=8)
+    bits = {n: 8 for n, m in compressed.model.named_modules()
+            if isinstance(m, nn.Conv2d | nn.Linear)}
+    seen: dict[str, nn.Module] = {}
+
+    def fake_time(forms: dict, x: object, threads: int, **protocol: float) -> dict[str, float]:
+        seen.update(forms)
+        return {"float": 10.0, "all int8": plain_ms, f"all int8, {OPS_ENGINE} ops": on_ops_engine_ms}
+
+    monkeypatch.setattr(int8, "_time", fake_time)
+    monkeypatch.setattr(int8, "_MODEL_CACHE", {})
+    batch = torch.randn(8, 1, 32, 32)
+    plan = plan_execution(compressed.model, bits, batch=batch, calibration=batch,
+                          activation_bits=8, threads=1)
+    assert plan.ops_engine == expected and set(plan.int8_layers) == set(bits)
+    # the form timed on the other engine is the same int8 module, run with that engine set
+    on_engine = seen[f"all int8, {OPS_ENGINE} ops"]
+    assert isinstance(on_engine, OnEngine) and on_engine.module is seen["all int8"]
+    # traced runtimes are never offered it (a trace does not carry the engine)
+    int8._MODEL_CACHE.clear()
+    seen.clear()
+    plan_execution(compressed.model, bits, batch=batch, calibration=batch, activation_bits=8,
+                   threads=1, ops_engine=None)
+    assert set(seen) == {"float", "all int8"}
+
+
+def test_on_engine_runs_with_its_engine_and_sets_the_previous_one_back() -> None:
+    compressed = _compressed(digits_cnn, {"width": 0.5}, bits=8)
+    data = torch.rand(16, 1, 32, 32)
+    plan = _forced_plan(compressed.model, "static", [1, 32, 32], data)
+    plain = build_executable(compressed.model, plan)
+    plan.ops_engine = OPS_ENGINE
+    on_engine = build_executable(compressed.model, plan)
+    engines: list[str] = []
+    on_engine.module.register_forward_pre_hook(
+        lambda *_: engines.append(torch.backends.quantized.engine))
+    before = torch.backends.quantized.engine
+    # the same kernels for Conv2d and Linear (their packed weights), the other engine's max
+    # pooling: max is exact, so the outputs are identical
+    assert torch.equal(on_engine(data), plain(data))
+    assert engines == [OPS_ENGINE] and torch.backends.quantized.engine == before
 
 
 def test_float_activations_only_put_linear_layers_on_int8() -> None:

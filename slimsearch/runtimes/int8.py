@@ -15,6 +15,10 @@ every candidate on it, against all-float; when that loses (and for dynamic int8)
 timed alone against its float form, and the mix of the winners runs only when the whole model
 then beats all-float. Layers with weights of fewer than 8 bits run on
 the int8 kernel too: their values sit on a coarser grid, requantized to int8 at load.
+
+A static form is also timed with QNNPACK's kernels for the ops that hold no weights (max
+pooling, adds): PyTorch picks those by the quantized engine set when they run, while Conv2d
+and Linear keep the kernels their weights were packed for (``OPS_ENGINE``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import io
 import json
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -57,6 +61,9 @@ class ExecutionPlan:
     ranges: dict[str, list[float]] = field(default_factory=dict)
     #: Per layer and for the whole model: measured float and int8 milliseconds, and why.
     decisions: dict[str, Any] = field(default_factory=dict)
+    #: The quantized engine set while the model runs, where it was measured faster than
+    #: ``engine`` (``OPS_ENGINE``); None: ``engine``.
+    ops_engine: str | None = None
 
     @property
     def int8_layers(self) -> list[str]:
@@ -123,6 +130,48 @@ def _observers(prepared: nn.Module) -> dict[str, nn.Module]:
             and m.min_val.dim() == 0}
 
 
+#: The quantized engine whose kernels may run the ops that hold no weights. PyTorch dispatches
+#: max pooling and adds of quantized tensors by the engine set when they run; the x86 engine's
+#: max pooling is scalar over few channels: 2.2 ms against QNNPACK's 0.68 ms for 256 x 8 x 32
+#: x 32 (channels last, uint8), and digits-cnn students on static int8 spent half their time
+#: in it at batch 256 (their Conv2d and Linear layers keep their x86 kernels, whose packed
+#: weights carry them; the outputs are identical). Measured per plan, never assumed.
+OPS_ENGINE = "qnnpack"
+
+
+class OnEngine(nn.Module):
+    """``module`` run with the quantized engine ``engine`` set (and the previous one set
+    again after each call): see OPS_ENGINE. A traced or scripted copy would not carry it."""
+
+    def __init__(self, module: nn.Module, engine: str) -> None:
+        super().__init__()
+        self.module = module
+        self.engine = engine
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = self.engine
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            torch.backends.quantized.engine = previous
+
+    def extra_repr(self) -> str:  # in module_form, so the latency cache tells engines apart
+        return f"engine={self.engine!r}"
+
+
+def _on_ops_engine(module: nn.Module, plan: ExecutionPlan) -> nn.Module:
+    """``module`` (the plan's int8 form) with the plan's ops engine, where it has one."""
+    if plan.ops_engine is None or plan.ops_engine == plan.engine:
+        return module
+    if plan.ops_engine not in torch.backends.quantized.supported_engines:
+        warnings.warn(f"int8 engine {plan.ops_engine!r} is not available here: its pooling and "
+                      f"adds run on {plan.engine!r}; latency will differ from the measured one",
+                      stacklevel=3)
+        return module
+    return OnEngine(module, plan.ops_engine)
+
+
 def build_executable(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
     """The model as it runs: ``model`` with the plan's int8 layers on int8 kernels."""
     layers = plan.int8_layers
@@ -155,7 +204,7 @@ def build_executable(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
             low, high = plan.ranges[name]
             observer.min_val = torch.tensor(low)
             observer.max_val = torch.tensor(high)
-    return _converted(prepared)
+    return _on_ops_engine(_converted(prepared), plan)
 
 
 @dataclass
@@ -255,7 +304,7 @@ MODEL_PROTOCOL = {"rounds": 6, "warmup_s": 0.0}
 
 _LAYER_CACHE: dict[tuple, tuple[float, float]] = {}
 #: Whole-model decisions by form (see plan_execution): (mode, layers, decisions).
-_MODEL_CACHE: dict[tuple, tuple[str, dict[str, str], dict[str, Any]]] = {}
+_MODEL_CACHE: dict[tuple, tuple[str, dict[str, str], str | None, dict[str, Any]]] = {}
 
 
 def _layer_times(layer: nn.Module, x: torch.Tensor, mode: str, threads: int) -> tuple[float, float]:
@@ -282,19 +331,24 @@ def _layer_times(layer: nn.Module, x: torch.Tensor, mode: str, threads: int) -> 
 
 def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Inputs,
                    calibration: Inputs | Callable[[], Inputs], activation_bits: int, threads: int,
-                   symmetric: bool = True) -> ExecutionPlan | None:
+                   symmetric: bool = True,
+                   ops_engine: str | None = OPS_ENGINE) -> ExecutionPlan | None:
     """Decide, by measurement at the target batch ``batch``, which layers run int8.
 
     Candidates are Conv2d/Linear layers whose weights have <= 8 bits (with float activations
     only Linear has a kernel). Asymmetric weights are not candidates: the int8 kernels take
     symmetric weights, and requantizing would run other weights than the file stores.
     ``calibration``: the inputs a static plan calibrates its activation ranges on, or a
-    function returning them (read only when a static plan needs them). Returns None when
-    there is no candidate or no int8 engine.
+    function returning them (read only when a static plan needs them). ``ops_engine``: the
+    engine also tried for a static form's ops that hold no weights (see OPS_ENGINE); None
+    where the model will be traced (TorchScript), whose copy would not carry it. Returns None
+    when there is no candidate or no int8 engine.
     """
     name_of_engine = engine()
     if name_of_engine is None or not symmetric:
         return None
+    if ops_engine == name_of_engine or ops_engine not in torch.backends.quantized.supported_engines:
+        ops_engine = None
     # read only when a static plan calibrates (a callable: the caller reads it then)
     samples = calibration if callable(calibration) else lambda: calibration
     torch.backends.quantized.engine = name_of_engine
@@ -310,11 +364,12 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
     # form already decided in this process reuses it (a static plan's ranges are calibrated
     # on the model itself). Whether torch.fx traces it is a matter of its code, in the form.
     key = (json.dumps(module_form(model)), tuple(low_bits), asked, threads, describe(batch),
-           name_of_engine)
+           name_of_engine, ops_engine)
     if key in _MODEL_CACHE:
-        mode, layers, decisions = _MODEL_CACHE[key]
+        mode, layers, chosen_ops_engine, decisions = _MODEL_CACHE[key]
         plan = ExecutionPlan(mode=mode, layers=dict(layers), input_shape=input_shape,
-                             engine=name_of_engine, decisions=copy.deepcopy(decisions))
+                             engine=name_of_engine, decisions=copy.deepcopy(decisions),
+                             ops_engine=chosen_ops_engine)
         plan.decisions["model"]["reused"] = "same form decided earlier in this process"
         if plan.int8_layers and mode == "static":
             plan.ranges = _calibrate(model, plan.int8_layers, input_shape, samples())
@@ -341,9 +396,11 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
     # At batch 256 a per-layer mix beat all-int8 in 3 of 13 digits-cnn plans, by 1.5-4.5%:
     # under MARGIN, a tie by the plan's own rule; without its layer timings and its extra form
     # the plans of a 25-trial search took 6 s instead of 10.
+    # (ops engines are a static form's: dynamic int8 runs its other ops in float)
+    ops_engine = ops_engine if mode == "static" else None
     if all_int8 is None or not _choose_for_the_whole_model(
             model, plan, {"all int8": dict.fromkeys(candidates, "int8")}, batch=batch,
-            calibration=samples, threads=threads, ready=all_int8):
+            calibration=samples, threads=threads, ready=all_int8, ops_engine=ops_engine):
         inputs = layer_inputs(model.eval(), candidates, batch)
         per_layer = {}
         for name in candidates:
@@ -353,20 +410,24 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
         # (static, and every layer faster on int8 alone: that is all-int8, which lost)
         if all_int8 is None or "float" in per_layer.values():
             _choose_for_the_whole_model(model, plan, {"per layer": per_layer}, batch=batch,
-                                        calibration=samples, threads=threads)
-    _MODEL_CACHE[key] = (mode, dict(plan.layers), copy.deepcopy(plan.decisions))
+                                        calibration=samples, threads=threads,
+                                        ops_engine=ops_engine)
+    _MODEL_CACHE[key] = (mode, dict(plan.layers), plan.ops_engine, copy.deepcopy(plan.decisions))
     return plan
 
 
 def _choose_for_the_whole_model(model: nn.Module, plan: ExecutionPlan,
                                 options: dict[str, dict[str, str]], *, batch: Inputs,
                                 calibration: Callable[[], Inputs], threads: int,
-                                ready: Int8Form | None = None) -> bool:
+                                ready: Int8Form | None = None,
+                                ops_engine: str | None = None) -> bool:
     """Time the whole model on float and on ``options`` (label: each candidate layer's
     kernel) and keep the fastest in ``plan`` when it beats float by MARGIN; whether one did.
 
     Static options are prepared, calibrated and converted (``ready``: the option that puts
-    every candidate on int8, already built); dynamic ones are built from the plan.
+    every candidate on int8, already built); dynamic ones are built from the plan. With an
+    ``ops_engine``, each option is also timed with that engine set while it runs (the same
+    module: only the kernels of its pooling and adds change).
     The timings are added to ``plan.decisions["model"]``, beside those of earlier calls."""
     record = plan.decisions.setdefault("model", {})
     forms: dict[str, nn.Module] = {"float": model}
@@ -387,15 +448,24 @@ def _choose_for_the_whole_model(model: nn.Module, plan: ExecutionPlan,
         else:
             forms[label] = build_executable(model, option)
         built[label] = option
+        if ops_engine is not None:
+            on_engine = f"{label}, {ops_engine} ops"
+            forms[on_engine] = OnEngine(forms[label], ops_engine)
+            built[on_engine] = replace(option, ops_engine=ops_engine)
     if not built:
         record.update({"chosen": "float", "why": "no layer was faster on int8"})
         return False
     timings = _time(forms, batch, threads, **MODEL_PROTOCOL)
     best = min(built, key=timings.get)
+    if built[best].ops_engine is not None:  # another engine only where it wins, not in a tie
+        same = best.removesuffix(f", {ops_engine} ops")
+        if timings[best] >= (1 - MARGIN) * timings[same]:
+            best = same
     record.update({f"{k} ms": round(v, 4) for k, v in timings.items()})
     if timings[best] >= (1 - MARGIN) * timings["float"]:  # never slower by accident, as a whole
         record["chosen"] = "float"
         return False
     record["chosen"] = best
     plan.layers, plan.ranges = built[best].layers, built[best].ranges
+    plan.ops_engine = built[best].ops_engine
     return True

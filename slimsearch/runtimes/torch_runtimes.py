@@ -23,7 +23,7 @@ from slimsearch.errors import ConfigError, TrialError
 from slimsearch.experiment import TargetConfig
 from slimsearch.runtimes._base import DTYPES, Executable, input_form, module_form
 from slimsearch.runtimes.cuda import build_cuda_executable, plan_cuda_execution
-from slimsearch.runtimes.int8 import ExecutionPlan, plan_execution
+from slimsearch.runtimes.int8 import OPS_ENGINE, ExecutionPlan, plan_execution
 from slimsearch.runtimes.loading import load_model
 from slimsearch.spaces import Recipe
 from slimsearch.tasks.data import Inputs, inputs_to, output_tensor, takes_keywords
@@ -99,13 +99,15 @@ def _runner(module: Callable[..., Any], example: Inputs) -> Callable[[Any], Any]
 
 
 def _int8_plan(model: nn.Module, recipe: Recipe, *, target: TargetConfig, batch: Inputs,
-               calibration: Inputs | Callable[[], Inputs]) -> dict[str, Any] | None:
+               calibration: Inputs | Callable[[], Inputs],
+               ops_engine: str | None = OPS_ENGINE) -> dict[str, Any] | None:
     """PyTorch's int8 CPU kernels where they were measured faster (float32 targets only)."""
     if target.dtype != "fp32":
         return None
     plan = plan_execution(model, {n: r.bits for n, r in recipe.layers.items()}, batch=batch,
                           calibration=calibration, activation_bits=recipe.activation_bits,
-                          threads=target.threads, symmetric=recipe.weight_scheme == "symmetric")
+                          threads=target.threads, symmetric=recipe.weight_scheme == "symmetric",
+                          ops_engine=ops_engine)
     return plan.to_dict() if plan else None
 
 
@@ -129,10 +131,12 @@ class TorchScriptRuntime(TorchRuntime):
              device: torch.device, batch: Inputs,
              calibration: Inputs | Callable[[], Inputs]) -> dict[str, Any] | None:
         """PyTorch's int8 CPU kernels (they trace); on CUDA the float layers, because
-        torchao's tensor subclasses do not trace."""
+        torchao's tensor subclasses do not trace. The trace records the ops, not the engine
+        set while they ran, so pooling and adds stay on the weights' engine."""
         if device.type == "cuda":
             return None
-        return _int8_plan(model, recipe, target=target, batch=batch, calibration=calibration)
+        return _int8_plan(model, recipe, target=target, batch=batch, calibration=calibration,
+                          ops_engine=None)
 
     def materialize(self, model_file: Path, *, target: TargetConfig, device: torch.device,
                     example: Inputs, out_dir: Path) -> Executable:
