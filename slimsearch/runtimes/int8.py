@@ -303,7 +303,7 @@ LAYER_PROTOCOL = {"rounds": 6, "window_s": 0.001}
 MODEL_PROTOCOL = {"rounds": 6, "warmup_s": 0.0}
 
 _LAYER_CACHE: dict[tuple, tuple[float, float]] = {}
-#: Whole-model decisions by form (see plan_execution): (mode, layers, decisions).
+#: Whole-model decisions by form (see plan_execution): (mode, layers, ops engine, decisions).
 _MODEL_CACHE: dict[tuple, tuple[str, dict[str, str], str | None, dict[str, Any]]] = {}
 
 
