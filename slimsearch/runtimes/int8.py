@@ -303,8 +303,8 @@ LAYER_PROTOCOL = {"rounds": 6, "window_s": 0.001}
 MODEL_PROTOCOL = {"rounds": 6, "warmup_s": 0.0}
 
 _LAYER_CACHE: dict[tuple, tuple[float, float]] = {}
-#: Whole-model decisions by form (see plan_execution): (mode, layers, ops engine, decisions).
-_MODEL_CACHE: dict[tuple, tuple[str, dict[str, str], str | None, dict[str, Any]]] = {}
+#: Whole-model decisions by form (see plan_execution): the plans, without their ranges.
+_MODEL_CACHE: dict[tuple, ExecutionPlan] = {}
 
 
 def _layer_times(layer: nn.Module, x: torch.Tensor, mode: str, threads: int) -> tuple[float, float]:
@@ -339,16 +339,13 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
     only Linear has a kernel). Asymmetric weights are not candidates: the int8 kernels take
     symmetric weights, and requantizing would run other weights than the file stores.
     ``calibration``: the inputs a static plan calibrates its activation ranges on, or a
-    function returning them (read only when a static plan needs them). ``ops_engine``: the
-    engine also tried for a static form's ops that hold no weights (see OPS_ENGINE); None
-    where the model will be traced (TorchScript), whose copy would not carry it. Returns None
-    when there is no candidate or no int8 engine.
+    function returning them (read only when a static plan needs them). ``ops_engine``: also
+    tried for a static form's ops without weights (OPS_ENGINE); None where the model will be
+    traced (TorchScript). Returns None when there is no candidate or no int8 engine.
     """
     name_of_engine = engine()
     if name_of_engine is None or not symmetric:
         return None
-    if ops_engine == name_of_engine or ops_engine not in torch.backends.quantized.supported_engines:
-        ops_engine = None
     # read only when a static plan calibrates (a callable: the caller reads it then)
     samples = calibration if callable(calibration) else lambda: calibration
     torch.backends.quantized.engine = name_of_engine
@@ -365,13 +362,10 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
     # on the model itself). Whether torch.fx traces it is a matter of its code, in the form.
     key = (json.dumps(module_form(model)), tuple(low_bits), asked, threads, describe(batch),
            name_of_engine, ops_engine)
-    if key in _MODEL_CACHE:
-        mode, layers, chosen_ops_engine, decisions = _MODEL_CACHE[key]
-        plan = ExecutionPlan(mode=mode, layers=dict(layers), input_shape=input_shape,
-                             engine=name_of_engine, decisions=copy.deepcopy(decisions),
-                             ops_engine=chosen_ops_engine)
+    if key in _MODEL_CACHE:  # a copy: its ranges and its note are this model's
+        plan = copy.deepcopy(_MODEL_CACHE[key])
         plan.decisions["model"]["reused"] = "same form decided earlier in this process"
-        if plan.int8_layers and mode == "static":
+        if plan.int8_layers and plan.mode == "static":
             plan.ranges = _calibrate(model, plan.int8_layers, input_shape, samples())
         return plan
     mode, untraceable, all_int8 = asked, None, None
@@ -396,8 +390,9 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
     # At batch 256 a per-layer mix beat all-int8 in 3 of 13 digits-cnn plans, by 1.5-4.5%:
     # under MARGIN, a tie by the plan's own rule; without its layer timings and its extra form
     # the plans of a 25-trial search took 6 s instead of 10.
-    # (ops engines are a static form's: dynamic int8 runs its other ops in float)
-    ops_engine = ops_engine if mode == "static" else None
+    # another engine for a static form's other ops (dynamic int8 runs them in float)
+    ops_engine = (ops_engine if mode == "static" and ops_engine != name_of_engine
+                  and ops_engine in torch.backends.quantized.supported_engines else None)
     if all_int8 is None or not _choose_for_the_whole_model(
             model, plan, {"all int8": dict.fromkeys(candidates, "int8")}, batch=batch,
             calibration=samples, threads=threads, ready=all_int8, ops_engine=ops_engine):
@@ -412,7 +407,7 @@ def plan_execution(model: nn.Module, layer_bits: dict[str, int], *, batch: Input
             _choose_for_the_whole_model(model, plan, {"per layer": per_layer}, batch=batch,
                                         calibration=samples, threads=threads,
                                         ops_engine=ops_engine)
-    _MODEL_CACHE[key] = (mode, dict(plan.layers), plan.ops_engine, copy.deepcopy(plan.decisions))
+    _MODEL_CACHE[key] = replace(copy.deepcopy(plan), ranges={})
     return plan
 
 
