@@ -50,6 +50,7 @@ def _forced_plan(model: nn.Module, mode: str, shape: list[int], data: torch.Tens
 @pytest.mark.parametrize(("factory", "kwargs", "shape", "mode", "ops_engine"), [
     (digits_cnn, {"width": 0.5}, [1, 32, 32], "static", None),
     (digits_cnn, {"width": 0.5}, [1, 32, 32], "static", OPS_ENGINE),
+    (digits_resnet, {"width": 0.5, "depth": 1}, [1, 32, 32], "static", None),
     (digits_resnet, {"width": 0.5, "depth": 1}, [1, 32, 32], "static", OPS_ENGINE),
     (digits_mlp, {"width": 0.5}, [64], "dynamic", None),
 ])
