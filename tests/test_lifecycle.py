@@ -52,6 +52,18 @@ def test_a_started_trial_records_its_owner_seed_and_recipe(lifecycle: TrialLifec
     assert "[1/3] trial 0 done" in said[-1]
 
 
+def test_a_seeded_baseline_trains_with_the_runs_seed_wherever_it_runs(
+        lifecycle: TrialLifecycle) -> None:
+    baselines = lifecycle.space.baselines()
+    lifecycle.study.enqueue_trial({}, user_attrs={"start": "first"})
+    lifecycle.study.enqueue_trial(lifecycle.space.params_of(baselines["uniform-int8"]),
+                                  user_attrs={"baseline": "uniform-int8"})
+    first, baseline = lifecycle.start(), lifecycle.start()
+    assert (first.seed, baseline.seed) == (7 + 0, 7)  # as `build` with the experiment's seed
+    assert baseline.recipe == baselines["uniform-int8"]
+    assert baseline.trial.user_attrs["seed"] == 7
+
+
 def test_the_budget_counts_running_trials_and_not_interrupted_ones(
         lifecycle: TrialLifecycle) -> None:
     running = [lifecycle.start() for _ in range(3)]

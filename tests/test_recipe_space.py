@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import optuna
@@ -119,7 +120,7 @@ def test_suggest_gives_valid_recipes_that_params_of_reproduces(digits_mlp_task: 
 
 
 EXPERT = ["teacher", "uniform-int8", "structured-50%-int8", "structured-75%-int8",
-          "4-bit-weights", "half-width-student", "half-width-student-int8"]
+          "4-bit-weights", "structured-50%-4-bit", "half-width-student", "half-width-student-int8"]
 
 
 def _round_trips(space: SearchSpace, recipe: Recipe) -> bool:
@@ -132,8 +133,8 @@ def _round_trips(space: SearchSpace, recipe: Recipe) -> bool:
     (SpaceConfig(), EXPERT),
     # 75% is not offered: the nearest sparsity is 50%, a recipe already there
     (SpaceConfig(bits=(4, 8, 32), sparsity=(0.0, 0.5), student_init=("slice",)),
-     ["teacher", "uniform-int8", "structured-50%-int8", "4-bit-weights", "half-width-student",
-      "half-width-student-int8"]),
+     ["teacher", "uniform-int8", "structured-50%-int8", "4-bit-weights", "structured-50%-4-bit",
+      "half-width-student", "half-width-student-int8"]),
 ], ids=["default", "narrow"])
 def test_the_experts_first_recipes_are_baselines_that_round_trip(
         digits_mlp_task: Task, config: SpaceConfig, names: list[str]) -> None:
@@ -154,6 +155,8 @@ def test_the_experts_first_recipes_are_baselines_that_round_trip(
     assert structured["head"] == LayerRecipe(bits=8)
     assert all(structured[n] == LayerRecipe(sparsity=0.5, pruning="structured", bits=8)
                for n in ("hidden.0", "hidden.1"))
+    assert baselines["structured-50%-4-bit"].layers == {
+        n: dataclasses.replace(r, bits=4) for n, r in structured.items()}
     half = baselines["half-width-student"]
     assert half.student == {**teacher, "width": 0.5}  # depth kept: a width knob exists
     assert {x.bits for x in half.layers.values()} == {32}
@@ -184,19 +187,21 @@ def test_with_int8_activations_the_expert_recipes_run_int8_throughout(digits_mlp
     space = SearchSpace(digits_mlp_task, SpaceConfig(activations=(32, 8)))
     acts = {name: r.activation_bits for name, r in space.baselines().items()}
     assert acts == {"teacher": 32, "uniform-int8": 8, "structured-50%-int8": 8,
-                    "structured-75%-int8": 8, "4-bit-weights": 8, "half-width-student": 32,
+                    "structured-75%-int8": 8, "4-bit-weights": 8, "structured-50%-4-bit": 8,
+                    "weight-only-4-bit": 32, "half-width-student": 32,
                     "half-width-student-int8": 8}
 
 
 def test_no_int8_baseline_without_8_bits(digits_mlp_task: Task) -> None:
     assert list(SearchSpace(digits_mlp_task, SpaceConfig(bits=(4, 32))).baselines()) == [
-        "teacher", "4-bit-weights", "half-width-student"]
+        "teacher", "4-bit-weights", "structured-50%-4-bit", "half-width-student"]
 
 
 @pytest.mark.parametrize(("config", "names"), [
     (SpaceConfig(), EXPERT),
     (SpaceConfig(bits=(4, 8)), ["uniform-int8", "structured-50%-int8", "structured-75%-int8",
-                                "4-bit-weights", "half-width-student-int8"]),
+                                "4-bit-weights", "structured-50%-4-bit",
+                                "half-width-student-int8"]),
     (SpaceConfig(sparsity=(0.25, 0.5)), []),
     (SpaceConfig(student_init=("scratch",)), []),
     (SpaceConfig(pruning=("unstructured",)), ["teacher", "uniform-int8", "4-bit-weights",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import optuna
@@ -79,6 +80,83 @@ def test_a_proposal_is_a_neighbour_of_the_front_never_tried_before(space: Search
     # 3 layers x 3 bit widths x 2 sparsities x 2 methods: many neighbours, none twice
     assert len(seen) > 10
     assert len({tuple(sorted(s.items())) for s in seen}) == len(seen)
+
+
+def _told(study: optuna.Study, space: SearchSpace, params: dict, figures: tuple[float, int, float],
+          **attrs: str) -> None:
+    """A completed trial with ``params``, its metrics ``figures`` (validation accuracy, bytes,
+    ms) and user attributes ``attrs`` (``baseline="uniform-int8"`` for a seeded one)."""
+    metrics = dict(zip(("val_accuracy", "size_bytes", "latency_ms"), figures, strict=True))
+    study.enqueue_trial(params, user_attrs={**attrs, "metrics": metrics})
+    trial = study.ask()
+    space.suggest(trial)
+    study.tell(trial, list(figures))
+
+
+def _int8_baseline(space: SearchSpace) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    _told(study, space, _params({"hidden.0": 8, "hidden.1": 8, "head": 8}), (0.90, 1000, 1.0),
+          baseline="uniform-int8")
+    return study
+
+
+def test_a_trial_level_in_accuracy_with_a_baseline_buys_accuracy_with_bits(
+        space: SearchSpace) -> None:
+    study = _int8_baseline(space)
+    # smaller and faster than the baseline, but only as accurate: bits back where the
+    # teacher lost most at 4 bits (hidden.0), never a float layer (slower)
+    _told(study, space, _params({"hidden.0": 4, "hidden.1": 4, "head": 8}), (0.90, 500, 0.9))
+    params, change = refine._toward_baselines(study, space, SENSITIVITY, [],
+                                              rng=random.Random(0))
+    assert params["hidden.0.bits"] == 8 and params["hidden.1.bits"] == 4
+    assert change == "trial 1: hidden.0.bits 4 -> 8, toward beating uniform-int8"
+
+
+def test_a_trial_as_fast_as_a_baseline_buys_speed_with_structured_pruning(
+        space: SearchSpace) -> None:
+    study = _int8_baseline(space)
+    # more accurate and smaller, but the same kernels: as fast. Unstructured zeros make no
+    # kernel faster, whole outputs removed do; bits change no speed
+    faster = dict(_params({"hidden.0": 4, "hidden.1": 4, "head": 8}),
+                  **{"hidden.0.sparsity": 0.5, "hidden.0.pruning": "unstructured"})
+    _told(study, space, faster, (0.92, 500, 1.0))
+    params, change = refine._toward_baselines(study, space, SENSITIVITY, [],
+                                              rng=random.Random(0))
+    assert {k: v for k, v in params.items() if not k.startswith("student.")} == dict(
+        faster, **{"hidden.0.pruning": "structured"})
+    assert change.endswith("hidden.0.pruning unstructured -> structured, toward beating "
+                           "uniform-int8")
+    # tried already: nothing else moves it toward the baseline's speed
+    assert refine._toward_baselines(study, space, SENSITIVITY, [params],
+                                    rng=random.Random(0)) is None
+
+
+@pytest.mark.parametrize(("multiple", "step"), [(1, 0.75), (128, None)])
+def test_a_step_the_channel_multiple_rounds_away_is_not_taken(
+        digits_mlp_task: Task, multiple: int, step: float | None) -> None:
+    """256 outputs kept in multiples of 128: 75% pruned keeps 128, as 50% does."""
+    space = SearchSpace(digits_mlp_task, dataclasses.replace(
+        SPACE, sparsity=(0.0, 0.5, 0.75), channel_multiple=multiple))
+    study = _int8_baseline(space)
+    faster = dict(_params({"hidden.0": 4, "hidden.1": 4, "head": 8}),
+                  **{"hidden.0.sparsity": 0.5, "hidden.0.pruning": "structured"})
+    _told(study, space, faster, (0.92, 500, 1.0))
+    found = refine._toward_baselines(study, space, SENSITIVITY, [], rng=random.Random(0))
+    assert (found[0]["hidden.0.sparsity"] if found else None) == step
+
+
+def test_a_trial_points_behind_a_baseline_is_left_to_the_sampler(space: SearchSpace) -> None:
+    study = _int8_baseline(space)
+    # smaller and faster, but 3 points less accurate: one layer's bits will not close that
+    _told(study, space, _params({"hidden.0": 4, "hidden.1": 4, "head": 8}), (0.87, 500, 0.9))
+    assert refine._toward_baselines(study, space, SENSITIVITY, [], rng=random.Random(0)) is None
+
+
+def test_no_step_toward_a_baseline_a_searched_trial_beats_already(space: SearchSpace) -> None:
+    study = _int8_baseline(space)
+    _told(study, space, _params({"hidden.0": 8, "hidden.1": 4, "head": 4}), (0.90, 500, 0.9))
+    _told(study, space, _params({"hidden.0": 8, "hidden.1": 4, "head": 8}), (0.91, 600, 0.9))
+    assert refine._toward_baselines(study, space, SENSITIVITY, [], rng=random.Random(0)) is None
 
 
 def test_refinement_is_due_for_its_share_after_the_first_trials() -> None:

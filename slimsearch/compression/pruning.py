@@ -41,6 +41,12 @@ def _channels(layer: nn.Module) -> int:
     return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
+def kept_channels(channels: int, fraction: float, round_to: int = 1) -> int:
+    """How many of a layer's ``channels`` outputs structured pruning of ``fraction`` keeps:
+    a multiple of ``round_to``, at least ``round_to``."""
+    return max(round_to, round_to * round(channels * (1.0 - fraction) / round_to))
+
+
 def prune_structured(model: nn.Module, fractions: dict[str, float], example_input: Inputs,
                      *, round_to: int = 1, importance: str = "l2",
                      gradient_batch: tuple[Inputs, torch.Tensor] | None = None,
@@ -89,7 +95,7 @@ def prune_structured(model: nn.Module, fractions: dict[str, float], example_inpu
     for name, fraction in fractions.items():
         layer = modules[name]
         current = _channels(layer)
-        target = max(round_to, round_to * round(original[name] * (1.0 - fraction) / round_to))
+        target = kept_channels(original[name], fraction, round_to)
         remove = current - target
         entry: dict[str, Any] = {"channels_before": original[name], "channels_after": current}
         record[name] = entry

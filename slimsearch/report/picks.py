@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slimsearch.report import pareto
+from slimsearch.run import strictly_better
 
 PREFERENCES = ("accuracy", "size", "latency")
 
@@ -108,13 +109,6 @@ def non_dominated(trials: dict[int, dict[str, Any]]) -> list[int]:
     """Trial numbers no other trial beats in all of accuracy, size and latency."""
     return pareto.non_dominated({n: (-m["val_accuracy"], float(m["size_bytes"]), m["latency_ms"])
                                  for n, m in trials.items()})
-
-
-def strictly_better(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """``a`` beats ``b`` in every objective: higher validation accuracy, fewer bytes and lower
-    latency (not merely no worse in one of them)."""
-    return (a["val_accuracy"] > b["val_accuracy"] and a["size_bytes"] < b["size_bytes"]
-            and a["latency_ms"] < b["latency_ms"])
 
 
 def dominating(trials: dict[int, dict[str, Any]], target: dict[str, Any]) -> list[int]:

@@ -197,7 +197,12 @@ class TrialLifecycle:
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
                 trial = self.study.ask()
             trial.set_user_attr(OWNER, this_process())  # first: a killed worker is found by it
-        started = Started(trial, seed=self.config.seed + trial.number,
+        # A seeded baseline trains with the run's own seed, as `build` would for that recipe
+        # in this experiment: its figures do not depend on where the queue put it (and are
+        # those of the same recipe built by hand), and a search's aim to beat it is fixed.
+        seed = (self.config.seed if trial.user_attrs.get("baseline")
+                else self.config.seed + trial.number)
+        started = Started(trial, seed=seed,
                           position=f"{taken + 1}/{self.budget}", recipe=None)
         started.beat.enter_context(heartbeat(self.study, trial))  # RDB: others see it alive
         if self.backend != "local":

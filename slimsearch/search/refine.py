@@ -9,6 +9,15 @@ sensitivity pre-pass (``search.sensitivity``), and returns the Optuna parameters
 neighbour, or None when every neighbour of the front was tried already. ``search.refine`` is
 the share of trials, after the first ``START_AFTER`` completed ones, that run one.
 
+Half of those moves (at random) go after the expert instead: a seeded baseline (the
+recipes an expert tries first) that no searched trial beats in every objective yet. A
+searched trial that beats it in two objectives and not in the third (often a tie: a trial
+that runs the same kernels is exactly as fast, and a few hundred validation samples make ties in
+accuracy common) spends some of its lead on the third, one layer at a time: a step of bits up
+for accuracy (or, with speed to spare, any step toward it), of structured sparsity for speed,
+of bits down for bytes. The nearer it is, the sooner; one too far behind (``REACH``) is left
+to the sampler.
+
 The neighbour is a parameter change, not a recipe edit: a group of layers (space.groups)
 changes together, and a choice that brings a new conditional parameter along (a pruning
 method once sparsity becomes positive) is left to the sampler.
@@ -22,6 +31,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from slimsearch.compression.pruning import kept_channels
+from slimsearch.run import OBJECTIVES, better_in, strictly_better
 from slimsearch.spaces import SearchSpace
 
 #: Refinement waits for this many completed trials (the seeded ones and the sampler's first):
@@ -44,6 +55,9 @@ def propose(study: optuna.Study, space: SearchSpace, sensitivity: dict[str, Any]
     trial's record: ``"trial 12: conv2.bits 8 -> 4"``); None when there is none left."""
     tried = [t.params for t in study.get_trials(deepcopy=False)
              if t.state != TrialState.FAIL]
+    if rng.random() < 0.5 and (found := _toward_baselines(study, space, sensitivity, tried,
+                                                          rng=rng)) is not None:
+        return found
     front = list(study.best_trials)  # feasible trials only, when there are constraints
     rng.shuffle(front)
     directions = ["smaller", "more accurate"]
@@ -55,9 +69,101 @@ def propose(study: optuna.Study, space: SearchSpace, sensitivity: dict[str, Any]
             if name.endswith(".sparsity") and value == 0:  # unpruned: no method to choose
                 key = name.removesuffix(".sparsity")
                 params = {k: v for k, v in params.items() if not k.startswith(f"{key}.pruning")}
+            elif name.endswith(".sparsity") and _same_shapes(space, trial.params, params):
+                continue  # the channel multiple rounds the step away: the same model again
             if not any(_same(params, other) for other in tried):
                 return params, f"trial {trial.number}: {name} {trial.params[name]} -> {value}"
     return None
+
+
+def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict[str, Any] | None,
+                      tried: list[dict[str, Any]], *, rng: random.Random
+                      ) -> tuple[dict[str, Any], str] | None:
+    """Parameters of an untried step from a searched trial toward beating a seeded baseline
+    in every objective, and what changed; None when every baseline is beaten or no such step
+    is left."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "metrics" in t.user_attrs and "duplicate_of" not in t.user_attrs]
+    searched = [t for t in done if not t.user_attrs.get("baseline")]
+    unbeaten = [b for b in done if b.user_attrs.get("baseline") and not any(
+        strictly_better(t.user_attrs["metrics"], b.user_attrs["metrics"]) for t in searched)]
+    rng.shuffle(unbeaten)
+    for baseline in unbeaten:
+        target = baseline.user_attrs["metrics"]
+        near = sorted(((t, *found) for t in searched
+                       if (found := _one_short(t.user_attrs["metrics"], target)) is not None
+                       and found[1] <= REACH[found[0]]), key=lambda n: n[2])
+        for trial, short, _ in near:
+            moves = sorted(_moves(trial.params, space, sensitivity, SPENDING[short]),
+                           key=lambda m: m[0])
+            slack = trial.user_attrs["metrics"]["latency_ms"] / target["latency_ms"]
+            for _, name, value in moves:
+                if short == "val_accuracy" and slack > SPEED_TO_SPEND and (
+                        value == 32 or not name.endswith(".bits")):
+                    continue  # a float layer, or fewer zeros: slower, and it has little lead
+                if short == "size_bytes" and not name.endswith(".bits"):
+                    continue  # fewer zeros or channels: faster, so not the step it lacks
+                if short == "latency_ms" and (name.endswith(".bits") or (
+                        name.endswith(".sparsity") and _pruning(trial.params, name) != "structured")):
+                    continue  # bits, or zeros, change no kernel's speed on a CPU
+                params = dict(trial.params, **{name: value})
+                if short == "latency_ms" and _same_shapes(space, trial.params, params):
+                    continue  # the channel multiple rounds the step away
+                if not any(_same(params, other) for other in tried):
+                    return params, (f"trial {trial.number}: {name} {trial.params[name]} -> "
+                                    f"{value}, toward beating {baseline.user_attrs['baseline']}")
+    return None
+
+
+#: How far short of a baseline (a share of its figure) a trial may be in the one objective
+#: it does not beat it in, for a step of one layer to close the gap: a point of accuracy at
+#: most (a layer's bits seldom give more), a fifth of the bytes, a twentieth of the time.
+REACH = {"val_accuracy": 0.01, "size_bytes": 0.2, "latency_ms": 0.05}
+
+#: A trial that takes at most this share of a baseline's latency may spend speed on accuracy
+#: (a float layer, fewer zeros) on its way to beating it; a nearer one only bits.
+SPEED_TO_SPEND = 0.5
+
+#: For the objective a trial lacks, the direction of ``_moves`` that buys it.
+SPENDING = {"val_accuracy": "more accurate", "size_bytes": "smaller", "latency_ms": "smaller"}
+
+
+def _one_short(metrics: dict[str, Any], target: dict[str, Any]) -> tuple[str, float] | None:
+    """(the objective, how far short as a fraction of the target's figure) when ``metrics``
+    beat ``target`` in every objective but that one; None otherwise."""
+    better = better_in(metrics, target)
+    short = [(key, direction) for key, direction in OBJECTIVES if key not in better]
+    if len(short) != 1:
+        return None
+    key, direction = short[0]
+    gap = (target[key] - metrics[key]) if direction == "maximize" else (metrics[key] - target[key])
+    return key, gap / abs(target[key]) if target[key] else gap
+
+
+def _same_shapes(space: SearchSpace, before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether the recipes of trial parameters ``before`` and ``after`` keep as many outputs
+    of every layer: structured pruning keeps a multiple of ``space.channel_multiple`` (75% of
+    16 channels kept in eights is 50% of them)."""
+    try:
+        old, new = (space.suggest(optuna.trial.FixedTrial(p)) for p in (before, after))
+    except ValueError:  # a parameter the other recipe lacks: not the same
+        return False
+    if old.student != new.student:
+        return False
+    round_to = space.config.channel_multiple
+
+    def kept(recipe: Any, info: Any) -> int:
+        layer, outputs = recipe.layers[info.name], info.weights // max(info.fan_in, 1)
+        if layer.pruning == "structured" and layer.sparsity > 0:
+            return kept_channels(outputs, layer.sparsity, round_to)
+        return outputs
+    return all(kept(old, i) == kept(new, i) for i in space.layers_for(old.student))
+
+
+def _pruning(params: dict[str, Any], sparsity: str) -> Any:
+    """The pruning method of the layer whose sparsity parameter is ``sparsity``."""
+    key = sparsity.removesuffix(".sparsity")
+    return next((v for k, v in params.items() if k.startswith(f"{key}.pruning")), None)
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -252,9 +252,12 @@ class SearchSpace:
         """The recipes an expert tries first, by name, in this order: ``teacher`` (as-is),
         ``uniform-int8`` (every layer at 8 bits), structured pruning of every layer that
         allows it at the space's sparsities nearest 50% and 75% with 8-bit weights
-        (``structured-50%-int8``, ...), ``4-bit-weights``, all with int8 activations where
-        the space has them, ``half-width-student``: the teacher sliced to the width
-        choices nearest half its own, float, and ``half-width-student-int8``: the same student
+        (``structured-50%-int8``, ...), ``4-bit-weights``, the two together
+        (``structured-50%-4-bit``), all with int8 activations where the space has them;
+        ``weight-only-4-bit`` (4-bit weights, float activations: what an LLM's user tries
+        first), where that differs from ``4-bit-weights``; ``half-width-student``: the
+        teacher sliced to the width choices nearest half its own, float, and
+        ``half-width-student-int8``: the same student
         with 8-bit weights (distil, then quantize: DistilBERT with PyTorch's dynamic int8 is
         what a user of a transformer tries next). Derived from this space's choices; only those it
         can express, without repeats (a space without 32 bits cannot enqueue the teacher). In
@@ -296,12 +299,15 @@ class SearchSpace:
 
         candidates = {"teacher": uniform(bits=32, acts=32),
                       "uniform-int8": uniform(bits=8, acts=int8_acts)}
-        for target in (0.5, 0.75):
-            sparsity = min((s for s in config.sparsity if s > 0),
-                           key=lambda s: abs(s - target), default=0.0)
+        near = {target: min((s for s in config.sparsity if s > 0),
+                            key=lambda s: abs(s - target), default=0.0) for target in (0.5, 0.75)}
+        for sparsity in near.values():
             candidates[f"structured-{sparsity:.0%}-int8"] = uniform(
                 bits=8, acts=int8_acts, sparsity=sparsity, pruning="structured")
         candidates["4-bit-weights"] = uniform(bits=4, acts=int8_acts)
+        candidates["weight-only-4-bit"] = uniform(bits=4, acts=32)
+        candidates[f"structured-{near[0.5]:.0%}-4-bit"] = uniform(
+            bits=4, acts=int8_acts, sparsity=near[0.5], pruning="structured")
         if (half := self._half_width(teacher)) is not None:
             candidates["half-width-student"] = uniform(bits=32, acts=32, student=half)
             candidates["half-width-student-int8"] = uniform(bits=8, acts=int8_acts, student=half)
