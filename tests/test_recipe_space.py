@@ -120,7 +120,8 @@ def test_suggest_gives_valid_recipes_that_params_of_reproduces(digits_mlp_task: 
 
 
 EXPERT = ["teacher", "uniform-int8", "structured-50%-int8", "structured-75%-int8",
-          "4-bit-weights", "structured-50%-4-bit", "half-width-student", "half-width-student-int8"]
+          "4-bit-weights", "structured-50%-4-bit", "half-width-student", "half-width-student-int8",
+          "half-width-structured-50%-int8"]
 
 
 def _round_trips(space: SearchSpace, recipe: Recipe) -> bool:
@@ -134,7 +135,7 @@ def _round_trips(space: SearchSpace, recipe: Recipe) -> bool:
     # 75% is not offered: the nearest sparsity is 50%, a recipe already there
     (SpaceConfig(bits=(4, 8, 32), sparsity=(0.0, 0.5), student_init=("slice",)),
      ["teacher", "uniform-int8", "structured-50%-int8", "4-bit-weights", "structured-50%-4-bit",
-      "half-width-student", "half-width-student-int8"]),
+      "half-width-student", "half-width-student-int8", "half-width-structured-50%-int8"]),
 ], ids=["default", "narrow"])
 def test_the_experts_first_recipes_are_baselines_that_round_trip(
         digits_mlp_task: Task, config: SpaceConfig, names: list[str]) -> None:
@@ -189,7 +190,7 @@ def test_with_int8_activations_the_expert_recipes_run_int8_throughout(digits_mlp
     assert acts == {"teacher": 32, "uniform-int8": 8, "structured-50%-int8": 8,
                     "structured-75%-int8": 8, "4-bit-weights": 8, "structured-50%-4-bit": 8,
                     "weight-only-4-bit": 32, "half-width-student": 32,
-                    "half-width-student-int8": 8}
+                    "half-width-student-int8": 8, "half-width-structured-50%-int8": 8}
 
 
 def test_no_int8_baseline_without_8_bits(digits_mlp_task: Task) -> None:
@@ -201,13 +202,15 @@ def test_no_int8_baseline_without_8_bits(digits_mlp_task: Task) -> None:
     (SpaceConfig(), EXPERT),
     (SpaceConfig(bits=(4, 8)), ["uniform-int8", "structured-50%-int8", "structured-75%-int8",
                                 "4-bit-weights", "structured-50%-4-bit",
-                                "half-width-student-int8"]),
+                                "half-width-student-int8",
+                                "half-width-structured-50%-int8"]),
     (SpaceConfig(sparsity=(0.25, 0.5)), []),
     (SpaceConfig(student_init=("scratch",)), []),
     (SpaceConfig(pruning=("unstructured",)), ["teacher", "uniform-int8", "4-bit-weights",
                                               "half-width-student", "half-width-student-int8"]),
     (SpaceConfig(student={"width": (0.25, 0.5)}), ["half-width-student",
-                                                   "half-width-student-int8"]),
+                                                   "half-width-student-int8",
+                                                   "half-width-structured-50%-int8"]),
 ], ids=["default", "no-32-bits", "no-zero-sparsity", "scratch-only", "no-structured",
         "teacher-width-not-offered"])
 def test_baselines_are_only_those_the_space_can_express(digits_mlp_task: Task, config: SpaceConfig,

@@ -256,11 +256,13 @@ class SearchSpace:
         (``structured-50%-4-bit``), all with int8 activations where the space has them;
         ``weight-only-4-bit`` (4-bit weights, float activations: what an LLM's user tries
         first), where that differs from ``4-bit-weights``; ``half-width-student``: the
-        teacher sliced to the width choices nearest half its own, float, and
-        ``half-width-student-int8``: the same student
-        with 8-bit weights (distil, then quantize: DistilBERT with PyTorch's dynamic int8 is
-        what a user of a transformer tries next). Derived from this space's choices; only those it
-        can express, without repeats (a space without 32 bits cannot enqueue the teacher). In
+        teacher sliced to the width choices nearest half its own, float;
+        ``half-width-student-int8``: the same student with 8-bit weights (distil, then
+        quantize: DistilBERT with PyTorch's dynamic int8 is what a user of a transformer tries
+        next), and ``half-width-structured-50%-int8``: that student pruned as
+        ``structured-50%-int8`` too (every method stacked). Derived from this space's choices;
+        only those it can express, without repeats (a space without 32 bits cannot enqueue
+        the teacher). In
         a grouped space a member that cannot lose whole outputs shares its group's sparsity,
         pruned unstructured."""
         config = self.config
@@ -311,6 +313,8 @@ class SearchSpace:
         if (half := self._half_width(teacher)) is not None:
             candidates["half-width-student"] = uniform(bits=32, acts=32, student=half)
             candidates["half-width-student-int8"] = uniform(bits=8, acts=int8_acts, student=half)
+            candidates[f"half-width-structured-{near[0.5]:.0%}-int8"] = uniform(
+                bits=8, acts=int8_acts, student=half, sparsity=near[0.5], pruning="structured")
         chosen: dict[str, Recipe] = {}
         for label, recipe in candidates.items():
             if self.contains(recipe) and recipe not in chosen.values():
