@@ -98,14 +98,8 @@ def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict
                            key=lambda m: m[0])
             slack = trial.user_attrs["metrics"]["latency_ms"] / target["latency_ms"]
             for _, name, value in moves:
-                if short == "val_accuracy" and slack > SPEED_TO_SPEND and (
-                        value == 32 or not name.endswith(".bits")):
-                    continue  # a float layer, or fewer zeros: slower, and it has little lead
-                if short == "size_bytes" and not name.endswith(".bits"):
-                    continue  # fewer zeros or channels: faster, so not the step it lacks
-                if short == "latency_ms" and (name.endswith(".bits") or (
-                        name.endswith(".sparsity") and _pruning(trial.params, name) != "structured")):
-                    continue  # bits, or zeros, change no kernel's speed on a CPU
+                if not _buys(short, name, value, trial.params, slack=slack):
+                    continue
                 params = dict(trial.params, **{name: value})
                 if short == "latency_ms" and _same_shapes(space, trial.params, params):
                     continue  # the channel multiple rounds the step away
@@ -126,6 +120,20 @@ SPEED_TO_SPEND = 0.5
 
 #: For the objective a trial lacks, the direction of ``_moves`` that buys it.
 SPENDING = {"val_accuracy": "more accurate", "size_bytes": "smaller", "latency_ms": "smaller"}
+
+
+def _buys(short: str, name: str, value: Any, params: dict[str, Any], *, slack: float) -> bool:
+    """Whether changing parameter ``name`` of ``params`` to ``value`` buys the objective
+    ``short`` without giving up another: a layer's bits change its accuracy and bytes, not
+    its kernels' speed on a CPU; zeros change no speed either; fewer channels (structured)
+    change all three. A trial that runs in ``slack`` of the baseline's time, at most
+    SPEED_TO_SPEND, may also buy accuracy with speed (a float layer, fewer zeros)."""
+    bits = name.endswith(".bits")
+    if short == "val_accuracy":
+        return slack <= SPEED_TO_SPEND or (bits and value != 32)
+    if short == "size_bytes":
+        return bits
+    return not bits and not (name.endswith(".sparsity") and _pruning(params, name) != "structured")
 
 
 def _one_short(metrics: dict[str, Any], target: dict[str, Any]) -> tuple[str, float] | None:

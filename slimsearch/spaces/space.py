@@ -262,9 +262,8 @@ class SearchSpace:
         next), and ``half-width-structured-50%-int8``: that student pruned as
         ``structured-50%-int8`` too (every method stacked). Derived from this space's choices;
         only those it can express, without repeats (a space without 32 bits cannot enqueue
-        the teacher). In
-        a grouped space a member that cannot lose whole outputs shares its group's sparsity,
-        pruned unstructured."""
+        the teacher). In a grouped space a member that cannot lose whole outputs shares its
+        group's sparsity, pruned unstructured."""
         config = self.config
         teacher = dict(self.task.teacher_kwargs)
         int8_acts = min(config.activations)  # 8 where the space has it (ACTIVATION_BITS)
