@@ -1,7 +1,7 @@
 """Does the search beat the expert? The hand-made recipes against a search (issue 17).
 
     python benchmarks/beat_expert.py [--seeds 0 1 2] [--trials 100] [--refine 0.3]
-        [--minutes 60] [--out DIR]
+        [--minutes 60] [--builds 1] [--out DIR]
 
 For each seed: a search of experiments/digits_cnn.toml with that seed and batch 256 as the
 latency objective (``batch_sizes = [256, 1]``), at most ``--trials`` trials and
@@ -13,12 +13,19 @@ strictly dominate it (higher validation accuracy, fewer bytes, lower latency at 
 and whether the front holds a searched trial at least 25x smaller and 8x faster at batch 256
 than the teacher within 1 point of its test accuracy. "Searched": every trial but the seeded
 baselines (the sensitivity starts and the refinements are the search's own; each is labelled).
+
+One build of a recipe is one draw of its training seed: ``--builds K`` also builds each
+hand-made recipe with K - 1 other training seeds and prints the spread of its validation
+accuracy, how far the build compared above sits from its own mean, and the searched trials
+smaller, faster and more accurate than that mean (a lucky build can stand above every
+searched trial without being the better recipe).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +45,9 @@ EXPERIMENT = ROOT / "experiments" / "digits_cnn.toml"
 #: The goal of issue 17: at least this much smaller and faster (batch 256) than the teacher,
 #: within this much test accuracy (a fraction).
 SMALLER, FASTER, DROP = 25.0, 8.0, 0.01
+#: The extra builds of ``--builds`` train with the seed plus multiples of this: never a
+#: searched trial's seed (the run's seed plus its number).
+OTHER_SEEDS = 1000
 
 
 def experiment_for(folder: Path, *, seed: int, trials: int, refine: float | None) -> Path:
@@ -68,17 +78,24 @@ def search(experiment: Path, run_dir: Path, *, minutes: float) -> float:
     return time.perf_counter() - start
 
 
-def hand_made(run_dir: Path, out: Path, *, seed: int) -> dict[str, dict[str, Any]]:
-    """Each hand-made recipe's metrics, measured by the run's trial runner."""
+def hand_made(run_dir: Path, out: Path, *, seed: int, builds: int = 1
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
+    """Each hand-made recipe's metrics, measured by the run's trial runner, and the
+    validation accuracy (a fraction) of each of its ``builds`` builds, the first with
+    ``seed`` (the one whose metrics these are), the others with other training seeds."""
     runner = runner_for_run(str(run_dir))
-    measured = {}
+    measured, accuracies = {}, {}
     for i, (label, recipe) in enumerate(recipes(runner.task, SearchSpace(
             runner.task, runner.config.space)).items()):
         try:
             measured[label] = runner(recipe, out / f"{i:02d}", seed=seed)
+            accuracies[label] = [measured[label]["val_accuracy"]] + [
+                runner(recipe, out / f"{i:02d}-build-{k}", seed=seed + k * OTHER_SEEDS)[
+                    "val_accuracy"] for k in range(1, builds)]
         except Exception as exc:  # a recipe this space's training cannot build: say so
-            print(f"  {label}: FAILED {type(exc).__name__}: {exc}")
-    return measured
+            print(f"  {label}: {'FAILED' if label not in measured else 'another build FAILED'}"
+                  f" {type(exc).__name__}: {exc}")
+    return measured, accuracies
 
 
 def origin(trial: Any) -> str:
@@ -89,7 +106,8 @@ def origin(trial: Any) -> str:
     return "sampler"
 
 
-def report(run_dir: Path, made: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def report(run_dir: Path, made: dict[str, dict[str, Any]],
+           accuracies: dict[str, list[float]]) -> dict[str, Any]:
     """Print the comparison; what it found, as plain data."""
     data = load_report_data(run_dir)
     teacher = data.teacher
@@ -98,7 +116,7 @@ def report(run_dir: Path, made: dict[str, dict[str, Any]]) -> dict[str, Any]:
     print(f"  {len(data.completed)} completed trials, {len(searched)} searched; teacher "
           f"val {teacher['val_accuracy']:.4f}, test {teacher['test_accuracy']:.4f}, "
           f"{teacher['size_bytes']:,} bytes, {teacher['latency_ms']:.2f} ms at batch 256")
-    beaten = {}
+    beaten, spread = {}, {}
     for label, m in made.items():
         by = dominating(figures, m)
         beaten[label] = by
@@ -107,6 +125,14 @@ def report(run_dir: Path, made: dict[str, dict[str, Any]]) -> dict[str, Any]:
               + (f"strictly dominated by {len(by)} searched trials, e.g. "
                  + ", ".join(f"{n} ({origin(searched[n])})" for n in by[:5])
                  if by else "NOT dominated by any searched trial"))
+        if len(builds := accuracies.get(label, [])) > 1:
+            mean, sd = statistics.mean(builds), statistics.stdev(builds)
+            above = dominating(figures, dict(m, val_accuracy=mean))
+            spread[label] = {"builds": builds, "mean": mean, "sd": sd, "above_mean": above}
+            print(f"    its {len(builds)} builds: val {mean:.4f} +- {sd:.4f} (this one "
+                  f"{(m['val_accuracy'] - mean) / sd if sd else 0.0:+.1f} sd); smaller, "
+                  f"faster and above that mean: {len(above)} searched trials"
+                  + (f", e.g. {', '.join(map(str, above[:5]))}" if above else ""))
     goal = {n: t for n, t in searched.items()
             if t.metrics["size_ratio"] >= SMALLER and t.metrics["speedup"] >= FASTER
             and teacher["test_accuracy"] - t.metrics["test_accuracy"] <= DROP}
@@ -128,7 +154,7 @@ def report(run_dir: Path, made: dict[str, dict[str, Any]]) -> dict[str, Any]:
               f"({origin(closest)}), {m['size_ratio']:.1f}x smaller, {m['speedup']:.2f}x faster")
     return {"goal_trials_on_front": on_front,
             "undominated": [label for label, by in beaten.items() if not by],
-            "dominated_by": beaten}
+            "dominated_by": beaten, "spread": spread}
 
 
 def main() -> None:
@@ -137,8 +163,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--refine", type=float, help="search.refine (default: the shipped one)")
     parser.add_argument("--minutes", type=float, default=60.0, help="per search, at most")
+    parser.add_argument("--builds", type=int, default=1,
+                        help="builds of each hand-made recipe, each with its own training seed")
     parser.add_argument("--out", type=Path, help="folder to create (default: a temporary one)")
     args = parser.parse_args()
+    if args.builds < 1:
+        parser.error(f"--builds {args.builds}: give 1 (the run's seed alone) or more")
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or Path(scratch)
@@ -148,8 +178,9 @@ def main() -> None:
                                         refine=args.refine)
             seconds = search(experiment, run_dir, minutes=args.minutes)
             print(f"seed {seed}: search of {args.trials} trials in {seconds / 60:.1f} min")
-            made = hand_made(run_dir, out / f"seed-{seed}" / "hand-made", seed=seed)
-            results[seed] = report(run_dir, made)
+            made, accuracies = hand_made(run_dir, out / f"seed-{seed}" / "hand-made",
+                                         seed=seed, builds=args.builds)
+            results[seed] = report(run_dir, made, accuracies)
     print(json.dumps(results, indent=1))
 
 
