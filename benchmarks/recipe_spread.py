@@ -45,7 +45,12 @@ def main() -> None:
     if not (args.run_dir / "teacher" / "metrics.json").is_file():
         parser.error(f"{args.run_dir}: not a run folder with a trained teacher; give one that "
                      "benchmarks/beat_expert.py --out DIR wrote (DIR/seed-0/run)")
+    if args.out is not None and args.out.exists():
+        parser.error(f"--out {args.out} exists already; give a folder to create")
     runner = runner_for_run(str(args.run_dir))
+    if runner.config.task != "digits-cnn":
+        parser.error(f"{args.run_dir} is a run of {runner.config.task}; the neighbours here are "
+                     "digits-cnn's layers and widths: give a run of benchmarks/beat_expert.py")
     made = recipes(runner.task, SearchSpace(runner.task, runner.config.space))
     bar, four = made["structured 50% + 4-bit w + int8 a"], made["4-bit weights"]
     cases = {
