@@ -45,8 +45,9 @@ EXPERIMENT = ROOT / "experiments" / "digits_cnn.toml"
 #: The goal of issue 17: at least this much smaller and faster (batch 256) than the teacher,
 #: within this much test accuracy (a fraction).
 SMALLER, FASTER, DROP = 25.0, 8.0, 0.01
-#: The extra builds of ``--builds`` train with the seed plus multiples of this: never a
-#: searched trial's seed (the run's seed plus its number).
+#: The extra builds of ``--builds`` train with the seed plus multiples of this, so in a
+#: search of fewer trials than this never with a searched trial's seed (the run's seed plus
+#: the trial's number).
 OTHER_SEEDS = 1000
 
 
