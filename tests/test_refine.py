@@ -145,6 +145,76 @@ def test_a_step_the_channel_multiple_rounds_away_is_not_taken(
     assert (found[0]["hidden.0.sparsity"] if found else None) == step
 
 
+def _teacher_shaped(bits: dict[str, int]) -> dict:
+    return dict(_params(bits), **{"student.width": 1.0, "student.depth": 2})
+
+
+def _with_students(task: Task, **changes) -> SearchSpace:
+    return SearchSpace(task, dataclasses.replace(
+        SPACE, student={"width": (0.25, 0.5, 0.75, 1.0), "depth": (2,)},
+        student_init=("slice", "scratch"), pruning=("structured", "unstructured"), **changes))
+
+
+def test_a_narrower_student_is_a_move_that_starts_from_the_teacher(digits_mlp_task: Task) -> None:
+    space = _with_students(digits_mlp_task)
+    study = _study_with(space, [(_teacher_shaped({"hidden.0": 8, "hidden.1": 8, "head": 8}),
+                                 [0.95, 1000, 0.1])])
+    params = study.trials[0].params
+    assert "student.init" not in params  # the teacher's shape: nothing to choose
+    assert ("student.width", 0.75) in [(n, v) for _, n, v in refine._moves(
+        params, space, SENSITIVITY, "smaller")]
+    assert not any(n.startswith("student.") for _, n, _ in refine._moves(
+        params, space, SENSITIVITY, "more accurate"))  # no wider student than the teacher
+    moved = refine._neighbour(space, params, "student.width", 0.75)
+    assert moved == dict(params, **{"student.width": 0.75, "student.init": "slice"})
+    recipe = space.suggest(optuna.trial.FixedTrial(moved))
+    assert recipe.student["width"] == 0.75 and recipe.student_init == "slice"
+    assert recipe.layers == space.suggest(optuna.trial.FixedTrial(params)).layers
+
+
+def test_a_student_step_the_channel_multiple_rounds_away_goes_on_to_the_next_width(
+        digits_mlp_task: Task) -> None:
+    """256 hidden units pruned by half and kept in multiples of 128 keep 128, and so do 192
+    and 128 (the widths 0.75 and 0.5); 64 (width 0.25) keeps 64."""
+    space = _with_students(digits_mlp_task, channel_multiple=128)
+    pruned = dict(_teacher_shaped({"hidden.0": 8, "hidden.1": 8, "head": 8}),
+                  **{"hidden.0.sparsity": 0.5, "hidden.0.pruning": "structured",
+                     "hidden.1.sparsity": 0.5, "hidden.1.pruning": "structured"})
+    study = _study_with(space, [(pruned, [0.95, 1000, 0.1])])
+    moves = [(n, v) for _, n, v in refine._moves(study.trials[0].params, space, SENSITIVITY,
+                                                 "smaller") if n.startswith("student.")]
+    assert moves == [("student.width", 0.25)]
+
+
+def test_the_chase_starts_from_the_baseline_itself_with_a_step_that_can_be_faster(
+        digits_mlp_task: Task) -> None:
+    space = _with_students(digits_mlp_task)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    _told(study, space, _teacher_shaped({"hidden.0": 8, "hidden.1": 8, "head": 8}), (0.90, 1000, 1.0),
+          baseline="uniform-int8")
+    # no searched trial yet: only a step that removes outputs can beat it in speed; bits or
+    # zeros change no kernel
+    params, change = refine._toward_baselines(study, space, SENSITIVITY, [],
+                                              rng=random.Random(0))
+    assert change == ("baseline uniform-int8: student.width 1.0 -> 0.75, toward beating "
+                      "uniform-int8")
+    assert params["student.width"] == 0.75 and params["hidden.0.bits"] == 8
+    assert refine._toward_baselines(study, space, SENSITIVITY, [params],
+                                    rng=random.Random(0)) is None
+
+
+def test_the_baseline_itself_and_the_trials_short_of_it_take_turns(digits_mlp_task: Task) -> None:
+    space = _with_students(digits_mlp_task)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    _told(study, space, _teacher_shaped({"hidden.0": 8, "hidden.1": 8, "head": 8}),
+          (0.90, 1000, 1.0), baseline="uniform-int8")
+    _told(study, space, _teacher_shaped({"hidden.0": 4, "hidden.1": 4, "head": 8}),
+          (0.90, 500, 0.9))  # smaller and faster, as accurate: bits back would beat it
+    sources = {refine._toward_baselines(study, space, SENSITIVITY, [], rng=random.Random(seed)
+                                        )[1].split(":")[0] for seed in range(10)}
+    assert sources == {"baseline uniform-int8", "trial 1"}
+
+
 def test_a_trial_points_behind_a_baseline_is_left_to_the_sampler(space: SearchSpace) -> None:
     study = _int8_baseline(space)
     # smaller and faster, but 3 points less accurate: one layer's bits will not close that
@@ -183,10 +253,13 @@ def test_a_search_refines_its_front_for_its_share(tmp_path, monkeypatch) -> None
     trials = load_study(tmp_path / "run").trials
     refined = [t for t in trials if "refine" in t.user_attrs]
     assert len(refined) >= 2 and all(t.number >= 3 for t in refined)
-    for t in refined:  # one parameter away from the trial it names
-        source = trials[int(t.user_attrs["refine"].split()[1].rstrip(":"))]
+    baselines = {t.user_attrs["baseline"]: t for t in trials if "baseline" in t.user_attrs}
+    for t in refined:  # one parameter away from the trial (or baseline) it names
+        kind, name = t.user_attrs["refine"].split(":")[0].split()
+        source = trials[int(name)] if kind == "trial" else baselines[name]
         differ = {k for k in t.params if source.params.get(k) != t.params[k]}
-        assert len(differ - {k for k in t.params if ".pruning" in k}) <= 1, differ
+        assert len(differ - {k for k in t.params if ".pruning" in k or k == "student.init"}
+                   ) <= 1, differ
 
 
 def test_an_interrupted_refinement_runs_again_as_a_refinement() -> None:

@@ -1,4 +1,4 @@
-"""Search around the best: a Pareto trial with one layer's choice changed.
+"""Search around the best: a Pareto trial with one layer's choice (or one student knob) changed.
 
 A sampler proposes whole recipes; near a good one it is slow, since every proposal changes
 every layer at once. An expert's next step from a good point is one layer at a time: fewer
@@ -14,18 +14,31 @@ recipes an expert tries first) that no searched trial beats in every objective y
 searched trial that beats it in two objectives and not in the third (often a tie: a trial
 that runs the same kernels is exactly as fast, and a few hundred validation samples make ties in
 accuracy common) spends some of its lead on the third, one layer at a time: a step of bits up
-for accuracy (or, with speed to spare, any step toward it), of structured sparsity for speed,
-of bits down for bytes. The nearer it is, the sooner; one too far behind (``REACH``) is left
-to the sampler.
+for accuracy (or, with speed to spare, any step toward it), of structured sparsity or a
+narrower student for speed, of bits down for bytes. The nearer it is, the sooner; one too far
+behind (``REACH``) is left to the sampler.
 
-The neighbour is a parameter change, not a recipe edit: a group of layers (space.groups)
-changes together, and a choice that brings a new conditional parameter along (a pruning
-method once sparsity becomes positive) is left to the sampler.
+The chase may also start from the baseline itself (half the time before the trials short of
+it, half the time after): a step that removes outputs (a student knob one value narrower,
+more structured sparsity) is the only kind that can make it faster, and a narrower student
+is distilled from the teacher, so it can be more accurate too.
+
+A student knob (``student.width1``) is a move like a layer's choice: one value narrower
+(smaller) or wider (more accurate), skipping values whose layers keep as many outputs
+(structured pruning keeps multiples of ``space.channel_multiple``: a 12-channel stage pruned
+by half keeps 8, as a 16-channel one does). A lower value is a smaller student.
+
+The neighbour is a parameter change: a group of layers (space.groups) changes together, and
+a choice that brings a new conditional parameter along (a pruning method once sparsity
+becomes positive, a layer a deeper student adds) is left to the sampler. A student knob
+brings its own: every layer keeps its choices, and a student narrower than the teacher
+starts from the teacher's weights (``student.init`` "slice") where the space allows it.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -65,11 +78,10 @@ def propose(study: optuna.Study, space: SearchSpace, sensitivity: dict[str, Any]
     for trial, toward in ((t, d) for d in directions for t in front):
         moves = sorted(_moves(trial.params, space, sensitivity, toward), key=lambda m: m[0])
         for _, name, value in moves:
-            params = dict(trial.params, **{name: value})
-            if name.endswith(".sparsity") and value == 0:  # unpruned: no method to choose
-                key = name.removesuffix(".sparsity")
-                params = {k: v for k, v in params.items() if not k.startswith(f"{key}.pruning")}
-            elif name.endswith(".sparsity") and _same_shapes(space, trial.params, params):
+            params = _neighbour(space, trial.params, name, value)
+            if params is None:
+                continue
+            if name.endswith(".sparsity") and value and _same_shapes(space, trial.params, params):
                 continue  # the channel multiple rounds the step away: the same model again
             if not any(_same(params, other) for other in tried):
                 return params, f"trial {trial.number}: {name} {trial.params[name]} -> {value}"
@@ -79,9 +91,10 @@ def propose(study: optuna.Study, space: SearchSpace, sensitivity: dict[str, Any]
 def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict[str, Any] | None,
                       tried: list[dict[str, Any]], *, rng: random.Random
                       ) -> tuple[dict[str, Any], str] | None:
-    """Parameters of an untried step from a searched trial toward beating a seeded baseline
-    in every objective, and what changed; None when every baseline is beaten or no such step
-    is left."""
+    """Parameters of an untried step toward beating a seeded baseline in every objective,
+    from the baseline itself (a step that removes outputs: the only kind that can make it
+    faster) or from a searched trial short of it in one objective, and what changed; None
+    when every baseline is beaten or no such step is left."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if "metrics" in t.user_attrs and "duplicate_of" not in t.user_attrs]
     searched = [t for t in done if not t.user_attrs.get("baseline")]
@@ -93,19 +106,28 @@ def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict
         near = sorted(((t, *found) for t in searched
                        if (found := _one_short(t.user_attrs["metrics"], target)) is not None
                        and found[1] <= REACH[found[0]]), key=lambda n: n[2])
-        for trial, short, _ in near:
+        # the baseline is as fast as itself: it is short of itself in speed alone. Half the
+        # time it goes first, half the time after the trials short of it: each kind would
+        # otherwise take every step before the other had one.
+        itself = (baseline, "latency_ms", 0.0)
+        starts = [itself, *near] if rng.random() < 0.5 else [*near, itself]
+        for trial, short, _ in starts:
             moves = sorted(_moves(trial.params, space, sensitivity, SPENDING[short]),
                            key=lambda m: m[0])
             slack = trial.user_attrs["metrics"]["latency_ms"] / target["latency_ms"]
             for _, name, value in moves:
                 if not _buys(short, name, value, trial.params, slack=slack):
                     continue
-                params = dict(trial.params, **{name: value})
+                params = _neighbour(space, trial.params, name, value)
+                if params is None:
+                    continue
                 if short == "latency_ms" and _same_shapes(space, trial.params, params):
                     continue  # the channel multiple rounds the step away
                 if not any(_same(params, other) for other in tried):
-                    return params, (f"trial {trial.number}: {name} {trial.params[name]} -> "
-                                    f"{value}, toward beating {baseline.user_attrs['baseline']}")
+                    source = (f"baseline {baseline.user_attrs['baseline']}" if trial is baseline
+                              else f"trial {trial.number}")
+                    return params, (f"{source}: {name} {trial.params[name]} -> {value}, "
+                                    f"toward beating {baseline.user_attrs['baseline']}")
     return None
 
 
@@ -125,9 +147,10 @@ SPENDING = {"val_accuracy": "more accurate", "size_bytes": "smaller", "latency_m
 def _buys(short: str, name: str, value: Any, params: dict[str, Any], *, slack: float) -> bool:
     """Whether changing parameter ``name`` of ``params`` to ``value`` buys the objective
     ``short`` without giving up another: a layer's bits change its accuracy and bytes, not
-    its kernels' speed on a CPU; zeros change no speed either; fewer channels (structured)
-    change all three. A trial that runs in ``slack`` of the baseline's time, at most
-    SPEED_TO_SPEND, may also buy accuracy with speed (a float layer, fewer zeros)."""
+    its kernels' speed on a CPU; zeros change no speed either; fewer outputs (structured, a
+    narrower student) change all three. A trial that runs in ``slack`` of the baseline's
+    time, at most SPEED_TO_SPEND, may also buy accuracy with speed (a float layer, fewer
+    zeros, a wider student)."""
     bits = name.endswith(".bits")
     if short == "val_accuracy":
         return slack <= SPEED_TO_SPEND or (bits and value != 32)
@@ -151,21 +174,60 @@ def _one_short(metrics: dict[str, Any], target: dict[str, Any]) -> tuple[str, fl
 def _same_shapes(space: SearchSpace, before: dict[str, Any], after: dict[str, Any]) -> bool:
     """Whether the recipes of trial parameters ``before`` and ``after`` keep as many outputs
     of every layer: structured pruning keeps a multiple of ``space.channel_multiple`` (75% of
-    16 channels kept in eights is 50% of them)."""
-    try:
-        old, new = (space.suggest(optuna.trial.FixedTrial(p)) for p in (before, after))
-    except ValueError:  # a parameter the other recipe lacks: not the same
-        return False
-    if old.student != new.student:
-        return False
-    round_to = space.config.channel_multiple
+    16 channels kept in eights is 50% of them), whatever the student they start from."""
+    old, new = _shapes(space, before), _shapes(space, after)
+    return old is not None and old == new
 
-    def kept(recipe: Any, info: Any) -> int:
+
+def _shapes(space: SearchSpace, params: dict[str, Any]) -> dict[str, int] | None:
+    """How many outputs each compressible layer of the recipe of ``params`` keeps; None when
+    ``params`` make no recipe (a parameter missing)."""
+    try:
+        recipe = space.suggest(optuna.trial.FixedTrial(params))
+    except ValueError:
+        return None
+    round_to = space.config.channel_multiple
+    kept = {}
+    for info in space.layers_for(recipe.student):
         layer, outputs = recipe.layers[info.name], info.weights // max(info.fan_in, 1)
-        if layer.pruning == "structured" and layer.sparsity > 0:
-            return kept_channels(outputs, layer.sparsity, round_to)
-        return outputs
-    return all(kept(old, i) == kept(new, i) for i in space.layers_for(old.student))
+        pruned = layer.pruning == "structured" and layer.sparsity > 0
+        # never more than it has: pruning leaves a layer narrower than the multiple alone
+        kept[info.name] = min(outputs, kept_channels(outputs, layer.sparsity, round_to)) \
+            if pruned else outputs
+    return kept
+
+
+def _neighbour(space: SearchSpace, params: dict[str, Any], name: str, value: Any
+               ) -> dict[str, Any] | None:
+    """Trial parameters ``params`` with parameter ``name`` set to ``value``, and what that
+    brings along; None when it brings a choice only the sampler makes. An unpruned layer
+    has no pruning method. A student knob keeps every layer's choices; a teacher-shaped
+    student that becomes narrower starts from the teacher's weights (``student.init``
+    "slice") where the space allows it."""
+    if name.endswith(".sparsity") and value == 0:
+        key = name.removesuffix(".sparsity")
+        return {k: v for k, v in dict(params, **{name: value}).items()
+                if not k.startswith(f"{key}.pruning")}
+    if not name.startswith("student."):
+        return dict(params, **{name: value})
+    try:
+        recipe = space.suggest(optuna.trial.FixedTrial(params))
+    except ValueError:
+        return None
+    student = dict(recipe.student, **{name.removeprefix("student."): value})
+    names = [info.name for info in space.layers_for(student)]
+    if any(n not in recipe.layers for n in names):  # a layer with no choices yet
+        return None
+    init = recipe.student_init if "student.init" in params or \
+        "slice" not in space.config.student_init else "slice"
+    moved = replace(recipe, student=student, student_init=init,
+                    layers={n: recipe.layers[n] for n in names})
+    if not space.contains(moved):
+        return None
+    try:
+        return space.params_of(moved)
+    except ValueError:
+        return None
 
 
 def _pruning(params: dict[str, Any], sparsity: str) -> Any:
@@ -185,13 +247,17 @@ def _moves(params: dict[str, Any], space: SearchSpace, sensitivity: dict[str, An
     """(rank, parameter, new value) of every one-step change of a layer's bits, sparsity or
     pruning method ``toward`` "smaller" or "more accurate"; the lower the rank, the sooner
     it is tried: the accuracy the sensitivity pre-pass says the change costs (smaller) or
-    gives back (more accurate, negated)."""
+    gives back (more accurate, negated). A student knob moves too (``_student_move``)."""
     config = space.config
     bits = sorted(config.bits)
     sparsities = sorted(config.sparsity)
     moves: list[tuple[float, str, Any]] = []
     for name, value in params.items():
         key, _, what = name.rpartition(".")
+        if key == "student" and what in space.student_choices:
+            if (move := _student_move(params, space, sensitivity, what, toward)) is not None:
+                moves.append(move)
+            continue
         if not key or key.startswith(("student", "distillation")):
             continue
         drops = _drops(key, space, sensitivity)
@@ -214,6 +280,38 @@ def _moves(params: dict[str, Any], space: SearchSpace, sensitivity: dict[str, An
                 moves.append((drops("sparsity", params.get(f"{key}.sparsity", 0.0)), name,
                               "structured"))
     return moves
+
+
+def _student_move(params: dict[str, Any], space: SearchSpace, sensitivity: dict[str, Any] | None,
+                  knob: str, toward: str) -> tuple[float, str, Any] | None:
+    """(rank, parameter, new value) of the nearest value of student ``knob`` that is lower
+    (smaller) or higher (more accurate) and changes some layer's kept outputs; None where
+    there is none, or the knob's values are not numbers. Its rank is what the sensitivity
+    pre-pass says the teacher lost with the layers it narrows zeroed as much (the nearest
+    sparsity measured at or above the share of outputs removed): the nearest thing it
+    measured to losing whole outputs."""
+    name, value = f"student.{knob}", params[f"student.{knob}"]
+    choices = space.student_choices[knob]
+    if not all(isinstance(c, int | float) and not isinstance(c, bool) for c in choices):
+        return None
+    ladder = sorted((c for c in choices if c < value), reverse=True) if toward == "smaller" \
+        else sorted(c for c in choices if c > value)
+    before = _shapes(space, params)
+    for candidate in ladder:
+        moved = _neighbour(space, params, name, candidate)
+        after = _shapes(space, moved) if moved is not None else None
+        if before is None or after is None or after == before:
+            continue
+        wide, narrow = (before, after) if toward == "smaller" else (after, before)
+        levels = sorted(s for s in space.config.sparsity if s > 0)
+        cost = 0.0
+        for layer in set(wide) & set(narrow):
+            if narrow[layer] < wide[layer] and levels:
+                share = 1 - narrow[layer] / wide[layer]
+                level = next((s for s in levels if s >= share), levels[-1])
+                cost = max(cost, _drops(layer, space, sensitivity)("sparsity", level))
+        return (cost if toward == "smaller" else -cost), name, candidate
+    return None
 
 
 def _choices(parameter: str, configured: tuple[str, ...]) -> tuple[str, ...]:
