@@ -61,6 +61,8 @@ def main() -> None:
         "  student width3 0.75": student(bar, width3=0.75),
         "  student width2, width3 0.75": student(bar, width2=0.75, width3=0.75),
         "  student fc_width 0.5": student(bar, fc_width=0.5),
+        "  student width1 0.25 (conv1: 4 channels)": student(bar, width1=0.25),
+        "  student width2 0.5 (conv2: 8 channels)": student(bar, width2=0.5),
         "4-bit weights": four,
         "  conv1 at 8 bits": layer(four, "conv1", bits=8),
         "  conv3 at 8 bits": layer(four, "conv3", bits=8),
