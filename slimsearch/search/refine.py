@@ -218,10 +218,8 @@ def _neighbour(space: SearchSpace, params: dict[str, Any], name: str, value: Any
     names = [info.name for info in space.layers_for(student)]
     if any(n not in recipe.layers for n in names):  # a layer with no choices yet
         return None
-    init = recipe.student_init if "student.init" in params or \
-        "slice" not in space.config.student_init else "slice"
-    moved = replace(recipe, student=student, student_init=init,
-                    layers={n: recipe.layers[n] for n in names})
+    # a teacher-shaped recipe already says "slice" where the space allows it (space.suggest)
+    moved = replace(recipe, student=student, layers={n: recipe.layers[n] for n in names})
     if not space.contains(moved):
         return None
     try:
@@ -297,13 +295,15 @@ def _student_move(params: dict[str, Any], space: SearchSpace, sensitivity: dict[
     ladder = sorted((c for c in choices if c < value), reverse=True) if toward == "smaller" \
         else sorted(c for c in choices if c > value)
     before = _shapes(space, params)
+    if before is None:
+        return None
+    levels = sorted(s for s in space.config.sparsity if s > 0)
     for candidate in ladder:
         moved = _neighbour(space, params, name, candidate)
         after = _shapes(space, moved) if moved is not None else None
-        if before is None or after is None or after == before:
+        if after is None or after == before:
             continue
         wide, narrow = (before, after) if toward == "smaller" else (after, before)
-        levels = sorted(s for s in space.config.sparsity if s > 0)
         cost = 0.0
         for layer in set(wide) & set(narrow):
             if narrow[layer] < wide[layer] and levels:
