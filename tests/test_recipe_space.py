@@ -275,6 +275,23 @@ def test_distillation_settings_are_searchable_and_round_trip(digits_mlp_task: Ta
     assert len(seen) > 1
 
 
+@pytest.mark.parametrize(("student", "half"), [
+    # the conv stages at half, the hidden fc layer (the head's input) whole, as MobileNetV2
+    ({"width1": (0.5, 1.0), "width2": (0.5, 1.0), "width3": (0.5, 1.0), "fc_width": (0.5, 1.0)},
+     {"width1": 0.5, "width2": 0.5, "width3": 0.5, "fc_width": 1.0}),
+    # the head's input is all a space's widths can narrow: then it is halved
+    ({"width1": (1.0,), "width2": (1.0,), "width3": (1.0,), "fc_width": (0.5, 1.0)},
+     {"width1": 1.0, "width2": 1.0, "width3": 1.0, "fc_width": 0.5}),
+], ids=["stages-and-fc", "fc-only"])
+def test_the_half_width_student_keeps_the_heads_input_whole_where_the_rest_narrows(
+        student: dict, half: dict) -> None:
+    from slimsearch.tasks import make_task
+
+    task = make_task("digits-cnn", seed=0)
+    space = SearchSpace(task, SpaceConfig(student=student))
+    assert space.baselines()["half-width-student"].student == half
+
+
 def test_unknown_distillation_key_names_the_field() -> None:
     with pytest.raises(ConfigError, match="space.distillation.temprature") as info:
         SpaceConfig(distillation={"temprature": (2.0,)})

@@ -256,7 +256,7 @@ class SearchSpace:
         (``structured-50%-4-bit``), all with int8 activations where the space has them;
         ``weight-only-4-bit`` (4-bit weights, float activations: what an LLM's user tries
         first), where that differs from ``4-bit-weights``; ``half-width-student``: the
-        teacher sliced to the width choices nearest half its own, float;
+        teacher sliced to the width choices nearest half its own (``_half_width``), float;
         ``half-width-student-int8``: the same student with 8-bit weights (distil, then
         quantize: DistilBERT with PyTorch's dynamic int8 is what a user of a transformer tries
         next), and ``half-width-structured-50%-int8``: that student pruned as
@@ -323,14 +323,30 @@ class SearchSpace:
     def _half_width(self, teacher: dict[str, Any]) -> dict[str, Any] | None:
         """The teacher's knobs with each width knob (a numeric knob named ``*width*``; every
         numeric knob when none is) at its choice nearest half the teacher's value; None when
-        that is the teacher itself."""
+        that is the teacher itself. A knob that narrows nothing but the layer feeding the head
+        keeps the teacher's value where another knob narrows the rest: MobileNetV2 (Sandler et
+        al., 2018) narrows every layer but that one, which keeps its width for accuracy, and
+        so does the expert's half-width CNN (digits-cnn's conv stages at half, its hidden fc
+        layer whole)."""
         numeric = {k: v for k, v in self.student_choices.items()
                    if isinstance(teacher.get(k), int | float)
                    and all(isinstance(c, int | float) for c in v)}
         widths = {k: v for k, v in numeric.items() if "width" in k} or numeric
-        half = dict(teacher, **{k: min(v, key=lambda c: abs(c - teacher[k] / 2))
-                                for k, v in widths.items()})
-        return None if half == teacher else half
+        halved = {k: value for k, v in widths.items()
+                  if (value := min(v, key=lambda c: abs(c - teacher[k] / 2))) != teacher[k]}
+        layers = self.layers_for(teacher)
+        feeding_head = {layers[-2].name} if len(layers) > 1 else set()
+        kept = {k for k, value in halved.items()
+                if self._reshaped(teacher, dict(teacher, **{k: value})) == feeding_head}
+        if kept != set(halved):
+            halved = {k: v for k, v in halved.items() if k not in kept}
+        return dict(teacher, **halved) if halved else None
+
+    def _reshaped(self, teacher: dict[str, Any], student: dict[str, Any]) -> set[str]:
+        """The layers whose outputs differ between the two (in one of them only, or in number)."""
+        def outputs(knobs: dict[str, Any]) -> set[tuple[str, int]]:
+            return {(i.name, i.weights // i.fan_in) for i in self.layers_for(knobs)}
+        return {name for name, _ in outputs(teacher) ^ outputs(student)}
 
     def contains(self, recipe: Recipe) -> bool:
         """True when ``suggest`` can return ``recipe`` (every value is one of the choices)."""
