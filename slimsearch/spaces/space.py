@@ -334,7 +334,7 @@ class SearchSpace:
         widths = {k: v for k, v in numeric.items() if "width" in k} or numeric
         halved = {k: value for k, v in widths.items()
                   if (value := min(v, key=lambda c: abs(c - teacher[k] / 2))) != teacher[k]}
-        layers = self.layers_for(teacher)
+        layers = self.layers_for(teacher)  # in execution order: the head is the last one run
         feeding_head = {layers[-2].name} if len(layers) > 1 else set()
         kept = {k for k, value in halved.items()
                 if self._reshaped(teacher, dict(teacher, **{k: value})) == feeding_head}
