@@ -189,7 +189,7 @@ def _shapes(space: SearchSpace, params: dict[str, Any]) -> dict[str, int] | None
     round_to = space.config.channel_multiple
     kept = {}
     for info in space.layers_for(recipe.student):
-        layer, outputs = recipe.layers[info.name], info.weights // max(info.fan_in, 1)
+        layer, outputs = recipe.layers[info.name], info.outputs
         pruned = layer.pruning == "structured" and layer.sparsity > 0
         # never more than it has: pruning leaves a layer narrower than the multiple alone
         kept[info.name] = min(outputs, kept_channels(outputs, layer.sparsity, round_to)) \

@@ -47,6 +47,11 @@ class LayerInfo:
     #: Weights in the layer (its bias not counted).
     weights: int = 0
 
+    @property
+    def outputs(self) -> int:
+        """Its outputs (out_features or out_channels)."""
+        return self.weights // max(self.fan_in, 1)
+
 
 def compressible_layers(model: nn.Module, example_input: Inputs) -> list[LayerInfo]:
     """Linear and Conv2d layers in execution order; the one producing the model's output
@@ -345,7 +350,7 @@ class SearchSpace:
     def _reshaped(self, teacher: dict[str, Any], student: dict[str, Any]) -> set[str]:
         """The layers whose outputs differ between the two (in one of them only, or in number)."""
         def outputs(knobs: dict[str, Any]) -> set[tuple[str, int]]:
-            return {(i.name, i.weights // i.fan_in) for i in self.layers_for(knobs)}
+            return {(i.name, i.outputs) for i in self.layers_for(knobs)}
         return {name for name, _ in outputs(teacher) ^ outputs(student)}
 
     def contains(self, recipe: Recipe) -> bool:
