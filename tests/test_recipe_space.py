@@ -373,3 +373,34 @@ def test_seeded_trials_put_the_sensitivity_starts_before_the_experts_and_leave_h
     assert [name for _, name, _ in seeded(baselines, starts, budget=5)] == [
         "teacher", "uniform-int8", "within 0.5%"]
 
+
+
+def test_the_benchmarks_hand_made_recipes_are_the_seeded_baselines_of_the_same_method() -> None:
+    """benchmarks/beat_expert.py asks whether a searched trial beats each hand-made recipe of
+    benchmarks/compression.py. Where a seeded baseline is the same method, it must be the
+    same recipe: the same model file, and one latency reading of its one executed form
+    (spelled apart, the half-width student once had a second reading, and timing noise
+    decided whether a trial of its form was faster)."""
+    import importlib.util
+    from pathlib import Path
+
+    from slimsearch.experiment import load_experiment
+    from slimsearch.tasks import make_task
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("compression", root / "benchmarks" /
+                                                  "compression.py")
+    compression = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compression)
+    config = load_experiment(root / "experiments" / "digits_cnn.toml")
+    space = SearchSpace(make_task("digits-cnn", seed=0), config.space)
+    hand_made = compression.recipes(space.task, space)
+    baselines = space.baselines()
+    twins = {"teacher (fp32)": "teacher", "int8 weights + int8 activations": "uniform-int8",
+             "4-bit weights": "weight-only-4-bit", "student width 0.5, sliced": "half-width-student",
+             "structured 50% + int8 w+a": "structured-50%-int8",
+             "structured 50% + 4-bit w + int8 a": "structured-50%-4-bit",
+             "structured 75% + int8 w+a": "structured-75%-int8",
+             "width 0.5 sliced + structured 50% + int8 w+a": "half-width-structured-50%-int8"}
+    for label, name in twins.items():
+        assert hand_made[label] == baselines[name], label

@@ -261,7 +261,7 @@ class SearchSpace:
         (``structured-50%-4-bit``), all with int8 activations where the space has them;
         ``weight-only-4-bit`` (4-bit weights, float activations: what an LLM's user tries
         first), where that differs from ``4-bit-weights``; ``half-width-student``: the
-        teacher sliced to the width choices nearest half its own (``_half_width``), float;
+        teacher sliced to the width choices nearest half its own (``half_width_student``), float;
         ``half-width-student-int8``: the same student with 8-bit weights (distil, then
         quantize: DistilBERT with PyTorch's dynamic int8 is what a user of a transformer tries
         next), and ``half-width-structured-50%-int8``: that student pruned as
@@ -314,7 +314,7 @@ class SearchSpace:
         candidates["weight-only-4-bit"] = uniform(bits=4, acts=32)
         candidates[f"structured-{near[0.5]:.0%}-4-bit"] = uniform(
             bits=4, acts=int8_acts, sparsity=near[0.5], pruning="structured")
-        if (half := self._half_width(teacher)) is not None:
+        if (half := self.half_width_student()) is not None:
             candidates["half-width-student"] = uniform(bits=32, acts=32, student=half)
             candidates["half-width-student-int8"] = uniform(bits=8, acts=int8_acts, student=half)
             candidates[f"half-width-structured-{near[0.5]:.0%}-int8"] = uniform(
@@ -325,7 +325,7 @@ class SearchSpace:
                 chosen[label] = recipe
         return chosen
 
-    def _half_width(self, teacher: dict[str, Any]) -> dict[str, Any] | None:
+    def half_width_student(self) -> dict[str, Any] | None:
         """The teacher's knobs with each width knob (a numeric knob named ``*width*``; every
         numeric knob when none is) at its choice nearest half the teacher's value; None when
         that is the teacher itself. A knob that narrows nothing but the layer feeding the head
@@ -333,6 +333,7 @@ class SearchSpace:
         al., 2018) narrows every layer but that one, which keeps its width for accuracy, and
         so does the expert's half-width CNN (digits-cnn's conv stages at half, its hidden fc
         layer whole)."""
+        teacher = dict(self.task.teacher_kwargs)
         numeric = {k: v for k, v in self.student_choices.items()
                    if isinstance(teacher.get(k), int | float)
                    and all(isinstance(c, int | float) for c in v)}
