@@ -1,7 +1,7 @@
 """Does the search beat the expert? The hand-made recipes against a search (issue 17).
 
     python benchmarks/beat_expert.py [--seeds 0 1 2] [--trials 100] [--refine 0.3]
-        [--minutes 60] [--builds 1] [--out DIR]
+        [--max-drop 0.05] [--minutes 60] [--builds 1] [--out DIR]
 
 For each seed: a search of experiments/digits_cnn.toml with that seed and batch 256 as the
 latency objective (``batch_sizes = [256, 1]``), at most ``--trials`` trials and
@@ -51,10 +51,12 @@ SMALLER, FASTER, DROP = 25.0, 8.0, 0.01
 OTHER_SEEDS = 1000
 
 
-def experiment_for(folder: Path, *, seed: int, trials: int, refine: float | None) -> Path:
-    """experiments/digits_cnn.toml with this seed, budget and refinement share, and batch 256
-    as the latency objective, written into ``folder`` (the run folder keeps a copy of it, and
-    the trial runner of the hand-made recipes reads that copy)."""
+def experiment_for(folder: Path, *, seed: int, trials: int, refine: float | None,
+                   max_drop: float | None = None) -> Path:
+    """experiments/digits_cnn.toml with this seed, budget and refinement share, batch 256 as
+    the latency objective and, given ``max_drop``, the constraint ``max_accuracy_drop``,
+    written into ``folder`` (the run folder keeps a copy of it, and the trial runner of the
+    hand-made recipes reads that copy)."""
     text = EXPERIMENT.read_text()
     changes = {"seed = 0": f"seed = {seed}", "trials = 100": f"trials = {trials}",
                "batch_sizes = [1] ": "batch_sizes = [256, 1] "}
@@ -64,6 +66,10 @@ def experiment_for(folder: Path, *, seed: int, trials: int, refine: float | None
         if old not in text:
             raise SystemExit(f"{EXPERIMENT} has no line {old!r} to change")
         text = text.replace(old, new, 1)
+    if max_drop is not None:
+        if "[constraints]" in text:
+            raise SystemExit(f"{EXPERIMENT} has its own [constraints]: leave out --max-drop")
+        text += f"\n[constraints]\nmax_accuracy_drop = {max_drop}\n"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "experiment.toml").write_text(text)
     return folder / "experiment.toml"
@@ -163,6 +169,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--refine", type=float, help="search.refine (default: the shipped one)")
+    parser.add_argument("--max-drop", type=float,
+                        help="constraints.max_accuracy_drop (a fraction of validation accuracy "
+                             "below the teacher's; default: none)")
     parser.add_argument("--minutes", type=float, default=60.0, help="per search, at most")
     parser.add_argument("--builds", type=int, default=1,
                         help="builds of each hand-made recipe, each with its own training seed")
@@ -176,7 +185,7 @@ def main() -> None:
         for seed in args.seeds:
             run_dir = out / f"seed-{seed}" / "run"
             experiment = experiment_for(out / f"seed-{seed}", seed=seed, trials=args.trials,
-                                        refine=args.refine)
+                                        refine=args.refine, max_drop=args.max_drop)
             seconds = search(experiment, run_dir, minutes=args.minutes)
             print(f"seed {seed}: search of {args.trials} trials in {seconds / 60:.1f} min")
             made, accuracies = hand_made(run_dir, out / f"seed-{seed}" / "hand-made",
