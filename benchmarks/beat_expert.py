@@ -28,6 +28,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +87,16 @@ def search(experiment: Path, run_dir: Path, *, minutes: float) -> float:
 
 
 def hand_made(run_dir: Path, out: Path, *, seed: int, builds: int = 1
-              ) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
-    """Each hand-made recipe's metrics, measured by the run's trial runner, and the
-    validation accuracy (a fraction) of each of its ``builds`` builds, the first with
-    ``seed`` (the one whose metrics these are), the others with other training seeds."""
+              ) -> tuple[dict[str, dict[str, Any] | None], dict[str, list[float]]]:
+    """Each hand-made recipe's metrics (None where it failed), measured by the run's trial
+    runner, and the validation accuracy (a fraction) of each of its ``builds`` builds, the
+    first with ``seed`` (the one whose metrics these are), the others with other training
+    seeds.
+    Each is built to the end: the early stop of ``[constraints]`` is for the search's own
+    trials (a recipe it stopped would be missing from the comparison, not beaten)."""
     runner = runner_for_run(str(run_dir))
+    runner.config = replace(runner.config, constraints=replace(runner.config.constraints,
+                                                               early_stop_margin=None))
     measured, accuracies = {}, {}
     for i, (label, recipe) in enumerate(recipes(runner.task, SearchSpace(
             runner.task, runner.config.space)).items()):
@@ -102,6 +108,7 @@ def hand_made(run_dir: Path, out: Path, *, seed: int, builds: int = 1
         except Exception as exc:  # a recipe this space's training cannot build: say so
             print(f"  {label}: {'FAILED' if label not in measured else 'another build FAILED'}"
                   f" {type(exc).__name__}: {exc}")
+            measured.setdefault(label, None)
     return measured, accuracies
 
 
@@ -113,9 +120,10 @@ def origin(trial: Any) -> str:
     return "sampler"
 
 
-def report(run_dir: Path, made: dict[str, dict[str, Any]],
+def report(run_dir: Path, made: dict[str, dict[str, Any] | None],
            accuracies: dict[str, list[float]]) -> dict[str, Any]:
-    """Print the comparison; what it found, as plain data."""
+    """Print the comparison; what it found, as plain data. A recipe that could not be built
+    (None) counts as not dominated: nothing was shown to beat it."""
     data = load_report_data(run_dir)
     teacher = data.teacher
     searched = {t.number: t for t in data.completed if t.baseline is None}
@@ -125,6 +133,10 @@ def report(run_dir: Path, made: dict[str, dict[str, Any]],
           f"{teacher['size_bytes']:,} bytes, {teacher['latency_ms']:.2f} ms at batch 256")
     beaten, spread = {}, {}
     for label, m in made.items():
+        if m is None:
+            beaten[label] = []
+            print(f"  {label}: not built (above), so NOT shown to be dominated")
+            continue
         by = dominating(figures, m)
         beaten[label] = by
         print(f"  {label}: val {m['val_accuracy']:.4f}, {m['size_ratio']:.1f}x smaller, "

@@ -161,3 +161,36 @@ def test_a_long_trial_says_where_it_is_and_status_reads_it(tmp_path: Path) -> No
     where = describe_progress(trial_dir, now=progress.started + 112)
     assert where == "distillation, epoch 2/2 for 12 s, 1 min 52 s into the trial"
     assert describe_progress(tmp_path) is None
+
+
+def test_a_long_training_stage_is_judged_hopeless_at_its_middle_not_after_two_epochs(
+        digits_mlp_task: Task) -> None:
+    """A student distilled for 15 epochs climbs far in its first half (a digits-cnn student
+    sliced to half width: 0.77 validation accuracy after 2 epochs, 0.89 at the end), so the
+    early stop of ``[constraints]`` judges a long stage at its middle; a short one after
+    ``early_stop_after_epochs``, before its last epoch."""
+    import dataclasses
+
+    import torch
+
+    from slimsearch.errors import TrialStopped
+    from slimsearch.experiment import ConstraintsConfig
+    from slimsearch.search.objective import TrialRunner
+
+    config = ExperimentConfig(name="t", task="digits-mlp",
+                              constraints=ConstraintsConfig(max_accuracy_drop=0.01))
+    runner = TrialRunner(config=config, task=digits_mlp_task, teacher=None,
+                         device=torch.device("cpu"), teacher_metrics=dict(METRICS))
+    untrained = digits_mlp_task.make_model(**digits_mlp_task.teacher_kwargs)  # ~10% accurate
+    judged = {}
+    for epochs in (15, 5, 2, 1):
+        judged[epochs] = []
+        for epoch in range(epochs):  # the check runs before each epoch, with `epoch` done
+            try:
+                runner.early_stop(untrained, "distillation", epoch, epochs)
+            except TrialStopped:
+                judged[epochs].append(epoch)
+    assert judged == {15: [7], 5: [2], 2: [1], 1: []}
+    # without max_accuracy_drop nothing is judged hopeless
+    runner.config = dataclasses.replace(config, constraints=ConstraintsConfig())
+    runner.early_stop(untrained, "distillation", 7, 15)

@@ -90,6 +90,15 @@ def constraint_values(metrics: dict[str, Any], teacher: dict[str, Any],
     return values
 
 
+def early_stop_epoch(epochs: int, after: int) -> int:
+    """After how many epochs of a stage of ``epochs`` a trial is checked for early stopping:
+    ``after`` (``constraints.early_stop_after_epochs``), or half the stage where that is
+    later, and before its last epoch. A long stage climbs far in its first half: a
+    digits-cnn student sliced to half width and distilled for 15 epochs read 0.77 validation
+    accuracy after 2 epochs, 0.85 after 7 and 0.89 at the end (benchmarks/RESULTS.md)."""
+    return max(1, min(max(after, epochs // 2), epochs - 1))
+
+
 @dataclass
 class TrialRunner:
     """Builds and measures recipes for one run; the same object serves every trial.
@@ -186,15 +195,14 @@ class TrialRunner:
         self.early_stop(model, stage, epoch, epochs)
 
     def early_stop(self, model: torch.nn.Module, stage: str, epoch: int, epochs: int) -> None:
-        """Stop a hopeless trial: after ``early_stop_after_epochs`` epochs of a training stage,
-        validation accuracy more than ``early_stop_margin`` below what ``max_accuracy_drop``
-        allows cannot be trained back in the epochs left (Optuna's pruners do not support
-        multi-objective studies, so this is our own rule). A stage shorter than that is
-        checked before its last epoch."""
+        """Stop a hopeless trial: at ``early_stop_epoch`` of a training stage, validation
+        accuracy more than ``early_stop_margin`` below what ``max_accuracy_drop`` allows
+        cannot be trained back in the epochs left (Optuna's pruners do not support
+        multi-objective studies, so this is our own rule)."""
         rules = self.config.constraints
         if (rules.max_accuracy_drop is None or rules.early_stop_margin is None
                 or self.teacher_metrics is None
-                or epoch != max(1, min(rules.early_stop_after_epochs, epochs - 1))):
+                or epoch != early_stop_epoch(epochs, rules.early_stop_after_epochs)):
             return
         floor = (self.teacher_metrics["val_accuracy"] - rules.max_accuracy_drop
                  - rules.early_stop_margin)
