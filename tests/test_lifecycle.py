@@ -178,7 +178,8 @@ def test_a_long_training_stage_is_judged_hopeless_at_its_middle_not_after_two_ep
     from slimsearch.search.objective import TrialRunner
 
     config = ExperimentConfig(name="t", task="digits-mlp",
-                              constraints=ConstraintsConfig(max_accuracy_drop=0.01))
+                              constraints=ConstraintsConfig(max_accuracy_drop=0.01,
+                                                            early_stop_margin=0.05))
     runner = TrialRunner(config=config, task=digits_mlp_task, teacher=None,
                          device=torch.device("cpu"), teacher_metrics=dict(METRICS))
     untrained = digits_mlp_task.make_model(**digits_mlp_task.teacher_kwargs)  # ~10% accurate
@@ -191,6 +192,7 @@ def test_a_long_training_stage_is_judged_hopeless_at_its_middle_not_after_two_ep
             except TrialStopped:
                 judged[epochs].append(epoch)
     assert judged == {15: [7], 5: [2], 2: [1], 1: []}
-    # without max_accuracy_drop nothing is judged hopeless
-    runner.config = dataclasses.replace(config, constraints=ConstraintsConfig())
-    runner.early_stop(untrained, "distillation", 7, 15)
+    # unless both are set (the margin is off by default), nothing is judged hopeless
+    for rules in (ConstraintsConfig(), ConstraintsConfig(max_accuracy_drop=0.01)):
+        runner.config = dataclasses.replace(config, constraints=rules)
+        runner.early_stop(untrained, "distillation", 7, 15)
