@@ -91,9 +91,8 @@ def hand_made(run_dir: Path, out: Path, *, seed: int, builds: int = 1
     """Each hand-made recipe's metrics (None where it failed), measured by the run's trial
     runner, and the validation accuracy (a fraction) of each of its ``builds`` builds, the
     first with ``seed`` (the one whose metrics these are), the others with other training
-    seeds.
-    Each is built to the end: the early stop of ``[constraints]`` is for the search's own
-    trials (a recipe it stopped would be missing from the comparison, not beaten)."""
+    seeds. Each is built to the end: the early stop of ``[constraints]`` is for the search's
+    own trials (a recipe it stopped would be missing from the comparison, not beaten)."""
     runner = runner_for_run(str(run_dir))
     runner.config = replace(runner.config, constraints=replace(runner.config.constraints,
                                                                early_stop_margin=None))

@@ -374,7 +374,6 @@ def test_seeded_trials_put_the_sensitivity_starts_before_the_experts_and_leave_h
         "teacher", "uniform-int8", "within 0.5%"]
 
 
-
 def test_the_benchmarks_hand_made_recipes_are_the_seeded_baselines_of_the_same_method() -> None:
     """benchmarks/beat_expert.py asks whether a searched trial beats each hand-made recipe of
     benchmarks/compression.py. Where a seeded baseline is the same method, it must be the
