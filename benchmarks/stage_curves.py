@@ -62,17 +62,8 @@ def main() -> None:
     made = recipes(task, SearchSpace(task, config.space))
     for label in SHOWN:
         curve, final = stage_curve(task, teacher, made[label], config, seed=args.seed)
-        stages = []
-        for stage in dict.fromkeys(s for s, *_ in curve):
-            points = [(e, n, v) for s, e, n, v in curve if s == stage]
-            epochs = points[0][1]
-            marks = dict.fromkeys(range(1, epochs), "")
-            marks[max(1, min(after, epochs - 1))] += "*"
-            marks[early_stop_epoch(epochs, after)] += "^"
-            stages.append(f"{stage} " + " ".join(
-                f"{e}{marks[e]}:{v:.3f}" for e, _, v in points))
-        print(f"| {label} | {' / '.join(stages)} | float model at the end {final:.3f} |",
-              flush=True)
+        print(f"| {label} | {rendered(curve, after=after)} | float model at the end "
+              f"{final:.3f} |", flush=True)
 
 
 def rebuild_stopped(run_dir: Path) -> None:
@@ -90,12 +81,25 @@ def rebuild_stopped(run_dir: Path) -> None:
                                    seed=seed)
         met += final >= floor
         print(f"| trial {t.number} | {t.stopped[len('stopped early: '):][:60]} | "
-              + " / ".join(f"{stage} " + " ".join(f"{e}:{v:.3f}" for s, e, _, v in curve
-                                                   if s == stage)
-                           for stage in dict.fromkeys(s for s, *_ in curve))
-              + f" | {final:.3f}{' MET' if final >= floor else ''} |", flush=True)
+              f"{rendered(curve)} | {final:.3f}{' MET' if final >= floor else ''} |",
+              flush=True)
     print(f"{met} of {len(stopped)} stopped trials met max_accuracy_drop (validation >= "
           f"{floor:.4f}) when built to the end")
+
+
+def rendered(curve: list[tuple[str, int, int, float]], *, after: int | None = None) -> str:
+    """Each stage's curve on one line; given ``after`` (early_stop_after_epochs), the epoch
+    the rule before judged marked ``*`` and the one the current rule judges ``^``."""
+    stages = []
+    for stage in dict.fromkeys(s for s, *_ in curve):
+        points = [(e, n, v) for s, e, n, v in curve if s == stage]
+        epochs = points[0][1]
+        marks = dict.fromkeys(range(1, epochs), "")
+        if after is not None:
+            marks[max(1, min(after, epochs - 1))] += "*"
+            marks[early_stop_epoch(epochs, after)] += "^"
+        stages.append(f"{stage} " + " ".join(f"{e}{marks[e]}:{v:.3f}" for e, _, v in points))
+    return " / ".join(stages)
 
 
 def stage_curve(task: Task, teacher: Teacher, recipe: Recipe, config: ExperimentConfig, *,
