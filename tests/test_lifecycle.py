@@ -72,6 +72,7 @@ def test_the_budget_counts_running_trials_and_not_interrupted_ones(
     again = lifecycle.start()  # the interrupted one does not count, and runs again
     assert again is not None and again.trial.params == running[0].trial.params
     assert again.trial.user_attrs["retry_of"] == running[0].number
+    assert again.seed == running[0].seed == 7 + running[0].number  # the same build again
 
 
 def test_a_trial_stopped_by_the_deadline_is_pruned_and_runs_again(

@@ -215,6 +215,24 @@ def test_the_baseline_itself_and_the_trials_short_of_it_take_turns(digits_mlp_ta
     assert sources == {"baseline uniform-int8", "trial 1"}
 
 
+def test_more_zeros_are_a_step_where_more_structured_pruning_is_rounded_away(
+        digits_mlp_task: Task) -> None:
+    """256 outputs kept in multiples of 128: 75% pruned structured keeps 128, as 50% does,
+    so the step is the same model again; 75% of zeros is a smaller file than 50% (before,
+    every step of zeros but a layer's first was taken for one rounded away)."""
+    space = SearchSpace(digits_mlp_task, dataclasses.replace(
+        SPACE, sparsity=(0.0, 0.5, 0.75), channel_multiple=128))
+    for method, rounded_away in (("structured", True), ("unstructured", False)):
+        before = dict(_teacher_shaped({"hidden.0": 8, "hidden.1": 8, "head": 8}),
+                      **{"hidden.0.sparsity": 0.5, "hidden.0.pruning": method})
+        study = _study_with(space, [(before, [0.95, 1000, 0.1])])
+        proposals = set()
+        for seed in range(20):
+            found = refine.propose(study, space, SENSITIVITY, rng=random.Random(seed))
+            proposals.add(found[1] if found else None)
+        assert ("trial 0: hidden.0.sparsity 0.5 -> 0.75" not in proposals) is rounded_away
+
+
 def test_a_trial_points_behind_a_baseline_is_left_to_the_sampler(space: SearchSpace) -> None:
     study = _int8_baseline(space)
     # smaller and faster, but 3 points less accurate: one layer's bits will not close that

@@ -200,8 +200,10 @@ class TrialLifecycle:
         # A seeded baseline trains with the run's own seed, as `build` would for that recipe
         # in this experiment: its figures do not depend on where the queue put it (and are
         # those of the same recipe built by hand), and a search's aim to beat it is fixed.
+        # A trial run again after an interruption trains with its own seed (recovery
+        # enqueues it with that seed): the same build, run again.
         seed = (self.config.seed if trial.user_attrs.get("baseline")
-                else self.config.seed + trial.number)
+                else trial.user_attrs.get("seed", self.config.seed + trial.number))
         started = Started(trial, seed=seed,
                           position=f"{taken + 1}/{self.budget}", recipe=None)
         started.beat.enter_context(heartbeat(self.study, trial))  # RDB: others see it alive

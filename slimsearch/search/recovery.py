@@ -79,13 +79,14 @@ def _stale_by_heartbeat(study: optuna.Study) -> set[int]:
 
 def enqueue_again(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial) -> None:
     """Run an interrupted trial's parameters once more (a retry's are not: once is enough);
-    a baseline stays a baseline, a starting recipe or a refinement stays what it was."""
+    a baseline stays a baseline, a starting recipe or a refinement stays what it was, and it
+    trains with the same seed: the same build, run again."""
     if RETRY_OF in trial.user_attrs:
         return
     attrs = {RETRY_OF: trial.number}
-    for origin in ("baseline", "start", "refine"):
-        if origin in trial.user_attrs:
-            attrs[origin] = trial.user_attrs[origin]
+    for kept in ("baseline", "start", "refine", "seed"):
+        if kept in trial.user_attrs:
+            attrs[kept] = trial.user_attrs[kept]
     study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
 
 

@@ -81,8 +81,8 @@ def propose(study: optuna.Study, space: SearchSpace, sensitivity: dict[str, Any]
             params = _neighbour(space, trial.params, name, value)
             if params is None:
                 continue
-            if name.endswith(".sparsity") and value and _same_shapes(space, trial.params, params):
-                continue  # the channel multiple rounds the step away: the same model again
+            if _rounded_away(space, name, trial.params, params):
+                continue
             if not any(_same(params, other) for other in tried):
                 return params, f"trial {trial.number}: {name} {trial.params[name]} -> {value}"
     return None
@@ -169,6 +169,19 @@ def _one_short(metrics: dict[str, Any], target: dict[str, Any]) -> tuple[str, fl
     key, direction = short[0]
     gap = (target[key] - metrics[key]) if direction == "maximize" else (metrics[key] - target[key])
     return key, gap / abs(target[key]) if target[key] else gap
+
+
+def _rounded_away(space: SearchSpace, name: str, before: dict[str, Any],
+                  after: dict[str, Any]) -> bool:
+    """Whether the step from trial parameters ``before`` to ``after`` (parameter ``name``
+    changed) is one of structured pruning that the channel multiple rounds away: every layer
+    keeps as many outputs, so it is the same model again (more sparsity) or one with fewer
+    zeros (the method made structured). A step of zeros (unstructured) changes the model
+    without changing a shape."""
+    what = name.rpartition(".")[2]
+    structured = (what == "sparsity" and _pruning(after, name) == "structured") or (
+        what.startswith("pruning") and after[name] == "structured")
+    return structured and _same_shapes(space, before, after)
 
 
 def _same_shapes(space: SearchSpace, before: dict[str, Any], after: dict[str, Any]) -> bool:
