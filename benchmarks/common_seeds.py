@@ -43,7 +43,9 @@ KINDS = ("bits", "zeros", "outputs")
 def neighbours(space: SearchSpace, params: dict) -> Iterator[tuple[str, str, Any, dict]]:
     """(kind, parameter, new value, neighbour's parameters) of every one-step neighbour of
     trial parameters ``params`` toward smaller; a layer pruned for the first time twice, once
-    with zeros and once with whole outputs removed (the search's sampler picks the method)."""
+    with zeros and once with whole outputs removed (the search's sampler picks the method;
+    where a layer can only take zeros, the space gives it zeros both times, and ``main``
+    builds that recipe once)."""
     for _, changed, value in refine._moves(params, space, None, "smaller"):
         moved = refine._neighbour(space, params, changed, value)
         if moved is None:
