@@ -218,7 +218,7 @@ def test_the_baseline_itself_and_the_trials_short_of_it_take_turns(digits_mlp_ta
 def test_more_zeros_are_a_step_where_more_structured_pruning_is_rounded_away(
         digits_mlp_task: Task) -> None:
     """256 outputs kept in multiples of 128: 75% pruned structured keeps 128, as 50% does,
-    so the step is the same model again; 75% of zeros is a smaller file than 50% (before, a
+    so the step is the same model again; 75% of zeros is another model than 50% (before, a
     step between two nonzero sparsities of a layer pruned unstructured was never taken)."""
     space = SearchSpace(digits_mlp_task, dataclasses.replace(
         SPACE, sparsity=(0.0, 0.5, 0.75), channel_multiple=128))
