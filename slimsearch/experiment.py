@@ -197,7 +197,7 @@ class TrainConfig:
     distill_epochs: int = 10
     #: Fine-tune epochs after pruning (skipped when nothing was pruned).
     finetune_epochs: int = 3
-    #: Quantization-aware epochs with a straight-through estimator when any layer has < 8 bits.
+    #: Quantization-aware epochs with a straight-through estimator when any layer is quantized (< 32 bits).
     qat_epochs: int = 3
     batch_size: int = 64
     lr: float = 1e-3

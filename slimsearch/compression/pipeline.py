@@ -203,7 +203,7 @@ def _prune(model: nn.Module, layers: dict[str, nn.Module], recipe: Recipe, stage
 
 def _quantize(model: nn.Module, layers: dict[str, nn.Module], recipe: Recipe, stages: _Stages,
               masks: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Quantization-aware training where a layer has < 8 bits (the zeros held), then every
+    """Quantization-aware training where a layer has < 32 bits (the zeros held), then every
     layer's weights rounded to its bits; return the quantized weights by layer."""
     bits = {n: r.bits for n, r in recipe.layers.items()}
     if recipe.embedding_bits < 32:  # the tables, stored in fewer bits (they run in float)
@@ -211,7 +211,7 @@ def _quantize(model: nn.Module, layers: dict[str, nn.Module], recipe: Recipe, st
         layers = {**layers, **tables}
         bits.update(dict.fromkeys(tables, recipe.embedding_bits))
     symmetric = recipe.weight_scheme == "symmetric"
-    if any(b < 8 for b in bits.values()) and stages.train.qat_epochs > 0:
+    if any(b < 32 for b in bits.values()) and stages.train.qat_epochs > 0:
         attach_fake_quant(layers, bits, symmetric=symmetric)
         try:
             loss = stages.tune(model, stages.train.qat_epochs, lambda: apply_masks(layers, masks),
