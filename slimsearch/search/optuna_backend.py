@@ -230,8 +230,9 @@ def run_search(prepared: Prepared, experiment_file: Path, *, trials: int,
     cached = (f"; latency cache: {lifecycle.cached} of {lifecycle.completed} completed trials "
               "reused a measurement" if lifecycle.completed else "")
     if lifecycle.duplicates:
-        cached += (f"; {lifecycle.duplicates} drew a finished trial's recipe again and were "
-                   "answered with its figures")
+        drew = ("1 drew a finished trial's recipe again and was" if lifecycle.duplicates == 1
+                else f"{lifecycle.duplicates} drew a finished trial's recipe again and were")
+        cached += f"; {drew} answered with its figures"
     say(f"{lifecycle.completed} trials completed, {lifecycle.failed} failed, {lifecycle.pruned} "
         f"stopped (time budget or early stop) in this session{cached}")
     return RunResult(folder.root, lifecycle.completed, lifecycle.failed, interrupted,
