@@ -18,7 +18,9 @@ One build of a recipe is one draw of its training seed: ``--builds K`` also buil
 hand-made recipe with K - 1 other training seeds and prints the spread of its validation
 accuracy, how far the build compared above sits from its own mean, and the searched trials
 smaller, faster and more accurate than that mean (a lucky build can stand above every
-searched trial without being the better recipe).
+searched trial without being the better recipe). ``benchmarks/rivals.py DIR`` then builds
+each hand-made recipe and its nearest searched rivals again with fresh seeds and compares
+their means.
 """
 
 from __future__ import annotations
