@@ -36,6 +36,7 @@ from beat_expert import OTHER_SEEDS
 from compression import recipes
 
 from slimsearch.report.data import load_report_data
+from slimsearch.run import better_in
 from slimsearch.search.objective import runner_for_run
 from slimsearch.spaces import Recipe, SearchSpace
 
@@ -47,8 +48,7 @@ def rivals(searched: dict[int, dict[str, Any]], target: dict[str, Any], count: i
     """The ``count`` searched trials (number -> metrics) smaller and faster than ``target``
     that read the highest validation accuracy, the highest first."""
     smaller_and_faster = [n for n, m in searched.items()
-                          if m["size_bytes"] < target["size_bytes"]
-                          and m["latency_ms"] < target["latency_ms"]]
+                          if {"size_bytes", "latency_ms"} <= set(better_in(m, target))]
     return sorted(smaller_and_faster, key=lambda n: (-searched[n]["val_accuracy"], n))[:count]
 
 
