@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimsearch.compression import CompressedModel, save_artifact
+from slimsearch.compression import CompressedModel, read_header, save_artifact
 from slimsearch.compression.quantization import quantize_layers_
 from slimsearch.runtimes import (
     ExecutionPlan,
@@ -266,6 +266,27 @@ def test_untraceable_model_falls_back_to_dynamic_int8_and_says_why() -> None:
     assert plan.mode == "dynamic" and "cannot trace" in plan.decisions["static"]
     executable = build_executable(model, plan)
     assert executable(torch.randn(3, 64)).shape == (3, 10)
+
+
+def test_the_model_file_stores_what_runs_not_the_timings_that_chose_it(tmp_path: Path) -> None:
+    compressed = _compressed(digits_cnn, {"width": 0.25, "fc_width": 0.25}, bits=8)
+    data = torch.randn(64, 1, 32, 32)
+    plan = _forced_plan(compressed.model, "static", [1, 32, 32], data)
+    sizes, headers = [], []
+    for i, decisions in enumerate([
+            {"model": {"float ms": 16.3947, "all int8 ms": 5.2105, "chosen": "all int8"}},
+            {"model": {"float ms": 9.1, "all int8 ms": 3.25, "chosen": "all int8",
+                       "reused": "same form decided earlier in this process"}}]):
+        plan.decisions = decisions
+        compressed.execution = plan.to_dict()
+        path = save_artifact(compressed, tmp_path / str(i) / "model.safetensors")
+        sizes.append(path.stat().st_size)
+        headers.append(read_header(path)["execution"])
+        assert torch.equal(load_model(path)(data), build_executable(compressed.model, plan)(data))
+    # the same model runs the same way: the same bytes, whatever the timings read
+    assert sizes[0] == sizes[1]
+    assert headers[0] == headers[1] and "decisions" not in headers[0]
+    assert headers[0]["layers"] == plan.layers and headers[0]["ranges"] == plan.ranges
 
 
 def test_a_form_already_decided_reuses_the_decision_and_recalibrates() -> None:

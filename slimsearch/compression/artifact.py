@@ -241,9 +241,20 @@ def save_artifact(compressed: CompressedModel, path: str | Path, *,
         entries[name] = _encode(name, value.detach().cpu(), quant, tensors, forced)
     header = {"format": FORMAT, "version": FORMAT_VERSION, "factory": compressed.factory,
               "kwargs": compressed.kwargs, "modules": specs, "tensors": entries,
-              "execution": compressed.execution}
+              "execution": runnable_plan(compressed.execution)}
     metadata = {"slimsearch": json.dumps(header, separators=(",", ":"))}
     return write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def runnable_plan(execution: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What of an execution plan the model file stores: what runs and how, without the
+    plan's ``decisions`` (the timings that chose it, and notes such as a decision reused
+    from an earlier model of the same form). Those are the trial's record (build.json). In
+    the file they would add bytes that vary with the timings' digits and the process's
+    history to a size that is the model's."""
+    if execution is None:
+        return None
+    return {key: value for key, value in execution.items() if key != "decisions"}
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
