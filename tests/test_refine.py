@@ -203,6 +203,58 @@ def test_the_chase_starts_from_the_baseline_itself_with_a_step_that_can_be_faste
                                     rng=random.Random(0)) is None
 
 
+def test_the_chase_from_a_baseline_keeps_its_first_layer_whole_first(digits_mlp_task: Task) -> None:
+    space = _with_students(digits_mlp_task)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    pruned = dict(_teacher_shaped({"hidden.0": 8, "hidden.1": 8, "head": 8}),
+                  **{"hidden.0.sparsity": 0.5, "hidden.0.pruning": "structured",
+                     "hidden.1.sparsity": 0.5, "hidden.1.pruning": "structured"})
+    _told(study, space, pruned, (0.90, 1000, 1.0), baseline="structured-50%")
+    # smaller and faster, as accurate: a trial short of it, with bits to give back
+    _told(study, space, dict(pruned, **{"hidden.1.bits": 4, "head.bits": 4}), (0.90, 500, 0.9))
+    for seed in range(10):  # before the trials short of it, whatever the draw
+        params, change = refine._toward_baselines(study, space, SENSITIVITY, [],
+                                                  rng=random.Random(seed))
+        assert change == ("baseline structured-50%: hidden.0.sparsity 0.5 -> 0.0, toward "
+                          "beating structured-50%")
+    assert params == {k: v for k, v in pruned.items() if k != "hidden.0.pruning"} | {
+        "hidden.0.sparsity": 0.0}
+    # once: then the baseline and the trial short of it take turns again
+    sources = {refine._toward_baselines(study, space, SENSITIVITY, [params],
+                                        rng=random.Random(seed))[1].split(":")[0]
+               for seed in range(10)}
+    assert sources == {"baseline structured-50%", "trial 1"}
+    assert "hidden.0.sparsity 0.5 -> 0.0" not in refine._toward_baselines(
+        study, space, SENSITIVITY, [params], rng=random.Random(0))[1]
+    assert refine._first_layer_whole(pruned, space) == [(float("-inf"), "hidden.0.sparsity", 0.0)]
+    # whole already, or pruned by zeros only (no output removed): no such step
+    for first in ({"hidden.0.sparsity": 0.0}, {"hidden.0.pruning": "unstructured"}):
+        params = {k: v for k, v in pruned.items() if k != "hidden.0.pruning" or
+                  "hidden.0.sparsity" not in first} | first
+        assert refine._first_layer_whole(params, space) == []
+
+
+def test_a_trial_short_in_bytes_takes_bits_from_a_layer_large_enough_to_close_the_gap(
+        space: SearchSpace) -> None:
+    """hidden.0 64 x 256, hidden.1 256 x 256, head 256 x 10 weights: 4 bits fewer on the
+    head save at most 1280 bytes, on hidden.1 32768."""
+    cheap_head = {"layers": {**SENSITIVITY["layers"],
+                             "hidden.1": {"bits": {"4": 0.001}, "sparsity": {"0.5": 0.01}}}}
+    faster = dict(_params({"hidden.0": 8, "hidden.1": 8, "head": 8}),
+                  **{"hidden.0.sparsity": 0.5, "hidden.0.pruning": "structured"})
+    # the head costs least accuracy: its step goes first where it can close the gap
+    for gap, step in ((1000, "head.bits 8 -> 4"), (5000, "hidden.1.bits 8 -> 4")):
+        study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+        _told(study, space, _params({"hidden.0": 8, "hidden.1": 8, "head": 8}),
+              (0.90, 100_000, 1.0), baseline="uniform-int8")
+        _told(study, space, faster, (0.92, 100_000 + gap, 0.9))  # larger: short in bytes
+        changes = {refine._toward_baselines(study, space, cheap_head, [],
+                                            rng=random.Random(seed))[1] for seed in range(10)}
+        # half the time the chase starts from the baseline itself, with a structured step
+        assert f"trial 1: {step}, toward beating uniform-int8" in changes
+        assert not [c for c in changes if c.startswith("trial 1") and step not in c]
+
+
 def test_the_baseline_itself_and_the_trials_short_of_it_take_turns(digits_mlp_task: Task) -> None:
     space = _with_students(digits_mlp_task)
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])

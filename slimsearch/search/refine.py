@@ -20,8 +20,10 @@ behind (``REACH``) is left to the sampler.
 
 The chase may also start from the baseline itself (half the time before the trials short of
 it, half the time after): a step that removes outputs (a student knob one value narrower,
-more structured sparsity) is the only kind that can make it faster, and a narrower student
-is distilled from the teacher, so it can be more accurate too.
+more structured sparsity) can make it faster, and a narrower student is distilled from the
+teacher, so it can be more accurate too. Its first step keeps the first layer whole where
+the baseline prunes it: that layer's kernel costs little more with more outputs (on our
+test CPU, less), and it is the one an expert leaves whole (``_first_layer_whole``).
 
 A student knob (``student.width1``) is a move like a layer's choice: one value narrower
 (smaller) or wider (more accurate), skipping values whose layers keep as many outputs
@@ -92,9 +94,9 @@ def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict
                       tried: list[dict[str, Any]], *, rng: random.Random
                       ) -> tuple[dict[str, Any], str] | None:
     """Parameters of an untried step toward beating a seeded baseline in every objective,
-    from the baseline itself (a step that removes outputs: the only kind that can make it
-    faster) or from a searched trial short of it in one objective, and what changed; None
-    when every baseline is beaten or no such step is left."""
+    from the baseline itself (its first layer kept whole, then steps that remove outputs)
+    or from a searched trial short of it in one objective, and what changed; None when
+    every baseline is beaten or no such step is left."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if "metrics" in t.user_attrs and "duplicate_of" not in t.user_attrs]
     searched = [t for t in done if not t.user_attrs.get("baseline")]
@@ -108,12 +110,21 @@ def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict
                        and found[1] <= REACH[found[0]]), key=lambda n: n[2])
         # the baseline is as fast as itself: it is short of itself in speed alone. Half the
         # time it goes first, half the time after the trials short of it: each kind would
-        # otherwise take every step before the other had one.
+        # otherwise take every step before the other had one. Its first layer kept whole
+        # goes first, once: the expert's first step, and a single trial.
         itself = (baseline, "latency_ms", 0.0)
-        starts = [itself, *near] if rng.random() < 0.5 else [*near, itself]
+        whole = [_neighbour(space, baseline.params, name, value)
+                 for _, name, value in _first_layer_whole(baseline.params, space)]
+        first = any(p is not None and not any(_same(p, other) for other in tried) for p in whole)
+        starts = [itself, *near] if first or rng.random() < 0.5 else [*near, itself]
         for trial, short, _ in starts:
             moves = sorted(_moves(trial.params, space, sensitivity, SPENDING[short]),
                            key=lambda m: m[0])
+            if trial is baseline:
+                moves = _first_layer_whole(trial.params, space) + moves
+            if short == "size_bytes":  # the steps that can close the gap first (sort is stable)
+                gap = trial.user_attrs["metrics"]["size_bytes"] - target["size_bytes"]
+                moves.sort(key=lambda m: not _can_save(space, trial.params, m[1], m[2], gap))
             slack = trial.user_attrs["metrics"]["latency_ms"] / target["latency_ms"]
             for _, name, value in moves:
                 if not _buys(short, name, value, trial.params, slack=slack):
@@ -129,6 +140,52 @@ def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict
                     return params, (f"{source}: {name} {trial.params[name]} -> {value}, "
                                     f"toward beating {baseline.user_attrs['baseline']}")
     return None
+
+
+def _first_layer_whole(params: dict[str, Any], space: SearchSpace) -> list[tuple[float, str, Any]]:
+    """The expert's first step from a recipe that prunes its first layer (whole outputs):
+    keep that layer whole, as (rank, parameter, value); nothing where the layer is whole,
+    pruned by zeros only, or shares its choices with a group of layers.
+
+    A CNN's first layer reads the image itself, at its full resolution and with few
+    channels, and its kernel's time depends little on how many outputs it writes: on our
+    test CPU, digits-cnn's fastest int8 recipes ran 4-5% faster with that layer kept whole
+    (16 channels) than pruned to 8 (benchmarks/fast_end.py; QNNPACK's pooling after it
+    costs the same for both, benchmarks/int8_pooling.py). Keeping the first layer whole is
+    a common expert rule for accuracy too. So this step is not judged by the
+    outputs it removes, as the other steps for speed are: it is measured, once from each
+    baseline (where it is slower, as in an MLP whose first layer feeds a wide second one,
+    that is one trial)."""
+    try:
+        recipe = space.suggest(optuna.trial.FixedTrial(params))
+    except ValueError:
+        return []
+    layers = space.layers_for(recipe.student)
+    name = f"{layers[0].name}.sparsity" if layers else ""
+    if params.get(name, 0.0) > 0 and _pruning(params, name) == "structured":
+        return [(float("-inf"), name, 0.0)]
+    return []
+
+
+def _can_save(space: SearchSpace, params: dict[str, Any], name: str, value: Any,
+              gap_bytes: float) -> bool:
+    """Whether the step of parameter ``name`` to ``value`` may save ``gap_bytes``: for a step
+    of bits down, the weights of its layer (or group) that structured pruning keeps, at most
+    (as many of their outputs as it keeps; their inputs may be fewer), times the bits it
+    saves. A step to fewer bits of a small layer cannot make up for a larger one kept whole,
+    and a trial that took it would still be larger than the baseline. Other steps: True."""
+    if not name.endswith(".bits") or not isinstance(value, int) or value >= params[name]:
+        return True
+    try:
+        recipe = space.suggest(optuna.trial.FixedTrial(params))
+    except ValueError:
+        return True
+    kept = _shapes(space, params) or {}
+    key = name.removesuffix(".bits")
+    members = [n for n, g in space.groups.items() if g == key] or [key]
+    weights = sum(info.weights * kept.get(info.name, info.outputs) / max(info.outputs, 1)
+                  for info in space.layers_for(recipe.student) if info.name in members)
+    return weights * (params[name] - value) / 8 >= gap_bytes
 
 
 #: How far short of a baseline (a share of its figure) a trial may be in the one objective
