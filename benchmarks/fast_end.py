@@ -26,7 +26,6 @@ CPU time by op and input shape).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 from beat_expert import OTHER_SEEDS
 from compression import recipes
-from rivals import STANDARD_ERRORS, verdict
+from rivals import STANDARD_ERRORS, checked_builds, parser_for_runs, verdict
 
 from slimsearch.compression import MODEL_FILE
 from slimsearch.runtimes import load_model
@@ -155,15 +154,10 @@ def compare_seed(out: Path, seed: int, *, count: int, rounds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path, help="the --out folder of benchmarks/beat_expert.py")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--builds", type=int, default=6,
-                        help="builds of each recipe (each with its own training seed)")
+    parser = parser_for_runs(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds")
     args = parser.parse_args()
-    if args.builds < 2:
-        parser.error(f"--builds {args.builds}: a mean and its spread need 2 builds or more")
+    checked_builds(parser, args)
     for seed in args.seeds:
         if not (args.out / f"seed-{seed}" / "run").is_dir():
             parser.error(f"{args.out}/seed-{seed}/run: not there; give the --out folder of a "

@@ -128,17 +128,28 @@ def compare_seed(out: Path, seed: int, *, count: int, rival_count: int) -> dict[
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser_for_runs(description: str) -> argparse.ArgumentParser:
+    """A parser of what the scripts that rebuild a ``beat_expert.py`` run's recipes take:
+    its --out folder, the seeds and the builds per recipe (``checked_builds`` after)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("out", type=Path, help="the --out folder of benchmarks/beat_expert.py")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--builds", type=int, default=6,
                         help="fresh builds of each recipe (each with its own training seed)")
+    return parser
+
+
+def checked_builds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.builds < 2:
+        parser.error(f"--builds {args.builds}: a mean and its spread need 2 builds or more")
+
+
+def main() -> None:
+    parser = parser_for_runs(__doc__.splitlines()[0])
     parser.add_argument("--rivals", type=int, default=2,
                         help="searched trials set against each hand-made recipe")
     args = parser.parse_args()
-    if args.builds < 2:
-        parser.error(f"--builds {args.builds}: a mean and its spread need 2 builds or more")
+    checked_builds(parser, args)
     if args.rivals < 1:
         parser.error(f"--rivals {args.rivals}: give 1 or more")
     for seed in args.seeds:
