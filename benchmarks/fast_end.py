@@ -142,9 +142,8 @@ def compare_seed(out: Path, seed: int, *, count: int, rounds: int) -> None:
             mine = built["hand-made"][0]
             for label, (accuracies, size, _) in built.items():
                 difference, error, said = verdict(accuracies, mine)
-                said = {"searched better": "variant better", "hand-made better":
-                        "hand-made better"}.get(said, said)
-                name = f"{target}" if label == "hand-made" else f"&nbsp;&nbsp;{label}"
+                said = said.replace("searched better", "variant better")
+                name = target if label == "hand-made" else f"&nbsp;&nbsp;{label}"
                 against = "" if label == "hand-made" else (
                     f"{difference * 100:+.2f} +- {STANDARD_ERRORS * error * 100:.2f} points")
                 print(f"| {name} | {statistics.mean(accuracies):.4f} +- "
