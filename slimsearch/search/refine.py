@@ -113,15 +113,15 @@ def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict
         # otherwise take every step before the other had one. Its first layer kept whole
         # goes first, once: the expert's first step, and a single trial.
         itself = (baseline, "latency_ms", 0.0)
-        whole = [_neighbour(space, baseline.params, name, value)
-                 for _, name, value in _first_layer_whole(baseline.params, space)]
+        first_steps = _first_layer_whole(baseline.params, space)
+        whole = [_neighbour(space, baseline.params, name, value) for _, name, value in first_steps]
         first = any(p is not None and not any(_same(p, other) for other in tried) for p in whole)
         starts = [itself, *near] if first or rng.random() < 0.5 else [*near, itself]
         for trial, short, _ in starts:
             moves = sorted(_moves(trial.params, space, sensitivity, SPENDING[short]),
                            key=lambda m: m[0])
             if trial is baseline:
-                moves = _first_layer_whole(trial.params, space) + moves
+                moves = first_steps + moves
             if short == "size_bytes":  # the steps that can close the gap first (sort is stable)
                 gap = trial.user_attrs["metrics"]["size_bytes"] - target["size_bytes"]
                 moves.sort(key=lambda m: not _can_save(space, trial.params, m[1], m[2], gap))
