@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from pathlib import Path
 
 import optuna
 import pytest
@@ -226,12 +227,37 @@ def test_the_chase_from_a_baseline_keeps_its_first_layer_whole_first(digits_mlp_
     assert sources == {"baseline structured-50%", "trial 1"}
     assert "hidden.0.sparsity 0.5 -> 0.0" not in refine._toward_baselines(
         study, space, SENSITIVITY, [params], rng=random.Random(0))[1]
-    assert refine._first_layer_whole(pruned, space) == [(float("-inf"), "hidden.0.sparsity", 0.0)]
+    assert refine._first_layer_whole(pruned, space)[1] == "hidden.0.sparsity 0.5 -> 0.0"
     # whole already, or pruned by zeros only (no output removed): no such step
     for first in ({"hidden.0.sparsity": 0.0}, {"hidden.0.pruning": "unstructured"}):
         params = {k: v for k, v in pruned.items() if k != "hidden.0.pruning" or
                   "hidden.0.sparsity" not in first} | first
-        assert refine._first_layer_whole(params, space) == []
+        assert refine._first_layer_whole(params, space) is None
+    # a student knob that narrows every hidden layer cannot make the first one whole alone
+    narrow = dict(pruned, **{"student.width": 0.5, "student.init": "slice"})
+    assert refine._first_layer_whole(narrow, space) is None
+
+
+def test_a_first_layer_a_student_knob_narrowed_is_made_whole_by_that_knob() -> None:
+    """digits-cnn's half-width student has 8 of conv1's 16 channels before it is pruned:
+    the first layer is whole again with width1 at the teacher's value and no pruning there,
+    and every other layer keeps its outputs."""
+    from slimsearch.experiment import load_experiment
+    from slimsearch.tasks import make_task
+
+    config = load_experiment(Path(__file__).resolve().parents[1] / "experiments" / "digits_cnn.toml")
+    task = make_task(config.task, seed=0, base_dir=config.base_dir, metrics=config.metrics,
+                     options=config.task_options)
+    space = SearchSpace(task, config.space)
+    half = space.params_of(space.baselines()["half-width-structured-50%-int8"])
+    step, change = refine._first_layer_whole(half, space)
+    assert change == "conv1.sparsity 0.5 -> 0.0, student.width1 0.5 -> 1.0"
+    assert step == {k: v for k, v in half.items() if k != "conv1.pruning"} | {
+        "conv1.sparsity": 0.0, "student.width1": 1.0}
+    before, after = refine._shapes(space, half), refine._shapes(space, step)
+    assert (before["conv1"], after["conv1"]) == (8, 16)
+    assert {k: v for k, v in after.items() if k != "conv1"} == {
+        k: v for k, v in before.items() if k != "conv1"}
 
 
 def test_a_trial_short_in_bytes_takes_bits_from_a_layer_large_enough_to_close_the_gap(

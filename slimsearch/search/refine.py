@@ -108,63 +108,86 @@ def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict
         near = sorted(((t, *found) for t in searched
                        if (found := _one_short(t.user_attrs["metrics"], target)) is not None
                        and found[1] <= REACH[found[0]]), key=lambda n: n[2])
-        # the baseline is as fast as itself: it is short of itself in speed alone. Half the
-        # time it goes first, half the time after the trials short of it: each kind would
-        # otherwise take every step before the other had one. Its first layer kept whole
-        # goes first, once: the expert's first step, and a single trial.
+        # Its first layer kept whole goes first, once: the expert's first step, and a single
+        # trial. Then the baseline is as fast as itself: it is short of itself in speed
+        # alone. Half the time it goes first, half the time after the trials short of it:
+        # each kind would otherwise take every step before the other had one.
+        name = baseline.user_attrs["baseline"]
+        whole = _first_layer_whole(baseline.params, space)
+        if whole is not None and not any(_same(whole[0], other) for other in tried):
+            return whole[0], f"baseline {name}: {whole[1]}, toward beating {name}"
         itself = (baseline, "latency_ms", 0.0)
-        first_steps = _first_layer_whole(baseline.params, space)
-        whole = [_neighbour(space, baseline.params, name, value) for _, name, value in first_steps]
-        first = any(p is not None and not any(_same(p, other) for other in tried) for p in whole)
-        starts = [itself, *near] if first or rng.random() < 0.5 else [*near, itself]
+        starts = [itself, *near] if rng.random() < 0.5 else [*near, itself]
         for trial, short, _ in starts:
             moves = sorted(_moves(trial.params, space, sensitivity, SPENDING[short]),
                            key=lambda m: m[0])
-            if trial is baseline:
-                moves = first_steps + moves
             if short == "size_bytes":  # the steps that can close the gap first (sort is stable)
                 gap = trial.user_attrs["metrics"]["size_bytes"] - target["size_bytes"]
                 moves.sort(key=lambda m: not _can_save(space, trial.params, m[1], m[2], gap))
             slack = trial.user_attrs["metrics"]["latency_ms"] / target["latency_ms"]
-            for _, name, value in moves:
-                if not _buys(short, name, value, trial.params, slack=slack):
+            for _, parameter, value in moves:
+                if not _buys(short, parameter, value, trial.params, slack=slack):
                     continue
-                params = _neighbour(space, trial.params, name, value)
+                params = _neighbour(space, trial.params, parameter, value)
                 if params is None:
                     continue
                 if short == "latency_ms" and _same_shapes(space, trial.params, params):
                     continue  # the channel multiple rounds the step away
                 if not any(_same(params, other) for other in tried):
-                    source = (f"baseline {baseline.user_attrs['baseline']}" if trial is baseline
-                              else f"trial {trial.number}")
-                    return params, (f"{source}: {name} {trial.params[name]} -> {value}, "
-                                    f"toward beating {baseline.user_attrs['baseline']}")
+                    source = f"baseline {name}" if trial is baseline else f"trial {trial.number}"
+                    return params, (f"{source}: {parameter} {trial.params[parameter]} -> "
+                                    f"{value}, toward beating {name}")
     return None
 
 
-def _first_layer_whole(params: dict[str, Any], space: SearchSpace) -> list[tuple[float, str, Any]]:
-    """The expert's first step from a recipe that prunes its first layer (whole outputs):
-    keep that layer whole, as (rank, parameter, value); nothing where the layer is whole,
-    pruned by zeros only, or shares its choices with a group of layers.
+def _first_layer_whole(params: dict[str, Any], space: SearchSpace
+                       ) -> tuple[dict[str, Any], str] | None:
+    """The expert's first step from a recipe whose first layer has fewer outputs than the
+    teacher's: that layer kept whole, as (parameters, what changed); None where it is whole
+    already, pruned by zeros only, or cannot be made whole alone (it shares its choices with
+    a group of layers, or the student knob that narrows it narrows others too).
+
+    The layer is made whole by its sparsity set to 0 (structured pruning removed outputs)
+    and, where a student knob narrowed it, that knob set to the teacher's value: the
+    half-width student has half the first layer's outputs before it is pruned. Every other
+    layer keeps as many outputs as it had.
 
     A CNN's first layer reads the image itself, at its full resolution and with few
     channels, and its kernel's time depends little on how many outputs it writes: on our
     test CPU, digits-cnn's fastest int8 recipes ran 4-5% faster with that layer kept whole
-    (16 channels) than pruned to 8 (benchmarks/fast_end.py; QNNPACK's pooling after it
-    costs the same for both, benchmarks/int8_pooling.py). Keeping the first layer whole is
-    a common expert rule for accuracy too. So this step is not judged by the
+    (16 channels) than with 8, pruned or narrowed (benchmarks/fast_end.py; QNNPACK's pooling
+    after it costs the same for both, benchmarks/int8_pooling.py). Keeping the first layer
+    whole is a common expert rule for accuracy too. So this step is not judged by the
     outputs it removes, as the other steps for speed are: it is measured, once from each
     baseline (where it is slower, as in an MLP whose first layer feeds a wide second one,
     that is one trial)."""
-    try:
-        recipe = space.suggest(optuna.trial.FixedTrial(params))
-    except ValueError:
-        return []
-    layers = space.layers_for(recipe.student)
-    name = f"{layers[0].name}.sparsity" if layers else ""
-    if params.get(name, 0.0) > 0 and _pruning(params, name) == "structured":
-        return [(float("-inf"), name, 0.0)]
-    return []
+    before = _shapes(space, params)
+    teacher = space.task.teacher_kwargs
+    first = space.layers_for(teacher)[0]
+    if before is None or before.get(first.name, first.outputs) >= first.outputs:
+        return None
+    step, changes = params, []
+    sparsity = f"{first.name}.sparsity"
+    if params.get(sparsity, 0.0) > 0:
+        if _pruning(params, sparsity) != "structured":
+            return None
+        step = _neighbour(space, step, sparsity, 0.0)
+        changes.append(f"{sparsity} {params[sparsity]} -> 0.0")
+    for knob in space.student_choices:  # a knob that narrowed it, back at the teacher's
+        name, kept = f"student.{knob}", _shapes(space, step) or {}
+        if kept.get(first.name, 0) >= first.outputs:
+            break
+        if name in step and step[name] != teacher.get(knob):
+            moved = _neighbour(space, step, name, teacher[knob])
+            wider = _shapes(space, moved) if moved is not None else None
+            if wider is not None and wider.get(first.name, 0) > kept.get(first.name, 0):
+                step = moved
+                changes.append(f"{name} {params[name]} -> {teacher[knob]}")
+    after = _shapes(space, step) if changes else None
+    if after is None or after.get(first.name, 0) < first.outputs or any(
+            after.get(layer) != kept for layer, kept in before.items() if layer != first.name):
+        return None
+    return step, ", ".join(changes)
 
 
 def _can_save(space: SearchSpace, params: dict[str, Any], name: str, value: Any,
