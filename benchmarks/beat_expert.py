@@ -13,6 +13,9 @@ strictly dominate it (higher validation accuracy, fewer bytes, lower latency at 
 and whether the front holds a searched trial at least 25x smaller and 8x faster at batch 256
 than the teacher within 1 point of its test accuracy. "Searched": every trial but the seeded
 baselines (the sensitivity starts and the refinements are the search's own; each is labelled).
+A searched trial more accurate and smaller than a recipe, whose latency figure cannot tell
+whether it is faster (``confirm.undecided``: two readings whose intervals overlap), is timed
+side by side with the recipe's model file (``confirm.head_to_head``), and that decides.
 
 One build of a recipe is one draw of its training seed: ``--builds K`` also builds each
 hand-made recipe with K - 1 other training seeds and prints the spread of its validation
@@ -36,9 +39,12 @@ from typing import Any
 
 from compression import recipes
 
+from slimsearch.compression import MODEL_FILE
+from slimsearch.confirm import head_to_head, undecided
 from slimsearch.experiment import load_experiment
 from slimsearch.report.data import load_report_data
 from slimsearch.report.picks import dominating
+from slimsearch.run import RunFolder
 from slimsearch.search import prepare, run_search
 from slimsearch.search.objective import runner_for_run
 from slimsearch.spaces import SearchSpace
@@ -89,20 +95,22 @@ def search(experiment: Path, run_dir: Path, *, minutes: float) -> float:
 
 
 def hand_made(run_dir: Path, out: Path, *, seed: int, builds: int = 1
-              ) -> tuple[dict[str, dict[str, Any] | None], dict[str, list[float]]]:
+              ) -> tuple[dict[str, dict[str, Any] | None], dict[str, list[float]], dict[str, Path]]:
     """Each hand-made recipe's metrics (None where it failed), measured by the run's trial
-    runner, and the validation accuracy (a fraction) of each of its ``builds`` builds, the
+    runner, the validation accuracy (a fraction) of each of its ``builds`` builds, the
     first with ``seed`` (the one whose metrics these are), the others with other training
-    seeds. Each is built to the end: the early stop of ``[constraints]`` is for the search's
-    own trials (a recipe it stopped would be missing from the comparison, not beaten)."""
+    seeds, and the model file of the first. Each is built to the end: the early stop of
+    ``[constraints]`` is for the search's own trials (a recipe it stopped would be missing
+    from the comparison, not beaten)."""
     runner = runner_for_run(str(run_dir))
     runner.config = replace(runner.config, constraints=replace(runner.config.constraints,
                                                                early_stop_margin=None))
-    measured, accuracies = {}, {}
+    measured, accuracies, files = {}, {}, {}
     for i, (label, recipe) in enumerate(recipes(runner.task, SearchSpace(
             runner.task, runner.config.space)).items()):
         try:
             measured[label] = runner(recipe, out / f"{i:02d}", seed=seed)
+            files[label] = out / f"{i:02d}" / MODEL_FILE
             accuracies[label] = [measured[label]["val_accuracy"]] + [
                 runner(recipe, out / f"{i:02d}-build-{k}", seed=seed + k * OTHER_SEEDS)[
                     "val_accuracy"] for k in range(1, builds)]
@@ -110,7 +118,7 @@ def hand_made(run_dir: Path, out: Path, *, seed: int, builds: int = 1
             print(f"  {label}: {'FAILED' if label not in measured else 'another build FAILED'}"
                   f" {type(exc).__name__}: {exc}")
             measured.setdefault(label, None)
-    return measured, accuracies
+    return measured, accuracies, files
 
 
 def origin(trial: Any) -> str:
@@ -122,32 +130,44 @@ def origin(trial: Any) -> str:
 
 
 def report(run_dir: Path, made: dict[str, dict[str, Any] | None],
-           accuracies: dict[str, list[float]]) -> dict[str, Any]:
+           accuracies: dict[str, list[float]], files: dict[str, Path]) -> dict[str, Any]:
     """Print the comparison; what it found, as plain data. A recipe that could not be built
-    (None) counts as not dominated: nothing was shown to beat it."""
+    (None) counts as not dominated: nothing was shown to beat it. ``files``: each recipe's
+    model file."""
     data = load_report_data(run_dir)
+    folder = RunFolder(data.run_dir)
     teacher = data.teacher
     searched = {t.number: t for t in data.completed if t.baseline is None}
     figures = {n: t.metrics for n, t in searched.items()}
     print(f"  {len(data.completed)} completed trials, {len(searched)} searched; teacher "
           f"val {teacher['val_accuracy']:.4f}, test {teacher['test_accuracy']:.4f}, "
           f"{teacher['size_bytes']:,} bytes, {teacher['latency_ms']:.2f} ms at batch 256")
-    beaten, spread = {}, {}
+    beaten, spread, side_by_side = {}, {}, {}
     for label, m in made.items():
         if m is None:
             beaten[label] = []
             print(f"  {label}: not built (above), so NOT shown to be dominated")
             continue
-        by = dominating(figures, m)
+        near = {n: folder.trial(n) / MODEL_FILE for n, f in figures.items() if undecided(f, m)}
+        timed = head_to_head(run_dir, files[label], near, name=label,
+                             say=lambda _line: None) if near else {}
+        side_by_side[label] = timed
+        faster = {int(n): v["faster"] for n, v in timed.items()}
+        by = dominating(figures, m, faster=faster)
         beaten[label] = by
         print(f"  {label}: val {m['val_accuracy']:.4f}, {m['size_ratio']:.1f}x smaller, "
               f"{m['speedup']:.2f}x faster -> "
               + (f"strictly dominated by {len(by)} searched trials, e.g. "
                  + ", ".join(f"{n} ({origin(searched[n])})" for n in by[:5])
                  if by else "NOT dominated by any searched trial"))
+        if timed:
+            print("    timed side by side with it (their figures did not tell which is faster), "
+                  "its latency times: " + ", ".join(
+                      f"trial {n} {v['ratio']:.3f} [{v['ratio_low']:.3f}, {v['ratio_high']:.3f}]"
+                      for n, v in timed.items()))
         if len(builds := accuracies.get(label, [])) > 1:
             mean, sd = statistics.mean(builds), statistics.stdev(builds)
-            above = dominating(figures, dict(m, val_accuracy=mean))
+            above = dominating(figures, dict(m, val_accuracy=mean), faster=faster)
             spread[label] = {"builds": builds, "mean": mean, "sd": sd, "above_mean": above}
             print(f"    its {len(builds)} builds: val {mean:.4f} +- {sd:.4f} (this one "
                   f"{(m['val_accuracy'] - mean) / sd if sd else 0.0:+.1f} sd); smaller, "
@@ -174,7 +194,7 @@ def report(run_dir: Path, made: dict[str, dict[str, Any] | None],
               f"({origin(closest)}), {m['size_ratio']:.1f}x smaller, {m['speedup']:.2f}x faster")
     return {"goal_trials_on_front": on_front,
             "undominated": [label for label, by in beaten.items() if not by],
-            "dominated_by": beaten, "spread": spread}
+            "dominated_by": beaten, "spread": spread, "side_by_side": side_by_side}
 
 
 def main() -> None:
@@ -201,9 +221,9 @@ def main() -> None:
                                         refine=args.refine, max_drop=args.max_drop)
             seconds = search(experiment, run_dir, minutes=args.minutes)
             print(f"seed {seed}: search of {args.trials} trials in {seconds / 60:.1f} min")
-            made, accuracies = hand_made(run_dir, out / f"seed-{seed}" / "hand-made",
-                                         seed=seed, builds=args.builds)
-            results[seed] = report(run_dir, made, accuracies)
+            made, accuracies, files = hand_made(run_dir, out / f"seed-{seed}" / "hand-made",
+                                                seed=seed, builds=args.builds)
+            results[seed] = report(run_dir, made, accuracies, files)
     print(json.dumps(results, indent=1))
 
 

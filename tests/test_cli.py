@@ -155,11 +155,36 @@ def test_the_front_is_confirmed_at_the_end_of_a_search(finished_run: Path,
         assert c["latency_ms"] > 0 and c["flag"] in (None, "off the front", "order by latency")
     page = (finished_run / "report.html").read_text()
     assert "confirmed ms" in page and "confirmed in one session" in page
+    assert isinstance(confirmed["baselines"], dict)  # pairs timed side by side (maybe none)
     before = confirmed["confirmed"]
     time.sleep(1)
     assert main(["report", str(finished_run), "--confirm"]) == 0
     assert "Pareto trials keep their place" in capsys.readouterr().out
     assert load_report_data(finished_run).confirmed["confirmed"] != before
+
+
+def test_two_model_files_are_timed_side_by_side(finished_run: Path) -> None:
+    """A model against itself is as fast (a ratio near 1); the fastest Pareto trial against
+    the teacher reads about the ratio the search timed it at against the teacher."""
+    from slimsearch.compression import MODEL_FILE
+    from slimsearch.confirm import head_to_head
+    from slimsearch.report.data import load_report_data
+    from slimsearch.run import RunFolder
+
+    folder, data = RunFolder(finished_run), load_report_data(finished_run)
+    fastest = min(data.pareto, key=lambda t: t.metrics["latency_ms"])
+    teacher = folder.teacher / MODEL_FILE
+    lines: list[str] = []
+    timed = head_to_head(finished_run, teacher, {
+        0: teacher, fastest.number: folder.trial(fastest.number) / MODEL_FILE},
+        name="the teacher", say=lines.append)
+    itself, trial = timed["0"], timed[str(fastest.number)]
+    assert 0.8 < itself["ratio"] < 1.25 and itself["ratio_low"] <= itself["ratio_high"]
+    searched = fastest.metrics["latency_ms"] / data.teacher["latency_ms"]
+    assert 0.7 < trial["ratio"] / searched < 1.4, (trial, searched)
+    assert trial["faster"] == (trial["ratio_high"] < 1.0)
+    assert not itself["faster"] or itself["ratio_high"] < 1.0
+    assert len(lines) == 2 and "against the teacher side by side" in lines[0]
 
 
 @pytest.mark.slow

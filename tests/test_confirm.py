@@ -105,3 +105,39 @@ def test_reported_batch_sizes_are_timed_for_the_front_once(monkeypatch) -> None:
     assert asked[0]["batch_size"] == 32 and asked[0]["reference_batch"] == 1
     assert asked[0]["precision"] == asked[0]["trusted"] == REPORTED_PRECISION
     assert asked[0]["anchor_ms"] == 8.0
+
+
+def _reading(accuracy: float, size: int, low: float, high: float, form: str) -> dict:
+    return {"val_accuracy": accuracy, "size_bytes": size, "latency_ms": (low + high) / 2,
+            "latency_ratio_low": low, "latency_ratio_high": high, "latency_signature": form}
+
+
+def test_a_pair_is_undecided_where_their_readings_overlap_and_the_rest_is_better() -> None:
+    from slimsearch.confirm import undecided
+
+    baseline = _reading(0.90, 20_000, 0.095, 0.105, "a")
+    assert undecided(_reading(0.91, 19_000, 0.099, 0.109, "b"), baseline)  # overlap
+    assert not undecided(_reading(0.91, 19_000, 0.080, 0.090, "b"), baseline)  # faster: shown
+    assert not undecided(_reading(0.91, 19_000, 0.110, 0.120, "b"), baseline)  # slower: shown
+    assert not undecided(_reading(0.91, 19_000, 0.099, 0.109, "a"), baseline)  # one form: a tie
+    assert not undecided(_reading(0.90, 19_000, 0.099, 0.109, "b"), baseline)  # as accurate
+    assert not undecided(_reading(0.91, 20_000, 0.099, 0.109, "b"), baseline)  # as large
+    alone = {k: v for k, v in _reading(0.91, 19_000, 0.099, 0.109, "b").items()
+             if not k.startswith("latency_ratio")}
+    assert not undecided(alone, baseline)  # timed alone (CUDA): its figure stands
+
+
+def test_the_report_takes_the_side_by_side_verdict_against_a_baseline() -> None:
+    baseline = TrialPoint(number=0, state="COMPLETE", recipe=None, baseline="uniform-int8",
+                          error=None, pareto=False, seconds=1.0,
+                          metrics=_reading(0.90, 20_000, 0.095, 0.105, "a"))
+    read_slower = TrialPoint(number=1, state="COMPLETE", recipe=None, baseline=None,
+                             error=None, pareto=True, seconds=1.0,
+                             metrics=_reading(0.91, 19_000, 0.099, 0.109, "b"))
+    data = ReportData(run_dir=Path("."), name="t", settings={"experiment": {}}, teacher={},
+                      trials=[baseline, read_slower])
+    assert data.against_baselines == [(baseline, [])]
+    timed = {"baselines": {"0": {"1": {"ratio": 0.96, "faster": True}}}}
+    data = ReportData(run_dir=Path("."), name="t", settings={"experiment": {}}, teacher={},
+                      trials=[baseline, read_slower], confirmed=timed)
+    assert data.against_baselines == [(baseline, [1])]

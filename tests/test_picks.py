@@ -176,6 +176,17 @@ def test_a_baseline_is_strictly_dominated_only_by_trials_better_in_all_three() -
             assert sorted(dominating(many, m)) == sorted(expected)
 
 
+def test_a_side_by_side_verdict_decides_latency_where_one_was_taken() -> None:
+    baseline = {"val_accuracy": 0.95, "size_bytes": 40_000, "latency_ms": 0.5}
+    trials = {1: {"val_accuracy": 0.96, "size_bytes": 30_000, "latency_ms": 0.51},  # read slower
+              2: {"val_accuracy": 0.96, "size_bytes": 30_000, "latency_ms": 0.49},  # read faster
+              3: {"val_accuracy": 0.94, "size_bytes": 30_000, "latency_ms": 0.40}}  # less accurate
+    assert dominating(trials, baseline) == [2]
+    # side by side, 1 was faster and 2 was not; 3 stays out whatever its speed
+    assert dominating(trials, baseline, faster={1: True, 2: False, 3: True}) == [1]
+    assert dominating(trials, baseline, faster={}) == [2]
+
+
 def test_the_per_layer_view_shows_heads_channels_and_vocabulary_kept(tmp_path) -> None:
     import json
 

@@ -136,9 +136,18 @@ class ReportData:
         """Each completed seeded baseline (``teacher``, ``uniform-int8``, ...) with the
         searched trials (every completed trial that is not a baseline) that strictly dominate
         it: better in validation accuracy, size and latency alike. An empty list says plainly
-        that the search has not beaten that baseline."""
+        that the search has not beaten that baseline. Where the confirmation pass timed a
+        trial against the baseline side by side (their latency figures did not tell which
+        is faster), that verdict decides latency (``confirm.head_to_head``)."""
         searched = {t.number: t.metrics for t in self.completed if not t.baseline}
-        return [(t, dominating(searched, t.metrics)) for t in self.completed if t.baseline]
+        return [(t, dominating(searched, t.metrics, faster=self.side_by_side(t.number)))
+                for t in self.completed if t.baseline]
+
+    def side_by_side(self, baseline: int) -> dict[int, bool]:
+        """Whether each searched trial timed side by side against seeded baseline trial
+        ``baseline`` in the last confirmation pass was faster, by trial number."""
+        timed = ((self.confirmed or {}).get("baselines") or {}).get(str(baseline), {})
+        return {int(n): bool(v["faster"]) for n, v in timed.items()}
 
     @property
     def slower_than_teacher(self) -> list[TrialPoint]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slimsearch.report import pareto
-from slimsearch.run import strictly_better
+from slimsearch.run import better_in, strictly_better
 
 PREFERENCES = ("accuracy", "size", "latency")
 
@@ -111,10 +111,20 @@ def non_dominated(trials: dict[int, dict[str, Any]]) -> list[int]:
                                  for n, m in trials.items()})
 
 
-def dominating(trials: dict[int, dict[str, Any]], target: dict[str, Any]) -> list[int]:
+def dominating(trials: dict[int, dict[str, Any]], target: dict[str, Any], *,
+               faster: dict[int, bool] | None = None) -> list[int]:
     """The trials of ``trials`` (number -> metrics) that strictly dominate ``target``'s
-    metrics, most accurate first (ties: smaller, then faster)."""
-    return sorted((n for n, m in trials.items() if strictly_better(m, target)),
+    metrics, most accurate first (ties: smaller, then faster). ``faster``: whether a trial
+    is faster than the target where the two were timed side by side (``confirm.head_to_head``);
+    that verdict replaces the comparison of their latency figures, taken apart."""
+    faster = faster or {}
+
+    def beats(n: int, m: dict[str, Any]) -> bool:
+        if n not in faster:
+            return strictly_better(m, target)
+        return faster[n] and {"val_accuracy", "size_bytes"} <= set(better_in(m, target))
+
+    return sorted((n for n, m in trials.items() if beats(n, m)),
                   key=lambda n: ranking_key(trials[n], "accuracy"))
 
 
