@@ -14,7 +14,7 @@ and whether the front holds a searched trial at least 25x smaller and 8x faster 
 than the teacher within 1 point of its test accuracy. "Searched": every trial but the seeded
 baselines (the sensitivity starts and the refinements are the search's own; each is labelled).
 A searched trial more accurate and smaller than a recipe, whose latency figure cannot tell
-whether it is faster (``confirm.undecided``: two readings whose intervals overlap), is timed
+whether it is faster (``run.undecided``: two readings whose intervals overlap), is timed
 side by side with the recipe's model file (``confirm.head_to_head``), and that decides.
 
 One build of a recipe is one draw of its training seed: ``--builds K`` also builds each
@@ -40,11 +40,11 @@ from typing import Any
 from compression import recipes
 
 from slimsearch.compression import MODEL_FILE
-from slimsearch.confirm import head_to_head, undecided
+from slimsearch.confirm import head_to_head
 from slimsearch.experiment import load_experiment
 from slimsearch.report.data import load_report_data
 from slimsearch.report.picks import dominating
-from slimsearch.run import RunFolder
+from slimsearch.run import RunFolder, undecided
 from slimsearch.search import prepare, run_search
 from slimsearch.search.objective import runner_for_run
 from slimsearch.spaces import SearchSpace

@@ -45,7 +45,7 @@ from slimsearch.errors import ConfigError
 from slimsearch.evaluators import REPORTED_PRECISION, metric_suffix, reference_from_metrics
 from slimsearch.report.data import ReportData, load_report_data
 from slimsearch.report.pareto import non_dominated
-from slimsearch.run import RunFolder, better_in
+from slimsearch.run import RunFolder, undecided
 from slimsearch.runtimes import get_runtime
 from slimsearch.tasks import make_task
 from slimsearch.timing.latency import measure_latency
@@ -103,24 +103,6 @@ def confirm_front(run_dir: Path, *, say: Callable[[str], None] = print) -> dict[
         + (f"; trial{'s' if len(moved) > 1 else ''} {', '.join(moved)} would move (see the "
            "report)" if moved else ""))
     return document
-
-
-def undecided(trial: dict[str, Any], baseline: dict[str, Any]) -> bool:
-    """Whether trial metrics ``trial`` beat ``baseline``'s in validation accuracy and bytes
-    while their latency figures cannot say which is faster: two executed forms (one form is
-    one reading, ``evaluators.latency_cache``), each timed against the teacher, whose
-    ratios' intervals overlap. A figure timed alone (CUDA) has no such interval: its
-    comparison stands."""
-    if not {"val_accuracy", "size_bytes"} <= set(better_in(trial, baseline)):
-        return False
-    if trial.get("latency_signature") and trial.get("latency_signature") == baseline.get(
-            "latency_signature"):
-        return False
-    bounds = [m.get(k) for m in (trial, baseline) for k in ("latency_ratio_low", "latency_ratio_high")]
-    if any(b is None for b in bounds):
-        return False
-    low, high, their_low, their_high = bounds
-    return low <= their_high and their_low <= high
 
 
 def head_to_head(run_dir: Path, baseline_file: Path, candidates: dict[int, Path], *,

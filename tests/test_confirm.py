@@ -113,7 +113,7 @@ def _reading(accuracy: float, size: int, low: float, high: float, form: str) -> 
 
 
 def test_a_pair_is_undecided_where_their_readings_overlap_and_the_rest_is_better() -> None:
-    from slimsearch.confirm import undecided
+    from slimsearch.run import undecided
 
     baseline = _reading(0.90, 20_000, 0.095, 0.105, "a")
     assert undecided(_reading(0.91, 19_000, 0.099, 0.109, "b"), baseline)  # overlap

@@ -84,10 +84,13 @@ def test_a_proposal_is_a_neighbour_of_the_front_never_tried_before(space: Search
 
 
 def _told(study: optuna.Study, space: SearchSpace, params: dict, figures: tuple[float, int, float],
-          **attrs: str) -> None:
+          interval: tuple[float, float] | None = None, **attrs: str) -> None:
     """A completed trial with ``params``, its metrics ``figures`` (validation accuracy, bytes,
-    ms) and user attributes ``attrs`` (``baseline="uniform-int8"`` for a seeded one)."""
+    ms), the interval of its latency reading's ratio to the teacher if given, and user
+    attributes ``attrs`` (``baseline="uniform-int8"`` for a seeded one)."""
     metrics = dict(zip(("val_accuracy", "size_bytes", "latency_ms"), figures, strict=True))
+    if interval is not None:
+        metrics.update(latency_ratio_low=interval[0], latency_ratio_high=interval[1])
     study.enqueue_trial(params, user_attrs={**attrs, "metrics": metrics})
     trial = study.ask()
     space.suggest(trial)
@@ -129,6 +132,28 @@ def test_a_trial_as_fast_as_a_baseline_buys_speed_with_structured_pruning(
                            "uniform-int8")
     # tried already: nothing else moves it toward the baseline's speed
     assert refine._toward_baselines(study, space, SENSITIVITY, [params],
+                                    rng=random.Random(0)) is None
+
+
+def test_a_trial_faster_only_within_the_readings_noise_has_not_beaten_the_baseline(
+        space: SearchSpace) -> None:
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    _told(study, space, _params({"hidden.0": 8, "hidden.1": 8, "head": 8}), (0.90, 1000, 1.0),
+          (0.095, 0.105), baseline="uniform-int8")
+    # more accurate, smaller, and 2% faster by a reading whose interval overlaps the
+    # baseline's: as fast, to the chase, which buys speed from it
+    faster = dict(_params({"hidden.0": 4, "hidden.1": 4, "head": 8}),
+                  **{"hidden.0.sparsity": 0.5, "hidden.0.pruning": "unstructured"})
+    _told(study, space, faster, (0.92, 500, 0.98), (0.093, 0.103))
+    params, change = refine._toward_baselines(study, space, SENSITIVITY, [],
+                                              rng=random.Random(0))
+    assert change.startswith("trial 1: hidden.0.pruning unstructured -> structured")
+    # a reading that can tell: beaten, nothing left to chase
+    decided = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    _told(decided, space, _params({"hidden.0": 8, "hidden.1": 8, "head": 8}), (0.90, 1000, 1.0),
+          (0.095, 0.105), baseline="uniform-int8")
+    _told(decided, space, faster, (0.92, 500, 0.9), (0.085, 0.094))
+    assert refine._toward_baselines(decided, space, SENSITIVITY, [],
                                     rng=random.Random(0)) is None
 
 

@@ -3,6 +3,7 @@ to read the study. Nothing here trains, measures or searches."""
 
 from slimsearch.run.folder import RunFolder
 from slimsearch.run.storage import open_storage
-from slimsearch.run.study import OBJECTIVES, better_in, load_study, strictly_better
+from slimsearch.run.study import OBJECTIVES, better_in, load_study, strictly_better, undecided
 
-__all__ = ["OBJECTIVES", "better_in", "RunFolder", "load_study", "open_storage", "strictly_better"]
+__all__ = ["OBJECTIVES", "better_in", "RunFolder", "load_study", "open_storage", "strictly_better",
+           "undecided"]

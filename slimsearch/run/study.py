@@ -27,6 +27,25 @@ def strictly_better(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return len(better_in(a, b)) == len(OBJECTIVES)
 
 
+def undecided(trial: dict[str, Any], baseline: dict[str, Any]) -> bool:
+    """Whether trial metrics ``trial`` beat ``baseline``'s in validation accuracy and bytes
+    while their latency figures cannot say which is faster: two executed forms (one form is
+    one reading, ``evaluators.latency_cache``), each timed against the teacher, whose
+    ratios' intervals overlap. A figure timed alone (CUDA) has no such interval: its
+    comparison stands. The confirmation pass times such a pair side by side
+    (``confirm.head_to_head``); the chase after a baseline treats it as not beaten yet."""
+    if not {"val_accuracy", "size_bytes"} <= set(better_in(trial, baseline)):
+        return False
+    if trial.get("latency_signature") and trial.get("latency_signature") == baseline.get(
+            "latency_signature"):
+        return False
+    bounds = [m.get(k) for m in (trial, baseline) for k in ("latency_ratio_low", "latency_ratio_high")]
+    if any(b is None for b in bounds):
+        return False
+    low, high, their_low, their_high = bounds
+    return low <= their_high and their_low <= high
+
+
 def load_study(run_dir: str | Path) -> optuna.Study:
     """The run's study, from the storage its run.json records (the report never writes to it)."""
     folder = RunFolder(Path(run_dir))

@@ -10,7 +10,8 @@ neighbour, or None when every neighbour of the front was tried already. ``search
 the share of trials, after the first ``START_AFTER`` completed ones, that run one.
 
 Half of those moves (at random) go after the expert instead: a seeded baseline (the
-recipes an expert tries first) that no searched trial beats in every objective yet. A
+recipes an expert tries first) that no searched trial beats in every objective yet (faster
+by latency readings whose intervals overlap does not count: ``run.undecided``). A
 searched trial that beats it in two objectives and not in the third (often a tie: a trial
 that runs the same kernels is exactly as fast, and a few hundred validation samples make ties in
 accuracy common) spends some of its lead on the third, one layer at a time: a step of bits up
@@ -47,7 +48,7 @@ import optuna
 from optuna.trial import TrialState
 
 from slimsearch.compression.pruning import kept_channels
-from slimsearch.run import OBJECTIVES, better_in, strictly_better
+from slimsearch.run import OBJECTIVES, better_in, strictly_better, undecided
 from slimsearch.spaces import SearchSpace
 
 #: Refinement waits for this many completed trials (the seeded ones and the sampler's first):
@@ -101,7 +102,7 @@ def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict
             if "metrics" in t.user_attrs and "duplicate_of" not in t.user_attrs]
     searched = [t for t in done if not t.user_attrs.get("baseline")]
     unbeaten = [b for b in done if b.user_attrs.get("baseline") and not any(
-        strictly_better(t.user_attrs["metrics"], b.user_attrs["metrics"]) for t in searched)]
+        _beats(t.user_attrs["metrics"], b.user_attrs["metrics"]) for t in searched)]
     rng.shuffle(unbeaten)
     for baseline in unbeaten:
         target = baseline.user_attrs["metrics"]
@@ -239,10 +240,20 @@ def _buys(short: str, name: str, value: Any, params: dict[str, Any], *, slack: f
     return not bits and not (name.endswith(".sparsity") and _pruning(params, name) != "structured")
 
 
+def _beats(metrics: dict[str, Any], target: dict[str, Any]) -> bool:
+    """Whether trial metrics ``metrics`` beat a baseline's ``target`` in every objective, by
+    latency readings that can tell (``run.undecided``): a trial that reads faster within
+    the readings' noise has not beaten it yet."""
+    return strictly_better(metrics, target) and not undecided(metrics, target)
+
+
 def _one_short(metrics: dict[str, Any], target: dict[str, Any]) -> tuple[str, float] | None:
     """(the objective, how far short as a fraction of the target's figure) when ``metrics``
-    beat ``target`` in every objective but that one; None otherwise."""
+    beat ``target`` in every objective but that one; None otherwise. Faster by readings that
+    cannot tell (``run.undecided``) is as fast: short in latency by nothing."""
     better = better_in(metrics, target)
+    if len(better) == len(OBJECTIVES) and undecided(metrics, target):
+        return "latency_ms", 0.0
     short = [(key, direction) for key, direction in OBJECTIVES if key not in better]
     if len(short) != 1:
         return None
