@@ -45,7 +45,8 @@ from slimsearch.errors import ConfigError
 from slimsearch.evaluators import REPORTED_PRECISION, metric_suffix, reference_from_metrics
 from slimsearch.report.data import ReportData, load_report_data
 from slimsearch.report.pareto import non_dominated
-from slimsearch.run import RunFolder, undecided
+from slimsearch.report.picks import ranking_key
+from slimsearch.run import RunFolder, strictly_better, undecided
 from slimsearch.runtimes import get_runtime
 from slimsearch.tasks import make_task
 from slimsearch.timing.latency import measure_latency
@@ -123,17 +124,22 @@ def head_to_head(run_dir: Path, baseline_file: Path, candidates: dict[int, Path]
     task = make_task(config.task, seed=config.seed, base_dir=config.base_dir,
                      metrics=config.metrics, options=config.task_options)
     with _executables(folder, task, target, device) as executable:
-        return _side_by_side(executable(baseline_file), name, candidates, executable,
-                             task, target, say=say)
+        return _side_by_side(executable(baseline_file), name, dict(sorted(candidates.items())),
+                             executable, task, target, say=say)
 
 
 def _side_by_side(theirs: Any, name: str, candidates: dict[int, Path],
                   executable: Callable[[Path], Any], task: Any, target: Any, *,
-                  say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+                  say: Callable[[str], None], until_faster: bool = False
+                  ) -> dict[str, dict[str, Any]]:
+    """``head_to_head`` on materialized forms; in the order of ``candidates`` and, with
+    ``until_faster``, only until one is faster."""
     batch = target.batch_size
     their_x = theirs.native(task.example_inputs(batch))
-    verdicts = {}
-    for number, model_file in sorted(candidates.items()):
+    verdicts: dict[str, dict[str, Any]] = {}
+    for number, model_file in candidates.items():
+        if until_faster and any(v["faster"] for v in verdicts.values()):
+            break
         ours = executable(model_file)
         latency = paired_latency(ours.run, ours.native(task.example_inputs(batch)), theirs.run,
                                  their_x, anchor_ms=1.0, batch_size=batch,
@@ -151,23 +157,29 @@ def _side_by_side(theirs: Any, name: str, candidates: dict[int, Path],
 def _against_baselines(data: ReportData, folder: RunFolder, executable: Callable[[Path], Any],
                        task: Any, target: Any, device: Any, *,
                        say: Callable[[str], None]) -> dict[str, dict[str, dict[str, Any]]]:
-    """For each seeded baseline (by trial number), the searched trials ``undecided`` against
-    it, timed side by side (``head_to_head``)."""
+    """For each seeded baseline (by trial number) that no searched trial beats by figures
+    that can tell, the searched trials ``undecided`` against it, timed side by side
+    (``head_to_head``), the most accurate first, until one is faster: one such trial
+    settles the verdict, and a long run may hold hundreds of such pairs."""
     if device.type != "cpu":
         return {}
-    searched = [t for t in data.completed if not t.baseline]
+    searched = sorted((t for t in data.completed if not t.baseline),
+                      key=lambda t: ranking_key(t.metrics, "accuracy"))
     found = {}
     for b in (t for t in data.completed if t.baseline):
+        if any(strictly_better(t.metrics, b.metrics) and not undecided(t.metrics, b.metrics)
+               for t in searched):
+            continue
         candidates = {t.number: folder.trial(t.number) / MODEL_FILE for t in searched
                       if undecided(t.metrics, b.metrics)
                       and (folder.trial(t.number) / MODEL_FILE).is_file()}
         if candidates and (folder.trial(b.number) / MODEL_FILE).is_file():
-            say(f"timing {len(candidates)} searched trial{'s' if len(candidates) > 1 else ''} "
-                f"side by side against baseline {b.baseline}, whose latency figures do not "
-                "tell which is faster")
+            say(f"timing up to {len(candidates)} searched trial"
+                f"{'s' if len(candidates) > 1 else ''} side by side against baseline "
+                f"{b.baseline}: their latency figures do not tell which is faster")
             found[str(b.number)] = _side_by_side(
                 executable(folder.trial(b.number) / MODEL_FILE), f"baseline {b.baseline}",
-                candidates, executable, task, target, say=say)
+                candidates, executable, task, target, say=say, until_faster=True)
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from slimsearch.confirm import _flagged
@@ -141,3 +142,65 @@ def test_the_report_takes_the_side_by_side_verdict_against_a_baseline() -> None:
     data = ReportData(run_dir=Path("."), name="t", settings={"experiment": {}}, teacher={},
                       trials=[baseline, read_slower], confirmed=timed)
     assert data.against_baselines == [(baseline, [1])]
+
+
+def test_a_baseline_is_timed_against_the_most_accurate_undecided_trials_until_one_is_faster(
+        tmp_path: Path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from slimsearch import confirm
+    from slimsearch.compression import MODEL_FILE
+    from slimsearch.evaluators import Latency
+    from slimsearch.run import RunFolder
+
+    folder = RunFolder(tmp_path)
+    forms = {}
+
+    def executable(model_file: Path) -> SimpleNamespace:
+        number = int(model_file.parent.name)
+        return forms.setdefault(number, SimpleNamespace(number=number, native=lambda x: x,
+                                                        run=lambda x: x))
+
+    ratios = {3: 1.01, 2: 0.95, 1: 0.90}  # trial: its latency over the baseline's
+    timed = []
+
+    def spy(run, x, reference_run, reference_x, **protocol) -> Latency:
+        trial = next(f.number for f in forms.values() if f.run is run)
+        timed.append(trial)
+        ratio = ratios[trial]
+        return Latency(median_ms=ratio, p90_ms=ratio, cv=0.01, samples=8, calls_per_sample=1,
+                       warmup_calls=0, device="cpu", batch_size=protocol["batch_size"],
+                       threads=1, ratio=ratio, ratio_low=ratio - 0.01, ratio_high=ratio + 0.01)
+
+    monkeypatch.setattr(confirm, "paired_latency", spy)
+    baseline = TrialPoint(number=0, state="COMPLETE", recipe=None, baseline="uniform-int8",
+                          error=None, pareto=False, seconds=1.0,
+                          metrics=_reading(0.90, 20_000, 0.095, 0.105, "a"))
+    trials = [baseline] + [TrialPoint(number=n, state="COMPLETE", recipe=None, baseline=None,
+                                      error=None, pareto=True, seconds=1.0,
+                                      metrics=_reading(0.90 + n / 100, 19_000, 0.099, 0.109, "b"))
+                           for n in (1, 2, 3)]
+    for t in trials:
+        folder.trial(t.number).mkdir(parents=True)
+        (folder.trial(t.number) / MODEL_FILE).write_bytes(b"")
+    data = ReportData(run_dir=tmp_path, name="t", settings={"experiment": {}}, teacher={},
+                      trials=trials)
+    target = SimpleNamespace(batch_size=1, threads=1)
+    task = SimpleNamespace(example_inputs=lambda batch: batch)
+    lines: list[str] = []
+    found = confirm._against_baselines(data, folder, executable, task, target,
+                                       torch.device("cpu"), say=lines.append)
+    assert timed == [3, 2]  # the most accurate first; trial 1 is never timed
+    assert {n: v["faster"] for n, v in found["0"].items()} == {"3": False, "2": True}
+    assert "up to 3 searched trials side by side against baseline uniform-int8" in lines[0]
+    # a trial that beats it by figures that can tell: nothing to time
+    beaten = dict(trials[1].metrics, latency_ratio_low=0.05, latency_ratio_high=0.06,
+                  latency_ms=0.055)
+    trials[1] = dataclasses.replace(trials[1], metrics=beaten)
+    timed.clear()
+    data = dataclasses.replace(data, trials=trials)
+    assert confirm._against_baselines(data, folder, executable, task, target,
+                                      torch.device("cpu"), say=lines.append) == {}
+    assert timed == []
