@@ -17,18 +17,16 @@ that runs the same kernels is exactly as fast, and a few hundred validation samp
 accuracy common) spends some of its lead on the third, one layer at a time: a step of bits up
 for accuracy (or, with speed to spare, any step toward it), of structured sparsity or a
 narrower student for speed, of bits down for bytes. The nearer it is, the sooner; one too far
-behind (``REACH``) is left to the sampler. After each baseline's first step (below), the
-chase follows through: the baseline with the newest trial short of it goes first, so that a
-path of two steps (the first layer kept whole, then bits from a large layer for the bytes
-that cost) is walked to its end.
+behind (``REACH``) is left to the sampler. The chase follows through: the baseline with the
+newest trial short of it goes first, so that a path of two steps (the first layer kept whole,
+then bits from a large layer for the bytes that cost) is walked to its end.
 
 The chase may also start from the baseline itself (half the time before the trials short of
 it, half the time after): a step that removes outputs (a student knob one value narrower,
 more structured sparsity) can make it faster, and a narrower student is distilled from the
-teacher, so it can be more accurate too. Its first step, before any other step of the
-chase, keeps the first layer whole where the baseline prunes or narrows it: that layer's
-kernel costs little more with more outputs (on our test CPU, less), and it is the one an
-expert leaves whole (``_first_layer_whole``).
+teacher, so it can be more accurate too. Its first step keeps the first layer whole where
+the baseline prunes it: that layer's kernel costs little more with more outputs (on our
+test CPU, less), and it is the one an expert leaves whole (``_first_layer_whole``).
 
 A student knob (``student.width1``) is a move like a layer's choice: one value narrower
 (smaller) or wider (more accurate), skipping values whose layers keep as many outputs
@@ -111,23 +109,20 @@ def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict
         ((t, *found) for t in searched
          if (found := _one_short(t.user_attrs["metrics"], b.user_attrs["metrics"])) is not None
          and found[1] <= REACH[found[0]]), key=lambda n: n[2]) for b in unbeaten}
+    # The chase follows through: the baseline with the newest trial short of it goes first
+    # (often the chase's own last step), then the others in random order (the sort is stable).
     rng.shuffle(unbeaten)
-    # A baseline's first layer kept whole goes first, once for each: the expert's first step,
-    # and a single trial.
+    unbeaten.sort(key=lambda b: -max((t.number for t, *_ in nearest[b.number]), default=-1))
     for baseline in unbeaten:
+        target, near = baseline.user_attrs["metrics"], nearest[baseline.number]
+        # Its first layer kept whole goes first, once: the expert's first step, and a single
+        # trial. Then the baseline is as fast as itself: it is short of itself in speed
+        # alone. Half the time it goes first, half the time after the trials short of it:
+        # each kind would otherwise take every step before the other had one.
         name = baseline.user_attrs["baseline"]
         whole = _first_layer_whole(baseline.params, space)
         if whole is not None and not any(_same(whole[0], other) for other in tried):
             return whole[0], f"baseline {name}: {whole[1]}, toward beating {name}"
-    # Then the chase follows through: the baseline with the newest trial short of it goes
-    # first (often the chase's own last step), the others in random order (a stable sort).
-    unbeaten.sort(key=lambda b: -max((t.number for t, *_ in nearest[b.number]), default=-1))
-    for baseline in unbeaten:
-        target, near = baseline.user_attrs["metrics"], nearest[baseline.number]
-        name = baseline.user_attrs["baseline"]
-        # The baseline is as fast as itself: it is short of itself in speed alone. Half the
-        # time it goes first, half the time after the trials short of it: each kind would
-        # otherwise take every step before the other had one.
         itself = (baseline, "latency_ms", 0.0)
         starts = [itself, *near] if rng.random() < 0.5 else [*near, itself]
         for trial, short, _ in starts:
