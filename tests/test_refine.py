@@ -157,24 +157,6 @@ def test_a_trial_faster_only_within_the_readings_noise_has_not_beaten_the_baseli
                                     rng=random.Random(0)) is None
 
 
-def test_the_chase_follows_through_on_the_baseline_with_the_newest_trial_short_of_it(
-        space: SearchSpace) -> None:
-    study = _int8_baseline(space)  # uniform-int8: 0.90, 1000 bytes, 1.0 ms
-    _told(study, space, _params({"hidden.0": 8, "hidden.1": 8, "head": 32}), (0.95, 2000, 2.0),
-          baseline="float-head")
-    # one trial as accurate as each baseline, smaller and faster: the newer one's goes first
-    _told(study, space, _params({"hidden.0": 4, "hidden.1": 4, "head": 8}), (0.90, 500, 0.5))
-    _told(study, space, _params({"hidden.0": 8, "hidden.1": 4, "head": 8}), (0.95, 1500, 1.5))
-    for seed in range(10):
-        change = refine._toward_baselines(study, space, SENSITIVITY, [],
-                                          rng=random.Random(seed))[1]
-        assert change.endswith("toward beating float-head") and change.startswith(
-            ("trial 3:", "baseline float-head:")), change
-    _told(study, space, _params({"hidden.0": 4, "hidden.1": 8, "head": 8}), (0.90, 400, 0.4))
-    assert all(refine._toward_baselines(study, space, SENSITIVITY, [], rng=random.Random(seed))[
-        1].endswith("toward beating uniform-int8") for seed in range(10))
-
-
 @pytest.mark.parametrize(("multiple", "step"), [(1, 0.75), (128, None)])
 def test_a_step_the_channel_multiple_rounds_away_is_not_taken(
         digits_mlp_task: Task, multiple: int, step: float | None) -> None:

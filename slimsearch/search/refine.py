@@ -17,9 +17,7 @@ that runs the same kernels is exactly as fast, and a few hundred validation samp
 accuracy common) spends some of its lead on the third, one layer at a time: a step of bits up
 for accuracy (or, with speed to spare, any step toward it), of structured sparsity or a
 narrower student for speed, of bits down for bytes. The nearer it is, the sooner; one too far
-behind (``REACH``) is left to the sampler. The chase follows through: the baseline with the
-newest trial short of it goes first, so that a path of two steps (the first layer kept whole,
-then bits from a large layer for the bytes that cost) is walked to its end.
+behind (``REACH``) is left to the sampler.
 
 The chase may also start from the baseline itself (half the time before the trials short of
 it, half the time after): a step that removes outputs (a student knob one value narrower,
@@ -105,16 +103,12 @@ def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict
     searched = [t for t in done if not t.user_attrs.get("baseline")]
     unbeaten = [b for b in done if b.user_attrs.get("baseline") and not any(
         _beats(t.user_attrs["metrics"], b.user_attrs["metrics"]) for t in searched)]
-    nearest = {b.number: sorted(
-        ((t, *found) for t in searched
-         if (found := _one_short(t.user_attrs["metrics"], b.user_attrs["metrics"])) is not None
-         and found[1] <= REACH[found[0]]), key=lambda n: n[2]) for b in unbeaten}
-    # The chase follows through: the baseline with the newest trial short of it goes first
-    # (often the chase's own last step), then the others in random order (the sort is stable).
     rng.shuffle(unbeaten)
-    unbeaten.sort(key=lambda b: -max((t.number for t, *_ in nearest[b.number]), default=-1))
     for baseline in unbeaten:
-        target, near = baseline.user_attrs["metrics"], nearest[baseline.number]
+        target = baseline.user_attrs["metrics"]
+        near = sorted(((t, *found) for t in searched
+                       if (found := _one_short(t.user_attrs["metrics"], target)) is not None
+                       and found[1] <= REACH[found[0]]), key=lambda n: n[2])
         # Its first layer kept whole goes first, once: the expert's first step, and a single
         # trial. Then the baseline is as fast as itself: it is short of itself in speed
         # alone. Half the time it goes first, half the time after the trials short of it:
