@@ -2,6 +2,7 @@
 
     python benchmarks/beat_expert.py [--seeds 0 1 2] [--trials 100] [--refine 0.3]
         [--max-drop 0.05] [--minutes 60] [--builds 1] [--out DIR]
+    python benchmarks/beat_expert.py --judge DIR [--seeds 0 1 2]
 
 For each seed: a search of experiments/digits_cnn.toml with that seed and batch 256 as the
 latency objective (``batch_sizes = [256, 1]``), at most ``--trials`` trials and
@@ -16,6 +17,7 @@ baselines (the sensitivity starts and the refinements are the search's own; each
 A searched trial more accurate and smaller than a recipe, whose latency figure cannot tell
 whether it is faster (``run.undecided``: two readings whose intervals overlap), is timed
 side by side with the recipe's model file (``confirm.head_to_head``), and that decides.
+``--judge DIR`` builds nothing: it judges an earlier run's folder again.
 
 One build of a recipe is one draw of its training seed: ``--builds K`` also builds each
 hand-made recipe with K - 1 other training seeds and prints the spread of its validation
@@ -121,6 +123,27 @@ def hand_made(run_dir: Path, out: Path, *, seed: int, builds: int = 1
     return measured, accuracies, files
 
 
+def built(folder: Path) -> tuple[dict[str, dict[str, Any] | None], dict[str, list[float]],
+                                  dict[str, Path]]:
+    """What ``hand_made`` returned for ``folder`` (DIR/seed-N of an earlier run), read back
+    from its hand-made/ folder."""
+    runner = runner_for_run(str(folder / "run"))
+    labels = recipes(runner.task, SearchSpace(runner.task, runner.config.space))
+    measured, accuracies, files = {}, {}, {}
+    for i, label in enumerate(labels):
+        first = folder / "hand-made" / f"{i:02d}"
+        if not (first / "metrics.json").is_file():
+            measured[label] = None
+            continue
+        measured[label] = json.loads((first / "metrics.json").read_text())
+        files[label] = first / MODEL_FILE
+        others = sorted(folder.glob(f"hand-made/{i:02d}-build-*/metrics.json"),
+                        key=lambda p: int(p.parent.name.rpartition("-")[2]))
+        accuracies[label] = [measured[label]["val_accuracy"]] + [
+            json.loads(p.read_text())["val_accuracy"] for p in others]
+    return measured, accuracies, files
+
+
 def origin(trial: Any) -> str:
     if trial.start:
         return f"start {trial.start}"
@@ -209,10 +232,23 @@ def main() -> None:
     parser.add_argument("--builds", type=int, default=1,
                         help="builds of each hand-made recipe, each with its own training seed")
     parser.add_argument("--out", type=Path, help="folder to create (default: a temporary one)")
+    parser.add_argument("--judge", type=Path, metavar="OUT",
+                        help="build nothing: judge the searches and hand-made builds of an "
+                             "earlier run's --out folder again, with this code's comparison")
     args = parser.parse_args()
     if args.builds < 1:
         parser.error(f"--builds {args.builds}: give 1 (the run's seed alone) or more")
     results = {}
+    if args.judge is not None:
+        for seed in args.seeds:
+            if not (args.judge / f"seed-{seed}" / "hand-made").is_dir():
+                parser.error(f"--judge {args.judge}: no seed-{seed}/hand-made in it (the --out "
+                             "folder of an earlier run of this script, with that seed)")
+            print(f"seed {seed}: judged again")
+            results[seed] = report(args.judge / f"seed-{seed}" / "run",
+                                   *built(args.judge / f"seed-{seed}"))
+        print(json.dumps(results, indent=1))
+        return
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or Path(scratch)
         for seed in args.seeds:

@@ -45,3 +45,15 @@ def test_a_difference_within_two_standard_errors_is_a_tie(rivals) -> None:
     assert said == "tie"
     assert difference == pytest.approx(0.005)
     assert error == pytest.approx((2 * 0.0040825**2 / 4) ** 0.5, rel=1e-3)
+
+
+def test_beat_expert_judge_refuses_a_folder_that_is_not_an_earlier_run(monkeypatch, tmp_path,
+                                                                       capsys) -> None:
+    monkeypatch.setattr(sys, "path", [str(BENCHMARKS), *sys.path])
+    beat_expert = importlib.import_module("beat_expert")
+    monkeypatch.setattr(sys, "argv", ["beat_expert.py", "--judge", str(tmp_path), "--seeds", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        beat_expert.main()
+    assert exit_.value.code == 2
+    assert "no seed-1/hand-made in it" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
