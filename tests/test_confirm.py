@@ -138,10 +138,14 @@ def test_the_report_takes_the_side_by_side_verdict_against_a_baseline() -> None:
     data = ReportData(run_dir=Path("."), name="t", settings={"experiment": {}}, teacher={},
                       trials=[baseline, read_slower])
     assert data.against_baselines == [(baseline, [])]
-    timed = {"baselines": {"0": {"1": {"ratio": 0.96, "faster": True}}}}
+    timed = {"baselines": {"0": {"1": {"ratio": 0.96, "ratio_low": 0.95, "ratio_high": 0.97,
+                                       "faster": True}}}}
     data = ReportData(run_dir=Path("."), name="t", settings={"experiment": {}}, teacher={},
                       trials=[baseline, read_slower], confirmed=timed)
     assert data.against_baselines == [(baseline, [1])]
+    from slimsearch.report.html import _baselines
+
+    assert "timed side by side with it: trial 1 0.960x its latency [0.950, 0.970]" in _baselines(data)
 
 
 def test_a_baseline_is_timed_against_the_most_accurate_undecided_trials_until_one_is_faster(

@@ -143,11 +143,16 @@ class ReportData:
         return [(t, dominating(searched, t.metrics, faster=self.side_by_side(t.number)))
                 for t in self.completed if t.baseline]
 
+    def timed_against(self, baseline: int) -> dict[str, dict[str, Any]]:
+        """The searched trials the last confirmation pass timed side by side against seeded
+        baseline trial ``baseline``, by trial number (a string): their latency ratio to it,
+        its interval and ``faster`` (``confirm.head_to_head``)."""
+        return ((self.confirmed or {}).get("baselines") or {}).get(str(baseline), {})
+
     def side_by_side(self, baseline: int) -> dict[int, bool]:
         """Whether each searched trial timed side by side against seeded baseline trial
         ``baseline`` in the last confirmation pass was faster, by trial number."""
-        timed = ((self.confirmed or {}).get("baselines") or {}).get(str(baseline), {})
-        return {int(n): bool(v["faster"]) for n, v in timed.items()}
+        return {int(n): bool(v["faster"]) for n, v in self.timed_against(baseline).items()}
 
     @property
     def slower_than_teacher(self) -> list[TrialPoint]:

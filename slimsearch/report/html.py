@@ -377,7 +377,7 @@ def _baselines(data: ReportData) -> str:
         verdict = (f"strictly dominated by {len(beaten_by)} searched "
                    f"trial{'s' if len(beaten_by) > 1 else ''}: {shown}" if beaten_by
                    else "<b>no searched trial dominates it</b>")
-        timed = ((data.confirmed or {}).get("baselines") or {}).get(str(t.number), {})
+        timed = data.timed_against(t.number)
         side = "; ".join(f"trial {n} {v['ratio']:.3f}x its latency [{v['ratio_low']:.3f}, "
                          f"{v['ratio_high']:.3f}]" for n, v in
                          sorted(timed.items(), key=lambda kv: kv[1]["ratio"])[:5])
