@@ -46,7 +46,7 @@ from slimsearch.evaluators import REPORTED_PRECISION, metric_suffix, reference_f
 from slimsearch.report.data import ReportData, load_report_data
 from slimsearch.report.pareto import non_dominated
 from slimsearch.report.picks import ranking_key
-from slimsearch.run import RunFolder, strictly_better, undecided
+from slimsearch.run import RunFolder, decidedly_better, undecided
 from slimsearch.runtimes import get_runtime
 from slimsearch.tasks import make_task
 from slimsearch.timing.latency import measure_latency
@@ -167,8 +167,7 @@ def _against_baselines(data: ReportData, folder: RunFolder, executable: Callable
                       key=lambda t: ranking_key(t.metrics, "accuracy"))
     found = {}
     for b in (t for t in data.completed if t.baseline):
-        if any(strictly_better(t.metrics, b.metrics) and not undecided(t.metrics, b.metrics)
-               for t in searched):
+        if any(decidedly_better(t.metrics, b.metrics) for t in searched):
             continue
         candidates = {t.number: folder.trial(t.number) / MODEL_FILE for t in searched
                       if undecided(t.metrics, b.metrics)

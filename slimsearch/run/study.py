@@ -46,6 +46,12 @@ def undecided(trial: dict[str, Any], baseline: dict[str, Any]) -> bool:
     return low <= their_high and their_low <= high
 
 
+def decidedly_better(trial: dict[str, Any], baseline: dict[str, Any]) -> bool:
+    """``strictly_better`` by latency figures that can tell (not ``undecided``): what no
+    side-by-side timing is needed for."""
+    return strictly_better(trial, baseline) and not undecided(trial, baseline)
+
+
 def load_study(run_dir: str | Path) -> optuna.Study:
     """The run's study, from the storage its run.json records (the report never writes to it)."""
     folder = RunFolder(Path(run_dir))

@@ -23,7 +23,7 @@ The chase may also start from the baseline itself (half the time before the tria
 it, half the time after): a step that removes outputs (a student knob one value narrower,
 more structured sparsity) can make it faster, and a narrower student is distilled from the
 teacher, so it can be more accurate too. Its first step keeps the first layer whole where
-the baseline prunes it: that layer's kernel costs little more with more outputs (on our
+the baseline prunes or narrows it: that layer's kernel costs little more with more outputs (on our
 test CPU, less), and it is the one an expert leaves whole (``_first_layer_whole``).
 
 A student knob (``student.width1``) is a move like a layer's choice: one value narrower
@@ -48,7 +48,7 @@ import optuna
 from optuna.trial import TrialState
 
 from slimsearch.compression.pruning import kept_channels
-from slimsearch.run import OBJECTIVES, better_in, strictly_better, undecided
+from slimsearch.run import OBJECTIVES, better_in, decidedly_better, undecided
 from slimsearch.spaces import SearchSpace
 
 #: Refinement waits for this many completed trials (the seeded ones and the sampler's first):
@@ -102,7 +102,7 @@ def _toward_baselines(study: optuna.Study, space: SearchSpace, sensitivity: dict
             if "metrics" in t.user_attrs and "duplicate_of" not in t.user_attrs]
     searched = [t for t in done if not t.user_attrs.get("baseline")]
     unbeaten = [b for b in done if b.user_attrs.get("baseline") and not any(
-        _beats(t.user_attrs["metrics"], b.user_attrs["metrics"]) for t in searched)]
+        decidedly_better(t.user_attrs["metrics"], b.user_attrs["metrics"]) for t in searched)]
     rng.shuffle(unbeaten)
     for baseline in unbeaten:
         target = baseline.user_attrs["metrics"]
@@ -186,7 +186,8 @@ def _first_layer_whole(params: dict[str, Any], space: SearchSpace
                 changes.append(f"{name} {params[name]} -> {teacher[knob]}")
     after = _shapes(space, step) if changes else None
     if after is None or after.get(first.name, 0) < first.outputs or any(
-            after.get(layer) != kept for layer, kept in before.items() if layer != first.name):
+            after.get(layer) != outputs for layer, outputs in before.items()
+            if layer != first.name):
         return None
     return step, ", ".join(changes)
 
@@ -238,13 +239,6 @@ def _buys(short: str, name: str, value: Any, params: dict[str, Any], *, slack: f
     if short == "size_bytes":
         return bits
     return not bits and not (name.endswith(".sparsity") and _pruning(params, name) != "structured")
-
-
-def _beats(metrics: dict[str, Any], target: dict[str, Any]) -> bool:
-    """Whether trial metrics ``metrics`` beat a baseline's ``target`` in every objective, by
-    latency readings that can tell (``run.undecided``): a trial that reads faster within
-    the readings' noise has not beaten it yet."""
-    return strictly_better(metrics, target) and not undecided(metrics, target)
 
 
 def _one_short(metrics: dict[str, Any], target: dict[str, Any]) -> tuple[str, float] | None:
